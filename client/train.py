@@ -1,0 +1,141 @@
+"""Step 2 at a site: the local fine-tuning loop, DP-SGD through Opacus (or the same loop without it)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from client.data import Encoded, train_loader
+from common.config import DPConfig, TrainConfig
+
+# Opacus's hooks fire on frozen embeddings whose inputs need no gradient; PyTorch warns each step, harmlessly.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int  # optimizer steps taken (what the accountant counts)
+    sample_rate: float  # Poisson sampling rate q (1 / batches per epoch); 0 without DP
+    noise_multiplier: float  # σ used; 0 without DP
+    mean_loss: float  # local only: never released as such (it is not noised)
+    step_seconds: list[float] = field(default_factory=list)
+
+
+def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward kwargs with position and token-type ids expanded to [B, L].
+
+    HF builds position_ids as a [1, L] buffer; Opacus then sees batch size 1 for the embedding's per-sample
+    gradient and fails at the optimizer step in full fine-tuning ("stack expects each tensor to be equal size").
+    """
+    b, length = input_ids.shape
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": torch.zeros_like(input_ids),
+        "position_ids": torch.arange(length, device=input_ids.device).expand(b, length),
+    }
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:
+    # A true mean over the batch of w_y · CE: Opacus's loss_reduction="mean" assumes exactly that when it rescales
+    # per-sample gradients (nn.CrossEntropyLoss(weight=...) would divide by Σw instead).
+    per_example = nn.functional.cross_entropy(logits, labels, reduction="none")  # [B]
+    if class_weights is not None:
+        per_example = per_example * class_weights[labels]
+    return per_example.mean()
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with two learning rates: the classification head learns from scratch, the encoder is only nudged."""
+    head, body = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if "classifier" in name else body).append(p)
+    groups = [g for g in ({"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}) if g["params"]]
+    return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
+def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_cfg: DPConfig,
+                noise_multiplier: float, class_weights: torch.Tensor | None, seed: int) -> TrainResult:
+    """Fine-tune `model` in place on one site's train split for `train_cfg.local_epochs` epochs.
+
+    With dp_cfg.enabled, every step goes through Opacus: Poisson sampling, per-sample clipping at
+    dp_cfg.max_grad_norm and Gaussian noise of std noise_multiplier · max_grad_norm. The caller records the
+    (σ, q, steps) it returns in the site's ledger.
+    """
+    from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    dev = next(model.parameters()).device
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = make_optimizer(model, train_cfg)
+    loader = train_loader(data, train_cfg.batch_size, seed)
+    hooks = None
+    if dp_cfg.enabled:
+        with warnings.catch_warnings():
+            # "Secure RNG turned off": Opacus's secure mode needs torchcsprng, which has no build for torch 2.x.
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+            engine = PrivacyEngine(accountant="rdp")
+            # wrap_model=False hooks the model itself, so state-dict keys stay plain for the weights that travel.
+            hooks, optimizer, loader = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+                max_grad_norm=dp_cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode=dp_cfg.grad_sample_mode,
+                wrap_model=False, loss_reduction="mean",
+            )
+        sample_rate = 1.0 / len(loader)
+    else:
+        engine, sample_rate = None, 0.0
+
+    losses: list[float] = []
+    step_seconds: list[float] = []
+    steps = 0
+    try:
+        for _ in range(train_cfg.local_epochs):
+            # BatchMemoryManager splits a Poisson batch above max_physical_batch; the optimizer only steps (and
+            # the accountant only counts) at the end of each logical batch.
+            ctx = (BatchMemoryManager(data_loader=loader, max_physical_batch_size=train_cfg.max_physical_batch,
+                                      optimizer=optimizer) if engine else _Plain(loader))
+            with ctx as batches:
+                for input_ids, attention_mask, labels in batches:
+                    if labels.numel() == 0:
+                        # An empty Poisson batch (probability (1-q)^n, ~1e-15 here): nothing to learn from.
+                        continue
+                    t0 = time.perf_counter()
+                    input_ids, attention_mask, labels = input_ids.to(dev), attention_mask.to(dev), labels.to(dev)
+                    logits = model(**model_inputs(input_ids, attention_mask)).logits  # [B, K]
+                    loss = weighted_loss(logits, labels, class_weights.to(dev) if class_weights is not None else None)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    # A skipped step (BatchMemoryManager mid logical batch) returns without noising; count real ones.
+                    if not engine or not getattr(optimizer, "_is_last_step_skipped", False):
+                        steps += 1
+                    losses.append(loss.item())
+                    step_seconds.append(time.perf_counter() - t0)
+    finally:
+        if hooks is not None:
+            hooks.cleanup()  # the same model gets hooks again next round
+    if engine is not None:
+        # The accountant's own count is the truth for the ledger: one entry (σ, q, steps) for this round.
+        history = engine.accountant.history
+        steps = sum(n for (_, _, n) in history)
+    return TrainResult(steps=steps, sample_rate=sample_rate, noise_multiplier=noise_multiplier if engine else 0.0,
+                       mean_loss=float(sum(losses) / max(1, len(losses))), step_seconds=step_seconds)
+
+
+class _Plain:
+    """The non-DP path's stand-in for BatchMemoryManager: yields the loader as it is."""
+
+    def __init__(self, loader) -> None:  # noqa: ANN001
+        self.loader = loader
+
+    def __enter__(self):  # noqa: ANN204
+        return self.loader
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        return None

@@ -1,0 +1,272 @@
+"""The one frozen config tree of a run: defaults from pyproject, overrides from a scenario, checked once."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Flower run-config values are bool / int / float / str only; nesting is spelled with dots ("dp.max-grad-norm").
+RunConfig = dict[str, Any]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pyproject_path() -> Path:
+    """The pyproject.toml whose [tool.flwr.app.config] holds every default.
+
+    In a checkout (editable install) it is the project's own file; a wheel carries a copy inside `common/`.
+    """
+    for candidate in (PROJECT_ROOT / "pyproject.toml", Path(__file__).resolve().parent / "pyproject.toml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"pyproject.toml with the fedlens defaults not found next to {PROJECT_ROOT}")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> RunConfig:
+    """{"dp": {"max-grad-norm": 1.0}} -> {"dp.max-grad-norm": 1.0} (what Flower puts in context.run_config)."""
+    flat: RunConfig = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def default_run_config() -> RunConfig:
+    """The flat run config of pyproject.toml, exactly what `flwr run .` starts from."""
+    with pyproject_path().open("rb") as f:
+        return flatten(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+def load_overrides(path: str | Path) -> RunConfig:
+    """Read a scenario file (a TOML of run-config overrides, dotted keys or tables) into a flat dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scenario file {path} does not exist")
+    try:
+        with path.open("rb") as f:
+            return flatten(tomllib.load(f))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"scenario file {path} is not valid TOML: {e}") from e
+
+
+def resolve_run_config(*overrides: RunConfig) -> RunConfig:
+    """Defaults from pyproject, then each override in turn. Unknown keys are an error that names them."""
+    config = default_run_config()
+    unknown = [k for o in overrides for k in o if k not in config]
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(sorted(set(unknown)))}; known keys are listed in pyproject.toml "
+            "[tool.flwr.app.config]"
+        )
+    for o in overrides:
+        for key, value in o.items():
+            config[key] = _coerce(key, value, config[key])
+    return config
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    # A TOML file and the CLI give ints where floats are expected ("dp.target-epsilon = 8"); keep the default's type.
+    if isinstance(default, bool) or isinstance(value, bool):
+        return value
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tree. Field names are the config keys with "-" -> "_"; every default lives in pyproject, not here.
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str
+    partitioner: str
+    dirichlet_alpha: float
+    val_fraction: float
+    seed: int
+    text_column: str
+    label_column: str
+    labels: tuple[str, ...]
+    max_length: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str
+    tiny: bool
+    mode: str
+    pooling: str
+    lora_r: int
+    lora_alpha: int
+    lora_targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_epochs: int
+    batch_size: int
+    max_physical_batch: int
+    lr: float
+    head_lr: float
+    class_weighting: bool
+    seed: int
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    enabled: bool
+    target_epsilon: float
+    target_delta: float
+    max_grad_norm: float
+    noise_multiplier: float
+    release_noise_multiplier: float
+    loss_clip: float
+    grad_sample_mode: str
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    fraction_train: float
+    min_sites: int
+    round_timeout: float
+    central_eval: str
+    save_model: bool
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    num_sites: int
+    client_cpus: float
+    client_gpus: float
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str
+    run_id: str
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    num_server_rounds: int
+    scenario: str
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    dp: DPConfig
+    server: ServerConfig
+    simulation: SimulationConfig
+    store: StoreConfig
+    raw: RunConfig = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_run_config(cls, run_config: RunConfig) -> AppConfig:
+        """Build and validate the tree from a flat Flower run config.
+
+        Missing keys take the pyproject default (Flower's `run_simulation` passes an empty run config), so a
+        ClientApp and a ServerApp always see the same complete tree.
+
+        Raises:
+            ValueError: listing every problem at once, each naming the key, its value and what is allowed.
+        """
+        flat = resolve_run_config(dict(run_config))
+        problems: list[str] = []
+        sections: dict[str, Any] = {}
+        for name, sub in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig), ("dp", DPConfig),
+                          ("server", ServerConfig), ("simulation", SimulationConfig), ("store", StoreConfig)):
+            values = {}
+            for f in dataclasses.fields(sub):
+                key = f"{name}.{f.name.replace('_', '-')}"
+                value = flat[key]
+                if f.type == "tuple[str, ...]":
+                    value = tuple(s.strip() for s in str(value).split(",") if s.strip())
+                values[f.name] = value
+            sections[name] = values
+        cfg = cls(
+            num_server_rounds=flat["num-server-rounds"],
+            scenario=flat["scenario"],
+            data=DataConfig(**sections["data"]),
+            model=ModelConfig(**sections["model"]),
+            train=TrainConfig(**sections["train"]),
+            dp=DPConfig(**sections["dp"]),
+            server=ServerConfig(**sections["server"]),
+            simulation=SimulationConfig(**sections["simulation"]),
+            store=StoreConfig(**sections["store"]),
+            raw=flat,
+        )
+        problems.extend(cfg.problems())
+        if problems:
+            raise ValueError("invalid fedlens config:\n  - " + "\n  - ".join(problems))
+        return cfg
+
+    def problems(self) -> list[str]:
+        """Every problem with this config, each naming key, value and the allowed range."""
+        p: list[str] = []
+
+        def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+            if not ok:
+                p.append(f"{key} must be {allowed}, got {value!r}")
+
+        def typed(key: str, value: Any, kind: type | tuple[type, ...]) -> bool:
+            if isinstance(value, bool) and kind is not bool:
+                p.append(f"{key} must be a number, got {value!r}")
+                return False
+            if not isinstance(value, kind):
+                p.append(f"{key} must be of type {getattr(kind, '__name__', kind)}, got {value!r}")
+                return False
+            return True
+
+        def num(key: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, integer: bool = False) -> None:
+            if not typed(key, value, int if integer else (int, float)):
+                return
+            ok = (value > lo if lo_open else value >= lo) and value <= hi
+            bracket = "(" if lo_open else "["
+            check(ok, key, value, f"in {bracket}{lo}, {hi}]")
+
+        num("num-server-rounds", self.num_server_rounds, 1, 10_000, integer=True)
+        d, m, t, dp, s = self.data, self.model, self.train, self.dp, self.server
+        check(d.source in ("drugreview", "files"), "data.source", d.source, 'one of "drugreview", "files"')
+        check(d.partitioner in ("natural", "iid", "dirichlet"), "data.partitioner", d.partitioner,
+              'one of "natural", "iid", "dirichlet"')
+        num("data.dirichlet-alpha", d.dirichlet_alpha, 0.0, 1e6, lo_open=True)
+        num("data.val-fraction", d.val_fraction, 0.0, 0.9, lo_open=True)
+        num("data.seed", d.seed, 0, 2**31, integer=True)
+        check(len(d.labels) >= 2 and len(set(d.labels)) == len(d.labels), "data.labels", ",".join(d.labels),
+              "at least two distinct comma-separated names")
+        num("data.max-length", d.max_length, 8, 512, integer=True)
+        check(m.mode in ("lora", "full"), "model.mode", m.mode, 'one of "lora", "full"')
+        check(m.pooling in ("mean", "cls"), "model.pooling", m.pooling, 'one of "mean", "cls"')
+        if m.path:
+            check(Path(m.path).is_dir(), "model.path", m.path, "a local model folder (config.json + weights)")
+        num("model.lora-r", m.lora_r, 1, 1024, integer=True)
+        num("model.lora-alpha", m.lora_alpha, 1, 4096, integer=True)
+        check(len(m.lora_targets) > 0, "model.lora-targets", ",".join(m.lora_targets), "at least one module name")
+        num("train.local-epochs", t.local_epochs, 1, 1000, integer=True)
+        num("train.batch-size", t.batch_size, 1, 65536, integer=True)
+        num("train.max-physical-batch", t.max_physical_batch, 1, 65536, integer=True)
+        num("train.lr", t.lr, 0.0, 10.0, lo_open=True)
+        num("train.head-lr", t.head_lr, 0.0, 10.0, lo_open=True)
+        num("dp.target-epsilon", dp.target_epsilon, 0.0, 1e4, lo_open=True)
+        num("dp.target-delta", dp.target_delta, 0.0, 0.1, lo_open=True)
+        num("dp.max-grad-norm", dp.max_grad_norm, 0.0, 1e6, lo_open=True)
+        num("dp.noise-multiplier", dp.noise_multiplier, 0.0, 1e4)
+        num("dp.release-noise-multiplier", dp.release_noise_multiplier, 0.0, 1e6, lo_open=True)
+        num("dp.loss-clip", dp.loss_clip, 0.0, 1e4, lo_open=True)
+        check(dp.grad_sample_mode in ("hooks", "functorch"), "dp.grad-sample-mode", dp.grad_sample_mode,
+              'one of "hooks", "functorch"')
+        num("server.fraction-train", s.fraction_train, 0.0, 1.0, lo_open=True)
+        num("server.min-sites", s.min_sites, 1, 100_000, integer=True)
+        num("server.round-timeout", s.round_timeout, 0.0, 1e7, lo_open=True)
+        check(s.central_eval in ("", "drugreview-test"), "server.central-eval", s.central_eval,
+              'one of "", "drugreview-test"')
+        num("simulation.num-sites", self.simulation.num_sites, 1, 100_000, integer=True)
+        num("simulation.client-cpus", self.simulation.client_cpus, 0.0, 1024, lo_open=True)
+        num("simulation.client-gpus", self.simulation.client_gpus, 0.0, 64)
+        check(bool(self.store.path), "store.path", self.store.path, "a file path")
+        return p

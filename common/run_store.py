@@ -1,0 +1,278 @@
+"""Step 5: the run store, one SQLite file. This module owns the schema and every SQL statement.
+
+The server is the only writer; it commits each round (global metrics, every site's train and evaluate rows, and the
+events of that round) in one transaction, so a reader never sees half a round and a crash never leaves one.
+WAL mode lets the dashboard read while the server writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    scenario TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'completed', 'failed')),
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    rounds_planned INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    model_path TEXT,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS sites (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    site TEXT NOT NULL,
+    n_train INTEGER,
+    n_val INTEGER,
+    joined_at REAL NOT NULL,
+    PRIMARY KEY (run_id, site)
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    completed_at REAL NOT NULL,
+    seconds REAL NOT NULL,
+    sites_ok INTEGER NOT NULL,
+    sites_failed INTEGER NOT NULL,
+    accuracy REAL, macro_f1 REAL, loss REAL, train_loss REAL,
+    test_accuracy REAL, test_macro_f1 REAL, test_loss REAL, test_max_prediction_share REAL,
+    PRIMARY KEY (run_id, round)
+);
+CREATE TABLE IF NOT EXISTS site_rounds (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    site TEXT NOT NULL,
+    phase TEXT NOT NULL CHECK (phase IN ('train', 'evaluate')),
+    status TEXT NOT NULL CHECK (status IN ('ok', 'refused', 'failed')),
+    reason TEXT,
+    num_examples INTEGER,
+    epsilon REAL,
+    epsilon_budget REAL,
+    delta REAL,
+    noise_multiplier REAL,
+    sample_rate REAL,
+    steps INTEGER,
+    seconds REAL,
+    update_norm REAL,
+    accuracy REAL, macro_f1 REAL, loss REAL, train_loss REAL, max_prediction_share REAL,
+    confusion_json TEXT,
+    PRIMARY KEY (run_id, round, site, phase)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER,
+    site TEXT,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS findings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER,
+    site TEXT,
+    kind TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS site_rounds_by_site ON site_rounds (run_id, site, round);
+"""
+
+SITE_ROUND_COLUMNS = ("site", "phase", "status", "reason", "num_examples", "epsilon", "epsilon_budget", "delta",
+                      "noise_multiplier", "sample_rate", "steps", "seconds", "update_norm", "accuracy", "macro_f1",
+                      "loss", "train_loss", "max_prediction_share", "confusion_json")
+ROUND_METRICS = ("accuracy", "macro_f1", "loss", "train_loss", "test_accuracy", "test_macro_f1", "test_loss",
+                 "test_max_prediction_share")
+
+
+@dataclass
+class SiteRoundRow:
+    site: str
+    phase: str  # "train" | "evaluate"
+    status: str  # "ok" | "refused" | "failed"
+    reason: str = ""
+    num_examples: int | None = None
+    epsilon: float | None = None
+    epsilon_budget: float | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    steps: int | None = None
+    seconds: float | None = None
+    update_norm: float | None = None
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    loss: float | None = None
+    train_loss: float | None = None
+    max_prediction_share: float | None = None
+    confusion_json: str | None = None
+
+
+@dataclass
+class Event:
+    kind: str  # "site-failed" | "site-refused" | "site-joined" | "run-failed" | ...
+    message: str
+    site: str | None = None
+
+
+@dataclass
+class RoundRecord:
+    """Everything one round produced; written in one transaction."""
+
+    round: int
+    seconds: float
+    metrics: dict[str, float | None] = field(default_factory=dict)  # keys from ROUND_METRICS
+    sites: list[SiteRoundRow] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection in WAL mode. Read-only connections are what the dashboard and reports use."""
+    path = Path(path)
+    if readonly:
+        if not path.is_file():
+            raise FileNotFoundError(f"run store {path} does not exist; run `fedlens simulate` first or pass --store")
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=10.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is crash-safe in WAL mode (a kill -9 never corrupts); only a power cut may lose the last commit.
+        conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class RunWriter:
+    """The server's handle on one run in the store."""
+
+    def __init__(self, path: str | Path, run_id: str) -> None:
+        self.path = Path(path)
+        self.run_id = run_id
+        self.conn = connect(self.path)
+        with self.conn:
+            self.conn.executescript(SCHEMA)
+            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def start(self, *, scenario: str, rounds_planned: int, model: str, config: dict[str, Any]) -> None:
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO runs (run_id, scenario, status, started_at, rounds_planned, model, config_json) "
+                "VALUES (?, ?, 'running', ?, ?, ?, ?)",
+                (self.run_id, scenario, time.time(), rounds_planned, model, json.dumps(config, sort_keys=True)))
+
+    def add_site(self, site: str, *, n_train: int | None, n_val: int | None) -> None:
+        with self.conn:
+            self.conn.execute("INSERT OR IGNORE INTO sites VALUES (?, ?, ?, ?, ?)",
+                              (self.run_id, site, n_train, n_val, time.time()))
+
+    def event(self, ev: Event, round_: int | None = None) -> None:
+        with self.conn:
+            self._event(ev, round_)
+
+    def _event(self, ev: Event, round_: int | None) -> None:
+        self.conn.execute("INSERT INTO events (run_id, round, site, kind, message, at) VALUES (?, ?, ?, ?, ?, ?)",
+                          (self.run_id, round_, ev.site, ev.kind, ev.message, time.time()))
+
+    def write_round(self, rec: RoundRecord) -> None:
+        """Commit the whole round at once (or nothing of it)."""
+        ok = sum(1 for s in rec.sites if s.phase == "train" and s.status == "ok")
+        failed = sum(1 for s in rec.sites if s.phase == "train" and s.status != "ok")
+        with self.conn:  # one transaction: BEGIN ... COMMIT, rolled back on any exception
+            self.conn.execute(
+                f"INSERT INTO rounds (run_id, round, completed_at, seconds, sites_ok, sites_failed, "
+                f"{', '.join(ROUND_METRICS)}) VALUES (?, ?, ?, ?, ?, ?, {', '.join('?' * len(ROUND_METRICS))})",
+                (self.run_id, rec.round, time.time(), rec.seconds, ok, failed,
+                 *(rec.metrics.get(k) for k in ROUND_METRICS)))
+            for s in rec.sites:
+                self.conn.execute(
+                    f"INSERT INTO site_rounds (run_id, round, {', '.join(SITE_ROUND_COLUMNS)}) "
+                    f"VALUES (?, ?, {', '.join('?' * len(SITE_ROUND_COLUMNS))})",
+                    (self.run_id, rec.round, *(getattr(s, c) for c in SITE_ROUND_COLUMNS)))
+            for ev in rec.events:
+                self._event(ev, rec.round)
+
+    def finish(self, status: str, *, model_path: str | None = None, error: str | None = None) -> None:
+        with self.conn:
+            self.conn.execute("UPDATE runs SET status = ?, finished_at = ?, model_path = ?, error = ? WHERE run_id = ?",
+                              (status, time.time(), model_path, error, self.run_id))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# --- readers (the report and the dashboard) ----------------------------------------------------------------------
+
+def _rows(conn: sqlite3.Connection, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+    return [dict(r) for r in conn.execute(sql, args).fetchall()]
+
+
+def list_runs(path: str | Path) -> list[dict[str, Any]]:
+    """Every run, newest first, with how many rounds it completed and how many sites it has."""
+    conn = connect(path, readonly=True)
+    try:
+        if not _has_schema(conn):
+            return []
+        return _rows(conn, """
+            SELECT r.run_id, r.scenario, r.status, r.started_at, r.finished_at, r.rounds_planned, r.model,
+                   (SELECT COUNT(*) FROM rounds x WHERE x.run_id = r.run_id) AS rounds_completed,
+                   (SELECT COUNT(*) FROM sites s WHERE s.run_id = r.run_id) AS sites
+            FROM runs r ORDER BY r.started_at DESC""")
+    finally:
+        conn.close()
+
+
+def _has_schema(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='runs'").fetchone() is not None
+
+
+def load_run(path: str | Path, run_id: str | None = None) -> dict[str, Any]:
+    """One run (the newest when run_id is None) with its rounds, per-site rows, sites, events and findings.
+
+    All of it is read in one read transaction, so it is a consistent snapshot even while the server writes.
+
+    Raises:
+        LookupError: the store holds no run, or no run with this id (the message lists the known ones).
+    """
+    conn = connect(path, readonly=True)
+    try:
+        conn.execute("BEGIN")
+        if not _has_schema(conn):
+            raise LookupError(f"run store {path} holds no runs yet")
+        if run_id is None:
+            row = conn.execute("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1").fetchone()
+            if row is None:
+                raise LookupError(f"run store {path} holds no runs yet")
+            run_id = row["run_id"]
+        runs = _rows(conn, "SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        if not runs:
+            known = [r["run_id"] for r in _rows(conn, "SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 10")]
+            raise LookupError(f"run {run_id!r} is not in {path}; known runs: {', '.join(known) or 'none'}")
+        run = runs[0]
+        run["config"] = json.loads(run.pop("config_json"))
+        run["rounds"] = _rows(conn, "SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,))
+        run["site_rounds"] = _rows(conn, "SELECT * FROM site_rounds WHERE run_id = ? ORDER BY round, site, phase",
+                                   (run_id,))
+        run["sites"] = _rows(conn, "SELECT site, n_train, n_val, joined_at FROM sites WHERE run_id = ? ORDER BY site",
+                             (run_id,))
+        run["events"] = _rows(conn, "SELECT round, site, kind, message, at FROM events WHERE run_id = ? ORDER BY id",
+                              (run_id,))
+        run["findings"] = _rows(conn, "SELECT round, site, kind, severity, message FROM findings WHERE run_id = ? "
+                                      "ORDER BY id", (run_id,))
+        conn.execute("COMMIT")
+        return run
+    finally:
+        conn.close()

@@ -1,0 +1,128 @@
+"""`fedlens report`: one run of the store as the documented JSON contract (docs/report-schema.md) or a text table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from common.run_store import load_run
+
+SCHEMA_VERSION = 1
+
+
+def _clean(v: Any) -> Any:
+    # JSON has no NaN / Inf: a value that is not a finite number is reported as null.
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _metrics(row: dict[str, Any] | None, prefix: str = "") -> dict[str, float | None]:
+    keys = ("accuracy", "macro_f1", "loss")
+    return {k: _clean(row.get(prefix + k)) if row else None for k in keys}
+
+
+def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]:
+    """The report of one run (newest by default). Keys are a stable contract: later versions add, never rename."""
+    run = load_run(store, run_id)
+    rounds = run["rounds"]
+    last = rounds[-1] if rounds else None
+    cfg = run["config"]
+    dp_on = bool(cfg.get("dp.enabled", True))
+
+    sites = []
+    for s in run["sites"]:
+        rows = [r for r in run["site_rounds"] if r["site"] == s["site"]]
+        train = [r for r in rows if r["phase"] == "train"]
+        evals = [r for r in rows if r["phase"] == "evaluate" and r["status"] == "ok"]
+        eps = [r["epsilon"] for r in rows if r["epsilon"] is not None]
+        latest = rows[-1] if rows else None
+        last_round_rows = [r for r in rows if latest and r["round"] == latest["round"]]
+        status = "ok"
+        for r in last_round_rows:
+            if r["status"] != "ok":
+                status = r["status"]
+        sites.append({
+            "site": s["site"],
+            "examples": s["n_train"],
+            "validation_examples": s["n_val"],
+            "epsilon": max(eps) if eps else (0.0 if dp_on else None),
+            "epsilon_budget": float(cfg.get("dp.target-epsilon", 0.0)) if dp_on else None,
+            "delta": float(cfg.get("dp.target-delta", 0.0)) if dp_on else None,
+            "status": status,
+            "rounds_trained": sum(1 for r in train if r["status"] == "ok"),
+            "metrics": {**_metrics(evals[-1] if evals else None),
+                        "train_loss": _clean(evals[-1]["train_loss"]) if evals else None},
+            "noise_multiplier": train[-1]["noise_multiplier"] if train else None,
+            "last_reason": next((r["reason"] for r in reversed(rows) if r["reason"]), ""),
+        })
+    failed_events = [e for e in run["events"] if e["kind"] in ("site-failed", "run-failed")]
+    for e in failed_events:
+        if e["site"] and not any(s["site"] == e["site"] for s in sites):
+            sites.append({"site": e["site"], "examples": None, "validation_examples": None, "epsilon": None,
+                          "epsilon_budget": None, "delta": None, "status": "failed", "rounds_trained": 0,
+                          "metrics": _metrics(None) | {"train_loss": None}, "noise_multiplier": None,
+                          "last_reason": e["message"]})
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run["run_id"],
+        "scenario": run["scenario"],
+        "model": run["model"],
+        "status": run["status"],
+        "error": run["error"],
+        "started_at": run["started_at"],
+        "finished_at": run["finished_at"],
+        "rounds_planned": run["rounds_planned"],
+        "rounds_completed": len(rounds),
+        "dp": dp_on,
+        "global": {**_metrics(last), "train_loss": _clean(last["train_loss"]) if last else None,
+                   "noised": dp_on},
+        "test": _metrics(last, "test_") if last and last["test_accuracy"] is not None else None,
+        "rounds": [{"round": r["round"], "seconds": r["seconds"], "sites_ok": r["sites_ok"],
+                    "sites_failed": r["sites_failed"], **_metrics(r), "train_loss": _clean(r["train_loss"]),
+                    "test": _metrics(r, "test_") if r["test_accuracy"] is not None else None} for r in rounds],
+        "sites": sites,
+        "events": [{k: e[k] for k in ("round", "site", "kind", "message")} for e in run["events"]],
+        "findings": run["findings"],
+        "model_path": run["model_path"],
+    }
+
+
+def format_text(rep: dict[str, Any]) -> str:
+    def f(v: Any, spec: str = ".3f") -> str:
+        return "—" if v is None else format(v, spec)
+
+    lines = [
+        f"run {rep['run_id']}  [{rep['status']}]  scenario {rep['scenario']}",
+        f"model {rep['model']}",
+        f"rounds {rep['rounds_completed']}/{rep['rounds_planned']}",
+        f"global (sites' validation{', noised' if rep['dp'] else ''}): accuracy {f(rep['global']['accuracy'])}  "
+        f"macro-F1 {f(rep['global']['macro_f1'])}  loss {f(rep['global']['loss'])}",
+    ]
+    if rep["test"]:
+        t = rep["test"]
+        lines.append(f"global (server test set): accuracy {f(t['accuracy'])}  macro-F1 {f(t['macro_f1'])}  "
+                     f"loss {f(t['loss'])}")
+    lines.append("")
+    lines.append(f"{'site':<16}{'status':<9}{'examples':>9}{'ε spent':>9}{'budget':>8}{'accuracy':>10}"
+                 f"{'macro-F1':>10}{'loss':>8}")
+    for s in rep["sites"]:
+        m = s["metrics"]
+        lines.append(f"{s['site']:<16}{s['status']:<9}{f(s['examples'], 'd'):>9}{f(s['epsilon'], '.2f'):>9}"
+                     f"{f(s['epsilon_budget'], 'g'):>8}{f(m['accuracy']):>10}{f(m['macro_f1']):>10}{f(m['loss']):>8}")
+    problems = [e for e in rep["events"] if e["kind"] not in ("site-joined",)]
+    if problems:
+        lines.append("")
+        lines.append("events:")
+        lines += [f"  round {e['round'] if e['round'] is not None else '-'}: {e['message']}" for e in problems]
+    if rep["model_path"]:
+        lines.append("")
+        lines.append(f"final model: {rep['model_path']}")
+    return "\n".join(lines)
+
+
+def dumps(rep: dict[str, Any]) -> str:
+    return json.dumps(rep, indent=2, allow_nan=False, default=_clean)

@@ -1,0 +1,84 @@
+"""Flower glue at the server: AppConfig -> initial weights -> DebugFedAvg round loop -> run store -> final model."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import AppConfig
+from common.metrics import summary_metrics
+from common.model import build_model, load_tokenizer, load_trainable_state, save_final_model, trainable_state
+from common.run_store import Event, RunWriter
+from server.strategy import Arrays, CentralEval, DebugFedAvg
+
+app = ServerApp()
+log = logging.getLogger("fedlens")
+
+
+def new_run_id(scenario: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario}-{uuid.uuid4().hex[:6]}"
+
+
+def model_description(cfg: AppConfig) -> str:
+    name = "tiny random BERT" if cfg.model.tiny else (cfg.model.path or "all-MiniLM-L6-v2")
+    mode = f"LoRA r={cfg.model.lora_r}" if cfg.model.mode == "lora" else "full fine-tuning"
+    privacy = f"DP ε={cfg.dp.target_epsilon:g}" if cfg.dp.enabled else "no DP"
+    return f"{name} ({mode}, {cfg.model.pooling} pooling, {privacy})"
+
+
+def make_central_eval(cfg: AppConfig, model, tokenizer) -> CentralEval | None:  # noqa: ANN001
+    """Evaluation of the global model on the server's own held-out set (public to the server; no ε spent)."""
+    if not cfg.server.central_eval:
+        return None
+    from client.data import encode
+    from client.summary import loss_and_predictions
+    from common.datasets import LABEL, TEXT, load_drugreview
+
+    test = load_drugreview("test", cfg.data.labels)
+    data = encode(test[TEXT].tolist(), test[LABEL].to_numpy(), tokenizer, cfg.data.max_length)
+    k = len(cfg.data.labels)
+
+    def evaluate(arrays: Arrays) -> dict[str, float]:
+        load_trainable_state(model, arrays)
+        pred, loss_sum = loss_and_predictions(model, data, loss_clip=float("inf"))
+        confusion = np.zeros((k, k), dtype=np.int64)
+        np.add.at(confusion, (data.labels.numpy(), pred), 1)
+        return summary_metrics(confusion, loss_sum)
+
+    return evaluate
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = AppConfig.from_run_config(dict(context.run_config))
+    run_id = cfg.store.run_id or new_run_id(cfg.scenario)
+    writer = RunWriter(cfg.store.path, run_id)
+    writer.start(scenario=cfg.scenario, rounds_planned=cfg.num_server_rounds, model=model_description(cfg),
+                 config=cfg.raw)
+    log.info("fedlens run %s -> %s", run_id, Path(cfg.store.path).resolve())
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+        model = build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
+        strategy = DebugFedAvg(writer=writer, min_sites=cfg.server.min_sites, fraction_train=cfg.server.fraction_train,
+                               timeout=cfg.server.round_timeout, central_eval=make_central_eval(cfg, model, tokenizer))
+        final = strategy.run(grid, trainable_state(model), cfg.num_server_rounds)
+        model_path = None
+        if cfg.server.save_model:
+            load_trainable_state(model, final)
+            out = save_final_model(model, tokenizer, Path(cfg.store.path).parent / run_id / "model")
+            model_path = str(out.resolve())
+            log.info("final model saved to %s", model_path)
+        writer.finish("completed", model_path=model_path)
+    except BaseException as e:
+        # The rounds already committed stay; the run is marked failed with the reason.
+        writer.event(Event("run-failed", f"{type(e).__name__}: {e}"))
+        writer.finish("failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        writer.close()

@@ -1,0 +1,254 @@
+"""Step 4: aggregation. A FedAvg whose round loop records every site's result, in one store transaction per round."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common import records
+from common.metrics import summary_metrics
+from common.run_store import Event, RoundRecord, RunWriter, SiteRoundRow
+
+log = logging.getLogger("fedlens")
+Arrays = OrderedDict[str, np.ndarray]
+CentralEval = Callable[[Arrays], dict[str, float]]
+
+
+def weighted_average(updates: list[tuple[Arrays, int]]) -> Arrays:
+    """FedAvg: the example-weighted mean of each array (float64 accumulation, float32 out)."""
+    total = sum(n for _, n in updates)
+    if not updates or total <= 0:
+        raise ValueError(f"cannot average {len(updates)} update(s) with {total} examples in total")
+    out: Arrays = OrderedDict()
+    for key in updates[0][0]:
+        acc = np.zeros(updates[0][0][key].shape, dtype=np.float64)
+        for arrays, n in updates:
+            acc += arrays[key].astype(np.float64) * (n / total)
+        out[key] = acc.astype(np.float32)
+    return out
+
+
+def check_update(arrays: Arrays, reference: Arrays) -> str:
+    """Why an update cannot be aggregated ("" when it can): keys, shapes and finiteness against the global model."""
+    if list(arrays) != list(reference):
+        missing = sorted(set(reference) - set(arrays))[:3]
+        extra = sorted(set(arrays) - set(reference))[:3]
+        return f"weights do not match the global model (missing {missing}, unexpected {extra})"
+    for key, ref in reference.items():
+        a = arrays[key]
+        if a.shape != ref.shape:
+            return f"weight {key} has shape {a.shape}, expected {ref.shape}"
+        if not np.all(np.isfinite(a)):
+            return f"weight {key} contains NaN or Inf"
+    return ""
+
+
+def update_norm(arrays: Arrays, reference: Arrays) -> float:
+    return float(math.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - reference[k]) ** 2)) for k in reference)))
+
+
+@dataclass
+class SiteReply:
+    node_id: int
+    site: str
+    message: Message | None  # None: no reply before the timeout
+
+
+class DebugFedAvg(FedAvg):
+    """FedAvg over the travelling weights, plus the debugging record of every site in every round.
+
+    The round loop is written out (as Flower's `Strategy.start` is) so that each round's train results, evaluation
+    summaries, failures and central test metrics are committed together, and so that every failed, silent or refused
+    site is recorded under its site name with its reason while the round goes on with the others.
+    """
+
+    def __init__(self, *, writer: RunWriter, min_sites: int, fraction_train: float, timeout: float,
+                 central_eval: CentralEval | None = None, poll_interval: float = 0.2) -> None:
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_sites,
+                         min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
+        self.writer = writer
+        self.timeout = timeout
+        self.central_eval = central_eval
+        self.poll_interval = poll_interval
+        self.site_of: dict[int, str] = {}  # node id -> site name (node ids are random; names are stable)
+
+    # --- messaging ---------------------------------------------------------------------------------------------
+
+    def _exchange(self, grid: Grid, node_ids: list[int], content: RecordDict, message_type: str) -> list[SiteReply]:
+        """Send one message per node and collect the replies, keyed by the message each answers.
+
+        Mapping through reply_to_message_id matters: an error reply for a dead node comes from the SuperLink,
+        so its src_node_id is not the node's.
+        """
+        messages = [Message(content=content, message_type=message_type, dst_node_id=n) for n in node_ids]
+        ids = list(grid.push_messages(messages))
+        node_of = dict(zip(ids, node_ids, strict=True))
+        got: dict[str, Message] = {}
+        deadline = time.time() + self.timeout
+        while len(got) < len(ids) and time.time() < deadline:
+            for m in grid.pull_messages([i for i in ids if i not in got]):
+                got[m.metadata.reply_to_message_id] = m
+            if len(got) < len(ids):
+                time.sleep(self.poll_interval)
+        return [SiteReply(node_of[i], self.site_of.get(node_of[i], f"node-{node_of[i]}"), got.get(i)) for i in ids]
+
+    def _wait_for_sites(self, grid: Grid) -> list[int]:
+        waited = 0.0
+        while True:
+            node_ids = sorted(grid.get_node_ids())
+            if len(node_ids) >= self.min_available_nodes:
+                return node_ids
+            if waited % 30 == 0:
+                log.info("waiting for sites: %d connected, server.min-sites = %d", len(node_ids),
+                         self.min_available_nodes)
+            time.sleep(1.0)
+            waited += 1.0
+
+    def hello(self, grid: Grid) -> None:
+        """Learn each node's site name and data size (a query message); a site whose data fails is recorded."""
+        node_ids = self._wait_for_sites(grid)
+        for r in self._exchange(grid, node_ids, RecordDict(), MessageType.QUERY):
+            if r.message is None or r.message.has_error():
+                reason = "no reply before the timeout" if r.message is None else r.message.error.reason
+                self.writer.event(Event("site-failed", f"{r.site} failed to start: {reason}", r.site))
+                continue
+            info = records.unpack_site(r.message.content)
+            self.site_of[r.node_id] = info.name
+            self.writer.add_site(info.name, n_train=info.n_train, n_val=info.n_val)
+            self.writer.event(Event("site-joined", f"{info.name} joined with {info.n_train} train and "
+                                                   f"{info.n_val} validation examples", info.name))
+
+    def _sample(self, grid: Grid) -> list[int]:
+        node_ids = self._wait_for_sites(grid)
+        k = max(int(len(node_ids) * self.fraction_train), self.min_train_nodes)
+        if k >= len(node_ids):
+            return node_ids
+        return sorted(np.random.default_rng().choice(node_ids, size=k, replace=False).tolist())
+
+    # --- the round loop ----------------------------------------------------------------------------------------
+
+    def run(self, grid: Grid, initial: Arrays, num_rounds: int, *,
+            on_round: Callable[[int, Arrays], None] | None = None) -> Arrays:
+        """Train for `num_rounds` rounds from `initial`; returns the final global weights."""
+        self.hello(grid)
+        arrays = initial
+        for rnd in range(1, num_rounds + 1):
+            t0 = time.time()
+            log.info("[ROUND %d/%d]", rnd, num_rounds)
+            rec = RoundRecord(round=rnd, seconds=0.0)
+
+            # --- training at the sites -------------------------------------------------------------------------
+            replies = self._exchange(grid, self._sample(grid), records.pack_instruction(arrays, rnd, num_rounds),
+                                     MessageType.TRAIN)
+            updates = self._collect_train(replies, arrays, rec)
+            if updates:
+                arrays = weighted_average(updates)
+            else:
+                # Nothing to aggregate: keep the previous global model and say so.
+                rec.events.append(Event("round-skipped", f"round {rnd}: no site returned usable weights; "
+                                                         "the global model is unchanged"))
+
+            # --- evaluation at the sites (noised summaries) ----------------------------------------------------
+            replies = self._exchange(grid, self._wait_for_sites(grid), records.pack_instruction(arrays, rnd, num_rounds),
+                                     MessageType.EVALUATE)
+            rec.metrics.update(self._collect_evaluate(replies, rec))
+
+            # --- evaluation at the server (held-out test set) --------------------------------------------------
+            if self.central_eval is not None:
+                test = self.central_eval(arrays)
+                rec.metrics.update({f"test_{k}": v for k, v in test.items()})
+
+            rec.seconds = time.time() - t0
+            self.writer.write_round(rec)
+            log.info("round %d: %s", rnd, {k: round(v, 4) for k, v in rec.metrics.items() if v is not None})
+            if on_round is not None:
+                on_round(rnd, arrays)
+        return arrays
+
+    def _failed(self, r: SiteReply, phase: str, rec: RoundRecord) -> None:
+        reason = "no reply before the timeout" if r.message is None else r.message.error.reason
+        rec.sites.append(SiteRoundRow(site=r.site, phase=phase, status="failed", reason=reason))
+        rec.events.append(Event("site-failed", f"{r.site} failed in {phase}: {reason}", r.site))
+
+    def _collect_train(self, replies: list[SiteReply], global_arrays: Arrays, rec: RoundRecord) -> list[tuple[Arrays, int]]:
+        updates: list[tuple[Arrays, int]] = []
+        for r in replies:
+            if r.message is None or r.message.has_error():
+                self._failed(r, "train", rec)
+                continue
+            try:
+                tr = records.unpack_train_reply(r.message.content)
+            except (KeyError, ValueError, TypeError) as e:
+                rec.sites.append(SiteRoundRow(site=r.site, phase="train", status="failed", reason=f"malformed reply: {e}"))
+                rec.events.append(Event("site-failed", f"{r.site} sent a malformed train reply: {e}", r.site))
+                continue
+            self.site_of[r.node_id] = tr.site.name
+            row = SiteRoundRow(site=tr.site.name, phase="train", status=tr.site.status, reason=tr.site.reason,
+                               num_examples=tr.num_examples, epsilon=_eps(tr.epsilon),
+                               epsilon_budget=tr.epsilon_budget if tr.epsilon >= 0 else None, delta=tr.delta,
+                               noise_multiplier=tr.noise_multiplier, sample_rate=tr.sample_rate, steps=tr.steps,
+                               seconds=tr.seconds)
+            if tr.site.status != records.STATUS_OK or tr.arrays is None:
+                rec.events.append(Event("site-refused", tr.site.reason, tr.site.name))
+            else:
+                problem = check_update(tr.arrays, global_arrays)
+                if problem:
+                    row.status, row.reason = "failed", f"update rejected: {problem}"
+                    rec.events.append(Event("update-rejected", f"{tr.site.name}: {problem}", tr.site.name))
+                else:
+                    row.update_norm = update_norm(tr.arrays, global_arrays)
+                    updates.append((tr.arrays, tr.num_examples))
+            rec.sites.append(row)
+        return updates
+
+    def _collect_evaluate(self, replies: list[SiteReply], rec: RoundRecord) -> dict[str, float | None]:
+        confusions, val_loss, train_loss, n_val, n_train = [], 0.0, 0.0, 0, 0
+        for r in replies:
+            if r.message is None or r.message.has_error():
+                self._failed(r, "evaluate", rec)
+                continue
+            try:
+                ev = records.unpack_eval_reply(r.message.content)
+            except (KeyError, ValueError, TypeError) as e:
+                rec.sites.append(SiteRoundRow(site=r.site, phase="evaluate", status="failed",
+                                              reason=f"malformed reply: {e}"))
+                continue
+            row = SiteRoundRow(site=ev.site.name, phase="evaluate", status=ev.site.status, reason=ev.site.reason,
+                               num_examples=ev.num_examples, epsilon=_eps(ev.epsilon),
+                               noise_multiplier=ev.noise_multiplier)
+            if ev.confusion is None:
+                rec.events.append(Event("site-refused", ev.site.reason, ev.site.name))
+            else:
+                m = summary_metrics(ev.confusion, ev.val_loss_sum)
+                row.accuracy, row.macro_f1, row.max_prediction_share = m["accuracy"], m["macro_f1"], m["max_prediction_share"]
+                # Sizes are public (they weight FedAvg); dividing noised sums by them is post-processing.
+                row.loss = ev.val_loss_sum / max(1, ev.num_examples)
+                row.train_loss = ev.train_loss_sum / max(1, ev.site.n_train)
+                row.confusion_json = json.dumps(np.round(ev.confusion, 3).tolist())
+                confusions.append(ev.confusion)
+                val_loss += ev.val_loss_sum
+                train_loss += ev.train_loss_sum
+                n_val += ev.num_examples
+                n_train += ev.site.n_train
+            rec.sites.append(row)
+        if not confusions:
+            return {}
+        total = np.sum(confusions, axis=0)
+        m = summary_metrics(total, val_loss)
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "loss": val_loss / max(1, n_val),
+                "train_loss": train_loss / max(1, n_train)}
+
+
+def _eps(value: float) -> float | None:
+    # Sites report -1 when dp.enabled is false: there is no ε to show then, not an ε of 0.
+    return None if value < 0 else value
