@@ -1,0 +1,47 @@
+"""The config tree: defaults from pyproject, overrides, and validation that reports every problem at once."""
+
+import pytest
+
+from common.config import AppConfig, default_run_config, load_overrides, resolve_run_config
+
+
+def test_defaults_build_a_valid_tree():
+    cfg = AppConfig.from_run_config({})
+    assert cfg.model.mode == "lora"
+    assert cfg.data.labels == ("negative", "neutral", "positive")
+    assert cfg.dp.enabled and cfg.dp.target_epsilon == 8.0
+
+
+def test_every_problem_is_reported_at_once_with_key_value_and_range():
+    # Prepare
+    bad = {"dp.max-grad-norm": 0.0, "model.mode": "adapter", "train.lr": -1.0, "data.val-fraction": 1.5}
+    # Execute
+    with pytest.raises(ValueError) as err:
+        AppConfig.from_run_config(bad)
+    # Assert
+    msg = str(err.value)
+    assert "dp.max-grad-norm must be in (0.0, 1000000.0], got 0.0" in msg
+    assert "model.mode must be one of \"lora\", \"full\", got 'adapter'" in msg
+    assert "train.lr must be in (0.0, 10.0], got -1.0" in msg
+    assert "data.val-fraction must be in (0.0, 0.9], got 1.5" in msg
+
+
+def test_wrong_type_and_unknown_key_are_named():
+    with pytest.raises(ValueError, match="train.batch-size must be of type int, got 'big'"):
+        AppConfig.from_run_config({"train.batch-size": "big"})
+    with pytest.raises(ValueError, match="unknown config key\\(s\\) dp.epsilon"):
+        resolve_run_config({"dp.epsilon": 3.0})
+
+
+def test_scenario_files_override_defaults(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('num-server-rounds = 3\n[dp]\ntarget-epsilon = 4\n')
+    flat = resolve_run_config(load_overrides(path))
+    assert flat["num-server-rounds"] == 3
+    assert flat["dp.target-epsilon"] == 4.0 and isinstance(flat["dp.target-epsilon"], float)
+    assert set(flat) == set(default_run_config())
+
+
+def test_shipped_scenarios_are_valid():
+    for name in ("smoke", "demo"):
+        AppConfig.from_run_config(resolve_run_config(load_overrides(f"simulations/{name}.toml")))

@@ -1,0 +1,80 @@
+"""Site data at rest: the embedded set, partitioning, and the generic loader's errors."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.datasets import SiteDataError, load_drugreview, load_file, partition, rating_to_label, split_train_val
+
+LABELS = ("negative", "neutral", "positive")
+
+
+def test_embedded_drug_reviews_have_the_documented_sizes_and_labels():
+    train, test = load_drugreview("train", LABELS), load_drugreview("test", LABELS)
+    assert (len(train), len(test)) == (600, 379)
+    assert np.bincount(train["label"], minlength=3).tolist() == [161, 54, 385]
+    assert train["text"].str.len().min() > 0
+
+
+def test_ratings_map_negative_below_5_neutral_5_to_6_positive_above():
+    assert [rating_to_label(r, LABELS) for r in (1, 4, 5, 6, 7, 10)] == [
+        "negative", "negative", "neutral", "neutral", "positive", "positive"]
+
+
+@pytest.mark.parametrize("how", ["iid", "natural", "dirichlet"])
+def test_partitions_cover_rows_once_and_are_seeded(how):
+    frame = load_drugreview("train", LABELS)
+    parts = partition(frame, num_sites=4, how=how, alpha=0.5, seed=42)
+    again = partition(frame, num_sites=4, how=how, alpha=0.5, seed=42)
+    rows = np.concatenate(parts)
+    assert len(parts) == 4 and all(len(p) > 0 for p in parts)
+    assert len(rows) == len(set(rows.tolist())) <= 600
+    assert all((a == b).all() for a, b in zip(parts, again))
+    if how != "dirichlet":
+        assert len(rows) == 600
+
+
+def test_natural_sites_hold_disjoint_conditions():
+    frame = load_drugreview("train", LABELS)
+    parts = partition(frame, num_sites=4, how="natural", alpha=0.5, seed=42)
+    conditions = [set(frame.iloc[p]["condition"]) for p in parts]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not conditions[i] & conditions[j]
+
+
+def test_split_is_seeded_and_disjoint():
+    tr, va = split_train_val(100, val_fraction=0.2, seed=1)
+    tr2, va2 = split_train_val(100, val_fraction=0.2, seed=1)
+    assert (len(tr), len(va)) == (80, 20)
+    assert not set(tr) & set(va)
+    assert (tr == tr2).all() and (va == va2).all()
+
+
+def _load(path, **kw):
+    return load_file(path, text_column="text", label_column="label", labels=LABELS, site="clinic-a", **kw)
+
+
+def test_generic_loader_reads_csv_jsonl_parquet(tmp_path):
+    frame = pd.DataFrame({"text": ["good", "bad", "meh"], "label": ["positive", "negative", "neutral"]})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_json(tmp_path / "d.jsonl", orient="records", lines=True)
+    frame.to_parquet(tmp_path / "d.parquet")
+    for name in ("d.csv", "d.jsonl", "d.parquet"):
+        assert _load(tmp_path / name)["label"].tolist() == [2, 0, 1]
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "clinic-a: data file .*missing.csv does not exist"),
+    ("", "clinic-a: data file .*is empty"),
+    ("review,stars\nok,3\n", "clinic-a: .* has no column\\(s\\) text, label"),
+    ("text,label\nok,great\n", "clinic-a: .* label\\(s\\) great outside the label set negative, neutral, positive"),
+    (b"text,label\n\xff\xfe bad,positive\n", "clinic-a: data file .* cannot be read as csv \\(UTF-8 expected\\)"),
+])
+def test_generic_loader_errors_name_site_path_and_expectation(tmp_path, content, expected):
+    path = tmp_path / "missing.csv"
+    if content is not None:
+        path = tmp_path / "d.csv"
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SiteDataError, match=expected):
+        _load(path)

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny config, a tiny model and one site's data, all offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+TINY = {"model.tiny": True, "data.max-length": 32, "simulation.num-sites": 3, "num-server-rounds": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from common.config import AppConfig
+
+    return AppConfig.from_run_config(TINY)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_cfg):
+    from common.model import load_tokenizer
+
+    return load_tokenizer(tiny_cfg.model)
+
+
+@pytest.fixture(scope="session")
+def site_data(tiny_cfg, tokenizer):
+    from client.data import SiteIdentity, load_site_data
+
+    return load_site_data(tiny_cfg, SiteIdentity("site-0", 0, 3, ""), tokenizer)

@@ -1,0 +1,42 @@
+"""Aggregation on hand-built arrays, and the checks an update passes before it is averaged."""
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+from server.strategy import check_update, update_norm, weighted_average
+
+
+def _arrays(a, b):
+    return OrderedDict(w=np.array(a, dtype=np.float32), b=np.array(b, dtype=np.float32))
+
+
+def test_weighted_average_weights_by_examples():
+    # Prepare
+    updates = [(_arrays([[1.0, 2.0]], [0.0]), 10), (_arrays([[3.0, 6.0]], [4.0]), 30)]
+    # Execute
+    avg = weighted_average(updates)
+    # Assert
+    np.testing.assert_equal(avg["w"], np.array([[2.5, 5.0]], dtype=np.float32))
+    np.testing.assert_equal(avg["b"], np.array([3.0], dtype=np.float32))
+    assert list(avg) == ["w", "b"]
+
+
+def test_weighted_average_refuses_nothing_to_average():
+    with pytest.raises(ValueError, match="cannot average 0 update"):
+        weighted_average([])
+    with pytest.raises(ValueError, match="0 examples"):
+        weighted_average([(_arrays([1.0], [1.0]), 0)])
+
+
+def test_updates_with_nan_wrong_shape_or_keys_are_rejected_with_the_reason():
+    ref = _arrays([[0.0, 0.0]], [0.0])
+    assert check_update(_arrays([[1.0, 2.0]], [3.0]), ref) == ""
+    assert check_update(_arrays([[np.nan, 2.0]], [3.0]), ref) == "weight w contains NaN or Inf"
+    assert check_update(_arrays([[1.0]], [3.0]), ref) == "weight w has shape (1, 1), expected (1, 2)"
+    assert "missing ['b']" in check_update(OrderedDict(w=ref["w"]), ref)
+
+
+def test_update_norm_is_the_l2_distance_to_the_global_model():
+    assert update_norm(_arrays([[3.0, 4.0]], [0.0]), _arrays([[0.0, 0.0]], [0.0])) == pytest.approx(5.0)
