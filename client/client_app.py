@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from functools import lru_cache
 
@@ -16,6 +15,7 @@ from client.summary import local_counts, release
 from client.train import train_local
 from common import records
 from common.config import AppConfig
+from common.log import get_logger
 from common.model import build_model, load_tokenizer, load_trainable_state, trainable_state
 
 app = ClientApp()
@@ -78,7 +78,7 @@ def _noise_multiplier(context: Context, cfg: AppConfig, data: SiteData, num_roun
                                                sample_rate=q, steps_per_round=steps, rounds=num_rounds,
                                                release_noise_multiplier=cfg.dp.release_noise_multiplier)
     context.state["dp"] = ConfigRecord({"noise-multiplier": sigma})
-    logging.getLogger("fedlens").info("site %s: σ = %.4f for ε = %s over %d rounds", data.site.name, sigma,
+    get_logger().info("site %s: σ = %.4f for ε = %s over %d rounds", data.site.name, sigma,
                                       cfg.dp.target_epsilon, num_rounds)
     return sigma
 

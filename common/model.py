@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import DataConfig, ModelConfig
+from common.config import ModelConfig
 
 # Never touch a hub: every model is a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,11 +29,11 @@ def _fail(message: str, code: int = 1) -> None:
 
 @app.command()
 def simulate(
-    scenario: Annotated[Optional[Path], typer.Option(help="a TOML of run-config overrides, e.g. simulations/demo.toml")] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="override num-server-rounds")] = None,
-    sites: Annotated[Optional[int], typer.Option(help="override simulation.num-sites")] = None,
-    store: Annotated[Optional[Path], typer.Option(help="run store file (default: store.path of the config)")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="any config key, e.g. --set dp.enabled=false")] = None,
+    scenario: Annotated[Path | None, typer.Option(help="a TOML of run-config overrides, e.g. simulations/demo.toml")] = None,
+    rounds: Annotated[int | None, typer.Option(help="override num-server-rounds")] = None,
+    sites: Annotated[int | None, typer.Option(help="override simulation.num-sites")] = None,
+    store: Annotated[Path | None, typer.Option(help="run store file (default: store.path of the config)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="any config key, e.g. --set dp.enabled=false")] = None,
     ray_address: Annotated[str, typer.Option(help="connect to an existing Ray cluster (e.g. auto or host:6379)")] = "",
 ) -> None:
     """Run a scenario on Flower's simulation engine and follow it round by round."""
@@ -89,7 +89,14 @@ def _parse_value(v: str) -> bool | int | float | str:
 
 def _run_with_progress(config: dict, cfg, store_path: Path) -> None:  # noqa: ANN001
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from fedlens.simulate import run_simulation, wait_rounds
 
@@ -121,7 +128,7 @@ def _run_with_progress(config: dict, cfg, store_path: Path) -> None:  # noqa: AN
 @app.command()
 def report(
     store: Annotated[Path, typer.Option(help="run store file")] = Path(DEFAULT_STORE),
-    run: Annotated[Optional[str], typer.Option(help="run id (default: the newest run)")] = None,
+    run: Annotated[str | None, typer.Option(help="run id (default: the newest run)")] = None,
     json_: Annotated[bool, typer.Option("--json", help="print the JSON contract of docs/report-schema.md")] = False,
 ) -> None:
     """Print a run: status, global and per-site metrics, ε per site, failures."""

@@ -24,8 +24,8 @@ def run_simulation(config: RunConfig, *, num_sites: int, client_cpus: float, cli
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation  # the entry flwr-simulation itself uses
     from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.simulation.run_simulation import _run_simulation  # the entry flwr-simulation itself uses
     from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from pathlib import Path
@@ -12,13 +11,14 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import AppConfig
+from common.log import get_logger
 from common.metrics import summary_metrics
 from common.model import build_model, load_tokenizer, load_trainable_state, save_final_model, trainable_state
 from common.run_store import Event, RunWriter
 from server.strategy import Arrays, CentralEval, DebugFedAvg
 
 app = ServerApp()
-log = logging.getLogger("fedlens")
+log = get_logger()
 
 
 def new_run_id(scenario: str) -> str:

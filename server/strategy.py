@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections import OrderedDict
@@ -16,10 +15,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import records
+from common.log import get_logger
 from common.metrics import summary_metrics
 from common.run_store import Event, RoundRecord, RunWriter, SiteRoundRow
 
-log = logging.getLogger("fedlens")
+log = get_logger()
 Arrays = OrderedDict[str, np.ndarray]
 CentralEval = Callable[[Arrays], dict[str, float]]
 

@@ -17,10 +17,9 @@ import torch
 from client.data import Encoded, SiteIdentity, load_site_data
 from client.train import train_local
 from common.config import AppConfig, load_overrides, resolve_run_config
-from common.model import build_model, load_tokenizer
+from common.model import build_model, load_tokenizer, trainable_state
 from fedlens.cli import _parse_value
 from server.server_app import make_central_eval
-from common.model import trainable_state
 
 
 def main() -> None:

@@ -4,8 +4,16 @@ import dp_accounting as dpa
 import pytest
 from dp_accounting import rdp
 
-from client.privacy import (DPSGD, SUMMARY, LedgerEntry, calibrate_noise_multiplier, epsilon, from_state,
-                            planned_entries, to_state)
+from client.privacy import (
+    DPSGD,
+    SUMMARY,
+    LedgerEntry,
+    calibrate_noise_multiplier,
+    epsilon,
+    from_state,
+    planned_entries,
+    to_state,
+)
 
 
 def _dpa_epsilon(segments, delta):

@@ -1,8 +1,9 @@
 """The local loop: DP steps really change the travelling weights, full fine-tuning works under Opacus."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
-from dataclasses import replace
 
 from client.train import train_local
 from common.model import build_model, load_trainable_state, trainable_state

@@ -29,7 +29,7 @@ def test_partitions_cover_rows_once_and_are_seeded(how):
     rows = np.concatenate(parts)
     assert len(parts) == 4 and all(len(p) > 0 for p in parts)
     assert len(rows) == len(set(rows.tolist())) <= 600
-    assert all((a == b).all() for a, b in zip(parts, again))
+    assert all((a == b).all() for a, b in zip(parts, again, strict=True))
     if how != "dirichlet":
         assert len(rows) == 600
 

@@ -1,11 +1,9 @@
 """The dashboard script under Streamlit's AppTest, against hand-made edge-case stores."""
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
-from common.run_store import Event, RoundRecord, RunWriter, SiteRoundRow
-
 from common.config import PROJECT_ROOT
+from common.run_store import Event, RoundRecord, RunWriter, SiteRoundRow
 
 APP = str(PROJECT_ROOT / "dashboard" / "streamlit_app.py")
 
