@@ -81,6 +81,7 @@ class DebugFedAvg(FedAvg):
         self.central_eval = central_eval
         self.poll_interval = poll_interval
         self.site_of: dict[int, str] = {}  # node id -> site name (node ids are random; names are stable)
+        self.known: set[str] = set()  # site names already in the store
 
     # --- messaging ---------------------------------------------------------------------------------------------
 
@@ -122,8 +123,13 @@ class DebugFedAvg(FedAvg):
                 reason = "no reply before the timeout" if r.message is None else r.message.error.reason
                 self.writer.event(Event("site-failed", f"{r.site} failed to start: {reason}", r.site))
                 continue
-            info = records.unpack_site(r.message.content)
-            self.site_of[r.node_id] = info.name
+            self._register(r.node_id, records.unpack_site(r.message.content))
+
+    def _register(self, node_id: int, info: records.SiteInfo) -> None:
+        """Remember a node's site name; a site seen for the first time (at start or joining later) is recorded."""
+        self.site_of[node_id] = info.name
+        if info.name not in self.known:
+            self.known.add(info.name)
             self.writer.add_site(info.name, n_train=info.n_train, n_val=info.n_val)
             self.writer.event(Event("site-joined", f"{info.name} joined with {info.n_train} train and "
                                                    f"{info.n_val} validation examples", info.name))
@@ -192,7 +198,7 @@ class DebugFedAvg(FedAvg):
                 rec.sites.append(SiteRoundRow(site=r.site, phase="train", status="failed", reason=f"malformed reply: {e}"))
                 rec.events.append(Event("site-failed", f"{r.site} sent a malformed train reply: {e}", r.site))
                 continue
-            self.site_of[r.node_id] = tr.site.name
+            self._register(r.node_id, tr.site)
             row = SiteRoundRow(site=tr.site.name, phase="train", status=tr.site.status, reason=tr.site.reason,
                                num_examples=tr.num_examples, epsilon=_eps(tr.epsilon),
                                epsilon_budget=tr.epsilon_budget if tr.epsilon >= 0 else None, delta=tr.delta,

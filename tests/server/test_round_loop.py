@@ -1,0 +1,116 @@
+"""The round loop against a fake grid: failed, silent, refused and poisoned sites are recorded by name; the round goes on."""
+
+from collections import OrderedDict
+from uuid import uuid4
+
+import numpy as np
+import pytest
+
+from common import records
+from common.run_store import RunWriter, load_run
+from server.strategy import DebugFedAvg
+
+
+class FakeGrid:
+    """Answers each message at once with `behaviour[node](msg)`: a RecordDict, an Error, or None (stays silent)."""
+
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+        self.replies = {}
+
+    def get_node_ids(self):
+        return list(self.behaviour)
+
+    def push_messages(self, messages):
+        from flwr.app import Error, Message
+
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = mid = uuid4().hex
+            ids.append(mid)
+            out = self.behaviour[m.metadata.dst_node_id](m)
+            if out is None:
+                continue
+            reply = Message(out, reply_to=m) if not isinstance(out, Error) else Message(out, reply_to=m)
+            if isinstance(out, Error):
+                reply.metadata.__dict__["_src_node_id"] = 1  # a dead node's error comes from the SuperLink
+            self.replies[mid] = reply
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+GLOBAL = OrderedDict(w=np.zeros((2, 2), np.float32))
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    # Flower stamps messages with the identity of the running task; the real engines set it.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 7, 42, 1
+K = 3
+
+
+def site(name, *, arrays=None, refuse=False):
+    info = records.SiteInfo(name, 10, 5)
+
+    def handle(msg):
+        if msg.metadata.message_type == "query":
+            return records.pack_hello(info)
+        if msg.metadata.message_type.startswith("train"):
+            got = records.unpack_arrays(msg.content)
+            if refuse:
+                return records.pack_train_reply(records.TrainReply(
+                    records.SiteInfo(name, 10, 5, records.STATUS_REFUSED, f"{name}: budget"), None, 10, 7.9,
+                    1e-5, 8.0, 1.0, 0.5, 0, 0.0))
+            out = arrays if arrays is not None else OrderedDict((k, v + 1.0) for k, v in got.items())
+            return records.pack_train_reply(records.TrainReply(info, out, 10, 2.0, 1e-5, 8.0, 1.0, 0.5, 2, 0.1))
+        return records.pack_eval_reply(records.EvalReply(info, 5, 2.5, np.eye(K) * 2, 3.0, 6.0, 3.0, 2 ** 0.5))
+
+    return handle
+
+
+def test_one_round_records_every_kind_of_site(tmp_path):
+    from flwr.app import Error
+
+    # Prepare
+    behaviour = {
+        11: site("good"),
+        12: lambda m: records.pack_hello(records.SiteInfo("crashy", 10, 5)) if m.metadata.message_type == "query"
+        else Error(code=2, reason="site crashy: data file /x.csv does not exist"),
+        13: lambda m: records.pack_hello(records.SiteInfo("silent", 10, 5)) if m.metadata.message_type == "query" else None,
+        14: site("poisoned", arrays=OrderedDict(w=np.full((2, 2), np.nan, np.float32))),
+        15: site("broke", refuse=True),
+    }
+    writer = RunWriter(tmp_path / "s.db", "r")
+    writer.start(scenario="t", rounds_planned=1, model="m", config={})
+    strategy = DebugFedAvg(writer=writer, min_sites=2, fraction_train=1.0, timeout=0.5, poll_interval=0.05)
+    # Execute
+    final = strategy.run(FakeGrid(behaviour), GLOBAL, 1)
+    # Assert: only the good site's update was averaged
+    np.testing.assert_equal(final["w"], np.ones((2, 2), np.float32))
+    run = load_run(tmp_path / "s.db", "r")
+    train = {r["site"]: (r["status"], r["reason"]) for r in run["site_rounds"] if r["phase"] == "train"}
+    assert train["good"] == ("ok", "")
+    assert train["crashy"] == ("failed", "site crashy: data file /x.csv does not exist")
+    assert train["silent"] == ("failed", "no reply before the timeout")
+    assert train["poisoned"][0] == "failed" and "NaN" in train["poisoned"][1]
+    assert train["broke"] == ("refused", "broke: budget")
+    assert [r["sites_ok"] for r in run["rounds"]] == [1]
+    # The sum of the noised confusion matrices of the 3 sites that answered the evaluation: eye(3) * 2 each
+    assert run["rounds"][0]["accuracy"] == 1.0
+    assert run["rounds"][0]["train_loss"] == 6.0 / 10
+    kinds = [e["kind"] for e in run["events"]]
+    assert kinds.count("site-joined") == 5 and "update-rejected" in kinds and "site-refused" in kinds
+
+
+def test_a_round_with_no_usable_update_keeps_the_model_and_says_so(tmp_path):
+    writer = RunWriter(tmp_path / "s.db", "r")
+    writer.start(scenario="t", rounds_planned=1, model="m", config={})
+    behaviour = {1: site("p", arrays=OrderedDict(w=np.full((2, 2), np.inf, np.float32))),
+                 2: site("q", arrays=OrderedDict(w=np.zeros((3,), np.float32)))}
+    final = DebugFedAvg(writer=writer, min_sites=2, fraction_train=1.0, timeout=0.5).run(FakeGrid(behaviour), GLOBAL, 1)
+    np.testing.assert_equal(final["w"], GLOBAL["w"])
+    assert "round-skipped" in [e["kind"] for e in load_run(tmp_path / "s.db", "r")["events"]]
