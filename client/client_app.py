@@ -117,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
 
     t0 = time.perf_counter()
     result = train_local(model, data.train, train_cfg=cfg.train, dp_cfg=cfg.dp, noise_multiplier=sigma,
-                         class_weights=data.class_weights() if cfg.train.class_weighting else None,
+                         label_counts=data.label_counts(),
                          seed=cfg.train.seed + server_round)
     seconds = time.perf_counter() - t0
     if cfg.dp.enabled:

@@ -57,11 +57,9 @@ class SiteData:
     val: Encoded
     num_classes: int
 
-    def class_weights(self) -> torch.Tensor:
-        """Inverse class frequency of the site's own train split (local only), capped at 10, mean ≈ 1."""
-        counts = torch.bincount(self.train.labels, minlength=self.num_classes).float()
-        weights = len(self.train) / (self.num_classes * counts.clamp(min=1.0))
-        return weights.clamp(max=10.0)
+    def label_counts(self) -> torch.Tensor:
+        """Examples per class in the site's own train split: used locally to balance the loss, never released."""
+        return torch.bincount(self.train.labels, minlength=self.num_classes).float()
 
 
 def site_rows(cfg: DataConfig, site: SiteIdentity) -> pd.DataFrame:

@@ -40,13 +40,24 @@ def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[
     }
 
 
-def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:
-    # A true mean over the batch of w_y · CE: Opacus's loss_reduction="mean" assumes exactly that when it rescales
-    # per-sample gradients (nn.CrossEntropyLoss(weight=...) would divide by Σw instead).
-    per_example = nn.functional.cross_entropy(logits, labels, reduction="none")  # [B]
-    if class_weights is not None:
-        per_example = per_example * class_weights[labels]
-    return per_example.mean()
+def balanced_loss(logits: torch.Tensor, labels: torch.Tensor, *, mode: str,
+                  label_counts: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy, countering class imbalance as `mode` says; always a true mean over the batch.
+
+    logit-adjust (Menon et al., 2021): train on logits + log(prior), predict with the plain logits. The prior shifts
+    the decision boundary towards rare classes by changing each example's gradient *direction*, which survives
+    DP-SGD's per-example clipping. weights: w_y = n / (K · n_y) on each example's loss; under DP, clipping every
+    example's gradient to the same norm largely cancels it. Opacus's loss_reduction="mean" assumes a plain mean
+    over the batch, hence reduction="none" + .mean() (nn.CrossEntropyLoss(weight=...) would divide by Σw).
+    """
+    if mode == "none" or label_counts is None:
+        return nn.functional.cross_entropy(logits, labels)
+    k = logits.shape[-1]
+    if mode == "logit-adjust":
+        prior = (label_counts + 1.0) / (label_counts.sum() + k)  # smoothed: a missing class is rare, not impossible
+        return nn.functional.cross_entropy(logits + prior.log(), labels)
+    weights = (label_counts.sum() / (k * label_counts.clamp(min=1.0))).clamp(max=10.0)
+    return (nn.functional.cross_entropy(logits, labels, reduction="none") * weights[labels]).mean()
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -60,7 +71,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_cfg: DPConfig,
-                noise_multiplier: float, class_weights: torch.Tensor | None, seed: int) -> TrainResult:
+                noise_multiplier: float, label_counts: torch.Tensor | None, seed: int) -> TrainResult:
     """Fine-tune `model` in place on one site's train split for `train_cfg.local_epochs` epochs.
 
     With dp_cfg.enabled, every step goes through Opacus: Poisson sampling, per-sample clipping at
@@ -108,7 +119,8 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
                     t0 = time.perf_counter()
                     input_ids, attention_mask, labels = input_ids.to(dev), attention_mask.to(dev), labels.to(dev)
                     logits = model(**model_inputs(input_ids, attention_mask)).logits  # [B, K]
-                    loss = weighted_loss(logits, labels, class_weights.to(dev) if class_weights is not None else None)
+                    loss = balanced_loss(logits, labels, mode=train_cfg.class_balance,
+                                         label_counts=None if label_counts is None else label_counts.to(dev))
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -115,7 +115,7 @@ class TrainConfig:
     max_physical_batch: int
     lr: float
     head_lr: float
-    class_weighting: bool
+    class_balance: str
     seed: int
 
 
@@ -251,6 +251,8 @@ class AppConfig:
         num("train.local-epochs", t.local_epochs, 1, 1000, integer=True)
         num("train.batch-size", t.batch_size, 1, 65536, integer=True)
         num("train.max-physical-batch", t.max_physical_batch, 1, 65536, integer=True)
+        check(t.class_balance in ("logit-adjust", "weights", "none"), "train.class-balance", t.class_balance,
+              'one of "logit-adjust", "weights", "none"')
         num("train.lr", t.lr, 0.0, 10.0, lo_open=True)
         num("train.head-lr", t.head_lr, 0.0, 10.0, lo_open=True)
         num("dp.target-epsilon", dp.target_epsilon, 0.0, 1e4, lo_open=True)

@@ -40,14 +40,13 @@ def main() -> None:
     train = Encoded(torch.cat([p.input_ids for p in parts]), torch.cat([p.attention_mask for p in parts]),
                     torch.cat([p.labels for p in parts]))
     counts = torch.bincount(train.labels, minlength=len(cfg.data.labels)).float()
-    weights = (len(train) / (len(counts) * counts.clamp(min=1))).clamp(max=10) if cfg.train.class_weighting else None
 
     model = build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
     evaluate = make_central_eval(cfg, build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed), tokenizer)
     for epoch in range(1, args.epochs + 1):
         t0 = time.time()
         r = train_local(model, train, train_cfg=cfg.train, dp_cfg=cfg.dp, noise_multiplier=0.0,
-                        class_weights=weights, seed=cfg.train.seed + epoch)
+                        label_counts=counts, seed=cfg.train.seed + epoch)
         m = evaluate(trainable_state(model))
         print(json.dumps({"epoch": epoch, "train_examples": len(train), "train_loss": round(r.mean_loss, 4),
                           "median_step_s": round(float(np.median(r.step_seconds)), 3),

@@ -43,7 +43,7 @@ def main() -> None:
             # Sample rate 1 (the whole one-batch set): the step does the full per-sample work at batch B.
             # Only the step is timed (forward, backward, clip + noise, update), not make_private's set-up.
             r = train_local(model, one_batch, train_cfg=replace(cfg.train, local_epochs=1),
-                            dp_cfg=replace(cfg.dp, enabled=dp_on), noise_multiplier=1.0, class_weights=None, seed=i)
+                            dp_cfg=replace(cfg.dp, enabled=dp_on), noise_multiplier=1.0, label_counts=None, seed=i)
             if i >= 2:
                 times[name].append(sum(r.step_seconds))
     dp_s, plain_s = statistics.median(times["dp"]), statistics.median(times["plain"])

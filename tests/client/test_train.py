@@ -13,7 +13,7 @@ def _train(cfg, data, **dp):
     model = build_model(cfg.model, cfg.data.labels, seed=0)
     before = trainable_state(model)
     result = train_local(model, data.train, train_cfg=cfg.train, dp_cfg=replace(cfg.dp, **dp), noise_multiplier=1.0,
-                         class_weights=data.class_weights(), seed=0)
+                         label_counts=data.label_counts(), seed=0)
     return before, trainable_state(model), result
 
 
@@ -59,3 +59,20 @@ def test_the_tiny_model_is_identical_in_every_process(tiny_cfg):
     a = build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0).state_dict()
     b = build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0).state_dict()
     assert all((a[k] == b[k]).all() for k in a if "lora" not in k)
+
+
+def test_balanced_losses_pin_numbers():
+    import torch
+
+    from client.train import balanced_loss
+
+    logits = torch.zeros(2, 3)
+    labels = torch.tensor([0, 2])
+    counts = torch.tensor([1.0, 1.0, 2.0])  # smoothed prior (2/7, 2/7, 3/7)
+    # logit-adjust: CE(0 + log prior) = -log prior[y]
+    expected = (-np.log(2 / 7) - np.log(3 / 7)) / 2
+    assert balanced_loss(logits, labels, mode="logit-adjust", label_counts=counts).item() == pytest.approx(expected)
+    # weights: w = n / (K n_y) = (4/3, 4/3, 2/3) on CE = ln 3, averaged over the batch
+    assert balanced_loss(logits, labels, mode="weights", label_counts=counts).item() == pytest.approx(
+        np.log(3) * (4 / 3 + 2 / 3) / 2)
+    assert balanced_loss(logits, labels, mode="none", label_counts=counts).item() == pytest.approx(np.log(3))
