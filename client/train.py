@@ -61,12 +61,19 @@ def balanced_loss(logits: torch.Tensor, labels: torch.Tensor, *, mode: str,
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with two learning rates: the classification head learns from scratch, the encoder is only nudged."""
+    """Two learning rates: the classification head learns from scratch, the encoder is only nudged.
+
+    The optimizer is new each round (its state never leaves the site and is not averaged). AdamW's first steps
+    are nearly sign(g), so under DP noise with a few steps per round every coordinate moves a full step in a random
+    direction; plain SGD lets the noise average out over steps and rounds.
+    """
     head, body = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (head if "classifier" in name else body).append(p)
     groups = [g for g in ({"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}) if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups)
     return torch.optim.AdamW(groups, weight_decay=0.0)
 
 

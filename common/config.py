@@ -113,6 +113,7 @@ class TrainConfig:
     local_epochs: int
     batch_size: int
     max_physical_batch: int
+    optimizer: str
     lr: float
     head_lr: float
     class_balance: str
@@ -253,6 +254,7 @@ class AppConfig:
         num("train.max-physical-batch", t.max_physical_batch, 1, 65536, integer=True)
         check(t.class_balance in ("logit-adjust", "weights", "none"), "train.class-balance", t.class_balance,
               'one of "logit-adjust", "weights", "none"')
+        check(t.optimizer in ("adamw", "sgd"), "train.optimizer", t.optimizer, 'one of "adamw", "sgd"')
         num("train.lr", t.lr, 0.0, 10.0, lo_open=True)
         num("train.head-lr", t.head_lr, 0.0, 10.0, lo_open=True)
         num("dp.target-epsilon", dp.target_epsilon, 0.0, 1e4, lo_open=True)
