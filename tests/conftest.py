@@ -10,7 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-TINY = {"model.tiny": True, "data.max-length": 32, "simulation.num-sites": 3, "num-server-rounds": 2}
+TINY = {"model.tiny": True, "data.max-length": 32, "simulation.num-sites": 3, "num-server-rounds": 2,
+        "train.batch-size": 32, "train.local-epochs": 1}  # several Poisson batches per epoch
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,8 @@ def test_a_dp_round_changes_every_lora_weight_and_counts_its_steps(tiny_cfg, sit
     changed = [k for k in before if np.abs(after[k] - before[k]).max() > 0]
     assert changed == list(before)  # guards opacus#820: LoRA weights that never move
     batches = -(-len(site_data.train) // tiny_cfg.train.batch_size)
-    assert result.steps == batches and result.sample_rate == pytest.approx(1 / batches)
+    assert result.steps == batches * tiny_cfg.train.local_epochs
+    assert result.sample_rate == pytest.approx(1 / batches)
     assert result.noise_multiplier == 1.0
 
 
