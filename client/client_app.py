@@ -105,15 +105,14 @@ def train(msg: Message, context: Context) -> Message:
                                           local_epochs=cfg.train.local_epochs)
         planned = privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma, q, steps,
                                       cfg.dp.max_grad_norm)
-        projected = privacy.epsilon([*ledger, planned], cfg.dp.target_delta)
-        if projected > cfg.dp.target_epsilon + 1e-9:
+        problem = privacy.budget_check(ledger, planned, budget=cfg.dp.target_epsilon, delta=cfg.dp.target_delta)
+        if problem:
             # Refuse, and say why: the server records it and goes on with the other sites.
-            spent = privacy.epsilon(ledger, cfg.dp.target_delta)
-            reason = (f"site {data.site.name}: round {server_round} would bring ε to {projected:.3f} > budget "
-                      f"{cfg.dp.target_epsilon} (spent {spent:.3f}); not training")
+            reason = f"site {data.site.name}: {problem}; not training"
             return records.reply(records.pack_train_reply(records.TrainReply(
-                _info(data, records.STATUS_REFUSED, reason), None, len(data.train), spent, cfg.dp.target_delta,
-                cfg.dp.target_epsilon, sigma, q, 0, 0.0)), msg)
+                _info(data, records.STATUS_REFUSED, reason), None, len(data.train),
+                privacy.epsilon(ledger, cfg.dp.target_delta), cfg.dp.target_delta, cfg.dp.target_epsilon, sigma, q,
+                0, 0.0)), msg)
 
     t0 = time.perf_counter()
     result = train_local(model, data.train, train_cfg=cfg.train, dp_cfg=cfg.dp, noise_multiplier=sigma,
@@ -147,13 +146,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     sigma = cfg.dp.release_noise_multiplier
     entry = privacy.LedgerEntry(server_round, privacy.SUMMARY, "gaussian", sigma, 1.0, 1, 1.0)
-    projected = privacy.epsilon([*ledger, entry], cfg.dp.target_delta)
-    if projected > cfg.dp.target_epsilon + 1e-9:
-        spent = privacy.epsilon(ledger, cfg.dp.target_delta)
-        reason = (f"site {data.site.name}: releasing the round-{server_round} summary would bring ε to "
-                  f"{projected:.3f} > budget {cfg.dp.target_epsilon}; summary withheld")
-        out = records.EvalReply(_info(data, records.STATUS_REFUSED, reason), len(data.val), spent, None, 0.0, 0.0,
-                                sigma, 0.0)
+    problem = privacy.budget_check(ledger, entry, budget=cfg.dp.target_epsilon, delta=cfg.dp.target_delta)
+    if problem:
+        reason = f"site {data.site.name}: {problem}; summary withheld"
+        out = records.EvalReply(_info(data, records.STATUS_REFUSED, reason), len(data.val),
+                                privacy.epsilon(ledger, cfg.dp.target_delta), None, 0.0, 0.0, sigma, 0.0)
         return records.reply(records.pack_eval_reply(out), msg)
 
     summary = release(counts, noise_multiplier=sigma, loss_clip=cfg.dp.loss_clip)

@@ -40,6 +40,15 @@ def epsilon(entries: list[LedgerEntry], delta: float) -> float:
     return float(acc.get_epsilon(delta=delta))
 
 
+def budget_check(ledger: list[LedgerEntry], entry: LedgerEntry, *, budget: float, delta: float) -> str:
+    """Why `entry` may not be spent ("" when it may): the ledger's ε after it would exceed `budget`."""
+    projected = epsilon([*ledger, entry], delta)
+    if projected <= budget + 1e-9:
+        return ""
+    return (f"round {entry.round} {entry.kind} would bring ε to {projected:.3f} > budget {budget:g} "
+            f"(spent {epsilon(ledger, delta):.3f})")
+
+
 def dpsgd_schedule(*, n_train: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
     """(sample_rate, steps per round) exactly as Opacus will account them: q = 1 / len(loader)."""
     batches = math.ceil(n_train / batch_size)

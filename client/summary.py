@@ -19,6 +19,7 @@ from torch import nn
 
 from client.data import Encoded, eval_loader
 from client.train import model_inputs
+from common.metrics import confusion_matrix
 
 SENSITIVITY = math.sqrt(2.0)
 
@@ -65,8 +66,7 @@ def loss_and_predictions(model: nn.Module, data: Encoded, *, loss_clip: float,
 def local_counts(model: nn.Module, train: Encoded, val: Encoded, *, num_classes: int, loss_clip: float) -> LocalCounts:
     val_pred, val_loss = loss_and_predictions(model, val, loss_clip=loss_clip)
     _, train_loss = loss_and_predictions(model, train, loss_clip=loss_clip)
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (val.labels.numpy(), val_pred), 1)
+    confusion = confusion_matrix(val.labels.numpy(), val_pred, num_classes)
     return LocalCounts(confusion, val_loss, train_loss, len(val), len(train))
 
 

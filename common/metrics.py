@@ -5,6 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """[K, K] counts, rows = true label, columns = prediction."""
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    return confusion
+
+
 def accuracy(confusion: np.ndarray) -> float:
     total = float(confusion.sum())
     return float(np.trace(confusion) / total) if total > 0 else 0.0

@@ -6,13 +6,12 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import AppConfig
 from common.log import get_logger
-from common.metrics import summary_metrics
+from common.metrics import confusion_matrix, summary_metrics
 from common.model import build_model, load_tokenizer, load_trainable_state, save_final_model, trainable_state
 from common.run_store import Event, RunWriter
 from server.strategy import Arrays, CentralEval, DebugFedAvg
@@ -47,9 +46,7 @@ def make_central_eval(cfg: AppConfig, model, tokenizer) -> CentralEval | None:  
     def evaluate(arrays: Arrays) -> dict[str, float]:
         load_trainable_state(model, arrays)
         pred, loss_sum = loss_and_predictions(model, data, loss_clip=float("inf"))
-        confusion = np.zeros((k, k), dtype=np.int64)
-        np.add.at(confusion, (data.labels.numpy(), pred), 1)
-        return summary_metrics(confusion, loss_sum)
+        return summary_metrics(confusion_matrix(data.labels.numpy(), pred, k), loss_sum)
 
     return evaluate
 

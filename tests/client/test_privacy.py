@@ -77,3 +77,13 @@ def test_ledger_round_trips_through_state_columns():
     entries = [LedgerEntry(1, DPSGD, "subsampled-gaussian", 1.1, 0.25, 4, 1.0),
                LedgerEntry(1, SUMMARY, "gaussian", 3.0, 1.0, 1, 1.0)]
     assert from_state(to_state(entries)) == entries
+
+
+def test_budget_check_refuses_the_step_that_would_overspend():
+    from client.privacy import budget_check
+
+    ledger = [LedgerEntry(1, DPSGD, "subsampled-gaussian", 1.0, 0.1, 50, 1.0)]  # ε = 5.881 at δ = 1e-5 (Opacus RDP orders; dp-accounting: 5.885)
+    nxt = LedgerEntry(2, DPSGD, "subsampled-gaussian", 1.0, 0.1, 50, 1.0)
+    assert budget_check(ledger, nxt, budget=100.0, delta=1e-5) == ""
+    reason = budget_check(ledger, nxt, budget=6.0, delta=1e-5)
+    assert reason == "round 2 dpsgd would bring ε to 7.899 > budget 6 (spent 5.881)"
