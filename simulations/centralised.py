@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -45,7 +46,8 @@ def main() -> None:
     evaluate = make_central_eval(cfg, build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed), tokenizer)
     for epoch in range(1, args.epochs + 1):
         t0 = time.time()
-        r = train_local(model, train, train_cfg=cfg.train, dp_cfg=cfg.dp, noise_multiplier=0.0,
+        # One pass per printed epoch, whatever train.local-epochs says (that key is per federated round).
+        r = train_local(model, train, train_cfg=replace(cfg.train, local_epochs=1), dp_cfg=cfg.dp, noise_multiplier=0.0,
                         label_counts=counts, seed=cfg.train.seed + epoch)
         m = evaluate(trainable_state(model))
         print(json.dumps({"epoch": epoch, "train_examples": len(train), "train_loss": round(r.mean_loss, 4),
