@@ -112,37 +112,41 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
     losses: list[float] = []
     step_seconds: list[float] = []
     steps = 0
+    counts = None if label_counts is None else label_counts.to(dev)
     try:
         for _ in range(train_cfg.local_epochs):
-            # BatchMemoryManager splits a Poisson batch above max_physical_batch; the optimizer only steps (and
-            # the accountant only counts) at the end of each logical batch.
+            # DP: BatchMemoryManager splits a Poisson batch above max_physical_batch, and the DP optimizer only
+            # steps (and the accountant only counts) at the end of each logical batch. Without DP the same cap is
+            # kept by accumulating gradients over chunks of the batch, then stepping once.
             ctx = (BatchMemoryManager(data_loader=loader, max_physical_batch_size=train_cfg.max_physical_batch,
                                       optimizer=optimizer) if engine else _Plain(loader))
             with ctx as batches:
                 for input_ids, attention_mask, labels in batches:
-                    if labels.numel() == 0:
+                    n = labels.numel()
+                    if n == 0:
                         # An empty Poisson batch (probability (1-q)^n, ~1e-15 here): nothing to learn from.
                         continue
                     t0 = time.perf_counter()
-                    input_ids, attention_mask, labels = input_ids.to(dev), attention_mask.to(dev), labels.to(dev)
-                    logits = model(**model_inputs(input_ids, attention_mask)).logits  # [B, K]
-                    loss = balanced_loss(logits, labels, mode=train_cfg.class_balance,
-                                         label_counts=None if label_counts is None else label_counts.to(dev))
-                    loss.backward()
+                    size = n if engine else train_cfg.max_physical_batch
+                    for start in range(0, n, size):
+                        part = slice(start, start + size)
+                        ids, mask, y = input_ids[part].to(dev), attention_mask[part].to(dev), labels[part].to(dev)
+                        logits = model(**model_inputs(ids, mask)).logits  # [b, K]
+                        loss = balanced_loss(logits, y, mode=train_cfg.class_balance, label_counts=counts)
+                        # Chunks of one logical batch add up to its mean loss (DP batches come whole: weight 1).
+                        (loss * (y.numel() / n)).backward()
+                        losses.append(loss.item())
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    # A skipped step (BatchMemoryManager mid logical batch) returns without noising; count real ones.
-                    if not engine or not getattr(optimizer, "_is_last_step_skipped", False):
-                        steps += 1
-                    losses.append(loss.item())
+                    steps += 1
                     step_seconds.append(time.perf_counter() - t0)
     finally:
         if hooks is not None:
             hooks.cleanup()  # the same model gets hooks again next round
     if engine is not None:
-        # The accountant's own count is the truth for the ledger: one entry (σ, q, steps) for this round.
-        history = engine.accountant.history
-        steps = sum(n for (_, _, n) in history)
+        # The accountant counts only the steps that were noised (not BatchMemoryManager's partial ones): it is the
+        # truth for the ledger, one entry (σ, q, steps) for this round.
+        steps = sum(n for (_, _, n) in engine.accountant.history)
     return TrainResult(steps=steps, sample_rate=sample_rate, noise_multiplier=noise_multiplier if engine else 0.0,
                        mean_loss=float(sum(losses) / max(1, len(losses))), step_seconds=step_seconds)
 
