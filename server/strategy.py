@@ -181,8 +181,10 @@ class DebugFedAvg(FedAvg):
                 on_round(rnd, arrays)
         return arrays
 
-    def _failed(self, r: SiteReply, phase: str, rec: RoundRecord) -> None:
-        reason = "no reply before the timeout" if r.message is None else r.message.error.reason
+    def _failed(self, r: SiteReply, phase: str, rec: RoundRecord, reason: str = "") -> None:
+        """Record a site that raised, stayed silent or answered something unusable; the round goes on."""
+        if not reason:
+            reason = "no reply before the timeout" if r.message is None else r.message.error.reason
         rec.sites.append(SiteRoundRow(site=r.site, phase=phase, status="failed", reason=reason))
         rec.events.append(Event("site-failed", f"{r.site} failed in {phase}: {reason}", r.site))
 
@@ -195,8 +197,7 @@ class DebugFedAvg(FedAvg):
             try:
                 tr = records.unpack_train_reply(r.message.content)
             except (KeyError, ValueError, TypeError) as e:
-                rec.sites.append(SiteRoundRow(site=r.site, phase="train", status="failed", reason=f"malformed reply: {e}"))
-                rec.events.append(Event("site-failed", f"{r.site} sent a malformed train reply: {e}", r.site))
+                self._failed(r, "train", rec, f"malformed reply: {e}")
                 continue
             self._register(r.node_id, tr.site)
             row = SiteRoundRow(site=tr.site.name, phase="train", status=tr.site.status, reason=tr.site.reason,
@@ -226,8 +227,7 @@ class DebugFedAvg(FedAvg):
             try:
                 ev = records.unpack_eval_reply(r.message.content)
             except (KeyError, ValueError, TypeError) as e:
-                rec.sites.append(SiteRoundRow(site=r.site, phase="evaluate", status="failed",
-                                              reason=f"malformed reply: {e}"))
+                self._failed(r, "evaluate", rec, f"malformed reply: {e}")
                 continue
             row = SiteRoundRow(site=ev.site.name, phase="evaluate", status=ev.site.status, reason=ev.site.reason,
                                num_examples=ev.num_examples, epsilon=_eps(ev.epsilon),

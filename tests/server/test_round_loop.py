@@ -5,6 +5,7 @@ from uuid import uuid4
 
 import numpy as np
 import pytest
+from flwr.app import RecordDict
 
 from common import records
 from common.run_store import RunWriter, load_run
@@ -83,6 +84,8 @@ def test_one_round_records_every_kind_of_site(tmp_path):
         13: lambda m: records.pack_hello(records.SiteInfo("silent", 10, 5)) if m.metadata.message_type == "query" else None,
         14: site("poisoned", arrays=OrderedDict(w=np.full((2, 2), np.nan, np.float32))),
         15: site("broke", refuse=True),
+        16: lambda m: records.pack_hello(records.SiteInfo("garbled", 10, 5)) if m.metadata.message_type == "query"
+        else RecordDict(),
     }
     writer = RunWriter(tmp_path / "s.db", "r")
     writer.start(scenario="t", rounds_planned=1, model="m", config={})
@@ -98,12 +101,13 @@ def test_one_round_records_every_kind_of_site(tmp_path):
     assert train["silent"] == ("failed", "no reply before the timeout")
     assert train["poisoned"][0] == "failed" and "NaN" in train["poisoned"][1]
     assert train["broke"] == ("refused", "broke: budget")
+    assert train["garbled"][0] == "failed" and train["garbled"][1].startswith("malformed reply: ")
     assert [r["sites_ok"] for r in run["rounds"]] == [1]
     # The sum of the noised confusion matrices of the 3 sites that answered the evaluation: eye(3) * 2 each
     assert run["rounds"][0]["accuracy"] == 1.0
     assert run["rounds"][0]["train_loss"] == 6.0 / 10
     kinds = [e["kind"] for e in run["events"]]
-    assert kinds.count("site-joined") == 5 and "update-rejected" in kinds and "site-refused" in kinds
+    assert kinds.count("site-joined") == 6 and "update-rejected" in kinds and "site-refused" in kinds
 
 
 def test_a_round_with_no_usable_update_keeps_the_model_and_says_so(tmp_path):
