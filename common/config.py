@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 # Flower run-config values are bool / int / float / str only; nesting is spelled with dots ("dp.max-grad-norm").
 RunConfig = dict[str, Any]

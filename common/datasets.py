@@ -121,9 +121,9 @@ def partition(frame: pd.DataFrame, *, num_sites: int, how: str, alpha: float, se
     """
     # Imported here: datasets pulls in pyarrow and friends, which the server and the dashboard do not need.
     from datasets import Dataset, disable_progress_bars
+    from flwr_datasets.partitioner import DirichletPartitioner, GroupedNaturalIdPartitioner, IidPartitioner
 
     disable_progress_bars()
-    from flwr_datasets.partitioner import DirichletPartitioner, GroupedNaturalIdPartitioner, IidPartitioner
 
     ds = Dataset.from_dict({"row": np.arange(len(frame)), LABEL: frame[LABEL].to_numpy(),
                             GROUP: [str(g) for g in frame[GROUP]]})

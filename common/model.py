@@ -56,9 +56,9 @@ def build_model(cfg: ModelConfig, labels: tuple[str, ...], *, seed: int = 0) -> 
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
 
-    _quiet_transformers()
     from common.mean_pool_bert import MeanPoolBertForSequenceClassification
 
+    _quiet_transformers()
     torch.manual_seed(seed)
     id2label = dict(enumerate(labels))
     label2id = {v: k for k, v in id2label.items()}

@@ -120,8 +120,7 @@ class DebugFedAvg(FedAvg):
         node_ids = self._wait_for_sites(grid)
         for r in self._exchange(grid, node_ids, RecordDict(), MessageType.QUERY):
             if r.message is None or r.message.has_error():
-                reason = "no reply before the timeout" if r.message is None else r.message.error.reason
-                self.writer.event(Event("site-failed", f"{r.site} failed to start: {reason}", r.site))
+                self.writer.event(Event("site-failed", f"{r.site} failed to start: {_reason(r)}", r.site))
                 continue
             self._register(r.node_id, records.unpack_site(r.message.content))
 
@@ -183,8 +182,7 @@ class DebugFedAvg(FedAvg):
 
     def _failed(self, r: SiteReply, phase: str, rec: RoundRecord, reason: str = "") -> None:
         """Record a site that raised, stayed silent or answered something unusable; the round goes on."""
-        if not reason:
-            reason = "no reply before the timeout" if r.message is None else r.message.error.reason
+        reason = reason or _reason(r)
         rec.sites.append(SiteRoundRow(site=r.site, phase=phase, status="failed", reason=reason))
         rec.events.append(Event("site-failed", f"{r.site} failed in {phase}: {reason}", r.site))
 
@@ -253,6 +251,11 @@ class DebugFedAvg(FedAvg):
         m = summary_metrics(total, val_loss)
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "loss": val_loss / max(1, n_val),
                 "train_loss": train_loss / max(1, n_train)}
+
+
+def _reason(r: SiteReply) -> str:
+    """Why a site gave no usable reply: silence, or the error it (or the SuperLink on its behalf) sent."""
+    return "no reply before the timeout" if r.message is None else r.message.error.reason
 
 
 def _eps(value: float) -> float | None:
