@@ -11,9 +11,9 @@ from flwr.clientapp import ClientApp
 
 from client import privacy
 from client.data import SiteData, SiteIdentity, load_site_data
-from client.summary import local_counts, release
-from client.train import train_local
-from common import records
+from client.summary import local_summary, release
+from client.train import TrainHealth, train_local
+from common import diagnostics, records
 from common.config import AppConfig
 from common.log import get_logger
 from common.model import build_model, load_tokenizer, load_trainable_state, trainable_state
@@ -66,6 +66,20 @@ def _save_ledger(context: Context, entries: list[privacy.LedgerEntry]) -> None:
     context.state[records.LEDGER] = ConfigRecord(privacy.to_state(entries))
 
 
+def _plan_rounds(context: Context, num_rounds: int) -> int:
+    """The number of rounds the budget is planned for: fixed at a site's first message of the run."""
+    if "plan" not in context.state.config_records:
+        context.state["plan"] = ConfigRecord({"rounds": num_rounds})
+    return int(context.state.config_records["plan"]["rounds"])
+
+
+def _release_noise_multiplier(cfg: AppConfig, rounds: int) -> float | None:
+    return privacy.release_noise_multiplier(configured=cfg.dp.release_noise_multiplier,
+                                            diagnostics_share=cfg.dp.diagnostics_share,
+                                            target_epsilon=cfg.dp.target_epsilon, delta=cfg.dp.target_delta,
+                                            rounds=rounds)
+
+
 def _noise_multiplier(context: Context, cfg: AppConfig, data: SiteData, num_rounds: int) -> float:
     """σ of DP-SGD: configured, or calibrated once (then kept in state) for all planned rounds of this site."""
     if cfg.dp.noise_multiplier > 0:
@@ -74,13 +88,28 @@ def _noise_multiplier(context: Context, cfg: AppConfig, data: SiteData, num_roun
         return float(context.state.config_records["dp"]["noise-multiplier"])
     q, steps = privacy.dpsgd_schedule(n_train=len(data.train), batch_size=cfg.train.batch_size,
                                       local_epochs=cfg.train.local_epochs)
+    release_sigma = _release_noise_multiplier(cfg, num_rounds)
     sigma = privacy.calibrate_noise_multiplier(target_epsilon=cfg.dp.target_epsilon, delta=cfg.dp.target_delta,
                                                sample_rate=q, steps_per_round=steps, rounds=num_rounds,
-                                               release_noise_multiplier=cfg.dp.release_noise_multiplier)
+                                               release_noise_multiplier=release_sigma)
     context.state["dp"] = ConfigRecord({"noise-multiplier": sigma})
-    get_logger().info("site %s: σ = %.4f for ε = %s over %d rounds", data.site.name, sigma,
-                                      cfg.dp.target_epsilon, num_rounds)
+    get_logger().info("site %s: DP-SGD σ = %.4f, summary σ = %s for ε = %s over %d rounds", data.site.name, sigma,
+                      f"{release_sigma:.3f}" if release_sigma else "none", cfg.dp.target_epsilon, num_rounds)
     return sigma
+
+
+def _save_health(context: Context, server_round: int, health: TrainHealth | None) -> None:
+    if health is not None:
+        context.state["health"] = ConfigRecord({"round": server_round, "grad-norm-hist": health.grad_norm_hist,
+                                                "clipped-sum-norm": health.clipped_sum_norm})
+
+
+def _health(context: Context, server_round: int) -> TrainHealth | None:
+    """The DP health of this round's training, if the site trained this round."""
+    rec = context.state.config_records.get("health")
+    if rec is None or int(rec["round"]) != server_round:
+        return None
+    return TrainHealth([float(x) for x in rec["grad-norm-hist"]], float(rec["clipped-sum-norm"]))
 
 
 @app.query()
@@ -97,66 +126,80 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(key)
     load_trainable_state(model, records.unpack_arrays(msg.content))
     ledger = _ledger(context)
+    delta = cfg.dp.target_delta
 
-    sigma, q, epsilon = 0.0, 0.0, NOT_PRIVATE
+    sigma, q = 0.0, 0.0
     if cfg.dp.enabled:
-        sigma = _noise_multiplier(context, cfg, data, num_rounds or cfg.num_server_rounds)
+        sigma = _noise_multiplier(context, cfg, data, _plan_rounds(context, num_rounds or cfg.num_server_rounds))
         q, steps = privacy.dpsgd_schedule(n_train=len(data.train), batch_size=cfg.train.batch_size,
                                           local_epochs=cfg.train.local_epochs)
         planned = privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma, q, steps,
                                       cfg.dp.max_grad_norm)
-        problem = privacy.budget_check(ledger, planned, budget=cfg.dp.target_epsilon, delta=cfg.dp.target_delta)
+        problem = privacy.budget_check(ledger, planned, budget=cfg.dp.target_epsilon, delta=delta)
         if problem:
             # Refuse, and say why: the server records it and goes on with the other sites.
             reason = f"site {data.site.name}: {problem}; not training"
+            total, eps_train, eps_diag = privacy.epsilon_split(ledger, delta)
             return records.reply(records.pack_train_reply(records.TrainReply(
-                _info(data, records.STATUS_REFUSED, reason), None, len(data.train),
-                privacy.epsilon(ledger, cfg.dp.target_delta), cfg.dp.target_delta, cfg.dp.target_epsilon, sigma, q,
-                0, 0.0)), msg)
+                _info(data, records.STATUS_REFUSED, reason), None, len(data.train), total, delta,
+                cfg.dp.target_epsilon, sigma, q, 0, 0.0, cfg.dp.max_grad_norm, eps_train, eps_diag)), msg)
 
     t0 = time.perf_counter()
     result = train_local(model, data.train, train_cfg=cfg.train, dp_cfg=cfg.dp, noise_multiplier=sigma,
-                         label_counts=data.label_counts(),
-                         seed=cfg.train.seed + server_round)
+                         label_counts=data.label_counts(), seed=cfg.train.seed + server_round)
     seconds = time.perf_counter() - t0
+    total, eps_train, eps_diag = NOT_PRIVATE, NOT_PRIVATE, NOT_PRIVATE
     if cfg.dp.enabled:
         ledger.append(privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma,
                                           result.sample_rate, result.steps, cfg.dp.max_grad_norm))
         _save_ledger(context, ledger)
-        epsilon = privacy.epsilon(ledger, cfg.dp.target_delta)
-    reply = records.TrainReply(_info(data), trainable_state(model), len(data.train), epsilon, cfg.dp.target_delta,
-                               cfg.dp.target_epsilon, sigma, result.sample_rate, result.steps, seconds)
+        _save_health(context, server_round, result.health)
+        total, eps_train, eps_diag = privacy.epsilon_split(ledger, delta)
+    reply = records.TrainReply(_info(data), trainable_state(model), len(data.train), total, delta,
+                               cfg.dp.target_epsilon, sigma, result.sample_rate, result.steps, seconds,
+                               cfg.dp.max_grad_norm, eps_train, eps_diag)
     return records.reply(records.pack_train_reply(reply), msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     key, cfg, _, data = _setup(context)
-    server_round, _ = records.unpack_instruction(msg.content)
+    server_round, num_rounds = records.unpack_instruction(msg.content)
+    thresholds = records.unpack_thresholds(msg.content) or [diagnostics.DEFAULT_THRESHOLD] * data.num_classes
     model = _model(key)
     load_trainable_state(model, records.unpack_arrays(msg.content))
     ledger = _ledger(context)
-    counts = local_counts(model, data.train, data.val, num_classes=data.num_classes, loss_clip=cfg.dp.loss_clip)
+    delta = cfg.dp.target_delta
 
+    def withheld(reason: str, sigma: float) -> Message:
+        total, eps_train, eps_diag = privacy.epsilon_split(ledger, delta)
+        out = records.EvalReply(_info(data, records.STATUS_REFUSED, reason), len(data.val), total, None, sigma,
+                                0.0, 0, eps_train, eps_diag)
+        return records.reply(records.pack_eval_reply(out), msg)
+
+    sigma = 0.0
+    if cfg.dp.enabled:
+        sigma = _release_noise_multiplier(cfg, _plan_rounds(context, num_rounds or cfg.num_server_rounds)) or 0.0
+        if sigma <= 0:
+            return withheld(f"site {data.site.name}: dp.diagnostics-share is 0; no summary released", 0.0)
+        entry = privacy.LedgerEntry(server_round, privacy.SUMMARY, "gaussian", sigma, 1.0, 1,
+                                    diagnostics.SENSITIVITY)
+        problem = privacy.budget_check(ledger, entry, budget=cfg.dp.target_epsilon, delta=delta)
+        if problem:
+            return withheld(f"site {data.site.name}: {problem}; summary withheld", sigma)
+
+    exact = local_summary(model, data.train, data.val, num_classes=data.num_classes, loss_clip=cfg.dp.loss_clip,
+                          thresholds=thresholds, health=_health(context, server_round), health_round=server_round)
     if not cfg.dp.enabled:
-        # No privacy asked for: the exact counts go out (the baseline a DP run is compared with).
-        out = records.EvalReply(_info(data), len(data.val), NOT_PRIVATE, counts.confusion.astype(float),
-                                counts.val_loss_sum, counts.train_loss_sum, 0.0, 0.0)
+        # No privacy asked for: the exact summary goes out (the baseline a DP run is compared with).
+        out = records.EvalReply(_info(data), len(data.val), NOT_PRIVATE, exact.blocks, 0.0, 0.0, exact.health_round,
+                                NOT_PRIVATE, NOT_PRIVATE)
         return records.reply(records.pack_eval_reply(out), msg)
 
-    sigma = cfg.dp.release_noise_multiplier
-    entry = privacy.LedgerEntry(server_round, privacy.SUMMARY, "gaussian", sigma, 1.0, 1, 1.0)
-    problem = privacy.budget_check(ledger, entry, budget=cfg.dp.target_epsilon, delta=cfg.dp.target_delta)
-    if problem:
-        reason = f"site {data.site.name}: {problem}; summary withheld"
-        out = records.EvalReply(_info(data, records.STATUS_REFUSED, reason), len(data.val),
-                                privacy.epsilon(ledger, cfg.dp.target_delta), None, 0.0, 0.0, sigma, 0.0)
-        return records.reply(records.pack_eval_reply(out), msg)
-
-    summary = release(counts, noise_multiplier=sigma, loss_clip=cfg.dp.loss_clip)
+    noised = release(exact, noise_multiplier=sigma)
     ledger.append(entry)
     _save_ledger(context, ledger)
-    out = records.EvalReply(_info(data), len(data.val), privacy.epsilon(ledger, cfg.dp.target_delta),
-                            summary.confusion, summary.val_loss_sum, summary.train_loss_sum, sigma,
-                            summary.sensitivity)
+    total, eps_train, eps_diag = privacy.epsilon_split(ledger, delta)
+    out = records.EvalReply(_info(data), len(data.val), total, noised.blocks, sigma, noised.sensitivity,
+                            noised.health_round, eps_train, eps_diag)
     return records.reply(records.pack_eval_reply(out), msg)

@@ -100,7 +100,7 @@ def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer) -> SiteData:  
     if len(rows) < 2:
         raise SiteDataError(f"site {site.name}: only {len(rows)} usable row(s); expected at least 2 labelled examples")
     seed = cfg.data.seed + sum(map(ord, site.name))
-    train_idx, val_idx = split_train_val(len(rows), val_fraction=cfg.data.val_fraction, seed=seed)
+    train_idx, val_idx = split_train_val(rows[TEXT].tolist(), val_fraction=cfg.data.val_fraction, seed=seed)
     texts, labels = rows[TEXT].tolist(), rows[LABEL].to_numpy()
     return SiteData(
         site=site,

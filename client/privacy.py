@@ -31,13 +31,28 @@ class BudgetExceeded(RuntimeError):
     """The next step would take a site past its ε budget; the site refuses it and says so."""
 
 
+# RDP orders of dp-accounting's RdpAccountant. Opacus's default stops at α = 63, which overstates a small ε badly
+# (one Gaussian release at σ = 40 reads ε ≈ 0.4 instead of 0.12); the large orders fix that and nothing else moves.
+ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
+
+
 def epsilon(entries: list[LedgerEntry], delta: float) -> float:
     """Total ε at `delta` of everything in the ledger (RDP composition, Opacus's accountant)."""
+    steps: dict[tuple[float, float], int] = {}
+    for e in entries:
+        if e.steps > 0:  # RDP is linear in steps: equal (σ, q) segments are computed once
+            steps[(e.noise_multiplier, e.sample_rate)] = steps.get((e.noise_multiplier, e.sample_rate), 0) + e.steps
     acc = RDPAccountant()
-    acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.steps > 0]
+    acc.history = [(sigma, q, n) for (sigma, q), n in steps.items()]
     if not acc.history:
         return 0.0
-    return float(acc.get_epsilon(delta=delta))
+    return float(acc.get_epsilon(delta=delta, alphas=ORDERS))
+
+
+def epsilon_split(entries: list[LedgerEntry], delta: float) -> tuple[float, float, float]:
+    """(total, training, diagnostics) ε at `delta`. Each part alone; the total composes both (≤ their sum)."""
+    return (epsilon(entries, delta), epsilon([e for e in entries if e.kind == DPSGD], delta),
+            epsilon([e for e in entries if e.kind == SUMMARY], delta))
 
 
 def budget_check(ledger: list[LedgerEntry], entry: LedgerEntry, *, budget: float, delta: float) -> str:
@@ -56,17 +71,49 @@ def dpsgd_schedule(*, n_train: int, batch_size: int, local_epochs: int) -> tuple
 
 
 def planned_entries(*, noise_multiplier: float, sample_rate: float, steps_per_round: int, rounds: int,
-                    release_noise_multiplier: float) -> list[LedgerEntry]:
-    """What a site will spend if it takes part in every planned round: one DP-SGD segment + one release each."""
+                    release_noise_multiplier: float | None) -> list[LedgerEntry]:
+    """What a site will spend if it takes part in every planned round: one DP-SGD segment + one release each.
+
+    Sensitivities are 1 here: ε depends on σ (noise std / sensitivity) alone, whatever the sensitivity.
+    """
     out: list[LedgerEntry] = []
     for r in range(1, rounds + 1):
         out.append(LedgerEntry(r, DPSGD, "subsampled-gaussian", noise_multiplier, sample_rate, steps_per_round, 1.0))
-        out.append(LedgerEntry(r, SUMMARY, "gaussian", release_noise_multiplier, 1.0, 1, 1.0))
+        if release_noise_multiplier:
+            out.append(LedgerEntry(r, SUMMARY, "gaussian", release_noise_multiplier, 1.0, 1, 1.0))
     return out
 
 
+def calibrate_release_noise_multiplier(*, epsilon_diagnostics: float, delta: float, rounds: int) -> float:
+    """The smallest σ whose `rounds` Gaussian summary releases alone cost at most `epsilon_diagnostics`."""
+    def eps(sigma: float) -> float:
+        return epsilon([LedgerEntry(0, SUMMARY, "gaussian", sigma, 1.0, rounds, 1.0)], delta)
+
+    lo, hi = 0.0, 1.0
+    while eps(hi) > epsilon_diagnostics:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise ValueError(f"no release noise multiplier reaches ε = {epsilon_diagnostics} at δ = {delta}")
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if eps(mid) > epsilon_diagnostics else (lo, mid)
+    return hi
+
+
+def release_noise_multiplier(*, configured: float, diagnostics_share: float, target_epsilon: float, delta: float,
+                             rounds: int) -> float | None:
+    """σ of each released summary: configured (> 0), or calibrated so that the summaries of all planned rounds
+    alone spend `diagnostics_share` of the budget. None when the share is 0: the site releases no summaries."""
+    if configured > 0:
+        return configured
+    if diagnostics_share <= 0:
+        return None
+    return calibrate_release_noise_multiplier(epsilon_diagnostics=diagnostics_share * target_epsilon, delta=delta,
+                                              rounds=rounds)
+
+
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps_per_round: int,
-                               rounds: int, release_noise_multiplier: float, tolerance: float = 0.01) -> float:
+                               rounds: int, release_noise_multiplier: float | None, tolerance: float = 0.01) -> float:
     """The smallest DP-SGD σ whose plan (all rounds, with their releases) stays within `target_epsilon`.
 
     Calibrated once for all planned rounds, not per round: a site then reports its cumulative spend.
@@ -77,12 +124,12 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
     releases = [e for e in planned_entries(noise_multiplier=1.0, sample_rate=sample_rate, steps_per_round=0,
                                            rounds=rounds, release_noise_multiplier=release_noise_multiplier)
                 if e.kind == SUMMARY]
-    floor = epsilon(releases, delta)
+    floor = epsilon(releases, delta) if releases else 0.0
     if floor >= target_epsilon:
         raise ValueError(
             f"dp.target-epsilon = {target_epsilon} leaves nothing for training: {rounds} released summaries at "
-            f"dp.release-noise-multiplier = {release_noise_multiplier} already cost ε = {floor:.2f}; raise the "
-            "budget or the release noise multiplier"
+            f"dp.release-noise-multiplier = {release_noise_multiplier:.3g} already cost ε = {floor:.2f}; raise the "
+            "budget or the release noise multiplier, or lower dp.diagnostics-share"
         )
 
     def eps(sigma: float) -> float:

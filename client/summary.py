@@ -1,16 +1,14 @@
-"""Step 3 at a site: evaluate the global model on local data, and release the counts only with Gaussian noise.
+"""Step 3 at a site: the error summary of the global model on local data, released only through Gaussian noise.
 
-What leaves a site after an evaluation is one vector, noised once:
-  [confusion matrix of the validation split (K×K counts), Σ clipped validation loss / L, Σ clipped train loss / L]
-Adding or removing one example changes one confusion cell by 1 and one loss sum by at most 1 (losses are clipped to
-[0, L] and divided by L), so the vector's L2 sensitivity is Δ = √2; the noise std is σ·Δ. The site's ledger records
-the release as the Gaussian entry (σ, q=1, steps=1). Everything derived from the noised vector (accuracy, macro-F1,
-losses) is post-processing and costs nothing more.
+`local_summary` computes the blocks of common/diagnostics.py exactly; they never leave the site. `release` adds
+noise of std σ·Δ / w_b to every cell of block b in one Gaussian mechanism (Δ = diagnostics.SENSITIVITY), then clamps
+at 0 (free post-processing: every block is a count or a non-negative sum). The site's ledger records it as the
+Gaussian entry (σ, q = 1, steps = 1). The per-example label-issue list Cleanlab could give stays at the site.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,71 +16,101 @@ import torch
 from torch import nn
 
 from client.data import Encoded, eval_loader
-from client.train import model_inputs
+from client.train import TrainHealth, model_inputs
+from common import diagnostics as dg
 from common.metrics import confusion_matrix
 
-SENSITIVITY = math.sqrt(2.0)
-
 
 @dataclass(frozen=True)
-class LocalCounts:
-    """Exact counts at the site. These never leave it; only `release()` of them does."""
-
-    confusion: np.ndarray  # [K, K] int, rows = true label, columns = prediction (validation split)
-    val_loss_sum: float  # Σ min(loss, L) over the validation split
-    train_loss_sum: float  # Σ min(loss, L) over the train split
-    n_val: int
-    n_train: int
-
-
-@dataclass(frozen=True)
-class ReleasedSummary:
-    """The noised summary a site sends: counts clamped at 0 (post-processing), sums rescaled by L."""
-
-    confusion: np.ndarray  # [K, K] float
-    val_loss_sum: float
-    train_loss_sum: float
-    noise_multiplier: float
+class Summary:
+    blocks: dict[str, np.ndarray]  # block name -> array of diagnostics.Block.shape(K)
+    num_classes: int
+    health_round: int  # round of the DP-SGD training the gradient blocks describe; 0 = none
+    noise_multiplier: float  # 0 = exact (never sent under DP)
     sensitivity: float
 
 
 @torch.no_grad()
-def loss_and_predictions(model: nn.Module, data: Encoded, *, loss_clip: float,
-                         batch_size: int = 64) -> tuple[np.ndarray, float]:
-    """Predicted classes [N] and the sum of per-example cross-entropy clipped at `loss_clip`."""
+def predict(model: nn.Module, data: Encoded, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities [N, K] and per-example cross-entropy [N] of the model on one split."""
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    preds, loss_sum = [], 0.0
+    probs, losses = [], []
     for input_ids, attention_mask, labels in eval_loader(data, batch_size):
-        logits = model(**model_inputs(input_ids.to(dev), attention_mask.to(dev))).logits  # [B, K]
-        losses = nn.functional.cross_entropy(logits, labels.to(dev), reduction="none").clamp(max=loss_clip)
-        loss_sum += float(losses.sum())
-        preds.append(logits.argmax(dim=-1).cpu().numpy())
+        logits = model(**model_inputs(input_ids.to(dev), attention_mask.to(dev))).logits.float()  # [B, K]
+        probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
+        losses.append(nn.functional.cross_entropy(logits, labels.to(dev), reduction="none").cpu().numpy())
     model.train(was_training)
-    return (np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)), loss_sum
+    if not probs:
+        return np.zeros((0, 1)), np.zeros(0)
+    return np.concatenate(probs).astype(np.float64), np.concatenate(losses).astype(np.float64)
 
 
-def local_counts(model: nn.Module, train: Encoded, val: Encoded, *, num_classes: int, loss_clip: float) -> LocalCounts:
-    val_pred, val_loss = loss_and_predictions(model, val, loss_clip=loss_clip)
-    _, train_loss = loss_and_predictions(model, train, loss_clip=loss_clip)
-    confusion = confusion_matrix(val.labels.numpy(), val_pred, num_classes)
-    return LocalCounts(confusion, val_loss, train_loss, len(val), len(train))
+def confident_joint_issues(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """[K, K] counts of examples with given label i that the model confidently puts in class j ≠ i (Cleanlab's
+    confident joint, uncalibrated, off the diagonal). Thresholds are public (from earlier noised releases), so each
+    example lands in at most one cell: sensitivity 1."""
+    from cleanlab.count import compute_confident_joint
+
+    k = probs.shape[1]
+    if len(labels) == 0:
+        return np.zeros((k, k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cleanlab warns about classes without examples: normal at a site
+        joint = compute_confident_joint(labels, probs, thresholds=np.asarray(thresholds, dtype=np.float64),
+                                        calibrate=False).astype(np.float64)
+    np.fill_diagonal(joint, 0.0)  # the diagonal is agreement, and cleanlab forces it to ≥ 1 anyway
+    return joint
 
 
-def release(counts: LocalCounts, *, noise_multiplier: float, loss_clip: float,
-            rng: np.random.Generator | None = None) -> ReleasedSummary:
-    """The Gaussian mechanism on the summary vector (std = noise_multiplier · √2), then free post-processing."""
+def _loss_histogram(losses: np.ndarray, loss_clip: float) -> np.ndarray:
+    idx = np.minimum((np.minimum(losses, loss_clip) / loss_clip * dg.LOSS_BINS).astype(int), dg.LOSS_BINS - 1)
+    return np.bincount(idx, minlength=dg.LOSS_BINS).astype(np.float64)
+
+
+def local_summary(model: nn.Module, train: Encoded, val: Encoded, *, num_classes: int, loss_clip: float,
+                  thresholds: np.ndarray, health: TrainHealth | None = None, health_round: int = 0) -> Summary:
+    """The exact summary of one site (it stays here; only `release(...)` of it is sent)."""
+    k = num_classes
+    blocks = dg.empty_blocks(k)
+    y_val, y_train = val.labels.numpy(), train.labels.numpy()
+
+    probs, losses = predict(model, val)
+    if len(y_val):
+        pred = probs.argmax(axis=1)
+        conf = probs.max(axis=1)
+        clipped = np.minimum(losses, loss_clip)
+        blocks["confusion"] = confusion_matrix(y_val, pred, k).astype(np.float64)
+        blocks["val_loss_sum"][0] = clipped.sum() / loss_clip
+        blocks["val_loss_hist"] = _loss_histogram(losses, loss_clip)
+        bins = np.minimum((conf * dg.CONF_BINS).astype(int), dg.CONF_BINS - 1)
+        np.add.at(blocks["calibration"], ((pred != y_val).astype(int), bins), 1.0)
+        np.add.at(blocks["self_confidence"], y_val, probs[np.arange(len(y_val)), y_val])
+        blocks["label_issues"] = confident_joint_issues(y_val, probs, thresholds)
+
+    _, train_losses = predict(model, train)
+    blocks["train_labels"] = np.bincount(y_train, minlength=k).astype(np.float64)
+    blocks["train_loss_sum"][0] = np.minimum(train_losses, loss_clip).sum() / loss_clip
+    blocks["train_loss_hist"] = _loss_histogram(train_losses, loss_clip)
+    if health is not None:
+        blocks["grad_norm_hist"] = np.asarray(health.grad_norm_hist, dtype=np.float64)
+        blocks["clipped_sum_norm"][0] = health.clipped_sum_norm
+    return Summary(blocks, k, health_round if health is not None else 0, 0.0, dg.SENSITIVITY)
+
+
+def release(summary: Summary, *, noise_multiplier: float, rng: np.random.Generator | None = None) -> Summary:
+    """The Gaussian mechanism on all blocks at once (std σ·Δ / w_b per cell), then clamping at 0."""
     rng = rng or np.random.default_rng()  # seeded from OS entropy: release noise must not be reproducible
-    k = counts.confusion.shape[0]
-    vector = np.concatenate([counts.confusion.ravel().astype(np.float64),
-                             [counts.val_loss_sum / loss_clip, counts.train_loss_sum / loss_clip]])
-    noised = vector + rng.normal(0.0, noise_multiplier * SENSITIVITY, size=vector.shape)
-    noised = np.clip(noised, 0.0, None)  # counts and loss sums are never negative
-    return ReleasedSummary(
-        confusion=noised[: k * k].reshape(k, k),
-        val_loss_sum=float(noised[k * k] * loss_clip),
-        train_loss_sum=float(noised[k * k + 1] * loss_clip),
-        noise_multiplier=noise_multiplier,
-        sensitivity=SENSITIVITY,
-    )
+    std = dg.noise_std(noise_multiplier)
+    noised = {}
+    for name, exact in summary.blocks.items():
+        noised[name] = np.clip(exact + rng.normal(0.0, std[name], size=exact.shape), 0.0, None)
+    return Summary(noised, summary.num_classes, summary.health_round, noise_multiplier, summary.sensitivity)
+
+
+def weighted_vector(summary: Summary) -> np.ndarray:
+    """The vector the mechanism noises isotropically (block b scaled by w_b): its L2 change between neighbouring
+    data sets is at most diagnostics.SENSITIVITY (tests check this on real models)."""
+    weight = {b.name: b.weight for b in dg.BLOCKS}
+    return np.concatenate([summary.blocks[name].ravel() * weight[name] for name in sorted(summary.blocks)])

@@ -11,9 +11,62 @@ from torch import nn
 
 from client.data import Encoded, train_loader
 from common.config import DPConfig, TrainConfig
+from common.diagnostics import GRAD_EDGES
 
 # Opacus's hooks fire on frozen embeddings whose inputs need no gradient; PyTorch warns each step, harmlessly.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+@dataclass(frozen=True)
+class TrainHealth:
+    """How DP-SGD went at this site this round (exact; released only inside the noised summary).
+
+    Both are averaged over the round's noised steps, so one example moves each by at most 1 (see common/diagnostics).
+    """
+
+    grad_norm_hist: list[float]  # examples per bin of per-sample gradient norm / C (diagnostics.GRAD_EDGES)
+    clipped_sum_norm: float  # ‖Σ clipped per-sample gradients‖ / C of a step (before noise)
+
+
+class _HealthMeter:
+    """Reads Opacus's per-sample gradients before each step clips them, and the clipped sum before noise."""
+
+    def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.c = max_grad_norm
+        self.edges = torch.tensor(GRAD_EDGES[1:-1])
+        self.step_hist = torch.zeros(len(GRAD_EDGES) - 1)
+        self.hist = torch.zeros(len(GRAD_EDGES) - 1)
+        self.signal, self.steps = 0.0, 0
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        squares = None
+        for p in self.params:
+            gs = getattr(p, "grad_sample", None)
+            if gs is None:
+                continue
+            sq = gs.reshape(gs.shape[0], -1).float().pow(2).sum(dim=1)
+            squares = sq if squares is None else squares + sq
+        if squares is not None:
+            idx = torch.bucketize(squares.sqrt().cpu() / self.c, self.edges, right=True)
+            self.step_hist += torch.bincount(idx, minlength=len(self.step_hist)).float()
+
+    @torch.no_grad()
+    def after_step(self, optimizer) -> None:  # noqa: ANN001
+        if getattr(optimizer, "_is_last_step_skipped", False):
+            return  # a partial (physical) batch: the logical step goes on
+        total = sum(float(p.summed_grad.float().pow(2).sum()) for p in self.params
+                    if getattr(p, "summed_grad", None) is not None)
+        self.signal += total ** 0.5 / self.c
+        self.hist += self.step_hist
+        self.step_hist.zero_()
+        self.steps += 1
+
+    def result(self) -> TrainHealth | None:
+        if self.steps == 0:
+            return None
+        return TrainHealth((self.hist / self.steps).tolist(), self.signal / self.steps)
 
 
 @dataclass(frozen=True)
@@ -23,6 +76,7 @@ class TrainResult:
     noise_multiplier: float  # σ used; 0 without DP
     mean_loss: float  # local only: never released as such (it is not noised)
     step_seconds: list[float] = field(default_factory=list)
+    health: TrainHealth | None = None  # DP runs only
 
 
 def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -106,8 +160,9 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
                 wrap_model=False, loss_reduction="mean",
             )
         sample_rate = 1.0 / len(loader)
+        meter = _HealthMeter(model, dp_cfg.max_grad_norm)
     else:
-        engine, sample_rate = None, 0.0
+        engine, sample_rate, meter = None, 0.0, None
 
     losses: list[float] = []
     step_seconds: list[float] = []
@@ -136,7 +191,11 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
                         # Chunks of one logical batch add up to its mean loss (DP batches come whole: weight 1).
                         (loss * (y.numel() / n)).backward()
                         losses.append(loss.item())
+                        if meter is not None:
+                            meter.after_backward()
                     optimizer.step()
+                    if meter is not None:
+                        meter.after_step(optimizer)
                     optimizer.zero_grad(set_to_none=True)
                     steps += 1
                     step_seconds.append(time.perf_counter() - t0)
@@ -148,7 +207,8 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
         # truth for the ledger, one entry (σ, q, steps) for this round.
         steps = sum(n for (_, _, n) in engine.accountant.history)
     return TrainResult(steps=steps, sample_rate=sample_rate, noise_multiplier=noise_multiplier if engine else 0.0,
-                       mean_loss=float(sum(losses) / max(1, len(losses))), step_seconds=step_seconds)
+                       mean_loss=float(sum(losses) / max(1, len(losses))), step_seconds=step_seconds,
+                       health=meter.result() if meter is not None else None)
 
 
 class _Plain:

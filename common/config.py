@@ -127,6 +127,7 @@ class DPConfig:
     max_grad_norm: float
     noise_multiplier: float
     release_noise_multiplier: float
+    diagnostics_share: float
     loss_clip: float
     grad_sample_mode: str
 
@@ -260,7 +261,8 @@ class AppConfig:
         num("dp.target-delta", dp.target_delta, 0.0, 0.1, lo_open=True)
         num("dp.max-grad-norm", dp.max_grad_norm, 0.0, 1e6, lo_open=True)
         num("dp.noise-multiplier", dp.noise_multiplier, 0.0, 1e4)
-        num("dp.release-noise-multiplier", dp.release_noise_multiplier, 0.0, 1e6, lo_open=True)
+        num("dp.release-noise-multiplier", dp.release_noise_multiplier, 0.0, 1e6)
+        num("dp.diagnostics-share", dp.diagnostics_share, 0.0, 0.9)
         num("dp.loss-clip", dp.loss_clip, 0.0, 1e4, lo_open=True)
         check(dp.grad_sample_mode in ("hooks", "functorch"), "dp.grad-sample-mode", dp.grad_sample_mode,
               'one of "hooks", "functorch"')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import io
 import zipfile
@@ -149,8 +150,19 @@ def partition(frame: pd.DataFrame, *, num_sites: int, how: str, alpha: float, se
     return [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(num_sites)]
 
 
-def split_train_val(n: int, *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train / validation row indices of one site (at least one row in each)."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = min(max(1, round(n * val_fraction)), n - 1)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+def split_train_val(texts: list[str], *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train / validation row indices of one site (at least one row in each).
+
+    Each row's side is decided by a keyed hash of its own text, not by a permutation of all rows: adding or removing
+    one example then never moves another between the splits. DP-SGD (train split) and the released summaries
+    (both splits) are accounted for add/remove-one-example neighbours, and that only holds if the splits are stable.
+    """
+    key = str(seed).encode()
+    u = np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8, key=key).digest(), "big") / 2**64
+                  for t in texts])
+    is_val = u < val_fraction
+    if len(texts) >= 2 and (is_val.all() or not is_val.any()):
+        # A tiny site: keep one row on each side (the lowest hash goes to validation).
+        is_val = np.zeros(len(texts), dtype=bool)
+        is_val[int(np.argmin(u))] = True
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)

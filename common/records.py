@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from common.diagnostics import BLOCKS
+
 # Record names inside a message's RecordDict.
 ARRAYS = "arrays"  # the trainable weights (LoRA adapters + head, or all weights)
 CONFIG = "config"  # server -> site instructions
@@ -24,6 +26,7 @@ LEDGER = "ledger"  # in context.state: the site's privacy ledger (never sent)
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
 NUM_ROUNDS = "num-server-rounds"
+THRESHOLDS = "cl-thresholds"  # per-class confident-learning thresholds (public: from earlier noised summaries)
 STATUS_OK, STATUS_REFUSED = "ok", "refused"
 
 
@@ -48,6 +51,9 @@ class TrainReply:
     sample_rate: float
     steps: int
     seconds: float
+    sensitivity: float = 1.0  # the clip C the DP-SGD noise was scaled to
+    epsilon_training: float = 0.0  # ε of the site's DP-SGD segments alone (cumulative)
+    epsilon_diagnostics: float = 0.0  # ε of its released summaries alone (cumulative)
 
 
 @dataclass(frozen=True)
@@ -55,11 +61,16 @@ class EvalReply:
     site: SiteInfo
     num_examples: int  # validation examples
     epsilon: float  # cumulative, after this release
-    confusion: np.ndarray | None  # noised [K, K]; None when the release was refused
-    val_loss_sum: float
-    train_loss_sum: float
-    noise_multiplier: float
+    blocks: dict[str, np.ndarray] | None  # the noised summary (common/diagnostics.BLOCKS); None when withheld
+    noise_multiplier: float  # σ of the release; 0 = exact (dp.enabled false)
     sensitivity: float
+    health_round: int = 0  # round of the training the gradient blocks describe; 0 = none
+    epsilon_training: float = 0.0
+    epsilon_diagnostics: float = 0.0
+
+    @property
+    def confusion(self) -> np.ndarray | None:
+        return None if self.blocks is None else self.blocks["confusion"]
 
 
 def _site_record(site: SiteInfo) -> ConfigRecord:
@@ -77,8 +88,12 @@ def unpack_site(content: RecordDict) -> SiteInfo:
 
 # --- server -> site ----------------------------------------------------------------------------------------------
 
-def pack_instruction(arrays: OrderedDict[str, np.ndarray] | None, server_round: int, num_rounds: int) -> RecordDict:
-    content = RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: server_round, NUM_ROUNDS: num_rounds})})
+def pack_instruction(arrays: OrderedDict[str, np.ndarray] | None, server_round: int, num_rounds: int,
+                     thresholds: list[float] | None = None) -> RecordDict:
+    cfg = {SERVER_ROUND: server_round, NUM_ROUNDS: num_rounds}
+    if thresholds is not None:
+        cfg[THRESHOLDS] = [float(t) for t in thresholds]
+    content = RecordDict({CONFIG: ConfigRecord(cfg)})
     if arrays is not None:
         content[ARRAYS] = _arrays(arrays)
     return content
@@ -102,6 +117,11 @@ def unpack_instruction(content: RecordDict) -> tuple[int, int]:
     return int(cfg[SERVER_ROUND]), int(cfg.get(NUM_ROUNDS, 0))
 
 
+def unpack_thresholds(content: RecordDict) -> list[float] | None:
+    cfg = content.config_records[CONFIG]
+    return [float(t) for t in cfg[THRESHOLDS]] if THRESHOLDS in cfg else None
+
+
 # --- site -> server ----------------------------------------------------------------------------------------------
 
 def pack_hello(site: SiteInfo) -> RecordDict:
@@ -113,7 +133,9 @@ def pack_train_reply(r: TrainReply) -> RecordDict:
         SITE: _site_record(r.site),
         METRICS: MetricRecord({NUM_EXAMPLES: r.num_examples, "epsilon": r.epsilon, "delta": r.delta,
                                "epsilon-budget": r.epsilon_budget, "noise-multiplier": r.noise_multiplier,
-                               "sample-rate": r.sample_rate, "steps": r.steps, "seconds": r.seconds}),
+                               "sample-rate": r.sample_rate, "steps": r.steps, "seconds": r.seconds,
+                               "sensitivity": r.sensitivity, "epsilon-training": r.epsilon_training,
+                               "epsilon-diagnostics": r.epsilon_diagnostics}),
     })
     if r.arrays is not None:
         content[ARRAYS] = _arrays(r.arrays)
@@ -128,35 +150,52 @@ def unpack_train_reply(content: RecordDict) -> TrainReply:
         raise KeyError(f"site {site.name}: train reply has status ok but no '{ARRAYS}' ArrayRecord")
     return TrainReply(site, arrays, int(m[NUM_EXAMPLES]), float(m["epsilon"]), float(m["delta"]),
                       float(m["epsilon-budget"]), float(m["noise-multiplier"]), float(m["sample-rate"]),
-                      int(m["steps"]), float(m["seconds"]))
+                      int(m["steps"]), float(m["seconds"]), float(m.get("sensitivity", 1.0)),
+                      float(m.get("epsilon-training", 0.0)), float(m.get("epsilon-diagnostics", 0.0)))
 
 
 def pack_eval_reply(r: EvalReply) -> RecordDict:
     content = RecordDict({
         SITE: _site_record(r.site),
-        METRICS: MetricRecord({NUM_EXAMPLES: r.num_examples, "epsilon": r.epsilon}),
+        METRICS: MetricRecord({NUM_EXAMPLES: r.num_examples, "epsilon": r.epsilon,
+                               "epsilon-training": r.epsilon_training,
+                               "epsilon-diagnostics": r.epsilon_diagnostics}),
     })
-    if r.confusion is not None:
+    if r.blocks is not None:
+        # One flat list of floats per block (ConfigRecord lists hold one scalar type); shapes follow from K.
+        k = int(r.blocks["confusion"].shape[0])
         content[SUMMARY] = ConfigRecord({
-            "confusion": [float(x) for x in r.confusion.ravel()],
-            "num-classes": int(r.confusion.shape[0]),
-            "val-loss-sum": r.val_loss_sum, "train-loss-sum": r.train_loss_sum,
-            "noise-multiplier": r.noise_multiplier, "sensitivity": r.sensitivity,
+            **{_key(name): [float(x) for x in np.asarray(v).ravel()] for name, v in r.blocks.items()},
+            "num-classes": k, "mechanism": "gaussian", "noise-multiplier": r.noise_multiplier,
+            "sensitivity": r.sensitivity, "health-round": r.health_round,
         })
     return content
 
 
+def _key(block: str) -> str:
+    return block.replace("_", "-")
+
+
 def unpack_eval_reply(content: RecordDict) -> EvalReply:
+    """Raises KeyError / ValueError naming the block when a summary is missing a block or has the wrong size."""
     site = unpack_site(content)
     m = content.metric_records[METRICS]
-    confusion, val_loss, train_loss, sigma, sens = None, 0.0, 0.0, 0.0, 0.0
+    blocks, sigma, sens, health_round = None, 0.0, 0.0, 0
     if SUMMARY in content.config_records:
         s = content.config_records[SUMMARY]
         k = int(s["num-classes"])
-        confusion = np.asarray(s["confusion"], dtype=np.float64).reshape(k, k)
-        val_loss, train_loss = float(s["val-loss-sum"]), float(s["train-loss-sum"])
-        sigma, sens = float(s["noise-multiplier"]), float(s["sensitivity"])
-    return EvalReply(site, int(m[NUM_EXAMPLES]), float(m["epsilon"]), confusion, val_loss, train_loss, sigma, sens)
+        blocks = {}
+        for b in BLOCKS:
+            if _key(b.name) not in s:
+                raise KeyError(f"site {site.name}: summary has no block '{_key(b.name)}'")
+            values = np.asarray(s[_key(b.name)], dtype=np.float64)
+            if values.size != int(np.prod(b.shape(k))):
+                raise ValueError(f"site {site.name}: summary block '{_key(b.name)}' has {values.size} values, "
+                                 f"expected {int(np.prod(b.shape(k)))} for {k} classes")
+            blocks[b.name] = values.reshape(b.shape(k))
+        sigma, sens, health_round = float(s["noise-multiplier"]), float(s["sensitivity"]), int(s["health-round"])
+    return EvalReply(site, int(m[NUM_EXAMPLES]), float(m["epsilon"]), blocks, sigma, sens, health_round,
+                     float(m.get("epsilon-training", 0.0)), float(m.get("epsilon-diagnostics", 0.0)))
 
 
 def reply(content: RecordDict, to: Message) -> Message:

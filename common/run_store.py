@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -67,7 +67,22 @@ CREATE TABLE IF NOT EXISTS site_rounds (
     update_norm REAL,
     accuracy REAL, macro_f1 REAL, loss REAL, train_loss REAL, max_prediction_share REAL,
     confusion_json TEXT,
+    epsilon_training REAL, epsilon_diagnostics REAL,
+    ece REAL, label_issues REAL, clip_fraction REAL, grad_norm REAL, noise_to_signal REAL,
+    summary_json TEXT,
     PRIMARY KEY (run_id, round, site, phase)
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    site TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('dpsgd', 'summary')),
+    mechanism TEXT NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    sample_rate REAL NOT NULL,
+    steps INTEGER NOT NULL,
+    sensitivity REAL NOT NULL,
+    PRIMARY KEY (run_id, site, round, kind)
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -92,7 +107,14 @@ CREATE INDEX IF NOT EXISTS site_rounds_by_site ON site_rounds (run_id, site, rou
 
 SITE_ROUND_COLUMNS = ("site", "phase", "status", "reason", "num_examples", "epsilon", "epsilon_budget", "delta",
                       "noise_multiplier", "sample_rate", "steps", "seconds", "update_norm", "accuracy", "macro_f1",
-                      "loss", "train_loss", "max_prediction_share", "confusion_json")
+                      "loss", "train_loss", "max_prediction_share", "confusion_json", "epsilon_training",
+                      "epsilon_diagnostics", "ece", "label_issues", "clip_fraction", "grad_norm", "noise_to_signal",
+                      "summary_json")
+# Columns added after schema version 1: an older store gets them (NULL) when a writer opens it.
+ADDED_COLUMNS = {"site_rounds": ("epsilon_training REAL", "epsilon_diagnostics REAL", "ece REAL", "label_issues REAL",
+                                 "clip_fraction REAL", "grad_norm REAL", "noise_to_signal REAL",
+                                 "summary_json TEXT")}
+LEDGER_COLUMNS = ("site", "round", "kind", "mechanism", "noise_multiplier", "sample_rate", "steps", "sensitivity")
 ROUND_METRICS = ("accuracy", "macro_f1", "loss", "train_loss", "test_accuracy", "test_macro_f1", "test_loss",
                  "test_max_prediction_share")
 
@@ -118,6 +140,28 @@ class SiteRoundRow:
     train_loss: float | None = None
     max_prediction_share: float | None = None
     confusion_json: str | None = None
+    epsilon_training: float | None = None
+    epsilon_diagnostics: float | None = None
+    ece: float | None = None  # expected calibration error, from the noised calibration bins
+    label_issues: float | None = None  # share of validation examples confidently labelled otherwise (noised)
+    clip_fraction: float | None = None  # share of per-sample gradients clipped in the round's DP-SGD (noised)
+    grad_norm: float | None = None  # mean per-sample gradient norm / C (noised, binned)
+    noise_to_signal: float | None = None  # ‖DP noise‖ / ‖Σ clipped gradients‖ per step (noised signal)
+    summary_json: str | None = None  # the whole derived summary (common/diagnostics.derive), noised numbers only
+
+
+@dataclass
+class LedgerRow:
+    """One entry of a site's privacy ledger, as the site reported spending it."""
+
+    site: str
+    round: int
+    kind: str  # "dpsgd" | "summary"
+    mechanism: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    sensitivity: float
 
 
 @dataclass
@@ -136,6 +180,7 @@ class RoundRecord:
     metrics: dict[str, float | None] = field(default_factory=dict)  # keys from ROUND_METRICS
     sites: list[SiteRoundRow] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    ledger: list[LedgerRow] = field(default_factory=list)
 
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -165,7 +210,12 @@ class RunWriter:
         self.conn = connect(self.path)
         with self.conn:
             self.conn.executescript(SCHEMA)
-            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            for table, columns in ADDED_COLUMNS.items():
+                have = {r["name"] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+                for col in columns:
+                    if col.split()[0] not in have:
+                        self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {col}")
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def start(self, *, scenario: str, rounds_planned: int, model: str, config: dict[str, Any]) -> None:
         with self.conn:
@@ -202,6 +252,11 @@ class RunWriter:
                     f"INSERT INTO site_rounds (run_id, round, {', '.join(SITE_ROUND_COLUMNS)}) "
                     f"VALUES (?, ?, {', '.join('?' * len(SITE_ROUND_COLUMNS))})",
                     (self.run_id, rec.round, *(getattr(s, c) for c in SITE_ROUND_COLUMNS)))
+            for e in rec.ledger:
+                self.conn.execute(
+                    f"INSERT OR REPLACE INTO ledger (run_id, {', '.join(LEDGER_COLUMNS)}) "
+                    f"VALUES (?, {', '.join('?' * len(LEDGER_COLUMNS))})",
+                    (self.run_id, *(getattr(e, c) for c in LEDGER_COLUMNS)))
             for ev in rec.events:
                 self._event(ev, rec.round)
 
@@ -272,6 +327,9 @@ def load_run(path: str | Path, run_id: str | None = None) -> dict[str, Any]:
                               (run_id,))
         run["findings"] = _rows(conn, "SELECT round, site, kind, severity, message FROM findings WHERE run_id = ? "
                                       "ORDER BY id", (run_id,))
+        has_ledger = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='ledger'").fetchone()
+        run["ledger"] = _rows(conn, f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger WHERE run_id = ? "
+                                    "ORDER BY site, round, kind", (run_id,)) if has_ledger else []
         conn.execute("COMMIT")
         return run
     finally:

@@ -63,7 +63,8 @@ def main(grid: Grid, context: Context) -> None:
         tokenizer = load_tokenizer(cfg.model)
         model = build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
         strategy = DebugFedAvg(writer=writer, min_sites=cfg.server.min_sites, fraction_train=cfg.server.fraction_train,
-                               timeout=cfg.server.round_timeout, central_eval=make_central_eval(cfg, model, tokenizer))
+                               timeout=cfg.server.round_timeout, central_eval=make_central_eval(cfg, model, tokenizer),
+                               loss_clip=cfg.dp.loss_clip)
         final = strategy.run(grid, trainable_state(model), cfg.num_server_rounds)
         model_path = None
         if cfg.server.save_model:

@@ -14,10 +14,9 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common import records
+from common import diagnostics, records
 from common.log import get_logger
-from common.metrics import summary_metrics
-from common.run_store import Event, RoundRecord, RunWriter, SiteRoundRow
+from common.run_store import Event, LedgerRow, RoundRecord, RunWriter, SiteRoundRow
 
 log = get_logger()
 Arrays = OrderedDict[str, np.ndarray]
@@ -73,7 +72,7 @@ class DebugFedAvg(FedAvg):
     """
 
     def __init__(self, *, writer: RunWriter, min_sites: int, fraction_train: float, timeout: float,
-                 central_eval: CentralEval | None = None, poll_interval: float = 0.2) -> None:
+                 central_eval: CentralEval | None = None, poll_interval: float = 0.2, loss_clip: float = 3.0) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_sites,
                          min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
         self.writer = writer
@@ -82,6 +81,9 @@ class DebugFedAvg(FedAvg):
         self.poll_interval = poll_interval
         self.site_of: dict[int, str] = {}  # node id -> site name (node ids are random; names are stable)
         self.known: set[str] = set()  # site names already in the store
+        self.loss_clip = loss_clip
+        # Confident-learning thresholds sent with each evaluation: from the previous round's noised summaries.
+        self.thresholds: list[float] | None = None
 
     # --- messaging ---------------------------------------------------------------------------------------------
 
@@ -164,9 +166,10 @@ class DebugFedAvg(FedAvg):
                                                          "the global model is unchanged"))
 
             # --- evaluation at the sites (noised summaries) ----------------------------------------------------
-            replies = self._exchange(grid, self._wait_for_sites(grid), records.pack_instruction(arrays, rnd, num_rounds),
+            replies = self._exchange(grid, self._wait_for_sites(grid),
+                                     records.pack_instruction(arrays, rnd, num_rounds, self.thresholds),
                                      MessageType.EVALUATE)
-            rec.metrics.update(self._collect_evaluate(replies, rec))
+            rec.metrics.update(self._collect_evaluate(replies, rec, trainable_values=sum(a.size for a in arrays.values())))
 
             # --- evaluation at the server (held-out test set) --------------------------------------------------
             if self.central_eval is not None:
@@ -202,10 +205,15 @@ class DebugFedAvg(FedAvg):
                                num_examples=tr.num_examples, epsilon=_eps(tr.epsilon),
                                epsilon_budget=tr.epsilon_budget if tr.epsilon >= 0 else None, delta=tr.delta,
                                noise_multiplier=tr.noise_multiplier, sample_rate=tr.sample_rate, steps=tr.steps,
-                               seconds=tr.seconds)
+                               seconds=tr.seconds, epsilon_training=_eps(tr.epsilon_training),
+                               epsilon_diagnostics=_eps(tr.epsilon_diagnostics))
             if tr.site.status != records.STATUS_OK or tr.arrays is None:
                 rec.events.append(Event("site-refused", tr.site.reason, tr.site.name))
             else:
+                if tr.epsilon >= 0 and tr.steps > 0:
+                    # The site trained and charged its ledger; the server keeps the same entry for the report.
+                    rec.ledger.append(LedgerRow(tr.site.name, rec.round, "dpsgd", "subsampled-gaussian",
+                                                tr.noise_multiplier, tr.sample_rate, tr.steps, tr.sensitivity))
                 problem = check_update(tr.arrays, global_arrays)
                 if problem:
                     row.status, row.reason = "failed", f"update rejected: {problem}"
@@ -216,8 +224,11 @@ class DebugFedAvg(FedAvg):
             rec.sites.append(row)
         return updates
 
-    def _collect_evaluate(self, replies: list[SiteReply], rec: RoundRecord) -> dict[str, float | None]:
-        confusions, val_loss, train_loss, n_val, n_train = [], 0.0, 0.0, 0, 0
+    def _collect_evaluate(self, replies: list[SiteReply], rec: RoundRecord, *,
+                          trainable_values: int) -> dict[str, float | None]:
+        summed: dict[str, np.ndarray] = {}
+        n_val = n_train = 0
+        trained = {r.site: r for r in rec.sites if r.phase == "train" and r.status == "ok"}
         for r in replies:
             if r.message is None or r.message.has_error():
                 self._failed(r, "evaluate", rec)
@@ -229,28 +240,64 @@ class DebugFedAvg(FedAvg):
                 continue
             row = SiteRoundRow(site=ev.site.name, phase="evaluate", status=ev.site.status, reason=ev.site.reason,
                                num_examples=ev.num_examples, epsilon=_eps(ev.epsilon),
-                               noise_multiplier=ev.noise_multiplier)
-            if ev.confusion is None:
+                               noise_multiplier=ev.noise_multiplier, epsilon_training=_eps(ev.epsilon_training),
+                               epsilon_diagnostics=_eps(ev.epsilon_diagnostics))
+            if ev.blocks is None:
                 rec.events.append(Event("site-refused", ev.site.reason, ev.site.name))
             else:
-                m = summary_metrics(ev.confusion, ev.val_loss_sum)
-                row.accuracy, row.macro_f1, row.max_prediction_share = m["accuracy"], m["macro_f1"], m["max_prediction_share"]
-                # Sizes are public (they weight FedAvg); dividing noised sums by them is post-processing.
-                row.loss = ev.val_loss_sum / max(1, ev.num_examples)
-                row.train_loss = ev.train_loss_sum / max(1, ev.site.n_train)
-                row.confusion_json = json.dumps(np.round(ev.confusion, 3).tolist())
-                confusions.append(ev.confusion)
-                val_loss += ev.val_loss_sum
-                train_loss += ev.train_loss_sum
+                train_row = trained.get(ev.site.name)
+                d = diagnostics.derive(ev.blocks, loss_clip=self.loss_clip, n_val=ev.num_examples,
+                                       n_train=ev.site.n_train, trainable_values=trainable_values,
+                                       dpsgd_noise_multiplier=(train_row.noise_multiplier or 0.0) if train_row else 0.0,
+                                       trained=train_row is not None and ev.health_round == rec.round)
+                self._fill_row(row, d, ev)
+                if ev.noise_multiplier > 0:
+                    rec.ledger.append(LedgerRow(ev.site.name, rec.round, "summary", "gaussian", ev.noise_multiplier,
+                                                1.0, 1, ev.sensitivity))
+                for name, v in ev.blocks.items():
+                    summed[name] = summed.get(name, 0.0) + v
                 n_val += ev.num_examples
                 n_train += ev.site.n_train
             rec.sites.append(row)
-        if not confusions:
+        if not summed:
             return {}
-        total = np.sum(confusions, axis=0)
-        m = summary_metrics(total, val_loss)
-        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "loss": val_loss / max(1, n_val),
-                "train_loss": train_loss / max(1, n_train)}
+        # Sums of noised summaries are noised summaries of the union: the global view is post-processing too.
+        self.thresholds = diagnostics.thresholds(summed["self_confidence"], summed["confusion"].sum(axis=1)).tolist()
+        g = diagnostics.derive(summed, loss_clip=self.loss_clip, n_val=n_val, n_train=n_train)
+        return {"accuracy": g["accuracy"], "macro_f1": g["macro_f1"], "loss": g["loss"]["val"],
+                "train_loss": g["loss"]["train"]}
+
+    @staticmethod
+    def _fill_row(row: SiteRoundRow, d: dict, ev: records.EvalReply) -> None:
+        row.accuracy, row.macro_f1 = d["accuracy"], d["macro_f1"]
+        predicted = np.asarray(d["prediction_histogram"])
+        row.max_prediction_share = float(predicted.max() / predicted.sum()) if predicted.sum() > 0 else None
+        row.loss, row.train_loss = _finite(d["loss"]["val"]), _finite(d["loss"]["train"])
+        row.ece = _finite(d["calibration"]["ece"])
+        row.label_issues = _finite(d["label_issues"]["share"])
+        if d["dp_health"] is not None:
+            h = d["dp_health"]
+            row.clip_fraction, row.grad_norm = h["clip_fraction"], h["mean_grad_norm"]
+            row.noise_to_signal = _finite(h["noise_to_signal"])
+        row.confusion_json = json.dumps(np.round(ev.blocks["confusion"], 3).tolist())
+        row.summary_json = json.dumps({"round_trained": ev.health_round, "noise_multiplier": ev.noise_multiplier,
+                                       "noise_std": diagnostics.noise_std(ev.noise_multiplier),
+                                       **_round_floats(d)}, allow_nan=True)
+
+
+def _finite(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
+
+
+def _round_floats(x):  # noqa: ANN001, ANN202
+    # Noised values carry no meaning beyond a few decimals; rounding keeps the store small.
+    if isinstance(x, float):
+        return round(x, 4) if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _round_floats(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_round_floats(v) for v in x]
+    return x
 
 
 def _reason(r: SiteReply) -> str:

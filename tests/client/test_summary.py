@@ -1,31 +1,132 @@
-"""The evaluation summary: exact counts stay at the site, the release is Gaussian with the stated sensitivity."""
+"""The error summary: exact blocks stay at the site, one example moves them by at most Δ, the release is Gaussian
+with std σ·Δ / w per block, and what is derived from it is pinned on hand-built numbers."""
 
 import math
 
 import numpy as np
+import pytest
+import torch
 
-from client.summary import SENSITIVITY, LocalCounts, local_counts, release
+from client.data import Encoded
+from client.summary import Summary, confident_joint_issues, local_summary, release, weighted_vector
+from client.train import TrainHealth
+from common import diagnostics as dg
 from common.metrics import accuracy, macro_f1, per_class_f1
 from common.model import build_model
 
-
-def test_local_counts_cover_the_validation_split(tiny_cfg, site_data):
-    model = build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0)
-    counts = local_counts(model, site_data.train, site_data.val, num_classes=3, loss_clip=3.0)
-    assert counts.confusion.sum() == len(site_data.val)
-    assert counts.confusion.sum(axis=1).tolist() == np.bincount(site_data.val.labels.numpy(), minlength=3).tolist()
-    assert 0 < counts.train_loss_sum <= 3.0 * len(site_data.train)
+THRESHOLDS = np.array([0.4, 0.4, 0.4])
 
 
-def test_release_noise_has_std_sigma_times_sqrt2_and_is_clamped():
-    counts = LocalCounts(np.full((3, 3), 50), 30.0, 60.0, 450, 900)
+@pytest.fixture(scope="module")
+def model(tiny_cfg):
+    return build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0)
+
+
+def _without(data: Encoded, i: int) -> Encoded:
+    keep = torch.arange(len(data)) != i
+    return Encoded(data.input_ids[keep], data.attention_mask[keep], data.labels[keep])
+
+
+def test_local_summary_covers_both_splits(model, site_data):
+    s = local_summary(model, site_data.train, site_data.val, num_classes=3, loss_clip=3.0, thresholds=THRESHOLDS)
+    b = s.blocks
+    n_val, n_train = len(site_data.val), len(site_data.train)
+    val_counts = np.bincount(site_data.val.labels.numpy(), minlength=3)
+    assert b["confusion"].sum() == n_val and b["confusion"].sum(axis=1).tolist() == val_counts.tolist()
+    assert b["calibration"].sum() == n_val and b["val_loss_hist"].sum() == n_val
+    assert b["train_loss_hist"].sum() == n_train
+    assert b["train_labels"].tolist() == np.bincount(site_data.train.labels.numpy(), minlength=3).tolist()
+    assert (b["self_confidence"] <= val_counts + 1e-9).all() and b["self_confidence"].sum() > 0
+    assert np.trace(b["label_issues"]) == 0 and b["label_issues"].sum() <= n_val - np.trace(b["confusion"])
+    # Calibration row 1 counts the wrong predictions: the confusion matrix's off-diagonal.
+    assert b["calibration"][1].sum() == n_val - np.trace(b["confusion"])
+    assert 0 < b["val_loss_sum"][0] <= n_val and 0 < b["train_loss_sum"][0] <= n_train
+    assert s.noise_multiplier == 0 and s.sensitivity == dg.SENSITIVITY == pytest.approx(math.sqrt(3))
+
+
+def test_one_example_moves_the_summary_by_at_most_the_sensitivity(model, site_data):
+    health = TrainHealth([3.0, 2.0, 1.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0], 1.7)
+
+    def vec(train, val):
+        return weighted_vector(local_summary(model, train, val, num_classes=3, loss_clip=3.0,
+                                             thresholds=THRESHOLDS, health=health, health_round=1))
+
+    full = vec(site_data.train, site_data.val)
+    moves = [np.linalg.norm(full - vec(site_data.train, _without(site_data.val, i))) for i in range(8)]
+    moves += [np.linalg.norm(full - vec(_without(site_data.train, i), site_data.val)) for i in range(8)]
+    assert max(moves) <= dg.SENSITIVITY + 1e-9
+    assert min(moves) > 1.0  # each removal really moves several blocks (not a vacuous bound)
+
+
+def _exact(k=3, fill=50.0):
+    blocks = {name: np.full(shape, fill) for name, shape in ((b.name, b.shape(k)) for b in dg.BLOCKS)}
+    return Summary(blocks, k, 1, 0.0, dg.SENSITIVITY)
+
+
+def test_release_noise_per_block_is_sigma_delta_over_weight_and_clamped():
     rng = np.random.default_rng(0)
-    draws = np.stack([release(counts, noise_multiplier=3.0, loss_clip=3.0, rng=rng).confusion for _ in range(4000)])
-    assert SENSITIVITY == math.sqrt(2)
-    assert abs(draws.std() - 3.0 * math.sqrt(2)) < 0.1
-    assert abs(draws.mean() - 50) < 0.2
-    small = release(LocalCounts(np.zeros((3, 3), int), 0.0, 0.0, 0, 0), noise_multiplier=3.0, loss_clip=3.0, rng=rng)
-    assert (small.confusion >= 0).all() and small.val_loss_sum >= 0
+    draws = [release(_exact(), noise_multiplier=2.0, rng=rng).blocks for _ in range(3000)]
+    conf = np.stack([d["confusion"] for d in draws])
+    cal = np.stack([d["calibration"] for d in draws])
+    assert conf.std() == pytest.approx(2.0 * math.sqrt(3), rel=0.03)  # weight 1
+    assert cal.std() == pytest.approx(2.0 * math.sqrt(3) / 0.5, rel=0.03)  # weight 0.5
+    assert abs(conf.mean() - 50) < 0.2
+    small = release(_exact(fill=0.0), noise_multiplier=2.0, rng=rng)
+    assert all((v >= 0).all() for v in small.blocks.values())
+
+
+def test_noise_off_reproduces_the_exact_summary_and_two_releases_differ(model, site_data):
+    exact = local_summary(model, site_data.train, site_data.val, num_classes=3, loss_clip=3.0, thresholds=THRESHOLDS)
+    off = release(exact, noise_multiplier=0.0)
+    assert all(np.array_equal(off.blocks[k], exact.blocks[k]) for k in exact.blocks)
+    a, b = release(exact, noise_multiplier=1.0), release(exact, noise_multiplier=1.0)  # OS-entropy seeds
+    assert not np.array_equal(a.blocks["confusion"], b.blocks["confusion"])
+
+
+def test_confident_joint_counts_examples_confidently_labelled_otherwise():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.array([[0.9, 0.05, 0.05],   # agrees
+                      [0.1, 0.8, 0.1],     # given 0, confidently 1: an issue
+                      [0.3, 0.45, 0.25],   # given 1, nothing above its threshold: not counted
+                      [0.1, 0.1, 0.8],     # given 1, confidently 2: an issue
+                      [0.2, 0.2, 0.6],     # agrees
+                      [0.7, 0.2, 0.1]])    # given 2, confidently 0: an issue
+    issues = confident_joint_issues(labels, probs, np.array([0.5, 0.5, 0.5]))
+    expected = np.zeros((3, 3))
+    expected[0, 1] = expected[1, 2] = expected[2, 0] = 1
+    np.testing.assert_array_equal(issues, expected)
+    # Thresholds are per class: raising class 1's threshold above 0.8 drops the first issue.
+    assert confident_joint_issues(labels, probs, np.array([0.5, 0.85, 0.5]))[0, 1] == 0
+
+
+def test_derived_numbers_on_a_hand_built_summary():
+    k = 3
+    b = dg.empty_blocks(k)
+    b["confusion"] = np.array([[5.0, 0, 5], [0, 0, 2], [0, 0, 8]])
+    b["val_loss_sum"][0] = 6.0  # × L=3 / 20 examples = 0.9
+    b["train_loss_sum"][0] = 10.0  # × 3 / 60 = 0.5
+    b["calibration"][0, 9] = 10  # 10 correct at confidence 0.9-1.0 (mid 0.95)
+    b["calibration"][1, 5] = 10  # 10 wrong at 0.5-0.6 (mid 0.55): accuracy 0
+    b["label_issues"][2, 0] = 3
+    b["grad_norm_hist"] = np.array([0, 0, 0, 2.0, 6.0, 2.0, 0, 0, 0])  # 8 of 10 at or above C
+    b["clipped_sum_norm"][0] = 5.0
+    d = dg.derive(b, loss_clip=3.0, n_val=20, n_train=60, dpsgd_noise_multiplier=1.0, trainable_values=100)
+    assert d["accuracy"] == 13 / 20
+    assert d["per_class"]["recall"][0] == 0.5 and d["per_class"]["precision"][2] == pytest.approx(8 / 15)
+    assert math.isnan(d["per_class"]["precision"][1])  # never predicted: undefined, not 0
+    assert d["loss"]["val"] == pytest.approx(0.9) and d["loss"]["gap"] == pytest.approx(0.4)
+    assert d["calibration"]["ece"] == pytest.approx((10 * 0.05 + 10 * 0.55) / 20)
+    assert d["label_issues"]["total"] == 3 and d["label_issues"]["share"] == 0.15
+    h = d["dp_health"]
+    assert h["clip_fraction"] == 0.8
+    assert h["mean_grad_norm"] == pytest.approx((2 * 0.875 + 6 * 1.25 + 2 * 1.75) / 10)
+    assert h["noise_to_signal"] == pytest.approx(1.0 * 10 / 5.0)  # σ·√d / ‖Σ clipped‖
+    assert dg.derive(b, loss_clip=3.0, n_val=20, n_train=60, trained=False)["dp_health"] is None
+
+
+def test_thresholds_come_from_noised_self_confidence_with_a_floor_for_rare_classes():
+    t = dg.thresholds(np.array([30.0, 2.0, 0.0]), np.array([50.0, 3.0, 10.0]))
+    np.testing.assert_allclose(t, [0.6, dg.DEFAULT_THRESHOLD, 1 / 3])
 
 
 def test_metrics_from_a_hand_built_confusion_matrix():

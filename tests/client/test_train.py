@@ -77,3 +77,18 @@ def test_balanced_losses_pin_numbers():
     assert balanced_loss(logits, labels, mode="weights", label_counts=counts).item() == pytest.approx(
         np.log(3) * (4 / 3 + 2 / 3) / 2)
     assert balanced_loss(logits, labels, mode="none", label_counts=counts).item() == pytest.approx(np.log(3))
+
+
+def test_dp_health_reads_the_per_sample_norms_opacus_clips(tiny_cfg, site_data):
+    # With a huge clip nothing is clipped; with a tiny one everything is, and the clipped sum is then at most
+    # (examples per step) · C, i.e. the number of examples in units of C.
+    _, _, loose = _train(tiny_cfg, site_data, max_grad_norm=1e6)
+    _, _, tight = _train(tiny_cfg, site_data, max_grad_norm=1e-6)
+    per_step = len(site_data.train) / loose.steps  # Poisson batches average n·q examples
+    for r in (loose, tight):
+        assert r.health is not None and sum(r.health.grad_norm_hist) == pytest.approx(per_step, rel=0.5)
+    assert sum(loose.health.grad_norm_hist[4:]) == 0  # no norm reaches 1e6
+    assert sum(tight.health.grad_norm_hist[:4]) == 0  # every norm exceeds 1e-6 · C-units
+    assert 0 < tight.health.clipped_sum_norm <= sum(tight.health.grad_norm_hist) + 1e-6
+    _, _, plain = _train(tiny_cfg, site_data, enabled=False)
+    assert plain.health is None

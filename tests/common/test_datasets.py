@@ -43,12 +43,22 @@ def test_natural_sites_hold_disjoint_conditions():
             assert not conditions[i] & conditions[j]
 
 
-def test_split_is_seeded_and_disjoint():
-    tr, va = split_train_val(100, val_fraction=0.2, seed=1)
-    tr2, va2 = split_train_val(100, val_fraction=0.2, seed=1)
-    assert (len(tr), len(va)) == (80, 20)
+def test_split_is_seeded_disjoint_and_stable_under_add_remove():
+    texts = [f"review number {i}" for i in range(200)]
+    tr, va = split_train_val(texts, val_fraction=0.2, seed=1)
+    tr2, va2 = split_train_val(texts, val_fraction=0.2, seed=1)
+    assert 25 <= len(va) <= 55 and len(tr) + len(va) == 200  # ~20 %, decided row by row
     assert not set(tr) & set(va)
     assert (tr == tr2).all() and (va == va2).all()
+    # Neighbouring data sets (one row removed): every other row stays on its side, as DP accounting assumes.
+    drop = int(va[0])
+    rest = texts[:drop] + texts[drop + 1:]
+    tr3, va3 = split_train_val(rest, val_fraction=0.2, seed=1)
+    assert {rest[i] for i in va3} == {texts[i] for i in va} - {texts[drop]}
+    assert {rest[i] for i in tr3} == {texts[i] for i in tr}
+    # A tiny site still gets one row on each side.
+    tr4, va4 = split_train_val(["a", "b"], val_fraction=0.2, seed=1)
+    assert len(tr4) == 1 and len(va4) == 1
 
 
 def _load(path, **kw):

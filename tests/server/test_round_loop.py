@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flwr.app import RecordDict
 
-from common import records
+from common import diagnostics, records
 from common.run_store import RunWriter, load_run
 from server.strategy import DebugFedAvg
 
@@ -52,6 +52,7 @@ def task_identity():
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 7, 42, 1
 K = 3
+sent_thresholds = []
 
 
 def site(name, *, arrays=None, refuse=False):
@@ -68,7 +69,12 @@ def site(name, *, arrays=None, refuse=False):
                     1e-5, 8.0, 1.0, 0.5, 0, 0.0))
             out = arrays if arrays is not None else OrderedDict((k, v + 1.0) for k, v in got.items())
             return records.pack_train_reply(records.TrainReply(info, out, 10, 2.0, 1e-5, 8.0, 1.0, 0.5, 2, 0.1))
-        return records.pack_eval_reply(records.EvalReply(info, 5, 2.5, np.eye(K) * 2, 3.0, 6.0, 3.0, 2 ** 0.5))
+        blocks = diagnostics.empty_blocks(K)
+        blocks["confusion"] = np.eye(K) * 2
+        blocks["train_loss_sum"][0] = 2.0  # Σ min(loss, L) / L: × L = 3 / 10 train examples = 0.6
+        blocks["self_confidence"][:] = 1.2  # 2 examples per class at mean confidence 0.6
+        sent_thresholds.append(records.unpack_thresholds(msg.content))
+        return records.pack_eval_reply(records.EvalReply(info, 5, 2.5, blocks, 3.0, 3 ** 0.5, 1, 1.5, 1.0))
 
     return handle
 
@@ -105,7 +111,14 @@ def test_one_round_records_every_kind_of_site(tmp_path):
     assert [r["sites_ok"] for r in run["rounds"]] == [1]
     # The sum of the noised confusion matrices of the 3 sites that answered the evaluation: eye(3) * 2 each
     assert run["rounds"][0]["accuracy"] == 1.0
-    assert run["rounds"][0]["train_loss"] == 6.0 / 10
+    assert run["rounds"][0]["train_loss"] == pytest.approx(6.0 / 10)
+    # Every spend the sites reported is in the ledger: the refusing site still released its summary, and the
+    # poisoned site spent ε on training even though its update was then rejected.
+    assert [(e["site"], e["kind"], e["noise_multiplier"]) for e in run["ledger"]] == [
+        ("broke", "summary", 3.0), ("good", "dpsgd", 1.0), ("good", "summary", 3.0), ("poisoned", "dpsgd", 1.0),
+        ("poisoned", "summary", 3.0)]
+    # Round 1 has no thresholds yet; the next evaluation gets the noised mean self-confidence: 3.6 / 6 per class.
+    assert sent_thresholds[-1] is None and strategy.thresholds == pytest.approx([0.6] * 3)
     kinds = [e["kind"] for e in run["events"]]
     assert kinds.count("site-joined") == 6 and "update-rejected" in kinds and "site-refused" in kinds
 

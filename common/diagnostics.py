@@ -1,0 +1,136 @@
+"""What a site's error summary is made of, how much one example can move it, and what can be read from it.
+
+A summary is a set of named blocks of counts and bounded sums. A site computes them exactly (client/summary.py),
+adds Gaussian noise once to all of them, and sends only the noised blocks. Everything below `derive` is
+post-processing of the noised blocks: it costs no ε.
+
+Sensitivity (neighbouring relation: add or remove one example of the site, as Opacus uses). An example sits in exactly
+one split (the split is decided per row by a keyed hash of its text, common/datasets.py), so it moves either the
+validation blocks or the train blocks, never both. In each block it moves one cell by at most 1; the step-averaged
+gradient blocks move by at most 1/steps in each of `steps` cells, i.e. by at most 1 in L2 too. Block b is scaled by
+its weight w_b before the noise is added, so Δ² = max(Σ_val w_b², Σ_train w_b²) and block b's noise std is σ·Δ / w_b:
+the confusion matrix, label histogram and loss sums (weight 1) get twice the precision of the secondary histograms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.metrics import accuracy, macro_f1, per_class_f1
+
+VAL, TRAIN = "val", "train"
+CONF_BINS = 10  # calibration: confidence of the predicted class in [0, 1], equal bins
+LOSS_BINS = 10  # per-example cross-entropy clipped to [0, dp.loss-clip], equal bins
+# Per-sample gradient norms in units of the clip C; clipping happens from the 1.0 edge on.
+GRAD_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0, math.inf)
+DEFAULT_THRESHOLD = 0.5  # confident-learning threshold before any noised self-confidence has been released
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str
+    split: str  # whose examples move it: VAL or TRAIN
+    weight: float  # precision weight (see the module docstring)
+    meaning: str
+
+    def shape(self, k: int) -> tuple[int, ...]:
+        return {
+            "confusion": (k, k), "val_loss_sum": (1,), "val_loss_hist": (LOSS_BINS,), "calibration": (2, CONF_BINS),
+            "self_confidence": (k,), "label_issues": (k, k), "train_labels": (k,), "train_loss_sum": (1,),
+            "train_loss_hist": (LOSS_BINS,), "grad_norm_hist": (len(GRAD_EDGES) - 1,), "clipped_sum_norm": (1,),
+        }[self.name]
+
+
+BLOCKS = (
+    Block("confusion", VAL, 1.0, "validation counts, rows = given label, columns = prediction"),
+    Block("val_loss_sum", VAL, 1.0, "Σ over validation of min(loss, L) / L"),
+    Block("val_loss_hist", VAL, 0.5, "validation examples per loss bin over [0, L]"),
+    Block("calibration", VAL, 0.5, "validation examples per confidence bin; row 0 correct, row 1 wrong"),
+    Block("self_confidence", VAL, 0.5, "Σ p(given label | x) per given label (next round's thresholds)"),
+    Block("label_issues", VAL, 0.5, "confident joint off the diagonal: given label i, confidently class j"),
+    Block("train_labels", TRAIN, 1.0, "train examples per label"),
+    Block("train_loss_sum", TRAIN, 1.0, "Σ over train of min(loss, L) / L"),
+    Block("train_loss_hist", TRAIN, 0.5, "train examples per loss bin over [0, L]"),
+    Block("grad_norm_hist", TRAIN, 0.5, "per-sample gradient norms / C per bin, averaged over the round's DP steps"),
+    Block("clipped_sum_norm", TRAIN, 0.5, "‖Σ clipped per-sample gradients‖ / C, averaged over the round's DP steps"),
+)
+SENSITIVITY = math.sqrt(max(sum(b.weight ** 2 for b in BLOCKS if b.split == s) for s in (VAL, TRAIN)))
+
+
+def noise_std(noise_multiplier: float) -> dict[str, float]:
+    """Std of the noise in each block's cells, for a release at `noise_multiplier`."""
+    return {b.name: noise_multiplier * SENSITIVITY / b.weight for b in BLOCKS}
+
+
+def empty_blocks(k: int) -> dict[str, np.ndarray]:
+    return {b.name: np.zeros(b.shape(k), dtype=np.float64) for b in BLOCKS}
+
+
+def loss_bin_edges(loss_clip: float) -> np.ndarray:
+    return np.linspace(0.0, loss_clip, LOSS_BINS + 1)
+
+
+def thresholds(self_confidence: np.ndarray, label_counts: np.ndarray, *, min_count: float = 5.0) -> np.ndarray:
+    """Per-class confident-learning thresholds (Cleanlab's: the mean self-confidence of each given label), from
+    noised sums; a class with too few (noised) examples keeps DEFAULT_THRESHOLD. Clamped to [1/K, 1]."""
+    k = len(label_counts)
+    out = np.full(k, DEFAULT_THRESHOLD)
+    ok = label_counts >= min_count
+    out[ok] = self_confidence[ok] / label_counts[ok]
+    return np.clip(out, 1.0 / k, 1.0)
+
+
+def derive(blocks: dict[str, np.ndarray], *, loss_clip: float, n_val: int, n_train: int,
+           dpsgd_noise_multiplier: float = 0.0, trainable_values: int = 0, trained: bool = True) -> dict:
+    """Everything an engineer reads from a (noised) summary. Pure post-processing: no data, no ε.
+
+    Sizes are public (they weight FedAvg). Returned floats may be NaN where a quantity is undefined.
+    """
+    c = blocks["confusion"]
+    k = c.shape[0]
+    f1 = per_class_f1(c)
+    predicted, actual = c.sum(axis=0), c.sum(axis=1)
+    tp = np.diag(c)
+    precision = np.divide(tp, predicted, out=np.full(k, np.nan), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.full(k, np.nan), where=actual > 0)
+
+    cal = blocks["calibration"]
+    per_bin = cal.sum(axis=0)
+    mids = (np.arange(CONF_BINS) + 0.5) / CONF_BINS
+    acc_bin = np.divide(cal[0], per_bin, out=np.zeros(CONF_BINS), where=per_bin > 0)
+    ece = float(np.sum(per_bin * np.abs(acc_bin - mids)) / per_bin.sum()) if per_bin.sum() > 0 else math.nan
+
+    issues = blocks["label_issues"].copy()
+    np.fill_diagonal(issues, 0.0)
+    val_loss = float(blocks["val_loss_sum"][0] * loss_clip / n_val) if n_val else math.nan
+    train_loss = float(blocks["train_loss_sum"][0] * loss_clip / n_train) if n_train else math.nan
+
+    out = {
+        "accuracy": accuracy(c), "macro_f1": macro_f1(c),
+        "per_class": {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist()},
+        "label_histogram": actual.tolist(), "prediction_histogram": predicted.tolist(),
+        "train_label_histogram": blocks["train_labels"].tolist(),
+        "calibration": {"accuracy": acc_bin.tolist(), "count": per_bin.tolist(), "ece": ece},
+        "label_issues": {"matrix": issues.tolist(), "total": float(issues.sum()),
+                         "share": float(issues.sum() / n_val) if n_val else math.nan},
+        "loss": {"val": val_loss, "train": train_loss, "gap": val_loss - train_loss,
+                 "edges": loss_bin_edges(loss_clip).tolist(), "val_histogram": blocks["val_loss_hist"].tolist(),
+                 "train_histogram": blocks["train_loss_hist"].tolist()},
+        "dp_health": None,
+    }
+    g = blocks["grad_norm_hist"]
+    if trained and dpsgd_noise_multiplier > 0 and g.sum() > 0:
+        mids_g = np.array([(a + b) / 2 if math.isfinite(b) else a for a, b in zip(GRAD_EDGES[:-1], GRAD_EDGES[1:], strict=True)])
+        signal = float(blocks["clipped_sum_norm"][0])
+        noise = dpsgd_noise_multiplier * math.sqrt(trainable_values)
+        out["dp_health"] = {
+            "clip_fraction": float(g[4:].sum() / g.sum()),  # bins from 1.0·C up: clipped
+            "mean_grad_norm": float(np.sum(mids_g * g) / g.sum()),  # in units of C; the top bin counts as 8·C
+            "grad_norm_histogram": g.tolist(), "grad_norm_edges": [e if math.isfinite(e) else None for e in GRAD_EDGES],
+            # Per DP step: ‖noise‖ = σ·C·√d against ‖Σ clipped gradients‖; above ~1 the step is mostly noise.
+            "noise_to_signal": noise / signal if signal > 0 else math.inf,
+        }
+    return out
