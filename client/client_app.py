@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
+from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
@@ -18,8 +22,29 @@ from common.config import AppConfig
 from common.log import get_logger
 from common.model import build_model, load_tokenizer, load_trainable_state, trainable_state
 
-app = ClientApp()
 NOT_PRIVATE = -1.0  # the ε a site reports when dp.enabled is false
+AUDIT_ENV = "FEDLENS_AUDIT_DIR"
+
+
+def audit(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Keep a byte-exact copy of every message this site sends, when its operator sets $FEDLENS_AUDIT_DIR.
+
+    A site's data officer can then check for themselves what left the site (tests scan these copies for text).
+    """
+    reply = call_next(msg, context)
+    folder = os.environ.get(AUDIT_ENV)
+    if folder:
+        from flwr.common.serde import message_to_proto
+
+        site = re.sub(r"[^A-Za-z0-9._-]", "_", SiteIdentity.from_node_config(dict(context.node_config)).name)
+        out = Path(folder) / site
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{time.time_ns()}-{msg.metadata.message_type}.pb").write_bytes(
+            message_to_proto(reply).SerializeToString())
+    return reply
+
+
+app = ClientApp(mods=[audit])
 
 
 @lru_cache(maxsize=2)

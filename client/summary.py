@@ -1,8 +1,9 @@
 """Step 3 at a site: the error summary of the global model on local data, released only through Gaussian noise.
 
 `local_summary` computes the blocks of common/diagnostics.py exactly; they never leave the site. `release` adds
-noise of std σ·Δ / w_b to every cell of block b in one Gaussian mechanism (Δ = diagnostics.SENSITIVITY), then clamps
-at 0 (free post-processing: every block is a count or a non-negative sum). The site's ledger records it as the
+noise of std σ·Δ / w_b to every cell of block b in one Gaussian mechanism (Δ = diagnostics.SENSITIVITY). Noised
+cells may be negative; they are sent as they are, because sums of unclamped cells stay unbiased, and clamping or
+projecting them (diagnostics.derive) is free post-processing wherever they are read. The site's ledger records it as the
 Gaussian entry (σ, q = 1, steps = 1). The per-example label-issue list Cleanlab could give stays at the site.
 """
 
@@ -100,12 +101,12 @@ def local_summary(model: nn.Module, train: Encoded, val: Encoded, *, num_classes
 
 
 def release(summary: Summary, *, noise_multiplier: float, rng: np.random.Generator | None = None) -> Summary:
-    """The Gaussian mechanism on all blocks at once (std σ·Δ / w_b per cell), then clamping at 0."""
+    """The Gaussian mechanism on all blocks at once (std σ·Δ / w_b per cell)."""
     rng = rng or np.random.default_rng()  # seeded from OS entropy: release noise must not be reproducible
     std = dg.noise_std(noise_multiplier)
     noised = {}
     for name, exact in summary.blocks.items():
-        noised[name] = np.clip(exact + rng.normal(0.0, std[name], size=exact.shape), 0.0, None)
+        noised[name] = exact + rng.normal(0.0, std[name], size=exact.shape)
     return Summary(noised, summary.num_classes, summary.health_round, noise_multiplier, summary.sensitivity)
 
 

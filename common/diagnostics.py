@@ -1,7 +1,7 @@
 """What a site's error summary is made of, how much one example can move it, and what can be read from it.
 
 A summary is a set of named blocks of counts and bounded sums. A site computes them exactly (client/summary.py),
-adds Gaussian noise once to all of them, and sends only the noised blocks. Everything below `derive` is
+adds Gaussian noise once to all of them, and sends only the noised blocks (unclamped, so that they stay unbiased). Everything below `derive` is
 post-processing of the noised blocks: it costs no ε.
 
 Sensitivity (neighbouring relation: add or remove one example of the site, as Opacus uses). An example sits in exactly
@@ -79,16 +79,38 @@ def thresholds(self_confidence: np.ndarray, label_counts: np.ndarray, *, min_cou
     k = len(label_counts)
     out = np.full(k, DEFAULT_THRESHOLD)
     ok = label_counts >= min_count
-    out[ok] = self_confidence[ok] / label_counts[ok]
+    out[ok] = np.clip(self_confidence[ok], 0.0, None) / label_counts[ok]
     return np.clip(out, 1.0 / k, 1.0)
+
+
+def clamp_to_total(x: np.ndarray, total: float) -> np.ndarray:
+    """Noised cells clamped at 0, then rescaled to the public total (a site's split sizes are public).
+
+    Free post-processing. Ratios (accuracy, F1, shares) are unchanged by the rescaling; histograms become
+    comparable across sites. Measured on the demo sites, it beats the L2 projection onto {x ≥ 0, Σx = total}:
+    the projection zeroes small cells, and per-class F1 from the sparse matrix it leaves is further from the truth
+    (mean absolute error 0.36 vs 0.31 at ε = 0.5 per round; docs/ARCHITECTURE.md).
+    """
+    clamped = np.clip(np.asarray(x, dtype=np.float64), 0.0, None)
+    mass = clamped.sum()
+    return clamped * (total / mass) if mass > 0 and total > 0 else clamped
 
 
 def derive(blocks: dict[str, np.ndarray], *, loss_clip: float, n_val: int, n_train: int,
            dpsgd_noise_multiplier: float = 0.0, trainable_values: int = 0, trained: bool = True) -> dict:
     """Everything an engineer reads from a (noised) summary. Pure post-processing: no data, no ε.
 
+    Sites send the noised blocks unclamped (unbiased: sums over cells stay unbiased). Here histograms over one split
+    are clamped at 0 and rescaled to their public total, sums are clamped to their range, and totals of cells are
+    taken before clamping.
     Sizes are public (they weight FedAvg). Returned floats may be NaN where a quantity is undefined.
     """
+    blocks = {**blocks}
+    for name, n in (("confusion", n_val), ("calibration", n_val), ("val_loss_hist", n_val),
+                    ("train_labels", n_train), ("train_loss_hist", n_train)):
+        blocks[name] = clamp_to_total(blocks[name], n)
+    blocks["val_loss_sum"] = np.clip(blocks["val_loss_sum"], 0.0, max(n_val, 0))
+    blocks["train_loss_sum"] = np.clip(blocks["train_loss_sum"], 0.0, max(n_train, 0))
     c = blocks["confusion"]
     k = c.shape[0]
     f1 = per_class_f1(c)
@@ -105,26 +127,28 @@ def derive(blocks: dict[str, np.ndarray], *, loss_clip: float, n_val: int, n_tra
 
     issues = blocks["label_issues"].copy()
     np.fill_diagonal(issues, 0.0)
+    issues_total = float(np.clip(issues.sum(), 0.0, n_val))  # summed before clamping: unbiased
+    issues = np.clip(issues, 0.0, None)
     val_loss = float(blocks["val_loss_sum"][0] * loss_clip / n_val) if n_val else math.nan
     train_loss = float(blocks["train_loss_sum"][0] * loss_clip / n_train) if n_train else math.nan
 
     out = {
-        "accuracy": accuracy(c), "macro_f1": macro_f1(c),
+        "accuracy": accuracy(c), "macro_f1": macro_f1(c), "confusion": c.tolist(),
         "per_class": {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist()},
         "label_histogram": actual.tolist(), "prediction_histogram": predicted.tolist(),
         "train_label_histogram": blocks["train_labels"].tolist(),
         "calibration": {"accuracy": acc_bin.tolist(), "count": per_bin.tolist(), "ece": ece},
-        "label_issues": {"matrix": issues.tolist(), "total": float(issues.sum()),
-                         "share": float(issues.sum() / n_val) if n_val else math.nan},
+        "label_issues": {"matrix": issues.tolist(), "total": issues_total,
+                         "share": issues_total / n_val if n_val else math.nan},
         "loss": {"val": val_loss, "train": train_loss, "gap": val_loss - train_loss,
                  "edges": loss_bin_edges(loss_clip).tolist(), "val_histogram": blocks["val_loss_hist"].tolist(),
                  "train_histogram": blocks["train_loss_hist"].tolist()},
         "dp_health": None,
     }
-    g = blocks["grad_norm_hist"]
+    g = np.clip(blocks["grad_norm_hist"], 0.0, None)
     if trained and dpsgd_noise_multiplier > 0 and g.sum() > 0:
         mids_g = np.array([(a + b) / 2 if math.isfinite(b) else a for a, b in zip(GRAD_EDGES[:-1], GRAD_EDGES[1:], strict=True)])
-        signal = float(blocks["clipped_sum_norm"][0])
+        signal = max(float(blocks["clipped_sum_norm"][0]), 0.0)
         noise = dpsgd_noise_multiplier * math.sqrt(trainable_values)
         out["dp_health"] = {
             "clip_fraction": float(g[4:].sum() / g.sum()),  # bins from 1.0·C up: clipped

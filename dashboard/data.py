@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -76,15 +77,53 @@ def site_table(snapshot: dict) -> pd.DataFrame:
             "status": bad.iloc[-1]["status"] if not bad.empty else ("ok" if not mine.empty else "waiting"),
             "train examples": int(size.iloc[0]["n_train"]) if not size.empty and pd.notna(size.iloc[0]["n_train"]) else None,
             "ε spent": float(eps.max()) if not eps.empty else None,
+            "ε training": _most(mine, "epsilon_training"),
+            "ε diagnostics": _most(mine, "epsilon_diagnostics"),
             "ε budget": budget,
             "accuracy": latest_eval["accuracy"] if latest_eval is not None else None,
             "macro-F1": latest_eval["macro_f1"] if latest_eval is not None else None,
             "val loss": latest_eval["loss"] if latest_eval is not None else None,
             "train loss": latest_eval["train_loss"] if latest_eval is not None else None,
-            "update norm": train["update_norm"].dropna().iloc[-1] if not train.empty and train["update_norm"].notna().any() else None,
+            "ECE": _latest(evals, "ece"),
+            "label issues": _latest(evals, "label_issues"),
+            "clipped": _latest(evals, "clip_fraction"),
+            "noise / signal": _latest(evals, "noise_to_signal"),
+            "update norm": _latest(train, "update_norm"),
             "reason": bad.iloc[-1]["reason"] if not bad.empty else "",
         })
     return pd.DataFrame(out)
+
+
+def _latest(frame: pd.DataFrame, col: str):  # noqa: ANN202
+    # Stores written before a column existed read as a frame without it: show nothing, not an error.
+    if frame.empty or col not in frame or not frame[col].notna().any():
+        return None
+    return frame[col].dropna().iloc[-1]
+
+
+def _most(frame: pd.DataFrame, col: str) -> float | None:
+    return float(frame[col].max()) if not frame.empty and col in frame and frame[col].notna().any() else None
+
+
+def latest_summary(site_rounds: pd.DataFrame, site: str) -> dict | None:
+    """The newest noised summary a site released (common/diagnostics.derive's fields), with its round."""
+    if site_rounds.empty or "summary_json" not in site_rounds:
+        return None
+    mine = site_rounds[(site_rounds["site"] == site) & site_rounds["summary_json"].notna()]
+    if mine.empty:
+        return None
+    row = mine.iloc[-1]
+    return {"round": int(row["round"]), **json.loads(row["summary_json"])}
+
+
+def confusion_frame(summary: dict, labels: list[str]) -> pd.DataFrame:
+    """Long format (given, predicted, count) of a noised confusion matrix, rebuilt from its per-class parts."""
+    k = len(summary["label_histogram"])
+    names = labels if len(labels) == k else [str(i) for i in range(k)]
+    matrix = summary.get("confusion")
+    rows = [{"given": names[i], "predicted": names[j], "count": matrix[i][j]} for i in range(k) for j in range(k)] \
+        if matrix else []
+    return pd.DataFrame(rows)
 
 
 def site_curves(site_rounds: pd.DataFrame, metric: str) -> pd.DataFrame:

@@ -123,6 +123,17 @@ def run_view(run_id: str) -> None:
             "val loss": st.column_config.NumberColumn(format="%.3f"),
             "train loss": st.column_config.NumberColumn(format="%.3f"),
             "update norm": st.column_config.NumberColumn(format="%.3f"),
+            "ε training": st.column_config.NumberColumn(format="%.2f", help="ε of the site's DP-SGD alone"),
+            "ε diagnostics": st.column_config.NumberColumn(
+                format="%.2f", help="ε of the site's released error summaries alone (dp.diagnostics-share)"),
+            "ECE": st.column_config.NumberColumn(format="%.2f", help="expected calibration error (noised bins)"),
+            "label issues": st.column_config.NumberColumn(
+                format="percent", help="share of validation examples the model confidently puts in another class "
+                                       "(Cleanlab's confident joint, noised); noise can push it above 100 %"),
+            "clipped": st.column_config.NumberColumn(
+                format="percent", help="share of per-sample gradients clipped in the last DP-SGD round"),
+            "noise / signal": st.column_config.NumberColumn(
+                format="%.2f", help="‖DP noise‖ / ‖Σ clipped gradients‖ per step; above 1 the step is mostly noise"),
         })
         if snap["config"].get("dp.enabled", True):
             st.caption("Site metrics come from each site's noised summary (Gaussian noise on counts, charged to its "
@@ -134,12 +145,52 @@ def run_view(run_id: str) -> None:
                 x=alt.X("round:O"), y=alt.Y("value:Q", title=metric), color="site:N",
                 tooltip=["round", "site", alt.Tooltip("value", format=".3f")]), width="stretch")
 
+    # ---- one site's error summary -----------------------------------------------------------------------------------
+    if not table.empty:
+        error_summary(snap, list(table["site"]))
+
     # ---- events -----------------------------------------------------------------------------------------------------
     events = snap["events"]
     if not events.empty:
         st.subheader("Events")
         shown = events[["round", "site", "kind", "message"]].iloc[::-1]
         st.dataframe(shown, hide_index=True, width="stretch")
+
+
+def error_summary(snap: dict, sites: list[str]) -> None:
+    st.subheader("Error summary of a site")
+    site = st.selectbox("Site", sites, key="summary-site")
+    summary = data.latest_summary(snap["site_rounds"], site)
+    if summary is None:
+        st.info(f"{site} has not released a summary yet (it failed, withheld it, or round 1 is still running).")
+        return
+    labels = str(snap["config"].get("data.labels", "")).split(",")
+    std = (summary.get("noise_std") or {}).get("confusion", 0.0)
+    st.caption(f"Round {summary['round']}. " + (f"Noised values: Gaussian noise of std {std:.1f} per count "
+                                                 "(secondary histograms twice that), clamped at 0."
+                                                 if std else "Exact values (DP off)."))
+    left, mid, right = st.columns(3)
+    conf = data.confusion_frame(summary, labels)
+    left.altair_chart(alt.Chart(conf, title="Confusion (validation)").mark_rect().encode(
+        x=alt.X("predicted:N"), y=alt.Y("given:N"), color=alt.Color("count:Q", scale=alt.Scale(scheme="blues")),
+        tooltip=["given", "predicted", alt.Tooltip("count", format=".1f")]), width="stretch")
+    hist = pd.DataFrame({"label": labels * 3 if len(labels) == len(summary["label_histogram"]) else
+                         [str(i) for i in range(len(summary["label_histogram"]))] * 3,
+                         "which": ["validation labels"] * len(summary["label_histogram"])
+                         + ["predictions"] * len(summary["label_histogram"])
+                         + ["train labels"] * len(summary["label_histogram"]),
+                         "count": summary["label_histogram"] + summary["prediction_histogram"]
+                         + summary["train_label_histogram"]})
+    mid.altair_chart(alt.Chart(hist, title="Labels and predictions").mark_bar().encode(
+        x=alt.X("label:N", title=None), xOffset="which:N", y=alt.Y("count:Q"), color="which:N",
+        tooltip=["which", "label", alt.Tooltip("count", format=".1f")]), width="stretch")
+    edges = summary["loss"]["edges"]
+    loss = pd.DataFrame({"loss": [round((a + b) / 2, 2) for a, b in zip(edges[:-1], edges[1:], strict=True)] * 2,
+                         "split": ["validation"] * (len(edges) - 1) + ["train"] * (len(edges) - 1),
+                         "examples": summary["loss"]["val_histogram"] + summary["loss"]["train_histogram"]})
+    right.altair_chart(alt.Chart(loss, title="Per-example loss").mark_bar(opacity=0.7).encode(
+        x=alt.X("loss:O", title="loss (bin centre)"), y=alt.Y("examples:Q", stack=None), color="split:N",
+        tooltip=["split", "loss", alt.Tooltip("examples", format=".1f")]), width="stretch")
 
 
 run_view(run_id)

@@ -9,7 +9,8 @@ from typing import Any
 
 from common.run_store import load_run
 
-SCHEMA_VERSION = 1
+LEDGER_KEYS = ("round", "kind", "mechanism", "noise_multiplier", "sample_rate", "steps", "sensitivity")
+SCHEMA_VERSION = 2  # 2: per-site ledger, epsilon_training / epsilon_diagnostics, summary
 
 
 def _clean(v: Any) -> Any:
@@ -38,6 +39,9 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
         train = [r for r in rows if r["phase"] == "train"]
         evals = [r for r in rows if r["phase"] == "evaluate" and r["status"] == "ok"]
         eps = [r["epsilon"] for r in rows if r["epsilon"] is not None]
+        eps_train = [r.get("epsilon_training") for r in rows if r.get("epsilon_training") is not None]
+        eps_diag = [r.get("epsilon_diagnostics") for r in rows if r.get("epsilon_diagnostics") is not None]
+        latest_summary = next((r for r in reversed(evals) if r.get("summary_json")), None)
         latest = rows[-1] if rows else None
         last_round_rows = [r for r in rows if latest and r["round"] == latest["round"]]
         status = "ok"
@@ -57,6 +61,11 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
                         "train_loss": _clean(evals[-1]["train_loss"]) if evals else None},
             "noise_multiplier": train[-1]["noise_multiplier"] if train else None,
             "last_reason": next((r["reason"] for r in reversed(rows) if r["reason"]), ""),
+            "epsilon_training": max(eps_train) if eps_train else (0.0 if dp_on else None),
+            "epsilon_diagnostics": max(eps_diag) if eps_diag else (0.0 if dp_on else None),
+            "ledger": [{k: e[k] for k in LEDGER_KEYS} for e in run.get("ledger", []) if e["site"] == s["site"]],
+            "summary": ({"round": latest_summary["round"], "noised": dp_on,
+                         **json.loads(latest_summary["summary_json"])} if latest_summary else None),
         })
     failed_events = [e for e in run["events"] if e["kind"] in ("site-failed", "run-failed")]
     for e in failed_events:
@@ -64,7 +73,8 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
             sites.append({"site": e["site"], "examples": None, "validation_examples": None, "epsilon": None,
                           "epsilon_budget": None, "delta": None, "status": "failed", "rounds_trained": 0,
                           "metrics": _metrics(None) | {"train_loss": None}, "noise_multiplier": None,
-                          "last_reason": e["message"]})
+                          "last_reason": e["message"], "epsilon_training": None, "epsilon_diagnostics": None,
+                          "ledger": [], "summary": None})
 
     return {
         "schema_version": SCHEMA_VERSION,
@@ -78,6 +88,7 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
         "rounds_planned": run["rounds_planned"],
         "rounds_completed": len(rounds),
         "dp": dp_on,
+        "diagnostics_share": cfg.get("dp.diagnostics-share") if dp_on else None,
         "global": {**_metrics(last), "train_loss": _clean(last["train_loss"]) if last else None,
                    "noised": dp_on},
         "test": _metrics(last, "test_") if last and last["test_accuracy"] is not None else None,
@@ -107,12 +118,18 @@ def format_text(rep: dict[str, Any]) -> str:
         lines.append(f"global (server test set): accuracy {f(t['accuracy'])}  macro-F1 {f(t['macro_f1'])}  "
                      f"loss {f(t['loss'])}")
     lines.append("")
-    lines.append(f"{'site':<16}{'status':<9}{'examples':>9}{'ε spent':>9}{'budget':>8}{'accuracy':>10}"
-                 f"{'macro-F1':>10}{'loss':>8}")
+    lines.append(f"{'site':<16}{'status':<9}{'examples':>9}{'ε spent':>9}{'train':>7}{'diag':>6}{'budget':>8}"
+                 f"{'accuracy':>10}{'macro-F1':>10}{'loss':>8}{'ECE':>7}{'issues':>8}{'clipped':>9}")
     for s in rep["sites"]:
         m = s["metrics"]
+        sm = s.get("summary") or {}
+        health = sm.get("dp_health") or {}
         lines.append(f"{s['site']:<16}{s['status']:<9}{f(s['examples'], 'd'):>9}{f(s['epsilon'], '.2f'):>9}"
-                     f"{f(s['epsilon_budget'], 'g'):>8}{f(m['accuracy']):>10}{f(m['macro_f1']):>10}{f(m['loss']):>8}")
+                     f"{f(s.get('epsilon_training'), '.2f'):>7}{f(s.get('epsilon_diagnostics'), '.2f'):>6}"
+                     f"{f(s['epsilon_budget'], 'g'):>8}{f(m['accuracy']):>10}{f(m['macro_f1']):>10}{f(m['loss']):>8}"
+                     f"{f((sm.get('calibration') or {}).get('ece'), '.2f'):>7}"
+                     f"{f((sm.get('label_issues') or {}).get('share'), '.0%'):>8}"
+                     f"{f(health.get('clip_fraction'), '.0%'):>9}")
     problems = [e for e in rep["events"] if e["kind"] not in ("site-joined",)]
     if problems:
         lines.append("")

@@ -36,7 +36,7 @@ def make_central_eval(cfg: AppConfig, model, tokenizer) -> CentralEval | None:  
     if not cfg.server.central_eval:
         return None
     from client.data import encode
-    from client.summary import loss_and_predictions
+    from client.summary import predict
     from common.datasets import LABEL, TEXT, load_drugreview
 
     test = load_drugreview("test", cfg.data.labels)
@@ -45,8 +45,8 @@ def make_central_eval(cfg: AppConfig, model, tokenizer) -> CentralEval | None:  
 
     def evaluate(arrays: Arrays) -> dict[str, float]:
         load_trainable_state(model, arrays)
-        pred, loss_sum = loss_and_predictions(model, data, loss_clip=float("inf"))
-        return summary_metrics(confusion_matrix(data.labels.numpy(), pred, k), loss_sum)
+        probs, losses = predict(model, data)
+        return summary_metrics(confusion_matrix(data.labels.numpy(), probs.argmax(axis=1), k), float(losses.sum()))
 
     return evaluate
 

@@ -63,7 +63,7 @@ def _exact(k=3, fill=50.0):
     return Summary(blocks, k, 1, 0.0, dg.SENSITIVITY)
 
 
-def test_release_noise_per_block_is_sigma_delta_over_weight_and_clamped():
+def test_release_noise_per_block_is_sigma_delta_over_weight_and_unbiased():
     rng = np.random.default_rng(0)
     draws = [release(_exact(), noise_multiplier=2.0, rng=rng).blocks for _ in range(3000)]
     conf = np.stack([d["confusion"] for d in draws])
@@ -71,8 +71,20 @@ def test_release_noise_per_block_is_sigma_delta_over_weight_and_clamped():
     assert conf.std() == pytest.approx(2.0 * math.sqrt(3), rel=0.03)  # weight 1
     assert cal.std() == pytest.approx(2.0 * math.sqrt(3) / 0.5, rel=0.03)  # weight 0.5
     assert abs(conf.mean() - 50) < 0.2
-    small = release(_exact(fill=0.0), noise_multiplier=2.0, rng=rng)
-    assert all((v >= 0).all() for v in small.blocks.values())
+    # Near zero the cells go negative and stay so: the sum of many cells must stay unbiased.
+    zeros = np.stack([release(_exact(fill=0.0), noise_multiplier=2.0, rng=rng).blocks["label_issues"]
+                      for _ in range(3000)])
+    assert (zeros < 0).any() and abs(zeros.sum(axis=(1, 2)).mean()) < 0.5
+
+
+def test_clamping_and_rescaling_to_the_public_total_keeps_ratios():
+    from common.diagnostics import clamp_to_total
+
+    np.testing.assert_allclose(clamp_to_total(np.array([3.0, -2.0, 9.0]), 6.0), [1.5, 0.0, 4.5])
+    noised = np.array([[5.0, -1.0, 3.0], [0.5, -4.0, 2.0], [1.0, 2.0, 20.0]])
+    fixed = clamp_to_total(noised, 30.0)
+    assert (fixed >= 0).all() and fixed.sum() == pytest.approx(30.0)
+    np.testing.assert_allclose(per_class_f1(fixed), per_class_f1(np.clip(noised, 0, None)))
 
 
 def test_noise_off_reproduces_the_exact_summary_and_two_releases_differ(model, site_data):
@@ -117,6 +129,9 @@ def test_derived_numbers_on_a_hand_built_summary():
     assert d["loss"]["val"] == pytest.approx(0.9) and d["loss"]["gap"] == pytest.approx(0.4)
     assert d["calibration"]["ece"] == pytest.approx((10 * 0.05 + 10 * 0.55) / 20)
     assert d["label_issues"]["total"] == 3 and d["label_issues"]["share"] == 0.15
+    b["label_issues"][0, 1] = -1.0  # a noised cell below 0: the total keeps it (unbiased), the matrix shows 0
+    d2 = dg.derive(b, loss_clip=3.0, n_val=20, n_train=60)
+    assert d2["label_issues"]["total"] == 2 and d2["label_issues"]["matrix"][0][1] == 0
     h = d["dp_health"]
     assert h["clip_fraction"] == 0.8
     assert h["mean_grad_norm"] == pytest.approx((2 * 0.875 + 6 * 1.25 + 2 * 1.75) / 10)

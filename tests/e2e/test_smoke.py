@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,13 +14,37 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smoke_store(tmp_path_factory):
-    store = tmp_path_factory.mktemp("smoke") / "fedlens.db"
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    store, audit = root / "fedlens.db", root / "audit"
+    # Every site keeps a copy of each message it sends (the ClientApp's audit mod), for the leak scan below.
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "FEDLENS_AUDIT_DIR": str(audit)}
     proc = subprocess.run([sys.executable, "-m", "fedlens.cli", "simulate", "--scenario", "simulations/smoke.toml",
                            "--store", str(store)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return store
+    return store, audit
+
+
+@pytest.fixture(scope="module")
+def smoke_store(smoke_run):
+    return smoke_run[0]
+
+
+def test_no_message_any_site_sent_contains_its_text(smoke_run):
+    from client.data import SiteIdentity, site_rows
+    from common.config import AppConfig, load_overrides
+    from common.datasets import TEXT
+
+    _, audit = smoke_run
+    files = sorted(audit.glob("site-*/*.pb"))
+    # 3 sites × (hello + 2 rounds × (train + evaluate)) messages, all captured by the real engine's ClientApp.
+    assert len(files) == 15 and {f.parent.name for f in files} == {"site-0", "site-1", "site-2"}
+    strings = "\n".join(m.decode("ascii") for f in files for m in re.findall(rb"[\x20-\x7e]{12,}", f.read_bytes()))
+    cfg = AppConfig.from_run_config(load_overrides(PROJECT_ROOT / "simulations" / "smoke.toml"))
+    texts = [t for p in range(3) for t in site_rows(cfg.data, SiteIdentity(f"site-{p}", p, 3, ""))[TEXT]]
+    windows = [t[i:i + 16] for t in texts for i in range(0, max(1, len(t) - 16), 16) if t[i:i + 16].isascii()]
+    assert len(windows) > 5000
+    assert [w for w in windows if w in strings] == []
 
 
 def test_smoke_run_report(smoke_store):
@@ -38,6 +63,16 @@ def test_smoke_run_report(smoke_store):
     for key in ("accuracy", "macro_f1", "loss"):
         assert rep["global"][key] is not None and rep["test"][key] is not None
     assert rep["findings"] == []
+    assert rep["schema_version"] == 2 and 0 < rep["diagnostics_share"] < 1
+    for s in rep["sites"]:
+        # The ledger: one DP-SGD segment and one released summary per round, as the site spent them.
+        assert [(e["round"], e["kind"]) for e in s["ledger"]] == [(1, "dpsgd"), (1, "summary"),
+                                                                   (2, "dpsgd"), (2, "summary")]
+        assert 0 < s["epsilon_diagnostics"] < s["epsilon"] and 0 < s["epsilon_training"] < s["epsilon"]
+        summary = s["summary"]
+        assert summary["round"] == 2 and summary["noised"] is True and summary["round_trained"] == 2
+        assert len(summary["per_class"]["f1"]) == 3 and summary["calibration"]["ece"] is not None
+        assert 0 <= summary["dp_health"]["clip_fraction"] <= 1 and summary["dp_health"]["noise_to_signal"] > 0
     # The final model loads with the plain transformers API.
     from transformers import AutoModelForSequenceClassification
 
@@ -52,4 +87,7 @@ def test_dashboard_renders_the_real_run(smoke_store, monkeypatch):
     at = AppTest.from_file(str(PROJECT_ROOT / "dashboard" / "streamlit_app.py"), default_timeout=60).run()
     assert not at.exception
     assert at.metric[0].value == "2 / 2"
-    assert len(at.dataframe[0].value) == 3
+    sites = at.dataframe[0].value
+    assert len(sites) == 3 and (sites["ε training"] > 0).all() and (sites["ε diagnostics"] > 0).all()
+    assert "Error summary of a site" in [h.value for h in at.subheader]
+    assert any("Noised values" in c.value for c in at.caption)

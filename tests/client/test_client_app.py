@@ -1,0 +1,149 @@
+"""The ClientApp as Flower calls it: the budget is enforced step by step against dp-accounting, and what a site
+sends (serialised as Flower sends it) holds no text of its data and only the documented records."""
+
+import logging
+import re
+from uuid import uuid4
+
+import dp_accounting as dpa
+import numpy as np
+import pytest
+from dp_accounting import rdp
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.common.serde import message_to_proto
+
+from client import client_app
+from common import diagnostics, records
+from common.datasets import TEXT
+from common.model import build_model, trainable_state
+from tests.conftest import TINY
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 7, 42, 1
+
+
+def _context(run_config, pid=0):
+    return Context(run_id=42, node_id=100 + pid, node_config={"partition-id": pid, "num-partitions": 3},
+                   state=RecordDict(), run_config=run_config)
+
+
+def _message(content, message_type):
+    msg = Message(content=content, message_type=message_type, dst_node_id=1)
+    msg.metadata.__dict__["_message_id"] = uuid4().hex
+    return msg
+
+
+def _send(handler, ctx, arrays, rnd, rounds, message_type, thresholds=None):
+    msg = _message(records.pack_instruction(arrays, rnd, rounds, thresholds), message_type)
+    return client_app.app(msg, ctx) if handler is None else handler(msg, ctx)
+
+
+def _dpa_epsilon(entries, delta):
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting drops orders it cannot converge on, noisily
+    events = [dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(s)), t) if q < 1
+              else dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(s), t) for s, q, t in entries]
+    acc = rdp.RdpAccountant()
+    acc.compose(dpa.ComposedDpEvent(events))
+    return acc.get_epsilon(delta)
+
+
+def test_a_small_budget_stops_training_and_releases_exactly_when_the_next_step_would_cross_it(tiny_cfg):
+    budget, sigma, release_sigma = 6.0, 1.0, 8.0
+    run_config = {**TINY, "dp.target-epsilon": budget, "dp.noise-multiplier": sigma,
+                  "dp.release-noise-multiplier": release_sigma, "num-server-rounds": 8}
+    ctx = _context(run_config)
+    arrays = trainable_state(build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0))
+
+    spent, outcomes = [], []
+    for rnd in range(1, 9):
+        tr = records.unpack_train_reply(_send(client_app.train, ctx, arrays, rnd, 8, MessageType.TRAIN).content)
+        ev = records.unpack_eval_reply(_send(client_app.evaluate, ctx, arrays, rnd, 8, MessageType.EVALUATE).content)
+        # The same decision, made independently with dp-accounting: take a step only if it stays within budget.
+        for kind, reply, entry in (("dpsgd", tr, (sigma, tr.sample_rate, tr.steps or
+                                                  round(1 / tr.sample_rate) * tiny_cfg.train.local_epochs)),
+                                   ("summary", ev, (release_sigma, 1.0, 1))):
+            fits = _dpa_epsilon([*spent, entry], 1e-5) <= budget
+            assert (reply.site.status == records.STATUS_OK) == fits, (rnd, kind, reply.site.reason)
+            if fits:
+                spent.append(entry)
+            else:
+                assert "would bring ε to" in reply.site.reason and f"budget {budget:g}" in reply.site.reason
+            assert reply.epsilon <= budget + 1e-9
+            assert reply.epsilon == pytest.approx(_dpa_epsilon(spent, 1e-5), rel=1e-3)
+            outcomes.append((kind, fits))
+    # Not vacuous: the site trained, then was stopped; summaries (cheaper) went on after training stopped.
+    assert ("dpsgd", True) in outcomes and ("dpsgd", False) in outcomes
+    assert outcomes.index(("dpsgd", False)) < max(i for i, o in enumerate(outcomes) if o == ("summary", True))
+    # The split: training alone and diagnostics alone, each below the total (RDP composes sub-additively).
+    assert 0 < ev.epsilon_diagnostics < ev.epsilon and 0 < ev.epsilon_training < ev.epsilon
+
+
+def _printable_runs(blob: bytes) -> str:
+    # Text in a serialised message would appear as a run of printable bytes; float arrays almost never do.
+    return "\n".join(m.decode("ascii") for m in re.findall(rb"[\x20-\x7e]{12,}", blob))
+
+
+def _windows(text: str, width: int = 16):
+    ascii_only = text.encode("ascii", "ignore").decode()
+    return [ascii_only[i:i + width] for i in range(0, max(1, len(ascii_only) - width), width)]
+
+
+def test_no_text_and_no_undocumented_record_leaves_a_site(tiny_cfg):
+    from client.data import SiteIdentity, site_rows
+
+    run_config = {**TINY, "num-server-rounds": 2}
+    arrays = trainable_state(build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0))
+    sent = []
+    for pid in range(2):
+        ctx = _context(run_config, pid)
+        sent.append(_send(None, ctx, None, 0, 2, MessageType.QUERY))
+        for rnd in (1, 2):
+            sent.append(_send(None, ctx, arrays, rnd, 2, MessageType.TRAIN))
+            sent.append(_send(None, ctx, arrays, rnd, 2, MessageType.EVALUATE, [0.5, 0.5, 0.5]))
+    blobs = [message_to_proto(m).SerializeToString() for m in sent]
+    strings = "\n".join(_printable_runs(b) for b in blobs)
+
+    rows = [site_rows(tiny_cfg.data, SiteIdentity(f"site-{p}", p, 3, "")) for p in range(2)]
+    texts = [t for r in rows for t in r[TEXT]]
+    hits = [w for t in texts for w in _windows(t) if w in strings]
+    assert len(texts) > 200 and not hits
+    # The scan does find text when there is some: a review fragment put into a reply's reason is caught.
+    leaky = records.reply(records.pack_hello(records.SiteInfo("site-0", 1, 1, "ok", texts[0][:80])),
+                          _message(RecordDict(), MessageType.QUERY))
+    assert any(w in _printable_runs(message_to_proto(leaky).SerializeToString()) for w in _windows(texts[0][:80]))
+
+    # Only documented records and keys travel; every summary value is a float; no label list, no per-example data.
+    allowed = {records.SITE: {"name", "n-train", "n-val", "status", "reason"},
+               records.METRICS: None, records.ARRAYS: None,
+               records.SUMMARY: {b.name.replace("_", "-") for b in diagnostics.BLOCKS}
+               | {"num-classes", "mechanism", "noise-multiplier", "sensitivity", "health-round"}}
+    for m in sent:
+        for name, record in m.content.items():
+            assert name in allowed, name
+            if allowed[name] is not None:
+                assert set(record) <= allowed[name], set(record) - allowed[name]
+        if records.SUMMARY in m.content.config_records:
+            s = m.content.config_records[records.SUMMARY]
+            n_val = int(m.content.config_records[records.SITE]["n-val"])
+            for b in diagnostics.BLOCKS:
+                values = np.asarray(s[b.name.replace("_", "-")])
+                assert values.dtype == np.float64 and values.size < n_val * 4 + 20  # aggregates, not per example
+
+
+def test_noise_makes_every_release_different_and_dp_off_sends_the_exact_summary(tiny_cfg):
+    arrays = trainable_state(build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0))
+
+    def summary(run_config):
+        ctx = _context(run_config)
+        return records.unpack_eval_reply(_send(client_app.evaluate, ctx, arrays, 1, 2, MessageType.EVALUATE).content)
+
+    a, b = summary({**TINY, "dp.release-noise-multiplier": 1.0}), summary({**TINY, "dp.release-noise-multiplier": 1.0})
+    assert not np.array_equal(a.blocks["confusion"], b.blocks["confusion"])
+    exact1, exact2 = summary({**TINY, "dp.enabled": False}), summary({**TINY, "dp.enabled": False})
+    assert exact1.noise_multiplier == 0 and exact1.epsilon == client_app.NOT_PRIVATE
+    np.testing.assert_array_equal(exact1.blocks["confusion"], exact2.blocks["confusion"])
+    assert exact1.blocks["confusion"].sum() == exact1.num_examples  # exact counts: every validation example
