@@ -196,22 +196,23 @@ def evaluate(msg: Message, context: Context) -> Message:
     ledger = _ledger(context)
     delta = cfg.dp.target_delta
 
-    def withheld(reason: str, sigma: float) -> Message:
+    def withheld(status: str, reason: str, sigma: float) -> Message:
         total, eps_train, eps_diag = privacy.epsilon_split(ledger, delta)
-        out = records.EvalReply(_info(data, records.STATUS_REFUSED, reason), len(data.val), total, None, sigma,
-                                0.0, 0, eps_train, eps_diag)
+        out = records.EvalReply(_info(data, status, reason), len(data.val), total, None, sigma, 0.0, 0, eps_train,
+                                eps_diag)
         return records.reply(records.pack_eval_reply(out), msg)
 
     sigma = 0.0
     if cfg.dp.enabled:
         sigma = _release_noise_multiplier(cfg, _plan_rounds(context, num_rounds or cfg.num_server_rounds)) or 0.0
         if sigma <= 0:
-            return withheld(f"site {data.site.name}: dp.diagnostics-share is 0; no summary released", 0.0)
+            # Configured, not a problem: the site answers ok and releases nothing.
+            return withheld(records.STATUS_OK, "no summary released (dp.diagnostics-share = 0)", 0.0)
         entry = privacy.LedgerEntry(server_round, privacy.SUMMARY, "gaussian", sigma, 1.0, 1,
                                     diagnostics.SENSITIVITY)
         problem = privacy.budget_check(ledger, entry, budget=cfg.dp.target_epsilon, delta=delta)
         if problem:
-            return withheld(f"site {data.site.name}: {problem}; summary withheld", sigma)
+            return withheld(records.STATUS_REFUSED, f"site {data.site.name}: {problem}; summary withheld", sigma)
 
     exact = local_summary(model, data.train, data.val, num_classes=data.num_classes, loss_clip=cfg.dp.loss_clip,
                           thresholds=thresholds, health=_health(context, server_round), health_round=server_round)

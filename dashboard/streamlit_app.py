@@ -167,7 +167,8 @@ def error_summary(snap: dict, sites: list[str]) -> None:
     labels = str(snap["config"].get("data.labels", "")).split(",")
     std = (summary.get("noise_std") or {}).get("confusion", 0.0)
     st.caption(f"Round {summary['round']}. " + (f"Noised values: Gaussian noise of std {std:.1f} per count "
-                                                 "(secondary histograms twice that), clamped at 0."
+                                                 "(secondary histograms twice that), then clamped at 0 and "
+                                                 "rescaled to the site's public split sizes."
                                                  if std else "Exact values (DP off)."))
     left, mid, right = st.columns(3)
     conf = data.confusion_frame(summary, labels)

@@ -243,7 +243,8 @@ class DebugFedAvg(FedAvg):
                                noise_multiplier=ev.noise_multiplier, epsilon_training=_eps(ev.epsilon_training),
                                epsilon_diagnostics=_eps(ev.epsilon_diagnostics))
             if ev.blocks is None:
-                rec.events.append(Event("site-refused", ev.site.reason, ev.site.name))
+                if ev.site.status != records.STATUS_OK:  # ok without a summary: dp.diagnostics-share = 0
+                    rec.events.append(Event("site-refused", ev.site.reason, ev.site.name))
             else:
                 train_row = trained.get(ev.site.name)
                 d = diagnostics.derive(ev.blocks, loss_clip=self.loss_clip, n_val=ev.num_examples,
@@ -279,10 +280,13 @@ class DebugFedAvg(FedAvg):
             h = d["dp_health"]
             row.clip_fraction, row.grad_norm = h["clip_fraction"], h["mean_grad_norm"]
             row.noise_to_signal = _finite(h["noise_to_signal"])
-        row.confusion_json = json.dumps(np.round(ev.blocks["confusion"], 3).tolist())
+        row.confusion_json = json.dumps(np.round(np.asarray(d["confusion"]), 3).tolist())  # clamped, rescaled
         row.summary_json = json.dumps({"round_trained": ev.health_round, "noise_multiplier": ev.noise_multiplier,
                                        "noise_std": diagnostics.noise_std(ev.noise_multiplier),
-                                       **_round_floats(d)}, allow_nan=True)
+                                       **_round_floats(d),
+                                       # As released (unclamped, unbiased): what later analyses average over rounds.
+                                       "released": {k: _round_floats(v.tolist()) for k, v in ev.blocks.items()}},
+                                      allow_nan=True)
 
 
 def _finite(v: float | None) -> float | None:

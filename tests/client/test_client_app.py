@@ -147,3 +147,11 @@ def test_noise_makes_every_release_different_and_dp_off_sends_the_exact_summary(
     assert exact1.noise_multiplier == 0 and exact1.epsilon == client_app.NOT_PRIVATE
     np.testing.assert_array_equal(exact1.blocks["confusion"], exact2.blocks["confusion"])
     assert exact1.blocks["confusion"].sum() == exact1.num_examples  # exact counts: every validation example
+
+
+def test_a_zero_diagnostics_share_releases_nothing_and_spends_nothing_on_it(tiny_cfg):
+    arrays = trainable_state(build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0))
+    ctx = _context({**TINY, "dp.diagnostics-share": 0.0})
+    ev = records.unpack_eval_reply(_send(client_app.evaluate, ctx, arrays, 1, 2, MessageType.EVALUATE).content)
+    assert ev.blocks is None and ev.site.status == records.STATUS_OK and "diagnostics-share = 0" in ev.site.reason
+    assert ev.epsilon == 0.0 and ev.epsilon_diagnostics == 0.0

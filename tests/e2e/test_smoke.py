@@ -73,6 +73,9 @@ def test_smoke_run_report(smoke_store):
         assert summary["round"] == 2 and summary["noised"] is True and summary["round_trained"] == 2
         assert len(summary["per_class"]["f1"]) == 3 and summary["calibration"]["ece"] is not None
         assert 0 <= summary["dp_health"]["clip_fraction"] <= 1 and summary["dp_health"]["noise_to_signal"] > 0
+        assert len(summary["released"]["confusion"]) == 3 and set(summary["released"]) == {
+            "confusion", "val_loss_sum", "val_loss_hist", "calibration", "self_confidence", "label_issues",
+            "train_labels", "train_loss_sum", "train_loss_hist", "grad_norm_hist", "clipped_sum_norm"}
     # The final model loads with the plain transformers API.
     from transformers import AutoModelForSequenceClassification
 
