@@ -91,7 +91,7 @@ def _partitions(labels: tuple[str, ...], num_sites: int, how: str, alpha: float,
 def encode(texts: list[str], labels: np.ndarray, tokenizer, max_length: int) -> Encoded:  # noqa: ANN001
     # Tokenise once, padded to max_length: the DP step then only indexes tensors.
     tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    return Encoded(tok["input_ids"], tok["attention_mask"], torch.as_tensor(labels, dtype=torch.long))
+    return Encoded(tok["input_ids"], tok["attention_mask"], torch.tensor(np.asarray(labels), dtype=torch.long))
 
 
 def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer) -> SiteData:  # noqa: ANN001

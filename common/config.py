@@ -139,6 +139,7 @@ class ServerConfig:
     round_timeout: float
     central_eval: str
     save_model: bool
+    keep_rounds: int
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,7 @@ class AppConfig:
         num("server.fraction-train", s.fraction_train, 0.0, 1.0, lo_open=True)
         num("server.min-sites", s.min_sites, 1, 100_000, integer=True)
         num("server.round-timeout", s.round_timeout, 0.0, 1e7, lo_open=True)
+        num("server.keep-rounds", s.keep_rounds, 0, 1_000_000, integer=True)
         check(s.central_eval in ("", "drugreview-test"), "server.central-eval", s.central_eval,
               'one of "", "drugreview-test"')
         num("simulation.num-sites", self.simulation.num_sites, 1, 100_000, integer=True)

@@ -172,6 +172,14 @@ class Event:
 
 
 @dataclass
+class Finding:
+    kind: str  # "site-failed" | "site-refused" | "update-rejected" | "collapsed" | "noise-dominated" | ...
+    severity: str  # "critical" | "warning" | "info"
+    message: str  # the evidence, as a sentence
+    site: str | None = None  # None: about the whole run
+
+
+@dataclass
 class RoundRecord:
     """Everything one round produced; written in one transaction."""
 
@@ -181,6 +189,7 @@ class RoundRecord:
     sites: list[SiteRoundRow] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     ledger: list[LedgerRow] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
 
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -259,6 +268,10 @@ class RunWriter:
                     (self.run_id, *(getattr(e, c) for c in LEDGER_COLUMNS)))
             for ev in rec.events:
                 self._event(ev, rec.round)
+            for f in rec.findings:
+                self.conn.execute("INSERT INTO findings (run_id, round, site, kind, severity, message) "
+                                  "VALUES (?, ?, ?, ?, ?, ?)", (self.run_id, rec.round, f.site, f.kind, f.severity,
+                                                                f.message))
 
     def finish(self, status: str, *, model_path: str | None = None, error: str | None = None) -> None:
         with self.conn:

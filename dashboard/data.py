@@ -26,14 +26,11 @@ def runs(store: str) -> pd.DataFrame:
 
 @st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
 def run(store: str, run_id: str) -> dict:
-    """One run as a consistent snapshot: run fields + DataFrames of rounds, site rows, sites, events."""
+    """One run as a consistent snapshot: run fields + DataFrames of rounds, site rows, sites, events, findings,
+    ledger."""
     raw = run_store.load_run(store, run_id)
-    out = {k: v for k, v in raw.items() if not isinstance(v, list)}
-    out["rounds"] = pd.DataFrame(raw["rounds"])
-    out["site_rounds"] = pd.DataFrame(raw["site_rounds"])
-    out["sites"] = pd.DataFrame(raw["sites"])
-    out["events"] = pd.DataFrame(raw["events"])
-    return out
+    # Every list (rounds, site_rounds, sites, events, findings, ledger) becomes a DataFrame.
+    return {k: pd.DataFrame(v) if isinstance(v, list) else v for k, v in raw.items()}
 
 
 def global_curves(rounds: pd.DataFrame) -> pd.DataFrame:
@@ -132,3 +129,90 @@ def site_curves(site_rounds: pd.DataFrame, metric: str) -> pd.DataFrame:
         return pd.DataFrame(columns=["round", "site", "value"])
     ev = site_rounds[(site_rounds["phase"] == "evaluate") & (site_rounds["status"] == "ok")]
     return ev[["round", "site", metric]].rename(columns={metric: "value"})
+
+
+def summaries(site_rounds: pd.DataFrame, round_: int | None = None) -> dict[str, dict]:
+    """site -> its released summary (derived numbers) of `round_`, or its newest one when round_ is None."""
+    if site_rounds.empty or "summary_json" not in site_rounds:
+        return {}
+    ev = site_rounds[site_rounds["summary_json"].notna()]
+    if round_ is not None:
+        ev = ev[ev["round"] == round_]
+    out = {}
+    for row in ev.sort_values("round").itertuples():
+        out[row.site] = {"round": int(row.round), **json.loads(row.summary_json)}
+    return out
+
+
+def per_class_frame(summaries_: dict[str, dict], labels: list[str], key: str = "f1") -> pd.DataFrame:
+    """(site, class, value) of one per-class number (precision / recall / f1) of each site's summary."""
+    rows = []
+    for site, s in summaries_.items():
+        values = s["per_class"][key]
+        names = labels if len(labels) == len(values) else [str(i) for i in range(len(values))]
+        rows += [{"site": site, "class": names[i], "value": v} for i, v in enumerate(values)]
+    return pd.DataFrame(rows, columns=["site", "class", "value"])
+
+
+def confusion_long(summaries_: dict[str, dict], labels: list[str], block: str = "confusion") -> pd.DataFrame:
+    """(site, given, predicted, count) of every site's confusion matrix (or label-issue matrix)."""
+    rows = []
+    for site, s in summaries_.items():
+        matrix = s[block] if block == "confusion" else s["label_issues"]["matrix"]
+        k = len(matrix)
+        names = labels if len(labels) == k else [str(i) for i in range(k)]
+        rows += [{"site": site, "given": names[i], "predicted": names[j], "count": matrix[i][j]}
+                 for i in range(k) for j in range(k)]
+    return pd.DataFrame(rows, columns=["site", "given", "predicted", "count"])
+
+
+def histograms_long(summaries_: dict[str, dict], labels: list[str]) -> pd.DataFrame:
+    """(site, class, which, share) of validation labels, predictions and train labels, as shares of each site."""
+    rows = []
+    for site, s in summaries_.items():
+        for which, key in (("validation labels", "label_histogram"), ("predictions", "prediction_histogram"),
+                           ("train labels", "train_label_histogram")):
+            counts = s[key]
+            total = sum(counts) or 1.0
+            names = labels if len(labels) == len(counts) else [str(i) for i in range(len(counts))]
+            rows += [{"site": site, "class": names[i], "which": which, "share": c / total}
+                     for i, c in enumerate(counts)]
+    return pd.DataFrame(rows, columns=["site", "class", "which", "share"])
+
+
+def calibration_long(summaries_: dict[str, dict]) -> pd.DataFrame:
+    """(site, confidence, accuracy, count) per confidence bin of every site (reliability diagram)."""
+    rows = []
+    for site, s in summaries_.items():
+        cal = s["calibration"]
+        n = len(cal["accuracy"])
+        rows += [{"site": site, "confidence": (i + 0.5) / n, "accuracy": cal["accuracy"][i], "count": cal["count"][i]}
+                 for i in range(n) if cal["count"][i] and cal["count"][i] > 0]
+    return pd.DataFrame(rows, columns=["site", "confidence", "accuracy", "count"])
+
+
+def privacy_frame(site_rounds: pd.DataFrame) -> pd.DataFrame:
+    """(round, site, part, epsilon): cumulative ε per site after each round, total / training / diagnostics."""
+    cols = [c for c in ("epsilon", "epsilon_training", "epsilon_diagnostics") if c in site_rounds]
+    if site_rounds.empty or not cols:
+        return pd.DataFrame(columns=["round", "site", "part", "epsilon"])
+    per = site_rounds.groupby(["round", "site"])[cols].max().reset_index()
+    per = per.rename(columns={"epsilon": "total", "epsilon_training": "training",
+                              "epsilon_diagnostics": "diagnostics"})
+    parts = [c for c in ("total", "training", "diagnostics") if c in per]
+    return per.melt(id_vars=["round", "site"], value_vars=parts, var_name="part", value_name="epsilon").dropna()
+
+
+def cross_site(site_rounds: pd.DataFrame, rounds: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """(model, data, value): the global model of each round (rows) on each site's validation data (noised) and on
+    the server's test set (exact)."""
+    rows = []
+    if not site_rounds.empty and metric in site_rounds:
+        ev = site_rounds[(site_rounds["phase"] == "evaluate") & (site_rounds["status"] == "ok")]
+        rows += [{"model": f"round {r.round}", "round": int(r.round), "data": r.site, "value": getattr(r, metric)}
+                 for r in ev.itertuples()]
+    test_col = f"test_{metric}"
+    if not rounds.empty and test_col in rounds:
+        rows += [{"model": f"round {r.round}", "round": int(r.round), "data": "server test set",
+                  "value": getattr(r, test_col)} for r in rounds.itertuples() if pd.notna(getattr(r, test_col))]
+    return pd.DataFrame(rows, columns=["model", "round", "data", "value"])

@@ -2,6 +2,7 @@
 
 Run as:  fedlens simulate --scenario simulations/smoke.toml
          fedlens report --json
+         fedlens whatif --round 3 --exclude site-2
          fedlens dashboard --port 8501
 Progress and logs go to stderr; only data (the report) goes to stdout. Exit codes: 0 ok, 1 failed, 2 usage error.
 """
@@ -144,6 +145,39 @@ def report(
             typer.echo(dumps({"success": False, "error": str(e)}))
         _fail(str(e))
     typer.echo(dumps(rep) if json_ else format_text(rep))
+
+
+@app.command()
+def whatif(
+    round_: Annotated[int, typer.Option("--round", help="the round to re-aggregate")],
+    exclude: Annotated[str, typer.Option(help="comma-separated site names to leave out")],
+    store: Annotated[Path, typer.Option(help="run store file")] = Path(DEFAULT_STORE),
+    run: Annotated[str | None, typer.Option(help="run id (default: the newest run)")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Re-aggregate a round without some sites and compare both global models on the server's test set."""
+    import json
+
+    from server.whatif import reaggregate
+
+    try:
+        out = reaggregate(store, run, round_, [s.strip() for s in exclude.split(",") if s.strip()])
+    except (LookupError, ValueError, FileNotFoundError) as e:
+        if json_:
+            typer.echo(json.dumps({"success": False, "error": str(e)}))
+        _fail(str(e))
+    if json_:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    typer.echo(f"run {out['run_id']} round {out['round']}: without {', '.join(out['excluded'])} "
+               f"({len(out['sites_used'])} site(s), {out['examples_used']} examples left); "
+               f"weights moved by {out['distance']:.4f}")
+    if out["actual"] is None:
+        typer.echo(out.get("note", ""))
+        return
+    for k in ("accuracy", "macro_f1", "loss"):
+        typer.echo(f"  test {k:<9} actual {out['actual'][k]:.4f}   without {out['without'][k]:.4f}   "
+                   f"change {out['change'].get(k, float('nan')):+.4f}")
 
 
 @app.command()

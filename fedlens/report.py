@@ -130,6 +130,10 @@ def format_text(rep: dict[str, Any]) -> str:
                      f"{f((sm.get('calibration') or {}).get('ece'), '.2f'):>7}"
                      f"{f((sm.get('label_issues') or {}).get('share'), '.0%'):>8}"
                      f"{f(health.get('clip_fraction'), '.0%'):>9}")
+    if rep["findings"]:
+        lines.append("")
+        lines.append("findings:")
+        lines += [f"  round {f['round']}: [{f['severity']}] {f['message']}" for f in rep["findings"]]
     problems = [e for e in rep["events"] if e["kind"] not in ("site-joined",)]
     if problems:
         lines.append("")

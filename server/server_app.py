@@ -9,6 +9,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.checkpoints import Checkpoints
 from common.config import AppConfig
 from common.log import get_logger
 from common.metrics import confusion_matrix, summary_metrics
@@ -64,7 +65,8 @@ def main(grid: Grid, context: Context) -> None:
         model = build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
         strategy = DebugFedAvg(writer=writer, min_sites=cfg.server.min_sites, fraction_train=cfg.server.fraction_train,
                                timeout=cfg.server.round_timeout, central_eval=make_central_eval(cfg, model, tokenizer),
-                               loss_clip=cfg.dp.loss_clip)
+                               loss_clip=cfg.dp.loss_clip,
+                               checkpoints=Checkpoints(cfg.store.path, run_id, keep=cfg.server.keep_rounds))
         final = strategy.run(grid, trainable_state(model), cfg.num_server_rounds)
         model_path = None
         if cfg.server.save_model:

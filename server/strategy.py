@@ -15,8 +15,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import diagnostics, records
+from common.checkpoints import Checkpoints
 from common.log import get_logger
 from common.run_store import Event, LedgerRow, RoundRecord, RunWriter, SiteRoundRow
+from server.findings import FindingsTracker
 
 log = get_logger()
 Arrays = OrderedDict[str, np.ndarray]
@@ -72,7 +74,8 @@ class DebugFedAvg(FedAvg):
     """
 
     def __init__(self, *, writer: RunWriter, min_sites: int, fraction_train: float, timeout: float,
-                 central_eval: CentralEval | None = None, poll_interval: float = 0.2, loss_clip: float = 3.0) -> None:
+                 central_eval: CentralEval | None = None, poll_interval: float = 0.2, loss_clip: float = 3.0,
+                 checkpoints: Checkpoints | None = None) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_sites,
                          min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
         self.writer = writer
@@ -82,6 +85,8 @@ class DebugFedAvg(FedAvg):
         self.site_of: dict[int, str] = {}  # node id -> site name (node ids are random; names are stable)
         self.known: set[str] = set()  # site names already in the store
         self.loss_clip = loss_clip
+        self.checkpoints = checkpoints
+        self.findings = FindingsTracker()
         # Confident-learning thresholds sent with each evaluation: from the previous round's noised summaries.
         self.thresholds: list[float] | None = None
 
@@ -149,6 +154,8 @@ class DebugFedAvg(FedAvg):
         """Train for `num_rounds` rounds from `initial`; returns the final global weights."""
         self.hello(grid)
         arrays = initial
+        if self.checkpoints is not None:
+            self.checkpoints.save(0, initial, {})
         for rnd in range(1, num_rounds + 1):
             t0 = time.time()
             log.info("[ROUND %d/%d]", rnd, num_rounds)
@@ -159,7 +166,7 @@ class DebugFedAvg(FedAvg):
                                      MessageType.TRAIN)
             updates = self._collect_train(replies, arrays, rec)
             if updates:
-                arrays = weighted_average(updates)
+                arrays = weighted_average(list(updates.values()))
             else:
                 # Nothing to aggregate: keep the previous global model and say so.
                 rec.events.append(Event("round-skipped", f"round {rnd}: no site returned usable weights; "
@@ -176,6 +183,9 @@ class DebugFedAvg(FedAvg):
                 test = self.central_eval(arrays)
                 rec.metrics.update({f"test_{k}": v for k, v in test.items()})
 
+            if self.checkpoints is not None:
+                self.checkpoints.save(rnd, arrays, updates)  # before the commit: a committed round has its weights
+            rec.findings = self.findings.update(rec)
             rec.seconds = time.time() - t0
             self.writer.write_round(rec)
             log.info("round %d: %s", rnd, {k: round(v, 4) for k, v in rec.metrics.items() if v is not None})
@@ -189,8 +199,10 @@ class DebugFedAvg(FedAvg):
         rec.sites.append(SiteRoundRow(site=r.site, phase=phase, status="failed", reason=reason))
         rec.events.append(Event("site-failed", f"{r.site} failed in {phase}: {reason}", r.site))
 
-    def _collect_train(self, replies: list[SiteReply], global_arrays: Arrays, rec: RoundRecord) -> list[tuple[Arrays, int]]:
-        updates: list[tuple[Arrays, int]] = []
+    def _collect_train(self, replies: list[SiteReply], global_arrays: Arrays,
+                       rec: RoundRecord) -> dict[str, tuple[Arrays, int]]:
+        """site -> (accepted weights, examples); every other reply is recorded with its reason."""
+        updates: dict[str, tuple[Arrays, int]] = {}
         for r in replies:
             if r.message is None or r.message.has_error():
                 self._failed(r, "train", rec)
@@ -220,7 +232,7 @@ class DebugFedAvg(FedAvg):
                     rec.events.append(Event("update-rejected", f"{tr.site.name}: {problem}", tr.site.name))
                 else:
                     row.update_norm = update_norm(tr.arrays, global_arrays)
-                    updates.append((tr.arrays, tr.num_examples))
+                    updates[tr.site.name] = (tr.arrays, tr.num_examples)
             rec.sites.append(row)
         return updates
 

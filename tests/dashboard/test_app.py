@@ -1,27 +1,33 @@
-"""The dashboard script under Streamlit's AppTest, against hand-made edge-case stores."""
+"""Every dashboard page under Streamlit's AppTest, against hand-made edge-case stores and a synthetic full run."""
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from common.config import PROJECT_ROOT
 from common.run_store import Event, RoundRecord, RunWriter, SiteRoundRow
+from dashboard.bench import PAGES, make_store
 
 APP = str(PROJECT_ROOT / "dashboard" / "streamlit_app.py")
 
 
-def _open(monkeypatch, store):
+def _open(monkeypatch, store, page=None):
     monkeypatch.setenv("FEDLENS_STORE", str(store))
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception, at.exception
+    if page:
+        at.switch_page(page).run()
+        assert not at.exception, at.exception
     return at
 
 
 def _texts(at):
-    return " ".join(str(e.value) for kind in (at.info, at.warning, at.error, at.caption, at.title, at.markdown)
-                    for e in kind)
+    return " ".join(str(e.value) for kind in (at.info, at.warning, at.error, at.success, at.caption, at.title,
+                                              at.markdown, at.subheader) for e in kind)
 
 
-def test_empty_store_says_how_to_start(monkeypatch, tmp_path):
-    at = _open(monkeypatch, tmp_path / "none.db")
+@pytest.mark.parametrize("page", [None, *PAGES])
+def test_an_empty_store_says_how_to_start_on_every_page(monkeypatch, tmp_path, page):
+    at = _open(monkeypatch, tmp_path / "none.db", page)
     assert "No runs in" in _texts(at) and "fedlens simulate" in _texts(at)
 
 
@@ -31,10 +37,16 @@ def test_a_run_at_round_zero_says_round_one_is_in_progress(monkeypatch, tmp_path
     at = _open(monkeypatch, tmp_path / "s.db")
     assert "Round 1 is in progress" in _texts(at)
     assert at.metric[0].value == "0 / 5"
+    for page, says in (("views/errors.py", "No site has released an error summary yet"),
+                       ("views/privacy.py", "No site has spent any ε yet"),
+                       ("views/cross_site.py", "No evaluation has been committed yet"),
+                       ("views/whatif.py", "kept no per-round updates"),
+                       ("views/findings.py", "No findings yet")):
+        assert says in _texts(at.switch_page(page).run()), page
 
 
-def test_a_failed_site_shows_its_reason_and_a_failed_run_its_error(monkeypatch, tmp_path):
-    w = RunWriter(tmp_path / "s.db", "r")
+def _failed_run(path):
+    w = RunWriter(path, "r")
     w.start(scenario="t", rounds_planned=2, model="m", config={"dp.enabled": True, "dp.target-epsilon": 8.0})
     w.add_site("clinic-a", n_train=100, n_val=20)
     w.add_site("clinic-b", n_train=80, n_val=20)
@@ -46,16 +58,22 @@ def test_a_failed_site_shows_its_reason_and_a_failed_run_its_error(monkeypatch, 
                                SiteRoundRow("clinic-b", "train", "failed", reason="site clinic-b: data file x.csv does not exist")],
                               [Event("site-failed", "clinic-b failed in train: data file x.csv does not exist", "clinic-b")]))
     w.finish("failed", error="RuntimeError: boom")
-    at = _open(monkeypatch, tmp_path / "s.db")
+    return path
+
+
+def test_a_failed_site_shows_its_reason_and_a_failed_run_its_error(monkeypatch, tmp_path):
+    at = _open(monkeypatch, _failed_run(tmp_path / "s.db"))
     assert "The run failed: RuntimeError: boom" in _texts(at)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Accuracy (test set)"] == "0.700"
     assert metrics["Max ε spent / budget"] == "3.30 / 8"
-    assert metrics["Sites failing"] == "1 / 2"
-    sites = at.dataframe[0].value
-    assert list(sites["site"]) == ["clinic-a", "clinic-b"]
-    assert sites.set_index("site").loc["clinic-b", "status"] == "failed"
-    assert "does not exist" in sites.set_index("site").loc["clinic-b", "reason"]
+    assert metrics["Worst site"] == "clinic-b"
+    assert "clinic-b (failed: site clinic-b: data file x.csv does not exist)" in _texts(at)
+    at.switch_page("views/sites.py").run()
+    sites = at.dataframe[0].value.set_index("site")
+    assert list(sites.index) == ["clinic-a", "clinic-b"]
+    assert sites.loc["clinic-b", "status"] == "failed" and sites.loc["clinic-b", "health"] == "🔴 failed"
+    assert "does not exist" in sites.loc["clinic-b", "reason"]
 
 
 def test_a_collapsed_model_is_called_out(monkeypatch, tmp_path):
@@ -65,3 +83,41 @@ def test_a_collapsed_model_is_called_out(monkeypatch, tmp_path):
     at = _open(monkeypatch, tmp_path / "s.db")
     assert "collapsed onto the majority class" in _texts(at)
     assert {m.label: m.value for m in at.metric}["Max ε spent / budget"] == "no DP"
+    assert "dp.enabled = false" in _texts(at.switch_page("views/privacy.py").run())
+
+
+@pytest.fixture(scope="module")
+def full_store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("full") / "s.db", sites=6, rounds=4, failing=("site-002",))
+
+
+def test_every_page_of_a_full_run_shows_its_numbers(monkeypatch, full_store):
+    at = _open(monkeypatch, full_store)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Round"] == "4 / 4" and metrics["Open findings"] == "1" and metrics["Worst site"] == "site-002"
+
+    at.switch_page("views/sites.py").run()
+    sites = at.dataframe[0].value.set_index("site")
+    assert len(sites) == 6 and sites.loc["site-002", "health"] == "🔴 failed"
+    assert (sites.drop("site-002")["ε training"] > 0).all() and sites["ECE"].notna().sum() == 6
+
+    at.switch_page("views/findings.py").run()
+    assert "site-002" in [h.value for h in at.subheader]
+    assert "site-002 failed in train in round 4: data file missing" in _texts(at)
+
+    at.switch_page("views/errors.py").run()
+    assert {"Per-class F1", "Label issues (given → confidently)", "Confusion matrices (validation, rows = given label)"} \
+        <= {h.value for h in at.subheader}
+    assert "Noised values" in _texts(at) and "Round 4: 5 site(s)" in _texts(at)
+
+    at.switch_page("views/privacy.py").run()
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Most spent"] == "8.00 / 8" and metrics["Sites over 90 % of budget"] == "5"
+    ledger_rows = at.dataframe[-1].value
+    assert len(ledger_rows) == 6 * 4 * 2 - 2  # a DP-SGD segment and a summary per site and round; site-002 failed once
+
+    at.switch_page("views/cross_site.py").run()
+    assert "server test set column is exact" in _texts(at)
+
+    at.switch_page("views/runs.py").run()
+    assert at.dataframe[0].value["run_id"].tolist() == ["synthetic"]

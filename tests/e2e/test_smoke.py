@@ -62,7 +62,8 @@ def test_smoke_run_report(smoke_store):
         assert s["metrics"]["accuracy"] is not None
     for key in ("accuracy", "macro_f1", "loss"):
         assert rep["global"][key] is not None and rep["test"][key] is not None
-    assert rep["findings"] == []
+    # Findings the tiny model may earn (DP noise dominating, collapse); never a site failure in a clean run.
+    assert {f["kind"] for f in rep["findings"]} <= {"noise-dominated", "collapsed"}
     assert rep["schema_version"] == 2 and 0 < rep["diagnostics_share"] < 1
     for s in rep["sites"]:
         # The ledger: one DP-SGD segment and one released summary per round, as the site spent them.

@@ -8,6 +8,7 @@ import pytest
 from flwr.app import RecordDict
 
 from common import diagnostics, records
+from common.checkpoints import Checkpoints
 from common.run_store import RunWriter, load_run
 from server.strategy import DebugFedAvg
 
@@ -95,7 +96,9 @@ def test_one_round_records_every_kind_of_site(tmp_path):
     }
     writer = RunWriter(tmp_path / "s.db", "r")
     writer.start(scenario="t", rounds_planned=1, model="m", config={})
-    strategy = DebugFedAvg(writer=writer, min_sites=2, fraction_train=1.0, timeout=0.5, poll_interval=0.05)
+    ckpt = Checkpoints(tmp_path / "s.db", "r", keep=3)
+    strategy = DebugFedAvg(writer=writer, min_sites=2, fraction_train=1.0, timeout=0.5, poll_interval=0.05,
+                           checkpoints=ckpt)
     # Execute
     final = strategy.run(FakeGrid(behaviour), GLOBAL, 1)
     # Assert: only the good site's update was averaged
@@ -119,6 +122,15 @@ def test_one_round_records_every_kind_of_site(tmp_path):
         ("poisoned", "summary", 3.0)]
     # Round 1 has no thresholds yet; the next evaluation gets the noised mean self-confidence: 3.6 / 6 per class.
     assert sent_thresholds[-1] is None and strategy.thresholds == pytest.approx([0.6] * 3)
+    # The round's weights are kept for what-if: the initial model, then the global and the one accepted update.
+    assert ckpt.rounds() == [0, 1]
+    kept_global, kept_updates = ckpt.load(1)
+    assert list(kept_updates) == ["good"] and kept_updates["good"][1] == 10
+    np.testing.assert_equal(kept_global["w"], final["w"])
+    # Findings, committed with the round: the failures, the refusal and the rejected update, by site.
+    assert sorted((f["site"], f["kind"]) for f in run["findings"]) == [
+        ("broke", "site-refused"), ("crashy", "site-failed"), ("garbled", "site-failed"),
+        ("poisoned", "update-rejected"), ("silent", "site-failed")]
     kinds = [e["kind"] for e in run["events"]]
     assert kinds.count("site-joined") == 6 and "update-rejected" in kinds and "site-refused" in kinds
 

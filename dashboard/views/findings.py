@@ -1,0 +1,34 @@
+"""Findings: what fedlens concluded, newest first, grouped by site, each with its evidence."""
+
+import streamlit as st
+
+from dashboard import ui
+
+ICON = {"critical": "🔴", "warning": "🟠", "info": "🔵"}
+# Which page holds the charts behind each kind of finding.
+EVIDENCE = {"site-failed": "views/sites.py", "site-refused": "views/privacy.py", "budget-nearly-spent": "views/privacy.py",
+            "noise-dominated": "views/privacy.py", "collapsed": "views/overview.py", "high-loss": "views/errors.py",
+            "label-issues": "views/errors.py", "update-rejected": "views/sites.py"}
+
+
+def body(snap: dict) -> None:
+    ui.header(snap, "Findings")
+    findings = snap["findings"]
+    if findings.empty:
+        st.success("No findings: every site answered, nothing looks wrong so far." if not snap["rounds"].empty
+                   else "No findings yet: they appear as rounds complete.")
+        return
+    findings = findings.iloc[::-1]  # newest first
+    st.caption(f"{len(findings)} finding(s). Site-level findings rest on noised summaries: read them as leads.")
+    for site, group in findings.groupby(findings["site"].fillna("(whole run)"), sort=False):
+        st.subheader(site)
+        for f in group.itertuples():
+            with st.container(border=True):
+                st.markdown(f"{ICON.get(f.severity, '•')} **{f.kind}** · round {ui.fmt(f.round, 'g')} · {f.severity}")
+                st.write(f.message)
+                page = EVIDENCE.get(f.kind)
+                if page:
+                    st.page_link(page, label="see the evidence", icon=":material/arrow_forward:")
+
+
+ui.live(body)

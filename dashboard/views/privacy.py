@@ -1,0 +1,77 @@
+"""Privacy: how much of its ε has each site spent, on what, and how noisy are its DP steps?"""
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from dashboard import data, ui
+
+
+def body(snap: dict) -> None:
+    ui.header(snap, "Privacy")
+    if not ui.dp_on(snap):
+        st.info("This run has dp.enabled = false: nothing was noised and no ε was spent.")
+        return
+    budget = float(snap["config"].get("dp.target-epsilon", 0.0))
+    share = snap["config"].get("dp.diagnostics-share")
+    st.caption(f"Budget per site ε = {budget:g} at δ = {snap['config'].get('dp.target-delta', '—')}"
+               + (f"; summaries may spend {share:.0%} of it." if share is not None else "."))
+    eps = data.privacy_frame(snap["site_rounds"])
+    if eps.empty:
+        st.info("No site has spent any ε yet.")
+        return
+    latest = eps.sort_values("round").groupby(["site", "part"]).tail(1)
+    total = latest[latest["part"] == "total"].set_index("site")["epsilon"]
+    cols = st.columns(3)
+    cols[0].metric("Most spent", f"{total.max():.2f} / {budget:g}", help=f"site {total.idxmax()}")
+    cols[1].metric("Least remaining", f"{budget - total.max():.2f}")
+    cols[2].metric("Sites over 90 % of budget", int((total >= 0.9 * budget).sum()))
+
+    st.subheader("ε over rounds (cumulative)")
+    rule = alt.Chart(pd.DataFrame({"budget": [budget]})).mark_rule(color="red", strokeDash=[4, 4]).encode(y="budget:Q")
+    lines = alt.Chart(eps).mark_line(point=True).encode(
+        x=alt.X("round:O"), y=alt.Y("epsilon:Q", title="ε"), color="site:N", strokeDash=alt.StrokeDash("part:N"),
+        tooltip=["round", "site", "part", alt.Tooltip("epsilon", format=".3f")])
+    st.altair_chart(lines + rule, width="stretch")
+    st.caption("total = everything composed (RDP), less than training + diagnostics; the red line is the budget.")
+
+    rows = snap["site_rounds"]
+    train = rows[(rows["phase"] == "train") & (rows["status"] == "ok")]
+    ev = rows[(rows["phase"] == "evaluate") & (rows["status"] == "ok")]
+    left, right = st.columns(2)
+    if "clip_fraction" in ev and ev["clip_fraction"].notna().any():
+        left.subheader("Clipped per-sample gradients")
+        left.altair_chart(alt.Chart(ev.dropna(subset=["clip_fraction"])).mark_line(point=True).encode(
+            x="round:O", y=alt.Y("clip_fraction:Q", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
+            color="site:N", tooltip=["round", "site", alt.Tooltip("clip_fraction", format=".0%")]), width="stretch")
+    if "noise_to_signal" in ev and ev["noise_to_signal"].notna().any():
+        right.subheader("Noise / signal per DP step")
+        right.altair_chart(alt.Chart(ev.dropna(subset=["noise_to_signal"])).mark_line(point=True).encode(
+            x="round:O", y=alt.Y("noise_to_signal:Q", scale=alt.Scale(type="log"), title="‖noise‖ / ‖Σ clipped‖"),
+            color="site:N", tooltip=["round", "site", alt.Tooltip("noise_to_signal", format=".1f")]), width="stretch")
+
+    st.subheader("Per site")
+    per_site = pd.DataFrame({
+        "site": total.index,
+        "ε spent": total.values,
+        "ε training": [latest[(latest["site"] == s) & (latest["part"] == "training")]["epsilon"].max()
+                       for s in total.index],
+        "ε diagnostics": [latest[(latest["site"] == s) & (latest["part"] == "diagnostics")]["epsilon"].max()
+                          for s in total.index],
+        "remaining": budget - total.values,
+        "DP-SGD σ": [train[train["site"] == s]["noise_multiplier"].iloc[-1] if (train["site"] == s).any() else None
+                     for s in total.index],
+        "summary σ": [ev[ev["site"] == s]["noise_multiplier"].iloc[-1] if (ev["site"] == s).any() else None
+                      for s in total.index],
+    })
+    st.dataframe(per_site, hide_index=True, width="stretch", column_config={
+        "ε spent": st.column_config.ProgressColumn(format="%.2f", min_value=0.0, max_value=budget or 1.0),
+        **{c: st.column_config.NumberColumn(format="%.3f") for c in ("ε training", "ε diagnostics", "remaining",
+                                                                      "DP-SGD σ", "summary σ")}})
+    ledger = snap.get("ledger")
+    if ledger is not None and not ledger.empty:
+        with st.expander("Ledger: every spend, as the sites reported it"):
+            st.dataframe(ledger, hide_index=True, width="stretch")
+
+
+ui.live(body)

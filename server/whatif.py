@@ -1,0 +1,63 @@
+"""What if some sites had been left out of a round? Re-run that round's FedAvg without them, from the updates the
+server kept (common/checkpoints.py), and evaluate both global models on the server's held-out test set.
+
+The same function serves `fedlens whatif` and the dashboard's What-if page. It uses only what the server already
+holds (DP-SGD outputs and its own test set): no site is contacted and no ε is spent.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from common.checkpoints import Checkpoints
+from common.config import AppConfig
+from common.run_store import load_run
+from server.strategy import update_norm, weighted_average
+
+
+@lru_cache(maxsize=2)
+def _evaluator(config_items: tuple):  # noqa: ANN202
+    # Building the model and tokenising the test set takes seconds: once per run configuration.
+    from common.model import build_model, load_tokenizer
+    from server.server_app import make_central_eval
+
+    cfg = AppConfig.from_run_config(dict(config_items))
+    model = build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
+    return make_central_eval(cfg, model, load_tokenizer(cfg.model))
+
+
+def reaggregate(store: str | Path, run_id: str | None, round_: int, exclude: list[str]) -> dict[str, Any]:
+    """The round's global model with and without the `exclude`d sites, side by side.
+
+    Raises:
+        LookupError: unknown run, or the round's updates were not kept.
+        ValueError: an excluded site did not contribute to that round, or nothing would be left to average.
+    """
+    run = load_run(store, run_id)
+    ckpt = Checkpoints(store, run["run_id"], keep=0)
+    actual, updates = ckpt.load(round_)
+    unknown = sorted(set(exclude) - set(updates))
+    if unknown:
+        raise ValueError(f"site(s) {', '.join(unknown)} contributed no update to round {round_}; "
+                         f"its contributors were: {', '.join(sorted(updates)) or 'none'}")
+    kept = {s: u for s, u in updates.items() if s not in exclude}
+    if not kept:
+        raise ValueError(f"excluding {', '.join(exclude)} leaves no update to average in round {round_}")
+    without = weighted_average(list(kept.values()))
+    out: dict[str, Any] = {
+        "run_id": run["run_id"], "round": round_, "excluded": sorted(exclude), "sites_used": sorted(kept),
+        "examples_used": sum(n for _, n in kept.values()),
+        "distance": update_norm(without, actual),  # ‖re-aggregated − actual‖ over the travelling weights
+        "actual": None, "without": None, "change": None,
+    }
+    evaluate = _evaluator(tuple(sorted(run["config"].items())))
+    if evaluate is None:
+        out["note"] = "server.central-eval is off for this run: no test set to compare the two models on"
+        return out
+    out["actual"], out["without"] = evaluate(actual), evaluate(without)
+    out["change"] = {k: out["without"][k] - out["actual"][k] for k in out["actual"]
+                     if math.isfinite(out["actual"][k]) and math.isfinite(out["without"][k])}
+    return out
