@@ -303,6 +303,29 @@ def list_runs(path: str | Path) -> list[dict[str, Any]]:
         conn.close()
 
 
+def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
+    return [r["name"] for r in conn.execute(f"PRAGMA table_info({table})")]
+
+
+def load_summaries(path: str | Path, run_id: str, round_: int | None = None) -> dict[str, dict[str, Any]]:
+    """site -> the summary it released in `round_` (its newest one when None), with its round."""
+    conn = connect(path, readonly=True)
+    try:
+        if "summary_json" not in _columns(conn, "site_rounds"):
+            return {}
+        if round_ is None:
+            rows = _rows(conn, """
+                SELECT site, round, summary_json FROM site_rounds s WHERE run_id = ? AND summary_json IS NOT NULL
+                AND round = (SELECT MAX(round) FROM site_rounds t WHERE t.run_id = s.run_id AND t.site = s.site
+                             AND t.summary_json IS NOT NULL) ORDER BY site""", (run_id,))
+        else:
+            rows = _rows(conn, "SELECT site, round, summary_json FROM site_rounds WHERE run_id = ? AND round = ? "
+                               "AND summary_json IS NOT NULL ORDER BY site", (run_id, round_))
+        return {r["site"]: {"round": r["round"], **json.loads(r["summary_json"])} for r in rows}
+    finally:
+        conn.close()
+
+
 def _has_schema(conn: sqlite3.Connection) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='runs'").fetchone() is not None
 
@@ -332,8 +355,14 @@ def load_run(path: str | Path, run_id: str | None = None) -> dict[str, Any]:
         run = runs[0]
         run["config"] = json.loads(run.pop("config_json"))
         run["rounds"] = _rows(conn, "SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,))
-        run["site_rounds"] = _rows(conn, "SELECT * FROM site_rounds WHERE run_id = ? ORDER BY round, site, phase",
-                                   (run_id,))
+        # Summaries stay out (they are most of the store's bytes): has_summary says which rows have one, and
+        # load_summaries reads them for the round a reader shows.
+        cols = [c for c in _columns(conn, "site_rounds") if c != "summary_json"]
+        run["site_rounds"] = _rows(conn, f"SELECT {', '.join(cols)}, summary_json IS NOT NULL AS has_summary "
+                                         "FROM site_rounds WHERE run_id = ? ORDER BY round, site, phase"
+                                   if "summary_json" in _columns(conn, "site_rounds") else
+                                   "SELECT *, 0 AS has_summary FROM site_rounds WHERE run_id = ? "
+                                   "ORDER BY round, site, phase", (run_id,))
         run["sites"] = _rows(conn, "SELECT site, n_train, n_val, joined_at FROM sites WHERE run_id = ? ORDER BY site",
                              (run_id,))
         run["events"] = _rows(conn, "SELECT round, site, kind, message, at FROM events WHERE run_id = ? ORDER BY id",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -102,27 +101,6 @@ def _most(frame: pd.DataFrame, col: str) -> float | None:
     return float(frame[col].max()) if not frame.empty and col in frame and frame[col].notna().any() else None
 
 
-def latest_summary(site_rounds: pd.DataFrame, site: str) -> dict | None:
-    """The newest noised summary a site released (common/diagnostics.derive's fields), with its round."""
-    if site_rounds.empty or "summary_json" not in site_rounds:
-        return None
-    mine = site_rounds[(site_rounds["site"] == site) & site_rounds["summary_json"].notna()]
-    if mine.empty:
-        return None
-    row = mine.iloc[-1]
-    return {"round": int(row["round"]), **json.loads(row["summary_json"])}
-
-
-def confusion_frame(summary: dict, labels: list[str]) -> pd.DataFrame:
-    """Long format (given, predicted, count) of a noised confusion matrix, rebuilt from its per-class parts."""
-    k = len(summary["label_histogram"])
-    names = labels if len(labels) == k else [str(i) for i in range(k)]
-    matrix = summary.get("confusion")
-    rows = [{"given": names[i], "predicted": names[j], "count": matrix[i][j]} for i in range(k) for j in range(k)] \
-        if matrix else []
-    return pd.DataFrame(rows)
-
-
 def site_curves(site_rounds: pd.DataFrame, metric: str) -> pd.DataFrame:
     """(round, site, value) of one per-site evaluation metric."""
     if site_rounds.empty:
@@ -131,17 +109,10 @@ def site_curves(site_rounds: pd.DataFrame, metric: str) -> pd.DataFrame:
     return ev[["round", "site", metric]].rename(columns={metric: "value"})
 
 
-def summaries(site_rounds: pd.DataFrame, round_: int | None = None) -> dict[str, dict]:
+@st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
+def summaries(store: str, run_id: str, round_: int | None = None) -> dict[str, dict]:
     """site -> its released summary (derived numbers) of `round_`, or its newest one when round_ is None."""
-    if site_rounds.empty or "summary_json" not in site_rounds:
-        return {}
-    ev = site_rounds[site_rounds["summary_json"].notna()]
-    if round_ is not None:
-        ev = ev[ev["round"] == round_]
-    out = {}
-    for row in ev.sort_values("round").itertuples():
-        out[row.site] = {"round": int(row.round), **json.loads(row.summary_json)}
-    return out
+    return run_store.load_summaries(store, run_id, round_)
 
 
 def per_class_frame(summaries_: dict[str, dict], labels: list[str], key: str = "f1") -> pd.DataFrame:

@@ -68,7 +68,7 @@ def noised_note(snap: dict) -> None:
 def no_summaries(snap: dict) -> bool:
     """True (after saying so) when no site has released a summary yet."""
     rows = snap["site_rounds"]
-    if rows.empty or "summary_json" not in rows or not rows["summary_json"].notna().any():
+    if rows.empty or not rows["has_summary"].any():
         st.info("No site has released an error summary yet: round 1 is still running, every site failed, or "
                 "dp.diagnostics-share is 0.")
         return True

@@ -190,6 +190,7 @@ def dashboard(
     app_file = Path(__file__).resolve().parent.parent / "dashboard" / "streamlit_app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_file), "--server.port", str(port),
            "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--client.toolbarMode", "viewer",
            "--", "--store", str(store.resolve())]
     typer.echo(f"dashboard on http://{host}:{port}  (store {store.resolve()})", err=True)
     raise typer.Exit(subprocess.call(cmd))

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common.run_store import load_run
+from common.run_store import load_run, load_summaries
 
 LEDGER_KEYS = ("round", "kind", "mechanism", "noise_multiplier", "sample_rate", "steps", "sensitivity")
 SCHEMA_VERSION = 2  # 2: per-site ledger, epsilon_training / epsilon_diagnostics, summary
@@ -28,6 +28,7 @@ def _metrics(row: dict[str, Any] | None, prefix: str = "") -> dict[str, float | 
 def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]:
     """The report of one run (newest by default). Keys are a stable contract: later versions add, never rename."""
     run = load_run(store, run_id)
+    latest_summaries = load_summaries(store, run["run_id"])
     rounds = run["rounds"]
     last = rounds[-1] if rounds else None
     cfg = run["config"]
@@ -41,7 +42,6 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
         eps = [r["epsilon"] for r in rows if r["epsilon"] is not None]
         eps_train = [r.get("epsilon_training") for r in rows if r.get("epsilon_training") is not None]
         eps_diag = [r.get("epsilon_diagnostics") for r in rows if r.get("epsilon_diagnostics") is not None]
-        latest_summary = next((r for r in reversed(evals) if r.get("summary_json")), None)
         latest = rows[-1] if rows else None
         last_round_rows = [r for r in rows if latest and r["round"] == latest["round"]]
         status = "ok"
@@ -64,8 +64,7 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
             "epsilon_training": max(eps_train) if eps_train else (0.0 if dp_on else None),
             "epsilon_diagnostics": max(eps_diag) if eps_diag else (0.0 if dp_on else None),
             "ledger": [{k: e[k] for k in LEDGER_KEYS} for e in run.get("ledger", []) if e["site"] == s["site"]],
-            "summary": ({"round": latest_summary["round"], "noised": dp_on,
-                         **json.loads(latest_summary["summary_json"])} if latest_summary else None),
+            "summary": ({"noised": dp_on, **latest_summaries[s["site"]]} if s["site"] in latest_summaries else None),
         })
     failed_events = [e for e in run["events"] if e["kind"] in ("site-failed", "run-failed")]
     for e in failed_events:

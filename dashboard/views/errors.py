@@ -11,7 +11,7 @@ def body(snap: dict) -> None:
     if ui.no_summaries(snap):
         return
     rnd = ui.round_picker(snap, key="errors-round")
-    summaries = data.summaries(snap["site_rounds"], rnd)
+    summaries = data.summaries(ui.store(), snap["run_id"], rnd)
     if not summaries:
         st.info(f"No site released a summary in round {rnd}.")
         return

@@ -4,7 +4,8 @@ import streamlit as st
 
 from dashboard import ui
 
-ICON = {"critical": "🔴", "warning": "🟠", "info": "🔵"}
+ICON = {"critical": ":red[:material/error:]", "warning": ":orange[:material/warning:]",
+        "info": ":blue[:material/info:]"}
 # Which page holds the charts behind each kind of finding.
 EVIDENCE = {"site-failed": "views/sites.py", "site-refused": "views/privacy.py", "budget-nearly-spent": "views/privacy.py",
             "noise-dominated": "views/privacy.py", "collapsed": "views/overview.py", "high-loss": "views/errors.py",

@@ -51,18 +51,17 @@ def body(snap: dict) -> None:
             color="site:N", tooltip=["round", "site", alt.Tooltip("noise_to_signal", format=".1f")]), width="stretch")
 
     st.subheader("Per site")
+    wide = latest.pivot(index="site", columns="part", values="epsilon")
+    sigma_train = train.groupby("site")["noise_multiplier"].last()
+    sigma_summary = ev.groupby("site")["noise_multiplier"].last()
     per_site = pd.DataFrame({
-        "site": total.index,
-        "ε spent": total.values,
-        "ε training": [latest[(latest["site"] == s) & (latest["part"] == "training")]["epsilon"].max()
-                       for s in total.index],
-        "ε diagnostics": [latest[(latest["site"] == s) & (latest["part"] == "diagnostics")]["epsilon"].max()
-                          for s in total.index],
-        "remaining": budget - total.values,
-        "DP-SGD σ": [train[train["site"] == s]["noise_multiplier"].iloc[-1] if (train["site"] == s).any() else None
-                     for s in total.index],
-        "summary σ": [ev[ev["site"] == s]["noise_multiplier"].iloc[-1] if (ev["site"] == s).any() else None
-                      for s in total.index],
+        "site": wide.index,
+        "ε spent": wide.get("total"),
+        "ε training": wide.get("training"),
+        "ε diagnostics": wide.get("diagnostics"),
+        "remaining": budget - wide.get("total"),
+        "DP-SGD σ": sigma_train.reindex(wide.index),
+        "summary σ": sigma_summary.reindex(wide.index),
     })
     st.dataframe(per_site, hide_index=True, width="stretch", column_config={
         "ε spent": st.column_config.ProgressColumn(format="%.2f", min_value=0.0, max_value=budget or 1.0),

@@ -11,8 +11,7 @@ runs = data.runs(ui.store())
 if runs.empty:
     st.info(f"No runs in {ui.store()} yet. Start one with `fedlens simulate --scenario simulations/smoke.toml`.")
     st.stop()
-shown = runs.assign(status=runs["status"].map({"running": "🟢 live", "completed": "✅ completed",
-                                               "failed": "🔴 failed"}).fillna(runs["status"]),
+shown = runs.assign(status=runs["status"].map({"running": "live"}).fillna(runs["status"]),
                     rounds=runs["rounds_completed"].astype(str) + " / " + runs["rounds_planned"].astype(str))
 st.dataframe(shown[["run_id", "status", "scenario", "model", "sites", "rounds", "started"]], hide_index=True,
              width="stretch")

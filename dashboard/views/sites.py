@@ -6,8 +6,6 @@ import streamlit as st
 
 from dashboard import data, ui
 
-SEVERITY_BADGE = {"critical": "🔴", "warning": "🟠", "info": "🔵"}
-
 
 def body(snap: dict) -> None:
     ui.header(snap, "Sites")
@@ -19,7 +17,7 @@ def body(snap: dict) -> None:
                                                                                         strict=True)])
     budget = table["ε budget"].dropna()
     st.dataframe(table, hide_index=True, width="stretch", column_config={
-        "health": st.column_config.TextColumn(help="worst open finding of the site (Findings page); ✅ none"),
+        "health": st.column_config.TextColumn(help="the site's status if it is failing, else its worst finding (Findings page)"),
         "ε spent": st.column_config.ProgressColumn(
             "ε spent", format="%.2f", min_value=0.0, max_value=float(budget.max()) if not budget.empty else 1.0),
         "accuracy": st.column_config.NumberColumn(format="%.3f"),
@@ -55,16 +53,15 @@ def body(snap: dict) -> None:
 
 
 def badge(findings: pd.DataFrame, site: str, status: str) -> str:
+    """Plain text (a data grid cell has no emoji font on every machine): the status, or the worst finding."""
     if status not in ("ok", "waiting"):
-        return f"🔴 {status}"
-    if findings.empty:
-        return "✅"
-    mine = findings[findings["site"] == site]
+        return f"✗ {status}"
+    mine = findings[findings["site"] == site] if not findings.empty else findings
     for sev in ("critical", "warning", "info"):
-        hits = mine[mine["severity"] == sev]
+        hits = mine[mine["severity"] == sev] if not mine.empty else mine
         if not hits.empty:
-            return f"{SEVERITY_BADGE[sev]} {hits.iloc[-1]['kind']}"
-    return "✅"
+            return f"{sev}: {hits.iloc[-1]['kind']}"
+    return "✓ ok"
 
 
 def site_vs_global(snap: dict, metric: str) -> pd.DataFrame:

@@ -72,7 +72,7 @@ def test_a_failed_site_shows_its_reason_and_a_failed_run_its_error(monkeypatch, 
     at.switch_page("views/sites.py").run()
     sites = at.dataframe[0].value.set_index("site")
     assert list(sites.index) == ["clinic-a", "clinic-b"]
-    assert sites.loc["clinic-b", "status"] == "failed" and sites.loc["clinic-b", "health"] == "🔴 failed"
+    assert sites.loc["clinic-b", "status"] == "failed" and sites.loc["clinic-b", "health"] == "✗ failed"
     assert "does not exist" in sites.loc["clinic-b", "reason"]
 
 
@@ -98,7 +98,7 @@ def test_every_page_of_a_full_run_shows_its_numbers(monkeypatch, full_store):
 
     at.switch_page("views/sites.py").run()
     sites = at.dataframe[0].value.set_index("site")
-    assert len(sites) == 6 and sites.loc["site-002", "health"] == "🔴 failed"
+    assert len(sites) == 6 and sites.loc["site-002", "health"] == "✗ failed"
     assert (sites.drop("site-002")["ε training"] > 0).all() and sites["ECE"].notna().sum() == 6
 
     at.switch_page("views/findings.py").run()

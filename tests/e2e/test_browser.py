@@ -1,0 +1,89 @@
+"""The real dashboard server in Debian's headless Chromium (Playwright): every page shows its key text; screenshots
+go to test-artifacts/dashboard/ for a person to look at."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from common.config import PROJECT_ROOT
+from dashboard.bench import make_store
+
+pytestmark = pytest.mark.slow
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = PROJECT_ROOT / "test-artifacts" / "dashboard"
+# Page path -> text that must be visible on it.
+PAGES = {
+    "": ["Overview", "Worst site", "site-002", "Global model per round"],
+    "sites": ["Per-site curves", "Per-site numbers come from each site's noised summary"],
+    "findings": ["site-002 failed in train in round 5: data file missing"],
+    "errors": ["Confusion matrices", "Per-class F1", "Label issues", "Calibration", "Noised values"],
+    "cross_site": ["Cross-site", "server test set column is exact"],
+    "privacy": ["ε over rounds", "Most spent", "Noise / signal per DP step"],
+    "whatif": ["kept no per-round updates"],
+    "runs": ["Compare runs", "Pick two runs to overlay their global curves"],
+}
+# Without these, Chromium tries Google's hosts at start and this closed network refuses them many times over.
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dashboard_url(tmp_path_factory):
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("FEDLENS_REQUIRE_BROWSER"):
+            pytest.fail(f"Debian's chromium is not installed ({CHROMIUM}); .ci/run installs it with apt")
+        pytest.skip(f"Debian's chromium is not installed ({CHROMIUM}): apt-get install chromium")
+    store = make_store(tmp_path_factory.mktemp("browser") / "s.db", sites=8, rounds=5, failing=("site-002",))
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fedlens.cli", "dashboard", "--store", str(store), "--port",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"the dashboard did not start: {proc.stderr.read() if proc.poll() is not None else ''}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_every_page_renders_its_key_text_in_chromium(dashboard_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 2200})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        for path, texts in PAGES.items():
+            page.goto(f"{dashboard_url}/{path}", wait_until="networkidle")
+            for text in texts:
+                expect(page.get_by_text(text, exact=False).first).to_be_visible(timeout=30_000)
+            # Charts draw after the text: wait for vega canvases or svgs where the page has charts.
+            page.wait_for_timeout(1500)
+            assert not page.get_by_text("Traceback").count(), f"/{path} shows a traceback"
+            page.screenshot(path=str(ARTIFACTS / f"{path or 'overview'}.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert len(list(ARTIFACTS.glob("*.png"))) == len(PAGES)
