@@ -121,3 +121,14 @@ def test_every_page_of_a_full_run_shows_its_numbers(monkeypatch, full_store):
 
     at.switch_page("views/runs.py").run()
     assert at.dataframe[0].value["run_id"].tolist() == ["synthetic"]
+
+
+def test_two_runs_can_be_compared(monkeypatch, tmp_path):
+    store = make_store(tmp_path / "s.db", sites=3, rounds=2, run_id="run-a")
+    make_store(store, sites=3, rounds=3, run_id="run-b", seed=1)
+    at = _open(monkeypatch, store, "views/runs.py")
+    assert sorted(at.dataframe[0].value["run_id"]) == ["run-a", "run-b"]
+    at.multiselect(key="compare").select("run-a").select("run-b").run()
+    assert not at.exception
+    compared = at.dataframe[1].value
+    assert sorted(compared["run"]) == ["run-a", "run-b"] and sorted(compared["rounds"]) == [2, 3]

@@ -12,6 +12,7 @@ import urllib.request
 import pytest
 
 from common.config import PROJECT_ROOT
+from common.run_store import RoundRecord, RunWriter
 from dashboard.bench import make_store
 
 pytestmark = pytest.mark.slow
@@ -46,6 +47,10 @@ def dashboard_url(tmp_path_factory):
             pytest.fail(f"Debian's chromium is not installed ({CHROMIUM}); .ci/run installs it with apt")
         pytest.skip(f"Debian's chromium is not installed ({CHROMIUM}): apt-get install chromium")
     store = make_store(tmp_path_factory.mktemp("browser") / "s.db", sites=8, rounds=5, failing=("site-002",))
+    live = RunWriter(store, "live")  # a second run, still going: the liveness test writes its next round
+    live.start(scenario="live", rounds_planned=3, model="m", config={"dp.enabled": False})
+    live.write_round(RoundRecord(1, 1.0, {"test_accuracy": 0.61, "test_macro_f1": 0.3}))
+    live.close()
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fedlens.cli", "dashboard", "--store", str(store), "--port",
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -60,7 +65,7 @@ def dashboard_url(tmp_path_factory):
                 time.sleep(0.5)
         else:
             pytest.fail(f"the dashboard did not start: {proc.stderr.read() if proc.poll() is not None else ''}")
-        yield url
+        yield url, store
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -69,6 +74,7 @@ def dashboard_url(tmp_path_factory):
 def test_every_page_renders_its_key_text_in_chromium(dashboard_url):
     from playwright.sync_api import expect, sync_playwright
 
+    dashboard_url, _ = dashboard_url
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
     with sync_playwright() as p:
@@ -77,7 +83,7 @@ def test_every_page_renders_its_key_text_in_chromium(dashboard_url):
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         for path, texts in PAGES.items():
-            page.goto(f"{dashboard_url}/{path}", wait_until="networkidle")
+            page.goto(f"{dashboard_url}/{path}?run=synthetic", wait_until="networkidle")
             for text in texts:
                 expect(page.get_by_text(text, exact=False).first).to_be_visible(timeout=30_000)
             # Charts draw after the text: wait for vega canvases or svgs where the page has charts.
@@ -86,4 +92,22 @@ def test_every_page_renders_its_key_text_in_chromium(dashboard_url):
             page.screenshot(path=str(ARTIFACTS / f"{path or 'overview'}.png"), full_page=True)
         browser.close()
     assert errors == []
-    assert len(list(ARTIFACTS.glob("*.png"))) == len(PAGES)
+    assert {p.stem for p in ARTIFACTS.glob("*.png")} >= {p or "overview" for p in PAGES}
+
+
+def test_a_live_run_shows_its_new_round_without_a_reload(dashboard_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, store = dashboard_url
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(f"{url}/?run=live", wait_until="networkidle")
+        expect(page.get_by_text("1 / 3").first).to_be_visible(timeout=30_000)
+        writer = RunWriter(store, "live")
+        writer.write_round(RoundRecord(2, 1.0, {"test_accuracy": 0.64, "test_macro_f1": 0.33}))
+        writer.close()
+        # No reload: the page's fragment re-runs every 2 s while the run is live ("within a few seconds").
+        expect(page.get_by_text("2 / 3").first).to_be_visible(timeout=15_000)
+        page.screenshot(path=str(ARTIFACTS / "live.png"))
+        browser.close()
