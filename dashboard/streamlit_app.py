@@ -35,6 +35,8 @@ if not runs.empty:
     wanted = st.query_params.get("run")
     if wanted in labels and "run_id" not in st.session_state:
         st.session_state["run_id"] = wanted
+    elif wanted and wanted not in labels:
+        st.sidebar.warning(f"Run {wanted!r} (from the address) is not in this store; showing the newest run.")
     if st.session_state.get("run_id") not in labels:
         st.session_state["run_id"] = next(iter(labels))  # the newest
     st.sidebar.selectbox("Run", list(labels), format_func=labels.get, key="run_id")

@@ -132,3 +132,14 @@ def test_two_runs_can_be_compared(monkeypatch, tmp_path):
     assert not at.exception
     compared = at.dataframe[1].value
     assert sorted(compared["run"]) == ["run-a", "run-b"] and sorted(compared["rounds"]) == [2, 3]
+
+
+def test_an_unknown_run_in_the_address_says_so_and_shows_the_newest(monkeypatch, tmp_path):
+    store = make_store(tmp_path / "s.db", sites=2, rounds=1, run_id="only")
+    monkeypatch.setenv("FEDLENS_STORE", str(store))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["run"] = "nope"
+    at.run()
+    assert not at.exception
+    assert "Run 'nope' (from the address) is not in this store" in " ".join(w.value for w in at.sidebar.warning)
+    assert "run `only`" in _texts(at)
