@@ -125,16 +125,18 @@ def _noise_multiplier(context: Context, cfg: AppConfig, data: SiteData, num_roun
 
 def _save_health(context: Context, server_round: int, health: TrainHealth | None) -> None:
     if health is not None:
-        context.state["health"] = ConfigRecord({"round": server_round, "grad-norm-hist": health.grad_norm_hist,
-                                                "clipped-sum-norm": health.clipped_sum_norm})
+        context.state["health"] = ConfigRecord({
+            "round": server_round, "grad-norm-hist": health.grad_norm_hist, "clipped-sum-norm": health.clipped_sum_norm,
+            "train-loss-sum": health.train_loss_sum, "train-loss-hist": health.train_loss_hist})
 
 
 def _health(context: Context, server_round: int) -> TrainHealth | None:
-    """The DP health of this round's training, if the site trained this round."""
+    """What this round's training measured, if the site trained this round (state never leaves the site)."""
     rec = context.state.config_records.get("health")
     if rec is None or int(rec["round"]) != server_round:
         return None
-    return TrainHealth([float(x) for x in rec["grad-norm-hist"]], float(rec["clipped-sum-norm"]))
+    return TrainHealth([float(x) for x in rec["grad-norm-hist"]], float(rec["clipped-sum-norm"]),
+                       float(rec["train-loss-sum"]), [float(x) for x in rec["train-loss-hist"]])
 
 
 @app.query()
@@ -174,20 +176,22 @@ def train(msg: Message, context: Context) -> Message:
                          label_counts=data.label_counts(), seed=cfg.train.seed + server_round)
     seconds = time.perf_counter() - t0
     total, eps_train, eps_diag = NOT_PRIVATE, NOT_PRIVATE, NOT_PRIVATE
+    _save_health(context, server_round, result.health)
     if cfg.dp.enabled:
         ledger.append(privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma,
                                           result.sample_rate, result.steps, cfg.dp.max_grad_norm))
         _save_ledger(context, ledger)
-        _save_health(context, server_round, result.health)
         total, eps_train, eps_diag = privacy.epsilon_split(ledger, delta)
     reply = records.TrainReply(_info(data), trainable_state(model), len(data.train), total, delta,
                                cfg.dp.target_epsilon, sigma, result.sample_rate, result.steps, seconds,
-                               cfg.dp.max_grad_norm, eps_train, eps_diag)
+                               cfg.dp.max_grad_norm, eps_train, eps_diag,
+                               result.health.seconds if result.health else 0.0)
     return records.reply(records.pack_train_reply(reply), msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
     key, cfg, _, data = _setup(context)
     server_round, num_rounds = records.unpack_instruction(msg.content)
     thresholds = records.unpack_thresholds(msg.content) or [diagnostics.DEFAULT_THRESHOLD] * data.num_classes
@@ -219,13 +223,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     if not cfg.dp.enabled:
         # No privacy asked for: the exact summary goes out (the baseline a DP run is compared with).
         out = records.EvalReply(_info(data), len(data.val), NOT_PRIVATE, exact.blocks, 0.0, 0.0, exact.health_round,
-                                NOT_PRIVATE, NOT_PRIVATE)
+                                NOT_PRIVATE, NOT_PRIVATE, time.perf_counter() - t0, exact.seconds)
         return records.reply(records.pack_eval_reply(out), msg)
 
+    t1 = time.perf_counter()
     noised = release(exact, noise_multiplier=sigma)
     ledger.append(entry)
     _save_ledger(context, ledger)
     total, eps_train, eps_diag = privacy.epsilon_split(ledger, delta)
+    diag_seconds = exact.seconds + time.perf_counter() - t1
     out = records.EvalReply(_info(data), len(data.val), total, noised.blocks, sigma, noised.sensitivity,
-                            noised.health_round, eps_train, eps_diag)
+                            noised.health_round, eps_train, eps_diag, time.perf_counter() - t0, diag_seconds)
     return records.reply(records.pack_eval_reply(out), msg)

@@ -111,9 +111,11 @@ def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer) -> SiteData:  
 
 
 def train_loader(data: Encoded, batch_size: int, seed: int) -> DataLoader:
-    # Opacus replaces this with a Poisson sampler of the same expected batch size (sample_rate = 1 / len(loader)).
-    return DataLoader(data.dataset(), batch_size=batch_size, shuffle=True,
-                      generator=torch.Generator().manual_seed(seed))
+    """Batches of (input_ids, attention_mask, labels, row index); the index lets training record each example's
+    loss at its first use in a round. Opacus replaces the sampler with Poisson sampling of the same expected batch
+    size (sample_rate = 1 / len(loader))."""
+    dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels, torch.arange(len(data)))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
 def eval_loader(data: Encoded, batch_size: int) -> DataLoader:

@@ -9,6 +9,7 @@ Gaussian entry (σ, q = 1, steps = 1). The per-example label-issue list Cleanlab
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ class Summary:
     health_round: int  # round of the DP-SGD training the gradient blocks describe; 0 = none
     noise_multiplier: float  # 0 = exact (never sent under DP)
     sensitivity: float
+    seconds: float = 0.0  # compute spent on the summary beyond plain evaluation (histograms, confident joint)
 
 
 @torch.no_grad()
@@ -65,39 +67,48 @@ def confident_joint_issues(labels: np.ndarray, probs: np.ndarray, thresholds: np
     return joint
 
 
-def _loss_histogram(losses: np.ndarray, loss_clip: float) -> np.ndarray:
+def loss_histogram(losses: np.ndarray, loss_clip: float) -> np.ndarray:
     idx = np.minimum((np.minimum(losses, loss_clip) / loss_clip * dg.LOSS_BINS).astype(int), dg.LOSS_BINS - 1)
     return np.bincount(idx, minlength=dg.LOSS_BINS).astype(np.float64)
 
 
 def local_summary(model: nn.Module, train: Encoded, val: Encoded, *, num_classes: int, loss_clip: float,
                   thresholds: np.ndarray, health: TrainHealth | None = None, health_round: int = 0) -> Summary:
-    """The exact summary of one site (it stays here; only `release(...)` of it is sent)."""
+    """The exact summary of one site (it stays here; only `release(...)` of it is sent).
+
+    `health` carries what the site's training pass measured this round (train losses, gradient norms); without it
+    (the site did not train this round) those blocks stay 0 and health_round says so.
+    """
     k = num_classes
     blocks = dg.empty_blocks(k)
     y_val, y_train = val.labels.numpy(), train.labels.numpy()
 
-    probs, losses = predict(model, val)
+    probs, losses = predict(model, val)  # what any evaluation does; the rest below is the summary's own cost
+    t0 = time.perf_counter()
     if len(y_val):
         pred = probs.argmax(axis=1)
         conf = probs.max(axis=1)
         clipped = np.minimum(losses, loss_clip)
         blocks["confusion"] = confusion_matrix(y_val, pred, k).astype(np.float64)
         blocks["val_loss_sum"][0] = clipped.sum() / loss_clip
-        blocks["val_loss_hist"] = _loss_histogram(losses, loss_clip)
+        blocks["val_loss_hist"] = loss_histogram(losses, loss_clip)
         bins = np.minimum((conf * dg.CONF_BINS).astype(int), dg.CONF_BINS - 1)
         np.add.at(blocks["calibration"], ((pred != y_val).astype(int), bins), 1.0)
         np.add.at(blocks["self_confidence"], y_val, probs[np.arange(len(y_val)), y_val])
         blocks["label_issues"] = confident_joint_issues(y_val, probs, thresholds)
 
-    _, train_losses = predict(model, train)
     blocks["train_labels"] = np.bincount(y_train, minlength=k).astype(np.float64)
-    blocks["train_loss_sum"][0] = np.minimum(train_losses, loss_clip).sum() / loss_clip
-    blocks["train_loss_hist"] = _loss_histogram(train_losses, loss_clip)
     if health is not None:
-        blocks["grad_norm_hist"] = np.asarray(health.grad_norm_hist, dtype=np.float64)
+        # Train-split losses and gradient statistics were read off this round's training pass (client/train.py):
+        # no second pass over the train split.
+        blocks["train_loss_sum"][0] = health.train_loss_sum
+        if health.train_loss_hist:
+            blocks["train_loss_hist"] = np.asarray(health.train_loss_hist, dtype=np.float64)
+        if health.grad_norm_hist:
+            blocks["grad_norm_hist"] = np.asarray(health.grad_norm_hist, dtype=np.float64)
         blocks["clipped_sum_norm"][0] = health.clipped_sum_norm
-    return Summary(blocks, k, health_round if health is not None else 0, 0.0, dg.SENSITIVITY)
+    return Summary(blocks, k, health_round if health is not None else 0, 0.0, dg.SENSITIVITY,
+                   time.perf_counter() - t0)
 
 
 def release(summary: Summary, *, noise_multiplier: float, rng: np.random.Generator | None = None) -> Summary:
@@ -107,7 +118,8 @@ def release(summary: Summary, *, noise_multiplier: float, rng: np.random.Generat
     noised = {}
     for name, exact in summary.blocks.items():
         noised[name] = exact + rng.normal(0.0, std[name], size=exact.shape)
-    return Summary(noised, summary.num_classes, summary.health_round, noise_multiplier, summary.sensitivity)
+    return Summary(noised, summary.num_classes, summary.health_round, noise_multiplier, summary.sensitivity,
+                   summary.seconds)
 
 
 def weighted_vector(summary: Summary) -> np.ndarray:

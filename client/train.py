@@ -19,13 +19,18 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 @dataclass(frozen=True)
 class TrainHealth:
-    """How DP-SGD went at this site this round (exact; released only inside the noised summary).
+    """How the round's local training went at this site (exact; released only inside the noised summary).
 
-    Both are averaged over the round's noised steps, so one example moves each by at most 1 (see common/diagnostics).
+    The gradient statistics are averaged over the round's noised steps and the losses are taken once per example,
+    so one example moves each by at most 1 (see common/diagnostics). Reading them off the training pass itself
+    spares the summary a forward pass over the train split.
     """
 
-    grad_norm_hist: list[float]  # examples per bin of per-sample gradient norm / C (diagnostics.GRAD_EDGES)
-    clipped_sum_norm: float  # ‖Σ clipped per-sample gradients‖ / C of a step (before noise)
+    grad_norm_hist: list[float]  # examples per bin of per-sample gradient norm / C (diagnostics.GRAD_EDGES); DP only
+    clipped_sum_norm: float  # ‖Σ clipped per-sample gradients‖ / C of a step (before noise); DP only
+    train_loss_sum: float = 0.0  # Σ min(loss, L) / L, each example's loss at its first use in the round
+    train_loss_hist: list[float] = field(default_factory=list)  # examples per loss bin over [0, L]
+    seconds: float = 0.0  # spent computing these (the diagnostics' cost inside training)
 
 
 class _HealthMeter:
@@ -38,9 +43,11 @@ class _HealthMeter:
         self.step_hist = torch.zeros(len(GRAD_EDGES) - 1)
         self.hist = torch.zeros(len(GRAD_EDGES) - 1)
         self.signal, self.steps = 0.0, 0
+        self.seconds = 0.0
 
     @torch.no_grad()
     def after_backward(self) -> None:
+        t0 = time.perf_counter()
         squares = None
         for p in self.params:
             gs = getattr(p, "grad_sample", None)
@@ -51,22 +58,24 @@ class _HealthMeter:
         if squares is not None:
             idx = torch.bucketize(squares.sqrt().cpu() / self.c, self.edges, right=True)
             self.step_hist += torch.bincount(idx, minlength=len(self.step_hist)).float()
+        self.seconds += time.perf_counter() - t0
 
     @torch.no_grad()
     def after_step(self, optimizer) -> None:  # noqa: ANN001
         if getattr(optimizer, "_is_last_step_skipped", False):
             return  # a partial (physical) batch: the logical step goes on
+        t0 = time.perf_counter()
         total = sum(float(p.summed_grad.float().pow(2).sum()) for p in self.params
                     if getattr(p, "summed_grad", None) is not None)
         self.signal += total ** 0.5 / self.c
         self.hist += self.step_hist
         self.step_hist.zero_()
         self.steps += 1
+        self.seconds += time.perf_counter() - t0
 
-    def result(self) -> TrainHealth | None:
-        if self.steps == 0:
-            return None
-        return TrainHealth((self.hist / self.steps).tolist(), self.signal / self.steps)
+    def result(self) -> tuple[list[float], float]:
+        """(step-averaged gradient-norm histogram, step-averaged ‖Σ clipped‖ / C)."""
+        return (self.hist / self.steps).tolist(), self.signal / self.steps
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,7 @@ class TrainResult:
     noise_multiplier: float  # σ used; 0 without DP
     mean_loss: float  # local only: never released as such (it is not noised)
     step_seconds: list[float] = field(default_factory=list)
-    health: TrainHealth | None = None  # DP runs only
+    health: TrainHealth | None = None
 
 
 def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -168,6 +177,7 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
     step_seconds: list[float] = []
     steps = 0
     counts = None if label_counts is None else label_counts.to(dev)
+    first_loss = torch.full((len(data),), float("nan"))  # each example's plain CE at its first use this round
     try:
         for _ in range(train_cfg.local_epochs):
             # DP: BatchMemoryManager splits a Poisson batch above max_physical_batch, and the DP optimizer only
@@ -176,7 +186,7 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
             ctx = (BatchMemoryManager(data_loader=loader, max_physical_batch_size=train_cfg.max_physical_batch,
                                       optimizer=optimizer) if engine else _Plain(loader))
             with ctx as batches:
-                for input_ids, attention_mask, labels in batches:
+                for input_ids, attention_mask, labels, index in batches:
                     n = labels.numel()
                     if n == 0:
                         # An empty Poisson batch (probability (1-q)^n, ~1e-15 here): nothing to learn from.
@@ -187,6 +197,7 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
                         part = slice(start, start + size)
                         ids, mask, y = input_ids[part].to(dev), attention_mask[part].to(dev), labels[part].to(dev)
                         logits = model(**model_inputs(ids, mask)).logits  # [b, K]
+                        _record_first(first_loss, index[part], logits, y)
                         loss = balanced_loss(logits, y, mode=train_cfg.class_balance, label_counts=counts)
                         # Chunks of one logical batch add up to its mean loss (DP batches come whole: weight 1).
                         (loss * (y.numel() / n)).backward()
@@ -202,13 +213,40 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
     finally:
         if hooks is not None:
             hooks.cleanup()  # the same model gets hooks again next round
+    unseen = torch.nonzero(first_loss.isnan()).flatten()
+    if len(unseen):
+        # Poisson sampling skipped these examples all round: their loss after local training stands in.
+        with torch.no_grad():
+            for start in range(0, len(unseen), train_cfg.max_physical_batch):
+                idx = unseen[start:start + train_cfg.max_physical_batch]
+                logits = model(**model_inputs(data.input_ids[idx].to(dev), data.attention_mask[idx].to(dev))).logits
+                _record_first(first_loss, idx, logits, data.labels[idx].to(dev))
     if engine is not None:
         # The accountant counts only the steps that were noised (not BatchMemoryManager's partial ones): it is the
         # truth for the ledger, one entry (σ, q, steps) for this round.
         steps = sum(n for (_, _, n) in engine.accountant.history)
     return TrainResult(steps=steps, sample_rate=sample_rate, noise_multiplier=noise_multiplier if engine else 0.0,
                        mean_loss=float(sum(losses) / max(1, len(losses))), step_seconds=step_seconds,
-                       health=meter.result() if meter is not None else None)
+                       health=_health(meter, first_loss.numpy(), dp_cfg.loss_clip))
+
+
+@torch.no_grad()
+def _record_first(first_loss: torch.Tensor, index: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    ce = nn.functional.cross_entropy(logits.detach().float(), labels, reduction="none").cpu()
+    fresh = first_loss[index].isnan()
+    first_loss[index[fresh]] = ce[fresh]
+
+
+def _health(meter: _HealthMeter | None, first_loss, loss_clip: float) -> TrainHealth:  # noqa: ANN001
+    from client.summary import loss_histogram
+
+    t0 = time.perf_counter()
+    clipped = first_loss.clip(max=loss_clip)
+    grad = meter.result() if meter is not None and meter.steps else None
+    return TrainHealth(
+        grad_norm_hist=list(grad[0]) if grad else [], clipped_sum_norm=grad[1] if grad else 0.0,
+        train_loss_sum=float(clipped.sum() / loss_clip), train_loss_hist=loss_histogram(first_loss, loss_clip).tolist(),
+        seconds=(meter.seconds if meter is not None else 0.0) + time.perf_counter() - t0)
 
 
 class _Plain:

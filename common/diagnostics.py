@@ -52,11 +52,13 @@ BLOCKS = (
     Block("self_confidence", VAL, 0.5, "Σ p(given label | x) per given label (next round's thresholds)"),
     Block("label_issues", VAL, 0.5, "confident joint off the diagonal: given label i, confidently class j"),
     Block("train_labels", TRAIN, 1.0, "train examples per label"),
-    Block("train_loss_sum", TRAIN, 1.0, "Σ over train of min(loss, L) / L"),
-    Block("train_loss_hist", TRAIN, 0.5, "train examples per loss bin over [0, L]"),
+    Block("train_loss_sum", TRAIN, 1.0, "Σ over train of min(loss, L) / L, each at its first use in the round"),
+    Block("train_loss_hist", TRAIN, 0.5, "train examples per loss bin over [0, L], at their first use in the round"),
     Block("grad_norm_hist", TRAIN, 0.5, "per-sample gradient norms / C per bin, averaged over the round's DP steps"),
     Block("clipped_sum_norm", TRAIN, 0.5, "‖Σ clipped per-sample gradients‖ / C, averaged over the round's DP steps"),
 )
+# Measured by the round's training pass (client/train.py): only a site that trained this round has them.
+TRAINING_BLOCKS = ("train_loss_sum", "train_loss_hist", "grad_norm_hist", "clipped_sum_norm")
 SENSITIVITY = math.sqrt(max(sum(b.weight ** 2 for b in BLOCKS if b.split == s) for s in (VAL, TRAIN)))
 
 
@@ -130,7 +132,8 @@ def derive(blocks: dict[str, np.ndarray], *, loss_clip: float, n_val: int, n_tra
     issues_total = float(np.clip(issues.sum(), 0.0, n_val))  # summed before clamping: unbiased
     issues = np.clip(issues, 0.0, None)
     val_loss = float(blocks["val_loss_sum"][0] * loss_clip / n_val) if n_val else math.nan
-    train_loss = float(blocks["train_loss_sum"][0] * loss_clip / n_train) if n_train else math.nan
+    # Train losses are measured by the round's training pass: a site that did not train this round has none.
+    train_loss = float(blocks["train_loss_sum"][0] * loss_clip / n_train) if n_train and trained else math.nan
 
     out = {
         "accuracy": accuracy(c), "macro_f1": macro_f1(c), "confusion": c.tolist(),

@@ -54,6 +54,7 @@ class TrainReply:
     sensitivity: float = 1.0  # the clip C the DP-SGD noise was scaled to
     epsilon_training: float = 0.0  # ε of the site's DP-SGD segments alone (cumulative)
     epsilon_diagnostics: float = 0.0  # ε of its released summaries alone (cumulative)
+    diagnostics_seconds: float = 0.0  # of `seconds`, spent measuring DP health
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class EvalReply:
     health_round: int = 0  # round of the training the gradient blocks describe; 0 = none
     epsilon_training: float = 0.0
     epsilon_diagnostics: float = 0.0
+    seconds: float = 0.0  # the site's compute for this evaluation (model, summary, release)
+    diagnostics_seconds: float = 0.0  # of `seconds`, spent on the summary beyond plain evaluation
 
     @property
     def confusion(self) -> np.ndarray | None:
@@ -135,7 +138,8 @@ def pack_train_reply(r: TrainReply) -> RecordDict:
                                "epsilon-budget": r.epsilon_budget, "noise-multiplier": r.noise_multiplier,
                                "sample-rate": r.sample_rate, "steps": r.steps, "seconds": r.seconds,
                                "sensitivity": r.sensitivity, "epsilon-training": r.epsilon_training,
-                               "epsilon-diagnostics": r.epsilon_diagnostics}),
+                               "epsilon-diagnostics": r.epsilon_diagnostics,
+                               "diagnostics-seconds": r.diagnostics_seconds}),
     })
     if r.arrays is not None:
         content[ARRAYS] = _arrays(r.arrays)
@@ -151,7 +155,8 @@ def unpack_train_reply(content: RecordDict) -> TrainReply:
     return TrainReply(site, arrays, int(m[NUM_EXAMPLES]), float(m["epsilon"]), float(m["delta"]),
                       float(m["epsilon-budget"]), float(m["noise-multiplier"]), float(m["sample-rate"]),
                       int(m["steps"]), float(m["seconds"]), float(m.get("sensitivity", 1.0)),
-                      float(m.get("epsilon-training", 0.0)), float(m.get("epsilon-diagnostics", 0.0)))
+                      float(m.get("epsilon-training", 0.0)), float(m.get("epsilon-diagnostics", 0.0)),
+                      float(m.get("diagnostics-seconds", 0.0)))
 
 
 def pack_eval_reply(r: EvalReply) -> RecordDict:
@@ -159,7 +164,8 @@ def pack_eval_reply(r: EvalReply) -> RecordDict:
         SITE: _site_record(r.site),
         METRICS: MetricRecord({NUM_EXAMPLES: r.num_examples, "epsilon": r.epsilon,
                                "epsilon-training": r.epsilon_training,
-                               "epsilon-diagnostics": r.epsilon_diagnostics}),
+                               "epsilon-diagnostics": r.epsilon_diagnostics, "seconds": r.seconds,
+                               "diagnostics-seconds": r.diagnostics_seconds}),
     })
     if r.blocks is not None:
         # One flat list of floats per block (ConfigRecord lists hold one scalar type); shapes follow from K.
@@ -195,7 +201,8 @@ def unpack_eval_reply(content: RecordDict) -> EvalReply:
             blocks[b.name] = values.reshape(b.shape(k))
         sigma, sens, health_round = float(s["noise-multiplier"]), float(s["sensitivity"]), int(s["health-round"])
     return EvalReply(site, int(m[NUM_EXAMPLES]), float(m["epsilon"]), blocks, sigma, sens, health_round,
-                     float(m.get("epsilon-training", 0.0)), float(m.get("epsilon-diagnostics", 0.0)))
+                     float(m.get("epsilon-training", 0.0)), float(m.get("epsilon-diagnostics", 0.0)),
+                     float(m.get("seconds", 0.0)), float(m.get("diagnostics-seconds", 0.0)))
 
 
 def reply(content: RecordDict, to: Message) -> Message:

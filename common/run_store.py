@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     sites_failed INTEGER NOT NULL,
     accuracy REAL, macro_f1 REAL, loss REAL, train_loss REAL,
     test_accuracy REAL, test_macro_f1 REAL, test_loss REAL, test_max_prediction_share REAL,
+    train_wall REAL, evaluate_wall REAL, diagnostics_seconds REAL,
     PRIMARY KEY (run_id, round)
 );
 CREATE TABLE IF NOT EXISTS site_rounds (
@@ -70,6 +71,7 @@ CREATE TABLE IF NOT EXISTS site_rounds (
     epsilon_training REAL, epsilon_diagnostics REAL,
     ece REAL, label_issues REAL, clip_fraction REAL, grad_norm REAL, noise_to_signal REAL,
     summary_json TEXT,
+    diagnostics_seconds REAL,
     PRIMARY KEY (run_id, round, site, phase)
 );
 CREATE TABLE IF NOT EXISTS ledger (
@@ -109,14 +111,17 @@ SITE_ROUND_COLUMNS = ("site", "phase", "status", "reason", "num_examples", "epsi
                       "noise_multiplier", "sample_rate", "steps", "seconds", "update_norm", "accuracy", "macro_f1",
                       "loss", "train_loss", "max_prediction_share", "confusion_json", "epsilon_training",
                       "epsilon_diagnostics", "ece", "label_issues", "clip_fraction", "grad_norm", "noise_to_signal",
-                      "summary_json")
+                      "summary_json", "diagnostics_seconds")
 # Columns added after schema version 1: an older store gets them (NULL) when a writer opens it.
 ADDED_COLUMNS = {"site_rounds": ("epsilon_training REAL", "epsilon_diagnostics REAL", "ece REAL", "label_issues REAL",
                                  "clip_fraction REAL", "grad_norm REAL", "noise_to_signal REAL",
-                                 "summary_json TEXT")}
+                                 "summary_json TEXT", "diagnostics_seconds REAL"),
+                 "rounds": ("train_wall REAL", "evaluate_wall REAL", "diagnostics_seconds REAL")}
 LEDGER_COLUMNS = ("site", "round", "kind", "mechanism", "noise_multiplier", "sample_rate", "steps", "sensitivity")
 ROUND_METRICS = ("accuracy", "macro_f1", "loss", "train_loss", "test_accuracy", "test_macro_f1", "test_loss",
-                 "test_max_prediction_share")
+                 "test_max_prediction_share",
+                 # where the round's wall time went: each phase's wall, and the server's own diagnostics work
+                 "train_wall", "evaluate_wall", "diagnostics_seconds")
 
 
 @dataclass
@@ -148,6 +153,7 @@ class SiteRoundRow:
     grad_norm: float | None = None  # mean per-sample gradient norm / C (noised, binned)
     noise_to_signal: float | None = None  # ‖DP noise‖ / ‖Σ clipped gradients‖ per step (noised signal)
     summary_json: str | None = None  # the whole derived summary (common/diagnostics.derive), noised numbers only
+    diagnostics_seconds: float | None = None  # of `seconds`, the site's diagnostics work (health, summary)
 
 
 @dataclass

@@ -164,6 +164,7 @@ class DebugFedAvg(FedAvg):
             # --- training at the sites -------------------------------------------------------------------------
             replies = self._exchange(grid, self._sample(grid), records.pack_instruction(arrays, rnd, num_rounds),
                                      MessageType.TRAIN)
+            rec.metrics["train_wall"] = time.time() - t0
             updates = self._collect_train(replies, arrays, rec)
             if updates:
                 arrays = weighted_average(list(updates.values()))
@@ -173,19 +174,27 @@ class DebugFedAvg(FedAvg):
                                                          "the global model is unchanged"))
 
             # --- evaluation at the sites (noised summaries) ----------------------------------------------------
+            t_eval = time.time()
             replies = self._exchange(grid, self._wait_for_sites(grid),
                                      records.pack_instruction(arrays, rnd, num_rounds, self.thresholds),
                                      MessageType.EVALUATE)
+            rec.metrics["evaluate_wall"] = time.time() - t_eval
+            t_diag = time.perf_counter()
             rec.metrics.update(self._collect_evaluate(replies, rec, trainable_values=sum(a.size for a in arrays.values())))
 
             # --- evaluation at the server (held-out test set) --------------------------------------------------
+            central_seconds = 0.0
             if self.central_eval is not None:
+                t_central = time.perf_counter()
                 test = self.central_eval(arrays)
                 rec.metrics.update({f"test_{k}": v for k, v in test.items()})
+                central_seconds = time.perf_counter() - t_central
 
             if self.checkpoints is not None:
                 self.checkpoints.save(rnd, arrays, updates)  # before the commit: a committed round has its weights
             rec.findings = self.findings.update(rec)
+            # The server's diagnostics work: deriving every summary, the global view, the findings.
+            rec.metrics["diagnostics_seconds"] = time.perf_counter() - t_diag - central_seconds
             rec.seconds = time.time() - t0
             self.writer.write_round(rec)
             log.info("round %d: %s", rnd, {k: round(v, 4) for k, v in rec.metrics.items() if v is not None})
@@ -218,7 +227,8 @@ class DebugFedAvg(FedAvg):
                                epsilon_budget=tr.epsilon_budget if tr.epsilon >= 0 else None, delta=tr.delta,
                                noise_multiplier=tr.noise_multiplier, sample_rate=tr.sample_rate, steps=tr.steps,
                                seconds=tr.seconds, epsilon_training=_eps(tr.epsilon_training),
-                               epsilon_diagnostics=_eps(tr.epsilon_diagnostics))
+                               epsilon_diagnostics=_eps(tr.epsilon_diagnostics),
+                               diagnostics_seconds=tr.diagnostics_seconds)
             if tr.site.status != records.STATUS_OK or tr.arrays is None:
                 rec.events.append(Event("site-refused", tr.site.reason, tr.site.name))
             else:
@@ -240,7 +250,9 @@ class DebugFedAvg(FedAvg):
                           trainable_values: int) -> dict[str, float | None]:
         summed: dict[str, np.ndarray] = {}
         n_val = n_train = 0
-        trained = {r.site: r for r in rec.sites if r.phase == "train" and r.status == "ok"}
+        # Sites that trained this round (a rejected update was still trained): their summaries carry train losses.
+        trained = {r.site: r for r in rec.sites if r.phase == "train"
+                   and (r.status == "ok" or r.reason.startswith("update rejected"))}
         for r in replies:
             if r.message is None or r.message.has_error():
                 self._failed(r, "evaluate", rec)
@@ -253,30 +265,35 @@ class DebugFedAvg(FedAvg):
             row = SiteRoundRow(site=ev.site.name, phase="evaluate", status=ev.site.status, reason=ev.site.reason,
                                num_examples=ev.num_examples, epsilon=_eps(ev.epsilon),
                                noise_multiplier=ev.noise_multiplier, epsilon_training=_eps(ev.epsilon_training),
-                               epsilon_diagnostics=_eps(ev.epsilon_diagnostics))
+                               epsilon_diagnostics=_eps(ev.epsilon_diagnostics), seconds=ev.seconds,
+                               diagnostics_seconds=ev.diagnostics_seconds)
             if ev.blocks is None:
                 if ev.site.status != records.STATUS_OK:  # ok without a summary: dp.diagnostics-share = 0
                     rec.events.append(Event("site-refused", ev.site.reason, ev.site.name))
             else:
                 train_row = trained.get(ev.site.name)
+                did_train = train_row is not None and ev.health_round == rec.round
                 d = diagnostics.derive(ev.blocks, loss_clip=self.loss_clip, n_val=ev.num_examples,
                                        n_train=ev.site.n_train, trainable_values=trainable_values,
                                        dpsgd_noise_multiplier=(train_row.noise_multiplier or 0.0) if train_row else 0.0,
-                                       trained=train_row is not None and ev.health_round == rec.round)
+                                       trained=did_train)
                 self._fill_row(row, d, ev)
                 if ev.noise_multiplier > 0:
                     rec.ledger.append(LedgerRow(ev.site.name, rec.round, "summary", "gaussian", ev.noise_multiplier,
                                                 1.0, 1, ev.sensitivity))
                 for name, v in ev.blocks.items():
-                    summed[name] = summed.get(name, 0.0) + v
+                    if did_train or name not in diagnostics.TRAINING_BLOCKS:
+                        summed[name] = summed.get(name, 0.0) + v
                 n_val += ev.num_examples
-                n_train += ev.site.n_train
+                n_train += ev.site.n_train if did_train else 0  # only sites that trained measured train losses
             rec.sites.append(row)
         if not summed:
             return {}
         # Sums of noised summaries are noised summaries of the union: the global view is post-processing too.
+        for name, empty in diagnostics.empty_blocks(summed["confusion"].shape[0]).items():
+            summed.setdefault(name, empty)  # no site trained this round: its training blocks are empty
         self.thresholds = diagnostics.thresholds(summed["self_confidence"], summed["confusion"].sum(axis=1)).tolist()
-        g = diagnostics.derive(summed, loss_clip=self.loss_clip, n_val=n_val, n_train=n_train)
+        g = diagnostics.derive(summed, loss_clip=self.loss_clip, n_val=n_val, n_train=n_train, trained=n_train > 0)
         return {"accuracy": g["accuracy"], "macro_f1": g["macro_f1"], "loss": g["loss"]["val"],
                 "train_loss": g["loss"]["train"]}
 

@@ -9,7 +9,7 @@ import torch
 
 from client.data import Encoded
 from client.summary import Summary, confident_joint_issues, local_summary, release, weighted_vector
-from client.train import TrainHealth
+from client.train import TrainHealth, train_local
 from common import diagnostics as dg
 from common.metrics import accuracy, macro_f1, per_class_f1
 from common.model import build_model
@@ -27,14 +27,23 @@ def _without(data: Encoded, i: int) -> Encoded:
     return Encoded(data.input_ids[keep], data.attention_mask[keep], data.labels[keep])
 
 
-def test_local_summary_covers_both_splits(model, site_data):
-    s = local_summary(model, site_data.train, site_data.val, num_classes=3, loss_clip=3.0, thresholds=THRESHOLDS)
+def test_local_summary_covers_both_splits(tiny_cfg, model, site_data):
+    # The train-split losses and gradient norms come from the round's training pass, not a second forward pass.
+    result = train_local(model, site_data.train, train_cfg=tiny_cfg.train, dp_cfg=tiny_cfg.dp, noise_multiplier=1.0,
+                         label_counts=None, seed=0)
+    s = local_summary(model, site_data.train, site_data.val, num_classes=3, loss_clip=3.0, thresholds=THRESHOLDS,
+                      health=result.health, health_round=1)
     b = s.blocks
     n_val, n_train = len(site_data.val), len(site_data.train)
     val_counts = np.bincount(site_data.val.labels.numpy(), minlength=3)
     assert b["confusion"].sum() == n_val and b["confusion"].sum(axis=1).tolist() == val_counts.tolist()
     assert b["calibration"].sum() == n_val and b["val_loss_hist"].sum() == n_val
-    assert b["train_loss_hist"].sum() == n_train
+    assert b["train_loss_hist"].sum() == n_train  # every train example's loss, once (Poisson-skipped ones after)
+    assert 0.5 * n_train / 3 < b["train_loss_sum"][0] < n_train  # ≈ ln 3 / L per example for a fresh model
+    assert b["grad_norm_hist"].sum() > 0 and s.health_round == 1
+    without = local_summary(model, site_data.train, site_data.val, num_classes=3, loss_clip=3.0,
+                            thresholds=THRESHOLDS)
+    assert without.health_round == 0 and without.blocks["train_loss_hist"].sum() == 0  # did not train: nothing
     assert b["train_labels"].tolist() == np.bincount(site_data.train.labels.numpy(), minlength=3).tolist()
     assert (b["self_confidence"] <= val_counts + 1e-9).all() and b["self_confidence"].sum() > 0
     assert np.trace(b["label_issues"]) == 0 and b["label_issues"].sum() <= n_val - np.trace(b["confusion"])
@@ -45,17 +54,20 @@ def test_local_summary_covers_both_splits(model, site_data):
 
 
 def test_one_example_moves_the_summary_by_at_most_the_sensitivity(model, site_data):
-    health = TrainHealth([3.0, 2.0, 1.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0], 1.7)
+    health = TrainHealth([3.0, 2.0, 1.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0], 1.7, 20.0, [5.0] * 10)
 
     def vec(train, val):
         return weighted_vector(local_summary(model, train, val, num_classes=3, loss_clip=3.0,
                                              thresholds=THRESHOLDS, health=health, health_round=1))
 
     full = vec(site_data.train, site_data.val)
-    moves = [np.linalg.norm(full - vec(site_data.train, _without(site_data.val, i))) for i in range(8)]
-    moves += [np.linalg.norm(full - vec(_without(site_data.train, i), site_data.val)) for i in range(8)]
-    assert max(moves) <= dg.SENSITIVITY + 1e-9
-    assert min(moves) > 1.0  # each removal really moves several blocks (not a vacuous bound)
+    val_moves = [np.linalg.norm(full - vec(site_data.train, _without(site_data.val, i))) for i in range(8)]
+    train_moves = [np.linalg.norm(full - vec(_without(site_data.train, i), site_data.val)) for i in range(8)]
+    assert max(val_moves + train_moves) <= dg.SENSITIVITY + 1e-9
+    assert min(val_moves) > 1.0  # each removal really moves several blocks (not a vacuous bound)
+    # With the training pass's statistics held fixed, a train example moves its label count; its own loss and
+    # gradient norm are one entry each in those blocks (test_train checks one loss per example).
+    assert min(train_moves) == pytest.approx(1.0)
 
 
 def _exact(k=3, fill=50.0):

@@ -91,4 +91,6 @@ def test_dp_health_reads_the_per_sample_norms_opacus_clips(tiny_cfg, site_data):
     assert sum(tight.health.grad_norm_hist[:4]) == 0  # every norm exceeds 1e-6 · C-units
     assert 0 < tight.health.clipped_sum_norm <= sum(tight.health.grad_norm_hist) + 1e-6
     _, _, plain = _train(tiny_cfg, site_data, enabled=False)
-    assert plain.health is None
+    assert plain.health.grad_norm_hist == []  # no per-sample gradients without DP
+    assert sum(plain.health.train_loss_hist) == len(site_data.train)  # losses are read off any training pass
+    assert sum(tight.health.train_loss_hist) == len(site_data.train)
