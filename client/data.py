@@ -65,11 +65,13 @@ class SiteData:
 def site_rows(cfg: DataConfig, site: SiteIdentity) -> pd.DataFrame:
     """This site's labelled rows: its partition of the embedded set, or its own file."""
     if cfg.source == "files":
-        if not site.data_path:
-            raise SiteDataError(f"site {site.name}: data.source is 'files' but the node config has no data-path; "
-                                "start the SuperNode with --node-config \"data-path='/path/to/data.csv'\"")
-        return load_file(site.data_path, text_column=cfg.text_column, label_column=cfg.label_column,
-                         labels=cfg.labels, site=site.name)
+        path = site.data_path or cfg.files.format(site=site.name, partition=site.partition_id)
+        if not path:
+            raise SiteDataError(f"site {site.name}: data.source is 'files' but the node config has no data-path "
+                                "(and data.files sets no template); start the SuperNode with "
+                                "--node-config \"data-path='/path/to/data.csv'\"")
+        return load_file(path, text_column=cfg.text_column, label_column=cfg.label_column, labels=cfg.labels,
+                         site=site.name)
     frame = _drugreview_train(cfg.labels)
     parts = _partitions(cfg.labels, site.num_partitions, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed)
     if not 0 <= site.partition_id < len(parts):

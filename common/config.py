@@ -86,6 +86,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 @dataclass(frozen=True)
 class DataConfig:
     source: str
+    files: str
     partitioner: str
     dirichlet_alpha: float
     val_fraction: float
@@ -237,6 +238,10 @@ class AppConfig:
         check(d.source in ("drugreview", "files"), "data.source", d.source, 'one of "drugreview", "files"')
         check(d.partitioner in ("natural", "iid", "dirichlet"), "data.partitioner", d.partitioner,
               'one of "natural", "iid", "dirichlet"')
+        try:
+            d.files.format(site="s", partition=0)
+        except (KeyError, IndexError, ValueError):
+            p.append(f"data.files must be a path template using only {{site}} and {{partition}}, got {d.files!r}")
         num("data.dirichlet-alpha", d.dirichlet_alpha, 0.0, 1e6, lo_open=True)
         num("data.val-fraction", d.val_fraction, 0.0, 0.9, lo_open=True)
         num("data.seed", d.seed, 0, 2**31, integer=True)

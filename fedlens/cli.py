@@ -3,6 +3,7 @@
 Run as:  fedlens simulate --scenario simulations/smoke.toml
          fedlens report --json
          fedlens whatif --round 3 --exclude site-2
+         fedlens bench --only dp_overhead,bytes_per_round --json
          fedlens dashboard --port 8501
 Progress and logs go to stderr; only data (the report) goes to stdout. Exit codes: 0 ok, 1 failed, 2 usage error.
 """
@@ -178,6 +179,25 @@ def whatif(
     for k in ("accuracy", "macro_f1", "loss"):
         typer.echo(f"  test {k:<9} actual {out['actual'][k]:.4f}   without {out['without'][k]:.4f}   "
                    f"change {out['change'].get(k, float('nan')):+.4f}")
+
+
+@app.command()
+def bench(
+    only: Annotated[str, typer.Option(help="comma-separated subset: dp_overhead, round_overhead, "
+                                           "diagnostics_share, bytes_per_round, max_sites, dashboard_render")] = "",
+    json_: Annotated[bool, typer.Option("--json", help="print one JSON object (docs/PERFORMANCE.md keys)")] = False,
+) -> None:
+    """Measure the performance figures (ratios measured side by side in this run) and print them."""
+    import json
+
+    from fedlens import bench as harness
+
+    try:
+        out = harness.run([s.strip() for s in only.split(",") if s.strip()] or None,
+                          progress=lambda m: typer.echo(m, err=True))
+    except ValueError as e:
+        _fail(str(e), code=2)
+    typer.echo(json.dumps(out, indent=2, default=float) if json_ else harness.format_table(out))
 
 
 @app.command()

@@ -88,3 +88,17 @@ def test_generic_loader_errors_name_site_path_and_expectation(tmp_path, content,
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(SiteDataError, match=expected):
         _load(path)
+
+
+def test_a_path_template_gives_each_simulated_site_its_own_file(tmp_path):
+    from client.data import SiteIdentity, site_rows
+    from common.config import AppConfig
+
+    for pid in (0, 1):
+        pd.DataFrame({"review": [f"text {pid} {i}" for i in range(4)], "rating": [1, 5, 9, 10]}).to_csv(
+            tmp_path / f"site-{pid}.csv", index=False)
+    cfg = AppConfig.from_run_config({"data.source": "files", "data.files": str(tmp_path / "site-{partition}.csv")})
+    rows = site_rows(cfg.data, SiteIdentity("site-1", 1, 2, ""))
+    assert rows["text"].tolist() == [f"text 1 {i}" for i in range(4)]
+    with pytest.raises(ValueError, match="data.files must be a path template using only"):
+        AppConfig.from_run_config({"data.files": "x/{nope}.csv"})
