@@ -66,7 +66,7 @@ def simulate(
     store_path = Path(cfg.store.path)
     typer.echo(f"run {cfg.store.run_id}: {cfg.simulation.num_sites} sites, {cfg.num_server_rounds} rounds -> "
                f"{store_path}", err=True)
-    _run_with_progress(config, cfg, store_path)
+    _run_with_progress(config, cfg, store_path, ray_address or os.environ.get("RAY_ADDRESS", ""))
 
     from fedlens.report import build_report, format_text
 
@@ -92,7 +92,7 @@ def _parse_value(v: str) -> bool | int | float | str:
     return v.strip('"').strip("'")
 
 
-def _run_with_progress(config: dict, cfg, store_path: Path) -> None:  # noqa: ANN001
+def _run_with_progress(config: dict, cfg, store_path: Path, ray_address: str) -> None:  # noqa: ANN001
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -117,7 +117,8 @@ def _run_with_progress(config: dict, cfg, store_path: Path) -> None:  # noqa: AN
         watcher.start()
         try:
             run_simulation(config, num_sites=cfg.simulation.num_sites, client_cpus=cfg.simulation.client_cpus,
-                           client_gpus=cfg.simulation.client_gpus, ray_address=os.environ.get("RAY_ADDRESS", ""))
+                           client_gpus=cfg.simulation.client_gpus,
+                           ray_address=ray_address)
         except Exception as e:  # noqa: BLE001 (the run store says what happened; the report below shows it)
             typer.echo(f"simulation ended with an error: {e}", err=True)
         finally:
