@@ -148,6 +148,7 @@ def hello(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.time()
     key, cfg, _, data = _setup(context)
     server_round, num_rounds = records.unpack_instruction(msg.content)
     model = _model(key)
@@ -185,13 +186,13 @@ def train(msg: Message, context: Context) -> Message:
     reply = records.TrainReply(_info(data), trainable_state(model), len(data.train), total, delta,
                                cfg.dp.target_epsilon, sigma, result.sample_rate, result.steps, seconds,
                                cfg.dp.max_grad_norm, eps_train, eps_diag,
-                               result.health.seconds if result.health else 0.0)
+                               result.health.seconds if result.health else 0.0, started, time.time())
     return records.reply(records.pack_train_reply(reply), msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     key, cfg, _, data = _setup(context)
     server_round, num_rounds = records.unpack_instruction(msg.content)
     thresholds = records.unpack_thresholds(msg.content) or [diagnostics.DEFAULT_THRESHOLD] * data.num_classes
@@ -223,7 +224,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if not cfg.dp.enabled:
         # No privacy asked for: the exact summary goes out (the baseline a DP run is compared with).
         out = records.EvalReply(_info(data), len(data.val), NOT_PRIVATE, exact.blocks, 0.0, 0.0, exact.health_round,
-                                NOT_PRIVATE, NOT_PRIVATE, time.perf_counter() - t0, exact.seconds)
+                                NOT_PRIVATE, NOT_PRIVATE, time.perf_counter() - t0, exact.seconds, started, time.time())
         return records.reply(records.pack_eval_reply(out), msg)
 
     t1 = time.perf_counter()
@@ -233,5 +234,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     total, eps_train, eps_diag = privacy.epsilon_split(ledger, delta)
     diag_seconds = exact.seconds + time.perf_counter() - t1
     out = records.EvalReply(_info(data), len(data.val), total, noised.blocks, sigma, noised.sensitivity,
-                            noised.health_round, eps_train, eps_diag, time.perf_counter() - t0, diag_seconds)
+                            noised.health_round, eps_train, eps_diag, time.perf_counter() - t0, diag_seconds,
+                            started, time.time())
     return records.reply(records.pack_eval_reply(out), msg)

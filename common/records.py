@@ -55,6 +55,8 @@ class TrainReply:
     epsilon_training: float = 0.0  # ε of the site's DP-SGD segments alone (cumulative)
     epsilon_diagnostics: float = 0.0  # ε of its released summaries alone (cumulative)
     diagnostics_seconds: float = 0.0  # of `seconds`, spent measuring DP health
+    started_at: float = 0.0  # wall clock (s since epoch) when the site began / finished handling the message
+    ended_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class EvalReply:
     epsilon_diagnostics: float = 0.0
     seconds: float = 0.0  # the site's compute for this evaluation (model, summary, release)
     diagnostics_seconds: float = 0.0  # of `seconds`, spent on the summary beyond plain evaluation
+    started_at: float = 0.0
+    ended_at: float = 0.0
 
     @property
     def confusion(self) -> np.ndarray | None:
@@ -139,7 +143,8 @@ def pack_train_reply(r: TrainReply) -> RecordDict:
                                "sample-rate": r.sample_rate, "steps": r.steps, "seconds": r.seconds,
                                "sensitivity": r.sensitivity, "epsilon-training": r.epsilon_training,
                                "epsilon-diagnostics": r.epsilon_diagnostics,
-                               "diagnostics-seconds": r.diagnostics_seconds}),
+                               "diagnostics-seconds": r.diagnostics_seconds, "started-at": r.started_at,
+                               "ended-at": r.ended_at}),
     })
     if r.arrays is not None:
         content[ARRAYS] = _arrays(r.arrays)
@@ -156,7 +161,8 @@ def unpack_train_reply(content: RecordDict) -> TrainReply:
                       float(m["epsilon-budget"]), float(m["noise-multiplier"]), float(m["sample-rate"]),
                       int(m["steps"]), float(m["seconds"]), float(m.get("sensitivity", 1.0)),
                       float(m.get("epsilon-training", 0.0)), float(m.get("epsilon-diagnostics", 0.0)),
-                      float(m.get("diagnostics-seconds", 0.0)))
+                      float(m.get("diagnostics-seconds", 0.0)), float(m.get("started-at", 0.0)),
+                      float(m.get("ended-at", 0.0)))
 
 
 def pack_eval_reply(r: EvalReply) -> RecordDict:
@@ -165,7 +171,8 @@ def pack_eval_reply(r: EvalReply) -> RecordDict:
         METRICS: MetricRecord({NUM_EXAMPLES: r.num_examples, "epsilon": r.epsilon,
                                "epsilon-training": r.epsilon_training,
                                "epsilon-diagnostics": r.epsilon_diagnostics, "seconds": r.seconds,
-                               "diagnostics-seconds": r.diagnostics_seconds}),
+                               "diagnostics-seconds": r.diagnostics_seconds, "started-at": r.started_at,
+                               "ended-at": r.ended_at}),
     })
     if r.blocks is not None:
         # One flat list of floats per block (ConfigRecord lists hold one scalar type); shapes follow from K.
@@ -202,7 +209,8 @@ def unpack_eval_reply(content: RecordDict) -> EvalReply:
         sigma, sens, health_round = float(s["noise-multiplier"]), float(s["sensitivity"]), int(s["health-round"])
     return EvalReply(site, int(m[NUM_EXAMPLES]), float(m["epsilon"]), blocks, sigma, sens, health_round,
                      float(m.get("epsilon-training", 0.0)), float(m.get("epsilon-diagnostics", 0.0)),
-                     float(m.get("seconds", 0.0)), float(m.get("diagnostics-seconds", 0.0)))
+                     float(m.get("seconds", 0.0)), float(m.get("diagnostics-seconds", 0.0)),
+                     float(m.get("started-at", 0.0)), float(m.get("ended-at", 0.0)))
 
 
 def reply(content: RecordDict, to: Message) -> Message:

@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS site_rounds (
     ece REAL, label_issues REAL, clip_fraction REAL, grad_norm REAL, noise_to_signal REAL,
     summary_json TEXT,
     diagnostics_seconds REAL,
+    started_at REAL, ended_at REAL,
     PRIMARY KEY (run_id, round, site, phase)
 );
 CREATE TABLE IF NOT EXISTS ledger (
@@ -111,11 +112,12 @@ SITE_ROUND_COLUMNS = ("site", "phase", "status", "reason", "num_examples", "epsi
                       "noise_multiplier", "sample_rate", "steps", "seconds", "update_norm", "accuracy", "macro_f1",
                       "loss", "train_loss", "max_prediction_share", "confusion_json", "epsilon_training",
                       "epsilon_diagnostics", "ece", "label_issues", "clip_fraction", "grad_norm", "noise_to_signal",
-                      "summary_json", "diagnostics_seconds")
+                      "summary_json", "diagnostics_seconds", "started_at", "ended_at")
 # Columns added after schema version 1: an older store gets them (NULL) when a writer opens it.
 ADDED_COLUMNS = {"site_rounds": ("epsilon_training REAL", "epsilon_diagnostics REAL", "ece REAL", "label_issues REAL",
                                  "clip_fraction REAL", "grad_norm REAL", "noise_to_signal REAL",
-                                 "summary_json TEXT", "diagnostics_seconds REAL"),
+                                 "summary_json TEXT", "diagnostics_seconds REAL", "started_at REAL",
+                                 "ended_at REAL"),
                  "rounds": ("train_wall REAL", "evaluate_wall REAL", "diagnostics_seconds REAL")}
 LEDGER_COLUMNS = ("site", "round", "kind", "mechanism", "noise_multiplier", "sample_rate", "steps", "sensitivity")
 ROUND_METRICS = ("accuracy", "macro_f1", "loss", "train_loss", "test_accuracy", "test_macro_f1", "test_loss",
@@ -154,6 +156,8 @@ class SiteRoundRow:
     noise_to_signal: float | None = None  # ‖DP noise‖ / ‖Σ clipped gradients‖ per step (noised signal)
     summary_json: str | None = None  # the whole derived summary (common/diagnostics.derive), noised numbers only
     diagnostics_seconds: float | None = None  # of `seconds`, the site's diagnostics work (health, summary)
+    started_at: float | None = None  # the site's wall clock around its handler (round-overhead benchmark)
+    ended_at: float | None = None
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Benchmarks (run all, or a subset with --only):
   dp_overhead       DP-SGD step time / non-DP step time, same model, batch and length (LoRA and full)
-  round_overhead    share of a simulated round's wall time outside site compute, at 3, 10 and 30 sites; start-up
+  round_overhead    share of a simulated round's wall time when no site was computing, at 3, 10, 30 sites; start-up
   diagnostics_share time producing error summaries and findings / round time (from the 10-site run)
   bytes_per_round   bytes a site sends per round, LoRA vs full fine-tuning
   max_sites         the largest simulated federation that completes 2 rounds here, with peak memory
@@ -110,18 +110,22 @@ def _workers(n_sites: int, client_cpus: float) -> int:
 
 
 def _round_breakdown(run: dict, workers: int) -> list[dict[str, float]]:
-    """Per round: wall, the ideal wall if only site compute counted (per phase: max(Σ / workers, longest site)),
-    and the diagnostics seconds (sites' and server's)."""
+    """Per round: wall (the server's train + evaluate phases), busy = the time at least one site was handling a
+    message (the union of the sites' [started, ended] intervals: a site computing alone counts as compute, so
+    scheduling 3 sites on 2 workers is not blamed on the framework), overhead = 1 − busy / wall, and the
+    diagnostics seconds (sites' work / workers, plus the server's)."""
     out = []
     for rnd in run["rounds"]:
         rows = [r for r in run["site_rounds"] if r["round"] == rnd["round"] and r["status"] == "ok"]
-        ideal = 0.0
-        for phase in ("train", "evaluate"):
-            secs = [r["seconds"] or 0.0 for r in rows if r["phase"] == phase]
-            ideal += max(sum(secs) / workers, max(secs)) if secs else 0.0
+        spans = sorted((r["started_at"], r["ended_at"]) for r in rows
+                       if r.get("started_at") is not None and r.get("ended_at") is not None)
+        busy, end = 0.0, float("-inf")
+        for a, b in spans:
+            busy += max(0.0, b - max(a, end))
+            end = max(end, b)
         wall = (rnd["train_wall"] or 0.0) + (rnd["evaluate_wall"] or 0.0)
         site_diag = sum(r["diagnostics_seconds"] or 0.0 for r in rows) / workers
-        out.append({"round": rnd["round"], "wall": wall, "ideal": ideal, "overhead": 1 - ideal / wall if wall else 0.0,
+        out.append({"round": rnd["round"], "wall": wall, "busy": busy, "overhead": 1 - busy / wall if wall else 0.0,
                     "diagnostics": site_diag + (rnd["diagnostics_seconds"] or 0.0)})
     return out
 

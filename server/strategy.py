@@ -234,7 +234,8 @@ class DebugFedAvg(FedAvg):
                                noise_multiplier=tr.noise_multiplier, sample_rate=tr.sample_rate, steps=tr.steps,
                                seconds=tr.seconds, epsilon_training=_eps(tr.epsilon_training),
                                epsilon_diagnostics=_eps(tr.epsilon_diagnostics),
-                               diagnostics_seconds=tr.diagnostics_seconds)
+                               diagnostics_seconds=tr.diagnostics_seconds, started_at=tr.started_at or None,
+                               ended_at=tr.ended_at or None)
             if tr.site.status != records.STATUS_OK or tr.arrays is None:
                 rec.events.append(Event("site-refused", tr.site.reason, tr.site.name))
             else:
@@ -272,7 +273,8 @@ class DebugFedAvg(FedAvg):
                                num_examples=ev.num_examples, epsilon=_eps(ev.epsilon),
                                noise_multiplier=ev.noise_multiplier, epsilon_training=_eps(ev.epsilon_training),
                                epsilon_diagnostics=_eps(ev.epsilon_diagnostics), seconds=ev.seconds,
-                               diagnostics_seconds=ev.diagnostics_seconds)
+                               diagnostics_seconds=ev.diagnostics_seconds, started_at=ev.started_at or None,
+                               ended_at=ev.ended_at or None)
             if ev.blocks is None:
                 if ev.site.status != records.STATUS_OK:  # ok without a summary: dp.diagnostics-share = 0
                     rec.events.append(Event("site-refused", ev.site.reason, ev.site.name))

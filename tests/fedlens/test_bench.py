@@ -6,17 +6,22 @@ import pytest
 from fedlens import bench
 
 
-def test_round_overhead_counts_only_what_is_not_site_compute():
+def test_round_overhead_is_the_share_of_the_round_when_no_site_was_computing():
     run = {"rounds": [{"round": 1, "train_wall": 2.0, "evaluate_wall": 1.0, "diagnostics_seconds": 0.1}],
            "site_rounds": [
-               {"round": 1, "phase": "train", "status": "ok", "seconds": 1.0, "diagnostics_seconds": 0.02},
-               {"round": 1, "phase": "train", "status": "ok", "seconds": 1.0, "diagnostics_seconds": 0.02},
-               {"round": 1, "phase": "train", "status": "ok", "seconds": 1.0, "diagnostics_seconds": 0.02},
-               {"round": 1, "phase": "evaluate", "status": "ok", "seconds": 0.2, "diagnostics_seconds": 0.01},
-               {"round": 1, "phase": "evaluate", "status": "failed", "seconds": None, "diagnostics_seconds": None}]}
+               # two sites in parallel, then one alone (3 sites on 2 workers): busy 0.0-1.0 and 1.1-2.0
+               {"round": 1, "phase": "train", "status": "ok", "started_at": 0.0, "ended_at": 1.0,
+                "diagnostics_seconds": 0.02},
+               {"round": 1, "phase": "train", "status": "ok", "started_at": 0.1, "ended_at": 0.9,
+                "diagnostics_seconds": 0.02},
+               {"round": 1, "phase": "train", "status": "ok", "started_at": 1.1, "ended_at": 2.0,
+                "diagnostics_seconds": 0.02},
+               {"round": 1, "phase": "evaluate", "status": "ok", "started_at": 2.2, "ended_at": 2.4,
+                "diagnostics_seconds": 0.01},
+               {"round": 1, "phase": "evaluate", "status": "failed", "started_at": None, "ended_at": None,
+                "diagnostics_seconds": None}]}
     (row,) = bench._round_breakdown(run, workers=2)
-    # train: 3 s of compute on 2 workers -> 1.5 s ideal; evaluate: one 0.2 s site -> 0.2 s; wall 3 s.
-    assert row["ideal"] == pytest.approx(1.7) and row["overhead"] == pytest.approx(1 - 1.7 / 3.0)
+    assert row["busy"] == pytest.approx(1.0 + 0.9 + 0.2) and row["overhead"] == pytest.approx(1 - 2.1 / 3.0)
     assert row["diagnostics"] == pytest.approx(0.07 / 2 + 0.1)
 
 
