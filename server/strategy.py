@@ -22,7 +22,7 @@ from server.findings import FindingsTracker
 
 log = get_logger()
 Arrays = OrderedDict[str, np.ndarray]
-POLL_MIN = 0.005  # seconds between polls for replies right after one arrived
+POLL_MIN = 0.005  # seconds between polls for replies right after one arrived (then doubling up to poll_interval)
 CentralEval = Callable[[Arrays], dict[str, float]]
 
 
@@ -75,7 +75,7 @@ class DebugFedAvg(FedAvg):
     """
 
     def __init__(self, *, writer: RunWriter, min_sites: int, fraction_train: float, timeout: float,
-                 central_eval: CentralEval | None = None, poll_interval: float = 0.2, loss_clip: float = 3.0,
+                 central_eval: CentralEval | None = None, poll_interval: float = 0.05, loss_clip: float = 3.0,
                  checkpoints: Checkpoints | None = None) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_sites,
                          min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
@@ -104,8 +104,9 @@ class DebugFedAvg(FedAvg):
         node_of = dict(zip(ids, node_ids, strict=True))
         got: dict[str, Message] = {}
         deadline = time.time() + self.timeout
-        # Poll fast right after a reply, backing off to poll_interval while nothing comes: a fixed 0.2 s sleep made
-        # every phase end on a 0.2 s boundary (measured: ~0.2 s of a 1.6 s tiny-model round; docs/PERFORMANCE.md).
+        # Poll fast right after a reply, backing off to poll_interval (50 ms) while nothing comes. A fixed 0.2 s
+        # sleep made every phase end on a 0.2 s boundary (measured: ~0.2 s of a 1.6 s tiny-model round;
+        # docs/PERFORMANCE.md).
         wait = POLL_MIN
         while len(got) < len(ids) and time.time() < deadline:
             before = len(got)
