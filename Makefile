@@ -17,7 +17,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo simulate dashboard test test-all smoke lint clean
+.PHONY: bench install demo simulate dashboard test test-all smoke lint clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,9 @@ test: install  ## the suite CI runs, slow end-to-end tests included
 
 test-fast: install  ## without the end-to-end simulation
 	$(BIN)/pytest -q -m "not slow"
+
+bench: install  ## the performance figures of docs/PERFORMANCE.md (~20 min on 2 cores)
+	$(BIN)/fedlens bench
 
 smoke: install
 	$(BIN)/fedlens simulate --scenario simulations/smoke.toml --store $(STORE)
