@@ -6,18 +6,21 @@ import json
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client import privacy
-from client.data import SiteData, SiteIdentity, load_site_data
+from client.data import Encoded, SiteData, SiteIdentity, load_site_data
 from client.summary import local_summary, release
 from client.train import TrainHealth, train_local
-from common import diagnostics, records
+from common import diagnostics, faults, records
 from common.config import AppConfig
 from common.log import get_logger
 from common.model import build_model, load_tokenizer, load_trainable_state, trainable_state
@@ -139,6 +142,34 @@ def _health(context: Context, server_round: int) -> TrainHealth | None:
                        float(rec["train-loss-sum"]), [float(x) for x in rec["train-loss-hist"]])
 
 
+def _misbehave(injected: dict[str, faults.Fault], server_round: int, received) -> object:  # noqa: ANN001
+    """Injected crash / straggler / free-rider behaviour; returns the weights a free rider sends, else None."""
+    if "crash" in injected and server_round >= int(injected["crash"]["round"]):
+        raise RuntimeError(f"site {injected['crash'].site}: injected crash at round {server_round}")
+    if "straggler" in injected:
+        time.sleep(float(injected["straggler"]["seconds"]))
+    if "free_rider" in injected:
+        if injected["free_rider"]["mode"] == "random":
+            rng = np.random.default_rng(server_round)
+            return OrderedDict((k, rng.normal(0.0, float(v.std()) or 0.02, v.shape).astype(v.dtype))
+                               for k, v in received.items())
+        return received  # echo: the weights it received, unchanged
+    return None
+
+
+def _faulty_training(injected: dict[str, faults.Fault], cfg: AppConfig, data: SiteData):  # noqa: ANN202
+    """Injected training faults: a learning rate blown up, or many epochs on a few examples."""
+    train_cfg, train_data = cfg.train, data.train
+    if "lr_blowup" in injected:
+        factor = float(injected["lr_blowup"]["factor"])
+        train_cfg = replace(train_cfg, lr=train_cfg.lr * factor, head_lr=train_cfg.head_lr * factor)
+    if "overfit" in injected:
+        n = int(injected["overfit"]["examples"])
+        train_cfg = replace(train_cfg, local_epochs=int(injected["overfit"]["epochs"]))
+        train_data = Encoded(data.train.input_ids[:n], data.train.attention_mask[:n], data.train.labels[:n])
+    return train_cfg, train_data
+
+
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Who this site is and how much data it holds; loading the data here surfaces a bad file before round 1."""
@@ -172,8 +203,18 @@ def train(msg: Message, context: Context) -> Message:
                 _info(data, records.STATUS_REFUSED, reason), None, len(data.train), total, delta,
                 cfg.dp.target_epsilon, sigma, q, 0, 0.0, cfg.dp.max_grad_norm, eps_train, eps_diag)), msg)
 
+    injected = faults.at_site(faults.parse(cfg.faults), data.site.name)
+    if injected:
+        received = records.unpack_arrays(msg.content)
+        shortcut = _misbehave(injected, server_round, received)
+        if shortcut is not None:  # a free rider: sends something without training
+            return records.reply(records.pack_train_reply(records.TrainReply(
+                _info(data), shortcut, len(data.train),
+                privacy.epsilon(ledger, delta) if cfg.dp.enabled else NOT_PRIVATE, delta, cfg.dp.target_epsilon,
+                sigma, q, 0, 0.0, cfg.dp.max_grad_norm, started_at=started, ended_at=time.time())), msg)
+    train_cfg, train_data = _faulty_training(injected, cfg, data) if injected else (cfg.train, data.train)
     t0 = time.perf_counter()
-    result = train_local(model, data.train, train_cfg=cfg.train, dp_cfg=cfg.dp, noise_multiplier=sigma,
+    result = train_local(model, train_data, train_cfg=train_cfg, dp_cfg=cfg.dp, noise_multiplier=sigma,
                          label_counts=data.label_counts(), seed=cfg.train.seed + server_round)
     seconds = time.perf_counter() - t0
     total, eps_train, eps_diag = NOT_PRIVATE, NOT_PRIVATE, NOT_PRIVATE

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from common import faults
 from common.config import AppConfig, DataConfig
 from common.datasets import LABEL, TEXT, SiteDataError, load_drugreview, load_file, partition, split_train_val
 
@@ -99,6 +100,10 @@ def encode(texts: list[str], labels: np.ndarray, tokenizer, max_length: int) -> 
 def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer) -> SiteData:  # noqa: ANN001
     """The site's rows, split (seeded by data.seed and the site's name) and tokenised."""
     rows = site_rows(cfg.data, site)
+    injected = faults.at_site(faults.parse(cfg.faults), site.name)
+    if injected:  # a simulated faulty site (scenario ground truth); real sites never set `faults`
+        rows = faults.corrupt_rows(rows, injected, num_classes=len(cfg.data.labels),
+                                   seed=cfg.data.seed + sum(map(ord, site.name)))
     if len(rows) < 2:
         raise SiteDataError(f"site {site.name}: only {len(rows)} usable row(s); expected at least 2 labelled examples")
     seed = cfg.data.seed + sum(map(ord, site.name))

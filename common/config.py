@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,11 @@ def load_overrides(path: str | Path) -> RunConfig:
         raise FileNotFoundError(f"scenario file {path} does not exist")
     try:
         with path.open("rb") as f:
-            return flatten(tomllib.load(f))
+            tree = tomllib.load(f)
+        if isinstance(tree.get("faults"), list):
+            # [[faults]] tables in a scenario file travel as one JSON string (run-config values are scalars).
+            tree["faults"] = json.dumps(tree["faults"])
+        return flatten(tree)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"scenario file {path} is not valid TOML: {e}") from e
 
@@ -160,6 +165,7 @@ class StoreConfig:
 class AppConfig:
     num_server_rounds: int
     scenario: str
+    faults: str
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
@@ -195,6 +201,7 @@ class AppConfig:
         cfg = cls(
             num_server_rounds=flat["num-server-rounds"],
             scenario=flat["scenario"],
+            faults=flat["faults"],
             data=DataConfig(**sections["data"]),
             model=ModelConfig(**sections["model"]),
             train=TrainConfig(**sections["train"]),
@@ -234,6 +241,12 @@ class AppConfig:
             check(ok, key, value, f"in {bracket}{lo}, {hi}]")
 
         num("num-server-rounds", self.num_server_rounds, 1, 10_000, integer=True)
+        from common.faults import parse
+
+        try:
+            parse(self.faults)
+        except ValueError as e:
+            p.append(str(e))
         d, m, t, dp, s = self.data, self.model, self.train, self.dp, self.server
         check(d.source in ("drugreview", "files"), "data.source", d.source, 'one of "drugreview", "files"')
         check(d.partitioner in ("natural", "iid", "dirichlet"), "data.partitioner", d.partitioner,

@@ -105,6 +105,12 @@ CREATE TABLE IF NOT EXISTS findings (
     severity TEXT NOT NULL,
     message TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS faults (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    site TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    params_json TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS site_rounds_by_site ON site_rounds (run_id, site, round);
 """
 
@@ -243,6 +249,12 @@ class RunWriter:
                 "VALUES (?, ?, 'running', ?, ?, ?, ?)",
                 (self.run_id, scenario, time.time(), rounds_planned, model, json.dumps(config, sort_keys=True)))
 
+    def record_faults(self, faults: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """The injected faults of a simulated run (site, kind, parameters): its ground truth, for scoring only."""
+        with self.conn:
+            self.conn.executemany("INSERT INTO faults (run_id, site, kind, params_json) VALUES (?, ?, ?, ?)",
+                                  [(self.run_id, s, k, json.dumps(p, sort_keys=True)) for s, k, p in faults])
+
     def add_site(self, site: str, *, n_train: int | None, n_val: int | None) -> None:
         with self.conn:
             self.conn.execute("INSERT OR IGNORE INTO sites VALUES (?, ?, ?, ?, ?)",
@@ -315,6 +327,19 @@ def list_runs(path: str | Path) -> list[dict[str, Any]]:
 
 def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
     return [r["name"] for r in conn.execute(f"PRAGMA table_info({table})")]
+
+
+def load_faults(path: str | Path, run_id: str) -> list[dict[str, Any]]:
+    """The ground truth of a simulated run. Only benchmarks that score diagnoses read it; the diagnosis never does."""
+    conn = connect(path, readonly=True)
+    try:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='faults'").fetchone() is None:
+            return []
+        return [{"site": r["site"], "kind": r["kind"], **json.loads(r["params_json"])}
+                for r in _rows(conn, "SELECT site, kind, params_json FROM faults WHERE run_id = ? ORDER BY site, kind",
+                               (run_id,))]
+    finally:
+        conn.close()
 
 
 def load_summaries(path: str | Path, run_id: str, round_: int | None = None) -> dict[str, dict[str, Any]]:

@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.checkpoints import Checkpoints
 from common.config import AppConfig
+from common.faults import parse as parse_faults
 from common.log import get_logger
 from common.metrics import confusion_matrix, summary_metrics
 from common.model import build_model, load_tokenizer, load_trainable_state, save_final_model, trainable_state
@@ -59,6 +60,7 @@ def main(grid: Grid, context: Context) -> None:
     writer = RunWriter(cfg.store.path, run_id)
     writer.start(scenario=cfg.scenario, rounds_planned=cfg.num_server_rounds, model=model_description(cfg),
                  config=cfg.raw)
+    writer.record_faults([(f.site, f.kind, f.params) for f in parse_faults(cfg.faults)])
     log.info("fedlens run %s -> %s", run_id, Path(cfg.store.path).resolve())
     try:
         tokenizer = load_tokenizer(cfg.model)

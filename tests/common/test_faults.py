@@ -1,0 +1,84 @@
+"""Fault injection: scenarios parse (or say what is wrong), data faults change a site's rows as declared, and the
+ClientApp misbehaves as told."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.config import AppConfig, load_overrides
+from common.datasets import LABEL, TEXT
+from common.faults import at_site, corrupt_rows, parse
+
+
+def test_scenarios_parse_and_bad_ones_name_the_entry(tmp_path):
+    f = parse('[{"site": "site-1", "kind": "label_noise", "rate": 0.4}, {"site": "site-2", "kind": "crash"}]')
+    assert [(x.site, x.kind) for x in f] == [("site-1", "label_noise"), ("site-2", "crash")]
+    assert f[0]["rate"] == 0.4 and f[1]["round"] == 2  # declared, or the kind's default
+    with pytest.raises(ValueError, match="faults\\[0\\]: unknown kind 'melt'; known kinds: label_noise"):
+        parse('[{"site": "a", "kind": "melt"}]')
+    with pytest.raises(ValueError, match="faults\\[0\\] \\(crash\\): unknown parameter\\(s\\) rate; crash takes round"):
+        parse('[{"site": "a", "kind": "crash", "rate": 1}]')
+    # A scenario file's [[faults]] tables become the one JSON string every node sees.
+    (tmp_path / "s.toml").write_text('[[faults]]\nsite = "site-0"\nkind = "label_flip"\nfrom = 2\nto = 0\n')
+    cfg = AppConfig.from_run_config(load_overrides(tmp_path / "s.toml"))
+    assert parse(cfg.faults)[0].params == {"from": 2, "to": 0}
+    with pytest.raises(ValueError, match="invalid fedlens config"):
+        AppConfig.from_run_config({"faults": "not json"})
+
+
+def _rows(n=1000):
+    rng = np.random.default_rng(0)
+    return pd.DataFrame({TEXT: ["the medicine works well"] * n, LABEL: rng.integers(0, 3, n)})
+
+
+def test_data_faults_change_the_rows_as_declared():
+    rows = _rows()
+    noisy = corrupt_rows(rows, at_site(parse('[{"site": "s", "kind": "label_noise", "rate": 0.3}]'), "s"),
+                         num_classes=3, seed=1)
+    changed = (noisy[LABEL] != rows[LABEL]).mean()
+    assert 0.25 < changed < 0.35  # every hit moves to another label
+    flipped = corrupt_rows(rows, at_site(parse('[{"site": "s", "kind": "label_flip", "from": 2, "to": 0}]'), "s"),
+                           num_classes=3, seed=1)
+    assert (flipped[LABEL] != 2).all() and (flipped[LABEL] == 0).sum() == (rows[LABEL] != 1).sum()
+    missing = corrupt_rows(rows, at_site(parse('[{"site": "s", "kind": "class_missing", "class": 1}]'), "s"),
+                           num_classes=3, seed=1)
+    assert 1 not in set(missing[LABEL]) and len(missing) == (rows[LABEL] != 1).sum()
+    garbled = corrupt_rows(rows, at_site(parse('[{"site": "s", "kind": "text_corruption", "rate": 0.5}]'), "s"),
+                           num_classes=3, seed=1)
+    same = np.mean([a == b for g, r in zip(garbled[TEXT], rows[TEXT], strict=True) for a, b in zip(g, r, strict=True)])
+    assert 0.48 < same < 0.56  # half the characters replaced (a random letter matches 1 time in 26)
+    assert at_site(parse('[{"site": "s", "kind": "crash"}]'), "other") == {}  # other sites are untouched
+
+
+def test_the_client_app_crashes_free_rides_and_blows_up_as_told(tiny_cfg):
+    from flwr.app import Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client import client_app
+    from common import records
+    from common.model import build_model, trainable_state
+    from tests.conftest import TINY
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 7, 42, 1
+    arrays = trainable_state(build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0))
+
+    def train(fault, rnd=1):
+        ctx = Context(run_id=42, node_id=100, node_config={"partition-id": 0, "num-partitions": 3},
+                      state=RecordDict(), run_config={**TINY, "faults": f'[{{"site": "site-0", {fault}}}]'})
+        msg = Message(content=records.pack_instruction(arrays, rnd, 2), message_type=MessageType.TRAIN, dst_node_id=1)
+        msg.metadata.__dict__["_message_id"] = "m"
+        return records.unpack_train_reply(client_app.train(msg, ctx).content)
+
+    with pytest.raises(RuntimeError, match="site site-0: injected crash at round 2"):
+        train('"kind": "crash", "round": 2', rnd=2)
+    assert train('"kind": "crash", "round": 2', rnd=1).site.status == "ok"  # before its round it is fine
+    echo = train('"kind": "free_rider"')
+    assert echo.steps == 0 and all(np.array_equal(echo.arrays[k], arrays[k]) for k in arrays)
+    rand = train('"kind": "free_rider", "mode": "random"')
+    assert all(rand.arrays[k].shape == v.shape and not np.allclose(rand.arrays[k], v) for k, v in arrays.items())
+    normal, blown = train('"kind": "straggler", "seconds": 0.01'), train('"kind": "lr_blowup", "factor": 100')
+
+    def moved(reply):
+        return float(np.sqrt(sum(np.sum((reply.arrays[k] - arrays[k]) ** 2) for k in arrays)))
+
+    assert moved(blown) > 5 * moved(normal)
