@@ -1,7 +1,7 @@
 """Findings: what the server concludes each round from what it saw, each with the sentence that justifies it.
 
 These are the direct ones (a site failed, refused, sent an unusable update; the model collapsed; DP noise drowns
-the updates). A finding is recorded in the round it appears; it is recorded again only if it clears and comes back.
+the updates) and gross cross-site departures (an update of norm 0 or many times the median, a straggler). A finding is recorded in the round it appears; it is recorded again only if it clears and comes back.
 Statistical diagnosis across sites (which site has noisy labels, a missing class, ...) builds on the same record.
 """
 
@@ -13,6 +13,14 @@ from common.run_store import Finding, RoundRecord
 
 COLLAPSE_SHARE = 0.9  # one class taking this share of the test predictions
 NOISE_DOMINATED = 10.0  # ‖DP noise‖ / ‖Σ clipped gradients‖ per step above which a step is essentially noise
+# Update geometry across sites. Under DP every honest update is mostly noise of the same scale (norms within a few
+# % of each other, measured), so only gross departures are evidence: an update of norm ~0 (nothing trained) or many
+# times the median (diverging, or not a trained update at all).
+MIN_SITES = 3  # cross-site comparisons need a median of at least this many sites
+ZERO_NORM = 1e-6  # × median update norm: the site sent back what it received
+NORM_OUTLIER = 5.0  # × median update norm
+STRAGGLER = 3.0  # × median training seconds (and at least STRAGGLER_MIN_S more)
+STRAGGLER_MIN_S = 5.0
 
 
 def current(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
@@ -47,6 +55,46 @@ def current(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
                 f"gradients‖ = {median:.0f} across {len(nsr)} sites in round {rec.round} (1 = as much noise as "
                 "signal). More examples per site, a larger ε, fewer trainable values or fewer steps per round help.",
                 None)
+    out.update(_cross_site(rec))
+    return out
+
+
+def _cross_site(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
+    """Sites whose update or timing departs grossly from the others' this round (post-processing only)."""
+    out: dict[tuple[str | None, str], Finding] = {}
+    trained = {r.site: r for r in rec.sites if r.phase == "train" and r.status == "ok" and r.update_norm is not None}
+    if len(trained) < MIN_SITES:
+        return out
+    measured = {r.site for r in rec.sites if r.phase == "evaluate" and r.status == "ok" and r.train_loss is not None}
+    median = statistics.median(r.update_norm for r in trained.values())
+    for site, r in trained.items():
+        if median <= 0:
+            break
+        if r.update_norm <= ZERO_NORM * median:
+            out[(site, "free_rider")] = Finding(
+                "free_rider", "critical", f"{site}'s update in round {rec.round} equals the global model it received "
+                f"(update norm {r.update_norm:.2g} vs median {median:.3g} over {len(trained)} sites): it did not "
+                "train, yet its weight counted in the average", site)
+        elif r.update_norm >= NORM_OUTLIER * median:
+            if site in measured:
+                out[(site, "divergence")] = Finding(
+                    "divergence", "critical", f"{site}'s update in round {rec.round} is {r.update_norm / median:.0f}× "
+                    f"the median norm ({r.update_norm:.3g} vs {median:.3g} over {len(trained)} sites): its local "
+                    "training diverges (learning rate too high, or far too many local steps)", site)
+            else:
+                out[(site, "free_rider")] = Finding(
+                    "free_rider", "critical", f"{site}'s update in round {rec.round} is {r.update_norm / median:.0f}× "
+                    f"the median norm and it measured no training losses this round: it sent weights it did not "
+                    "train", site)
+    seconds = {s: r.seconds for s, r in trained.items() if r.seconds is not None}
+    if len(seconds) >= MIN_SITES:
+        typical = statistics.median(seconds.values())
+        for site, sec in seconds.items():
+            if sec >= STRAGGLER * typical and sec >= typical + STRAGGLER_MIN_S:
+                out[(site, "dropout")] = Finding(
+                    "dropout", "warning", f"{site} took {sec:.0f} s to train in round {rec.round}, {sec / typical:.0f}× "
+                    f"the median {typical:.1f} s over {len(seconds)} sites: a straggler that every round waits for "
+                    "(server.round-timeout drops it)", site)
     return out
 
 

@@ -9,7 +9,8 @@ ICON = {"critical": ":red[:material/error:]", "warning": ":orange[:material/warn
 # Which page holds the charts behind each kind of finding.
 EVIDENCE = {"site-failed": "views/sites.py", "site-refused": "views/privacy.py", "budget-nearly-spent": "views/privacy.py",
             "noise-dominated": "views/privacy.py", "collapsed": "views/overview.py", "high-loss": "views/errors.py",
-            "label-issues": "views/errors.py", "update-rejected": "views/sites.py"}
+            "label-issues": "views/errors.py", "update-rejected": "views/sites.py",
+            "free_rider": "views/sites.py", "divergence": "views/sites.py", "dropout": "views/sites.py"}
 
 
 def body(snap: dict) -> None:

@@ -33,3 +33,27 @@ def test_a_finding_is_recorded_when_it_appears_and_again_only_after_it_cleared()
     assert tracker.update(_round(2, fail=True)) == []  # still open: not repeated
     assert tracker.update(_round(3)) == []  # e recovered
     assert [(f.site, f.kind) for f in tracker.update(_round(4, fail=True))] == [("e", "site-failed")]
+
+
+def _sites(norms, seconds=None, measured=None):
+    rows = []
+    for i, n in enumerate(norms):
+        site = f"s{i}"
+        rows.append(SiteRoundRow(site, "train", "ok", update_norm=n, seconds=(seconds or [10.0] * len(norms))[i]))
+        loss = None if measured is not None and site not in measured else 0.9
+        rows.append(SiteRoundRow(site, "evaluate", "ok", train_loss=loss))
+    return RoundRecord(2, 1.0, {}, rows)
+
+
+def test_gross_update_and_timing_departures_name_the_site_and_cause():
+    honest = [5.21, 5.19, 5.26, 5.23]  # DP-noised updates: norms within a few % (demo, measured)
+    assert current(_sites(honest)) == {}  # a clean round stays quiet
+    f = current(_sites([*honest, 0.0]))
+    assert set(f) == {("s4", "free_rider")} and "equals the global model it received" in f[("s4", "free_rider")].message
+    f = current(_sites([*honest, 260.0]))
+    assert set(f) == {("s4", "divergence")} and "50× the median norm" in f[("s4", "divergence")].message
+    f = current(_sites([*honest, 260.0], measured={"s0", "s1", "s2", "s3"}))  # big, and it measured no training
+    assert set(f) == {("s4", "free_rider")}
+    f = current(_sites([*honest, 5.2], seconds=[10.0, 11.0, 9.0, 10.0, 41.0]))
+    assert set(f) == {("s4", "dropout")} and "4× the median" in f[("s4", "dropout")].message
+    assert current(_sites([0.0, 5.0])) == {}  # two sites: no median to compare against
