@@ -21,7 +21,7 @@ from client.data import Encoded, SiteData, SiteIdentity, load_site_data
 from client.summary import local_summary, release
 from client.train import TrainHealth, train_local
 from common import diagnostics, faults, records
-from common.config import AppConfig
+from common.config import AppConfig, TrainConfig
 from common.log import get_logger
 from common.model import build_model, load_tokenizer, load_trainable_state, trainable_state
 
@@ -108,20 +108,21 @@ def _release_noise_multiplier(cfg: AppConfig, rounds: int) -> float | None:
                                             rounds=rounds)
 
 
-def _noise_multiplier(context: Context, cfg: AppConfig, data: SiteData, num_rounds: int) -> float:
+def _noise_multiplier(context: Context, cfg: AppConfig, train_cfg: TrainConfig, n_train: int, name: str,
+                      num_rounds: int) -> float:
     """σ of DP-SGD: configured, or calibrated once (then kept in state) for all planned rounds of this site."""
     if cfg.dp.noise_multiplier > 0:
         return cfg.dp.noise_multiplier
     if "dp" in context.state.config_records:
         return float(context.state.config_records["dp"]["noise-multiplier"])
-    q, steps = privacy.dpsgd_schedule(n_train=len(data.train), batch_size=cfg.train.batch_size,
-                                      local_epochs=cfg.train.local_epochs)
+    q, steps = privacy.dpsgd_schedule(n_train=n_train, batch_size=train_cfg.batch_size,
+                                      local_epochs=train_cfg.local_epochs)
     release_sigma = _release_noise_multiplier(cfg, num_rounds)
     sigma = privacy.calibrate_noise_multiplier(target_epsilon=cfg.dp.target_epsilon, delta=cfg.dp.target_delta,
                                                sample_rate=q, steps_per_round=steps, rounds=num_rounds,
                                                release_noise_multiplier=release_sigma)
     context.state["dp"] = ConfigRecord({"noise-multiplier": sigma})
-    get_logger().info("site %s: DP-SGD σ = %.4f, summary σ = %s for ε = %s over %d rounds", data.site.name, sigma,
+    get_logger().info("site %s: DP-SGD σ = %.4f, summary σ = %s for ε = %s over %d rounds", name, sigma,
                       f"{release_sigma:.3f}" if release_sigma else "none", cfg.dp.target_epsilon, num_rounds)
     return sigma
 
@@ -187,11 +188,16 @@ def train(msg: Message, context: Context) -> Message:
     ledger = _ledger(context)
     delta = cfg.dp.target_delta
 
+    # What this site will actually run (an injected training fault changes it): σ, the schedule and the budget
+    # check all follow it, so no fault can make a site overspend.
+    injected = faults.at_site(faults.parse(cfg.faults), data.site.name)
+    train_cfg, train_data = _faulty_training(injected, cfg, data) if injected else (cfg.train, data.train)
     sigma, q = 0.0, 0.0
     if cfg.dp.enabled:
-        sigma = _noise_multiplier(context, cfg, data, _plan_rounds(context, num_rounds or cfg.num_server_rounds))
-        q, steps = privacy.dpsgd_schedule(n_train=len(data.train), batch_size=cfg.train.batch_size,
-                                          local_epochs=cfg.train.local_epochs)
+        sigma = _noise_multiplier(context, cfg, train_cfg, len(train_data), data.site.name,
+                                  _plan_rounds(context, num_rounds or cfg.num_server_rounds))
+        q, steps = privacy.dpsgd_schedule(n_train=len(train_data), batch_size=train_cfg.batch_size,
+                                          local_epochs=train_cfg.local_epochs)
         planned = privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma, q, steps,
                                       cfg.dp.max_grad_norm)
         problem = privacy.budget_check(ledger, planned, budget=cfg.dp.target_epsilon, delta=delta)
@@ -203,7 +209,6 @@ def train(msg: Message, context: Context) -> Message:
                 _info(data, records.STATUS_REFUSED, reason), None, len(data.train), total, delta,
                 cfg.dp.target_epsilon, sigma, q, 0, 0.0, cfg.dp.max_grad_norm, eps_train, eps_diag)), msg)
 
-    injected = faults.at_site(faults.parse(cfg.faults), data.site.name)
     if injected:
         received = records.unpack_arrays(msg.content)
         shortcut = _misbehave(injected, server_round, received)
@@ -212,7 +217,6 @@ def train(msg: Message, context: Context) -> Message:
                 _info(data), shortcut, len(data.train),
                 privacy.epsilon(ledger, delta) if cfg.dp.enabled else NOT_PRIVATE, delta, cfg.dp.target_epsilon,
                 sigma, q, 0, 0.0, cfg.dp.max_grad_norm, started_at=started, ended_at=time.time())), msg)
-    train_cfg, train_data = _faulty_training(injected, cfg, data) if injected else (cfg.train, data.train)
     t0 = time.perf_counter()
     result = train_local(model, train_data, train_cfg=train_cfg, dp_cfg=cfg.dp, noise_multiplier=sigma,
                          label_counts=data.label_counts(), seed=cfg.train.seed + server_round)

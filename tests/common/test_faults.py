@@ -82,3 +82,7 @@ def test_the_client_app_crashes_free_rides_and_blows_up_as_told(tiny_cfg):
         return float(np.sqrt(sum(np.sum((reply.arrays[k] - arrays[k]) ** 2) for k in arrays)))
 
     assert moved(blown) > 5 * moved(normal)
+    # Many epochs on few examples: σ and the budget check follow the schedule it really runs, so it cannot overspend.
+    over = train('"kind": "overfit", "epochs": 20, "examples": 16')
+    assert over.site.status == "ok" and over.steps == 20 and 0 < over.epsilon <= 8.0
+    assert over.noise_multiplier > normal.noise_multiplier
