@@ -86,7 +86,9 @@ def _cross_site(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
                     "free_rider", "critical", f"{site}'s update in round {rec.round} is {r.update_norm / median:.0f}× "
                     f"the median norm and it measured no training losses this round: it sent weights it did not "
                     "train", site)
-    seconds = {s: r.seconds for s, r in trained.items() if r.seconds is not None}
+    # The site's whole handler span (what the round waits for), else its reported compute seconds.
+    seconds = {s: (r.ended_at - r.started_at) if r.started_at and r.ended_at else r.seconds
+               for s, r in trained.items() if r.seconds is not None or r.started_at}
     if len(seconds) >= MIN_SITES:
         typical = statistics.median(seconds.values())
         for site, sec in seconds.items():

@@ -56,4 +56,10 @@ def test_gross_update_and_timing_departures_name_the_site_and_cause():
     assert set(f) == {("s4", "free_rider")}
     f = current(_sites([*honest, 5.2], seconds=[10.0, 11.0, 9.0, 10.0, 41.0]))
     assert set(f) == {("s4", "dropout")} and "4× the median" in f[("s4", "dropout")].message
+    # A site that sleeps before computing reports little compute; its handler span gives it away.
+    rec = _sites([*honest, 5.2])
+    for r in rec.sites:
+        if r.phase == "train":
+            r.started_at, r.ended_at = 100.0, 100.0 + (30.0 if r.site == "s4" else 1.0)
+    assert set(current(rec)) == {("s4", "dropout")}
     assert current(_sites([0.0, 5.0])) == {}  # two sites: no median to compare against
