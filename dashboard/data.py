@@ -101,14 +101,6 @@ def _most(frame: pd.DataFrame, col: str) -> float | None:
     return float(frame[col].max()) if not frame.empty and col in frame and frame[col].notna().any() else None
 
 
-def site_curves(site_rounds: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """(round, site, value) of one per-site evaluation metric."""
-    if site_rounds.empty:
-        return pd.DataFrame(columns=["round", "site", "value"])
-    ev = site_rounds[(site_rounds["phase"] == "evaluate") & (site_rounds["status"] == "ok")]
-    return ev[["round", "site", metric]].rename(columns={metric: "value"})
-
-
 @st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
 def summaries(store: str, run_id: str, round_: int | None = None) -> dict[str, dict]:
     """site -> its released summary (derived numbers) of `round_`, or its newest one when round_ is None."""
