@@ -183,8 +183,9 @@ def train(msg: Message, context: Context) -> Message:
     started = time.time()
     key, cfg, _, data = _setup(context)
     server_round, num_rounds = records.unpack_instruction(msg.content)
+    received = records.unpack_arrays(msg.content)
     model = _model(key)
-    load_trainable_state(model, records.unpack_arrays(msg.content))
+    load_trainable_state(model, received)
     ledger = _ledger(context)
     delta = cfg.dp.target_delta
 
@@ -210,7 +211,6 @@ def train(msg: Message, context: Context) -> Message:
                 cfg.dp.target_epsilon, sigma, q, 0, 0.0, cfg.dp.max_grad_norm, eps_train, eps_diag)), msg)
 
     if injected:
-        received = records.unpack_arrays(msg.content)
         shortcut = _misbehave(injected, server_round, received)
         if shortcut is not None:  # a free rider: sends something without training
             return records.reply(records.pack_train_reply(records.TrainReply(

@@ -67,11 +67,6 @@ def confident_joint_issues(labels: np.ndarray, probs: np.ndarray, thresholds: np
     return joint
 
 
-def loss_histogram(losses: np.ndarray, loss_clip: float) -> np.ndarray:
-    idx = np.minimum((np.minimum(losses, loss_clip) / loss_clip * dg.LOSS_BINS).astype(int), dg.LOSS_BINS - 1)
-    return np.bincount(idx, minlength=dg.LOSS_BINS).astype(np.float64)
-
-
 def local_summary(model: nn.Module, train: Encoded, val: Encoded, *, num_classes: int, loss_clip: float,
                   thresholds: np.ndarray, health: TrainHealth | None = None, health_round: int = 0) -> Summary:
     """The exact summary of one site (it stays here; only `release(...)` of it is sent).
@@ -88,10 +83,8 @@ def local_summary(model: nn.Module, train: Encoded, val: Encoded, *, num_classes
     if len(y_val):
         pred = probs.argmax(axis=1)
         conf = probs.max(axis=1)
-        clipped = np.minimum(losses, loss_clip)
         blocks["confusion"] = confusion_matrix(y_val, pred, k).astype(np.float64)
-        blocks["val_loss_sum"][0] = clipped.sum() / loss_clip
-        blocks["val_loss_hist"] = loss_histogram(losses, loss_clip)
+        blocks["val_loss_sum"][0], blocks["val_loss_hist"] = dg.loss_blocks(losses, loss_clip)
         bins = np.minimum((conf * dg.CONF_BINS).astype(int), dg.CONF_BINS - 1)
         np.add.at(blocks["calibration"], ((pred != y_val).astype(int), bins), 1.0)
         np.add.at(blocks["self_confidence"], y_val, probs[np.arange(len(y_val)), y_val])

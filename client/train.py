@@ -11,7 +11,7 @@ from torch import nn
 
 from client.data import Encoded, train_loader
 from common.config import DPConfig, TrainConfig
-from common.diagnostics import GRAD_EDGES
+from common.diagnostics import GRAD_EDGES, loss_blocks
 
 # Opacus's hooks fire on frozen embeddings whose inputs need no gradient; PyTorch warns each step, harmlessly.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -238,14 +238,12 @@ def _record_first(first_loss: torch.Tensor, index: torch.Tensor, logits: torch.T
 
 
 def _health(meter: _HealthMeter | None, first_loss, loss_clip: float) -> TrainHealth:  # noqa: ANN001
-    from client.summary import loss_histogram
-
     t0 = time.perf_counter()
-    clipped = first_loss.clip(max=loss_clip)
+    loss_sum, loss_hist = loss_blocks(first_loss, loss_clip)
     grad = meter.result() if meter is not None and meter.steps else None
     return TrainHealth(
         grad_norm_hist=list(grad[0]) if grad else [], clipped_sum_norm=grad[1] if grad else 0.0,
-        train_loss_sum=float(clipped.sum() / loss_clip), train_loss_hist=loss_histogram(first_loss, loss_clip).tolist(),
+        train_loss_sum=loss_sum, train_loss_hist=loss_hist.tolist(),
         seconds=(meter.seconds if meter is not None else 0.0) + time.perf_counter() - t0)
 
 

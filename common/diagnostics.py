@@ -71,6 +71,13 @@ def empty_blocks(k: int) -> dict[str, np.ndarray]:
     return {b.name: np.zeros(b.shape(k), dtype=np.float64) for b in BLOCKS}
 
 
+def loss_blocks(losses: np.ndarray, loss_clip: float) -> tuple[float, np.ndarray]:
+    """(Σ min(loss, L) / L, examples per loss bin over [0, L]) of per-example losses: each example adds ≤ 1 to each."""
+    clipped = np.minimum(np.asarray(losses, dtype=np.float64), loss_clip)
+    idx = np.minimum((clipped / loss_clip * LOSS_BINS).astype(int), LOSS_BINS - 1)
+    return float(clipped.sum() / loss_clip), np.bincount(idx, minlength=LOSS_BINS).astype(np.float64)
+
+
 def loss_bin_edges(loss_clip: float) -> np.ndarray:
     return np.linspace(0.0, loss_clip, LOSS_BINS + 1)
 

@@ -107,12 +107,17 @@ def summaries(store: str, run_id: str, round_: int | None = None) -> dict[str, d
     return run_store.load_summaries(store, run_id, round_)
 
 
+def _class_names(labels: list[str], k: int) -> list[str]:
+    # A run configured with other labels than its summaries carry (an old store) falls back to class indices.
+    return labels if len(labels) == k else [str(i) for i in range(k)]
+
+
 def per_class_frame(summaries_: dict[str, dict], labels: list[str], key: str = "f1") -> pd.DataFrame:
     """(site, class, value) of one per-class number (precision / recall / f1) of each site's summary."""
     rows = []
     for site, s in summaries_.items():
         values = s["per_class"][key]
-        names = labels if len(labels) == len(values) else [str(i) for i in range(len(values))]
+        names = _class_names(labels, len(values))
         rows += [{"site": site, "class": names[i], "value": v} for i, v in enumerate(values)]
     return pd.DataFrame(rows, columns=["site", "class", "value"])
 
@@ -123,7 +128,7 @@ def confusion_long(summaries_: dict[str, dict], labels: list[str], block: str = 
     for site, s in summaries_.items():
         matrix = s[block] if block == "confusion" else s["label_issues"]["matrix"]
         k = len(matrix)
-        names = labels if len(labels) == k else [str(i) for i in range(k)]
+        names = _class_names(labels, k)
         rows += [{"site": site, "given": names[i], "predicted": names[j], "count": matrix[i][j]}
                  for i in range(k) for j in range(k)]
     return pd.DataFrame(rows, columns=["site", "given", "predicted", "count"])
@@ -137,7 +142,7 @@ def histograms_long(summaries_: dict[str, dict], labels: list[str]) -> pd.DataFr
                            ("train labels", "train_label_histogram")):
             counts = s[key]
             total = sum(counts) or 1.0
-            names = labels if len(labels) == len(counts) else [str(i) for i in range(len(counts))]
+            names = _class_names(labels, len(counts))
             rows += [{"site": site, "class": names[i], "which": which, "share": c / total}
                      for i, c in enumerate(counts)]
     return pd.DataFrame(rows, columns=["site", "class", "which", "share"])

@@ -214,6 +214,9 @@ def dashboard_render(sites: int = 100, rounds: int = 100) -> dict[str, Any]:
     return {"dashboard_render_s": max(pages.values()), "pages_s": pages, "config": {"sites": sites, "rounds": rounds}}
 
 
+SINGLE_RUN = {"bytes_per_round": bytes_per_round, "max_sites": max_sites, "dashboard_render": dashboard_render}
+
+
 # --- the harness -------------------------------------------------------------------------------------------------
 
 def device_info() -> dict[str, Any]:
@@ -245,21 +248,13 @@ def run(only: list[str] | None = None, *, progress=print) -> dict[str, Any]:  # 
             out[f"round_overhead_{n}"] = r[f"round_overhead_{n}"]
         out["startup_s"], out["diagnostics_share"] = r["startup_s"], r["diagnostics_share"]
         out["details"]["round_overhead"] = r
-    if "bytes_per_round" in names:
-        progress("bytes_per_round…")
-        r = bytes_per_round()
-        out["bytes_ratio_lora"] = r["bytes_ratio_lora"]
-        out["details"]["bytes_per_round"] = r
-    if "max_sites" in names:
-        progress("max_sites…")
-        r = max_sites()
-        out["max_sites"], out["max_sites_peak_gb"] = r["max_sites"], r["max_sites_peak_gb"]
-        out["details"]["max_sites"] = r
-    if "dashboard_render" in names:
-        progress("dashboard_render…")
-        r = dashboard_render()
-        out["dashboard_render_s"] = r["dashboard_render_s"]
-        out["details"]["dashboard_render"] = r
+    for name, keys in (("bytes_per_round", ("bytes_ratio_lora",)), ("max_sites", ("max_sites", "max_sites_peak_gb")),
+                       ("dashboard_render", ("dashboard_render_s",))):
+        if name in names:
+            progress(f"{name}…")
+            r = SINGLE_RUN[name]()
+            out.update({k: r[k] for k in keys})
+            out["details"][name] = r
     out["config"] = {"only": names, "project": str(PROJECT_ROOT)}
     return out
 

@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import FedAvg
 from common import diagnostics, records
 from common.checkpoints import Checkpoints
 from common.log import get_logger
+from common.metrics import prediction_share
 from common.run_store import Event, LedgerRow, RoundRecord, RunWriter, SiteRoundRow
 from server.findings import FindingsTracker
 
@@ -309,8 +310,8 @@ class DebugFedAvg(FedAvg):
     @staticmethod
     def _fill_row(row: SiteRoundRow, d: dict, ev: records.EvalReply) -> None:
         row.accuracy, row.macro_f1 = d["accuracy"], d["macro_f1"]
-        predicted = np.asarray(d["prediction_histogram"])
-        row.max_prediction_share = float(predicted.max() / predicted.sum()) if predicted.sum() > 0 else None
+        confusion = np.asarray(d["confusion"])
+        row.max_prediction_share = float(prediction_share(confusion).max()) if confusion.sum() > 0 else None
         row.loss, row.train_loss = _finite(d["loss"]["val"]), _finite(d["loss"]["train"])
         row.ece = _finite(d["calibration"]["ece"])
         row.label_issues = _finite(d["label_issues"]["share"])
@@ -318,7 +319,7 @@ class DebugFedAvg(FedAvg):
             h = d["dp_health"]
             row.clip_fraction, row.grad_norm = h["clip_fraction"], h["mean_grad_norm"]
             row.noise_to_signal = _finite(h["noise_to_signal"])
-        row.confusion_json = json.dumps(np.round(np.asarray(d["confusion"]), 3).tolist())  # clamped, rescaled
+        row.confusion_json = json.dumps(np.round(confusion, 3).tolist())  # clamped, rescaled
         row.summary_json = json.dumps({"round_trained": ev.health_round, "noise_multiplier": ev.noise_multiplier,
                                        "noise_std": diagnostics.noise_std(ev.noise_multiplier),
                                        **_round_floats(d),
