@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from client import privacy
 from client.data import Encoded, SiteData, SiteIdentity, load_site_data
+from client.state import persist
 from client.summary import local_summary, release
 from client.train import TrainHealth, train_local
 from common import diagnostics, faults, records
@@ -47,7 +48,7 @@ def audit(msg: Message, context: Context, call_next: Callable[[Message, Context]
     return reply
 
 
-app = ClientApp(mods=[audit])
+app = ClientApp(mods=[audit, persist])
 
 
 @lru_cache(maxsize=2)
@@ -171,6 +172,25 @@ def _faulty_training(injected: dict[str, faults.Fault], cfg: AppConfig, data: Si
     return train_cfg, train_data
 
 
+def _break_reply(fault: faults.Fault, server_round: int, arrays, num_examples: int):  # noqa: ANN001, ANN202
+    """An injected bad_update: the trained weights (and example count) broken the way a buggy or hostile site
+    would break them."""
+    if server_round < int(fault["round"]):
+        return arrays, num_examples
+    mode = fault["mode"]
+    if mode == "examples":
+        return arrays, 10**9
+    out = OrderedDict(arrays)
+    key = next(iter(out))
+    if mode in ("nan", "inf"):
+        out[key] = np.full_like(out[key], np.nan if mode == "nan" else np.inf)
+    elif mode == "shape":
+        out[key] = np.zeros((*out[key].shape, 2), dtype=out[key].dtype)
+    else:  # scale
+        out = OrderedDict((k, (v * np.float32(1e30)).astype(v.dtype)) for k, v in out.items())
+    return out, num_examples
+
+
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Who this site is and how much data it holds; loading the data here surfaces a bad file before round 1."""
@@ -228,7 +248,10 @@ def train(msg: Message, context: Context) -> Message:
                                           result.sample_rate, result.steps, cfg.dp.max_grad_norm))
         _save_ledger(context, ledger)
         total, eps_train, eps_diag = privacy.epsilon_split(ledger, delta)
-    reply = records.TrainReply(_info(data), trainable_state(model), len(data.train), total, delta,
+    sent, num_examples = trainable_state(model), len(data.train)
+    if "bad_update" in injected:
+        sent, num_examples = _break_reply(injected["bad_update"], server_round, sent, num_examples)
+    reply = records.TrainReply(_info(data), sent, num_examples, total, delta,
                                cfg.dp.target_epsilon, sigma, result.sample_rate, result.steps, seconds,
                                cfg.dp.max_grad_norm, eps_train, eps_diag,
                                result.health.seconds if result.health else 0.0, started, time.time())

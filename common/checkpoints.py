@@ -35,18 +35,25 @@ class Checkpoints:
     def _dir(self, round_: int) -> Path:
         return self.root / str(round_)
 
-    def save(self, round_: int, global_arrays: Arrays, updates: dict[str, tuple[Arrays, int]]) -> None:
-        """The global model after `round_` and the updates it averaged (site -> (weights, examples))."""
+    def save(self, round_: int, global_arrays: Arrays, updates: dict[str, tuple[Arrays, int]],
+             state: dict | None = None) -> None:
+        """The global model after `round_`, the updates it averaged (site -> (weights, examples)) and the server
+        state a resumed run needs to continue exactly (JSON)."""
         if self.keep <= 0:
             return
         d = self._dir(round_)
+        shutil.rmtree(d, ignore_errors=True)  # a resumed run redoes the round an interruption left half-written
         (d / "sites").mkdir(parents=True, exist_ok=True)
         for site, (arrays, _) in updates.items():
             save_file(dict(arrays), str(d / "sites" / f"{_safe(site)}.safetensors"))
         save_file(dict(global_arrays), str(d / "global.safetensors"))
         # Written last: a round directory with a manifest is complete.
-        (d / "manifest.json").write_text(json.dumps({"round": round_, "sites": {
+        (d / "manifest.json").write_text(json.dumps({"round": round_, "state": state or {}, "sites": {
             s: {"examples": n, "file": f"sites/{_safe(s)}.safetensors"} for s, (_, n) in updates.items()}}))
+
+    def prune(self, round_: int) -> None:
+        """Drop rounds older than the last `keep`; called once round_ is committed to the store, so that the last
+        committed round (the one a resumed run starts from) is always on disk."""
         for old in self.rounds():
             if old > 0 and old <= round_ - self.keep:
                 shutil.rmtree(self._dir(old), ignore_errors=True)
@@ -56,6 +63,11 @@ class Checkpoints:
         if not self.root.is_dir():
             return []
         return sorted(int(p.parent.name) for p in self.root.glob("*/manifest.json") if p.parent.name.isdigit())
+
+    def state(self, round_: int) -> dict:
+        """The server state saved with round_ ({} when none was)."""
+        self.load(round_)  # the same LookupError when the round was not kept
+        return json.loads((self._dir(round_) / "manifest.json").read_text()).get("state", {})
 
     def load(self, round_: int) -> tuple[Arrays, dict[str, tuple[Arrays, int]]]:
         """(global after round_, site -> (update, examples)).

@@ -146,6 +146,8 @@ class ServerConfig:
     central_eval: str
     save_model: bool
     keep_rounds: int
+    max_update_norm: float
+    wait_for_sites: float
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,8 @@ class AppConfig:
         num("server.min-sites", s.min_sites, 1, 100_000, integer=True)
         num("server.round-timeout", s.round_timeout, 0.0, 1e7, lo_open=True)
         num("server.keep-rounds", s.keep_rounds, 0, 1_000_000, integer=True)
+        num("server.max-update-norm", s.max_update_norm, 0.0, 1e30)
+        num("server.wait-for-sites", s.wait_for_sites, 0.0, 1e7, lo_open=True)
         check(s.central_eval in ("", "drugreview-test"), "server.central-eval", s.central_eval,
               'one of "", "drugreview-test"')
         num("simulation.num-sites", self.simulation.num_sites, 1, 100_000, integer=True)

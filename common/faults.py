@@ -6,7 +6,8 @@ ground truth (run store table `faults`); no diagnosis code reads it. Kinds and t
 
   data       label_noise (rate), label_flip (from, to), class_missing (class), text_corruption (rate)
   training   lr_blowup (factor), overfit (epochs, examples)
-  behaviour  free_rider (mode: "echo" | "random"), crash (round), straggler (seconds)
+  behaviour  free_rider (mode: "echo" | "random"), crash (round), straggler (seconds),
+             bad_update (mode: "nan" | "inf" | "shape" | "scale" | "examples"; from round): a broken or hostile reply
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ KINDS: dict[str, dict[str, Any]] = {  # kind -> parameters with their defaults
     "free_rider": {"mode": "echo"},
     "crash": {"round": 2},
     "straggler": {"seconds": 30.0},
+    "bad_update": {"mode": "nan", "round": 1},
 }
+BAD_UPDATE_MODES = ("nan", "inf", "shape", "scale", "examples")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,9 @@ def parse(text: str) -> list[Fault]:
         if unknown:
             raise ValueError(f"faults[{i}] ({kind}): unknown parameter(s) {', '.join(unknown)}; "
                              f"{kind} takes {', '.join(KINDS[kind])}")
+        if kind == "bad_update" and params.get("mode", "nan") not in BAD_UPDATE_MODES:
+            raise ValueError(f"faults[{i}] (bad_update): mode must be one of {', '.join(BAD_UPDATE_MODES)}, "
+                             f"got {params['mode']!r}")
         out.append(Fault(str(item["site"]), kind, params))
     return out
 

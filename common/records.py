@@ -26,6 +26,7 @@ LEDGER = "ledger"  # in context.state: the site's privacy ledger (never sent)
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
 NUM_ROUNDS = "num-server-rounds"
+RUN_ID = "run-id"  # the fedlens run (stable across a resume; Flower's run id is not): keys a site's saved state
 THRESHOLDS = "cl-thresholds"  # per-class confident-learning thresholds (public: from earlier noised summaries)
 STATUS_OK, STATUS_REFUSED = "ok", "refused"
 
@@ -96,8 +97,8 @@ def unpack_site(content: RecordDict) -> SiteInfo:
 # --- server -> site ----------------------------------------------------------------------------------------------
 
 def pack_instruction(arrays: OrderedDict[str, np.ndarray] | None, server_round: int, num_rounds: int,
-                     thresholds: list[float] | None = None) -> RecordDict:
-    cfg = {SERVER_ROUND: server_round, NUM_ROUNDS: num_rounds}
+                     thresholds: list[float] | None = None, run_id: str = "") -> RecordDict:
+    cfg = {SERVER_ROUND: server_round, NUM_ROUNDS: num_rounds, RUN_ID: run_id}
     if thresholds is not None:
         cfg[THRESHOLDS] = [float(t) for t in thresholds]
     content = RecordDict({CONFIG: ConfigRecord(cfg)})
@@ -122,6 +123,12 @@ def unpack_arrays(content: RecordDict) -> OrderedDict[str, np.ndarray]:
 def unpack_instruction(content: RecordDict) -> tuple[int, int]:
     cfg = content.config_records[CONFIG]
     return int(cfg[SERVER_ROUND]), int(cfg.get(NUM_ROUNDS, 0))
+
+
+def unpack_run_id(content: RecordDict) -> str:
+    """The fedlens run id of an instruction ("" when the message carries none)."""
+    cfg = content.config_records.get(CONFIG)
+    return str(cfg.get(RUN_ID, "")) if cfg is not None else ""
 
 
 def unpack_thresholds(content: RecordDict) -> list[float] | None:

@@ -5,6 +5,9 @@ Run as:  fedlens simulate --scenario simulations/smoke.toml
          fedlens whatif --round 3 --exclude site-2
          fedlens bench --only dp_overhead,bytes_per_round --json
          fedlens dashboard --port 8501
+         fedlens certs --out certs --sites hospital-a,hospital-b --host link.example.org
+         fedlens link --certs certs --host 0.0.0.0 --port 8000
+         fedlens site hospital-a --data a.csv --superlink link.example.org:8000 --certs certs
 Progress and logs go to stderr; only data (the report) goes to stdout. Exit codes: 0 ok, 1 failed, 2 usage error.
 """
 
@@ -215,6 +218,97 @@ def dashboard(
            "--", "--store", str(store.resolve())]
     typer.echo(f"dashboard on http://{host}:{port}  (store {store.resolve()})", err=True)
     raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option(help="folder for the key material")] = Path("certs"),
+    sites: Annotated[str, typer.Option(help="a count (site-0..site-N-1) or comma-separated site names")] = "3",
+    host: Annotated[list[str] | None, typer.Option(help="a name or IP the sites dial (repeatable); loopback is "
+                                                        "always included")] = None,
+    days: Annotated[int, typer.Option(help="validity of the certificates")] = 365,
+    overwrite: Annotated[bool, typer.Option(help="replace existing key material")] = False,
+) -> None:
+    """Make a CA, the SuperLink's TLS certificate and one SuperNode auth key pair per site (for testing and
+    small deployments; operators with a PKI use their own)."""
+    from fedlens.certs import make_certs, site_names
+
+    try:
+        paths = make_certs(out, site_names(sites), hosts=host, days=days, overwrite=overwrite)
+    except (ValueError, FileExistsError) as e:
+        _fail(str(e), 2)
+    typer.echo(f"CA          {paths.ca_cert}  (give to every site; {paths.ca_key} stays offline)")
+    typer.echo(f"SuperLink   {paths.server_cert}, {paths.server_key}")
+    for site, (private, public) in paths.site_keys.items():
+        typer.echo(f"{site:<11} {private} (stays at the site), {public} (register at the link)")
+
+
+@app.command()
+def link(
+    certs_: Annotated[Path | None, typer.Option("--certs", help="folder with ca.crt, server.crt, server.key "
+                                                                 "(fedlens certs)")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 for other machines)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="the one port of the SuperLink's Fleet, Control and Runtime APIs")] = 8000,
+    database: Annotated[Path, typer.Option(help="the SuperLink's state (runs, messages, nodes) survives restarts "
+                                                "in this file")] = Path("runs/superlink.db"),
+    log_file: Annotated[Path | None, typer.Option(help="also write the SuperLink's log here")] = None,
+    insecure: Annotated[bool, typer.Option(help="no TLS, no SuperNode authentication: loopback tests only")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print the commands, start nothing")] = False,
+) -> None:
+    """Start the coordinator's Flower SuperLink (TLS, SuperNode auth, database) and its SuperExec."""
+    from fedlens.deploy import DeployError, link_commands, supervise
+
+    try:
+        commands = link_commands(certs=certs_, host=host, port=port, database=database, log_file=log_file,
+                                 insecure=insecure)
+    except DeployError as e:
+        _fail(str(e), 2)
+    if insecure:
+        typer.echo("WARNING: --insecure: traffic is not encrypted and any SuperNode may join; loopback tests only",
+                   err=True)
+    for cmd in commands:
+        typer.echo(" ".join(cmd), err=True)
+    if dry_run:
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    raise typer.Exit(supervise(commands))
+
+
+@app.command()
+def site(
+    name: Annotated[str, typer.Argument(help="the site's name: how the run store and dashboard show it")],
+    data: Annotated[Path | None, typer.Option(help="the site's labelled data (CSV, JSONL or Parquet); runs with "
+                                                   "data.source = \"files\" read it")] = None,
+    superlink: Annotated[str, typer.Option(help="host:port of the coordinator's SuperLink")] = "127.0.0.1:8000",
+    certs_: Annotated[Path | None, typer.Option("--certs", help="folder from fedlens certs: uses ca.crt and "
+                                                                 "sites/<name>")] = None,
+    ca: Annotated[Path | None, typer.Option(help="the deployment's CA certificate (instead of --certs)")] = None,
+    key: Annotated[Path | None, typer.Option(help="this site's private key (instead of --certs)")] = None,
+    port: Annotated[int, typer.Option(help="local port of this SuperNode's own API (one per SuperNode on a "
+                                           "machine)")] = 9094,
+    state_dir: Annotated[Path | None, typer.Option(help="where the site keeps its privacy ledger between runs "
+                                                        "(default ~/.fedlens/sites/<name>)")] = None,
+    insecure: Annotated[bool, typer.Option(help="no TLS, no authentication: loopback tests only")] = False,
+    max_retries: Annotated[int | None, typer.Option(help="give up after this many failed connection attempts "
+                                                         "(default: retry forever)")] = None,
+    dry_run: Annotated[bool, typer.Option(help="print the command, start nothing")] = False,
+) -> None:
+    """Start one site's Flower SuperNode: TLS to the SuperLink, authenticated by the site's key."""
+    from fedlens.deploy import DeployError, site_command, supervise
+
+    if certs_ is not None:
+        ca, key = ca or certs_ / "ca.crt", key or certs_ / "sites" / name
+    try:
+        cmd = site_command(name=name, superlink=superlink, data=data, port=port, ca=ca, key=key, insecure=insecure,
+                           state_dir=state_dir or Path.home() / ".fedlens" / "sites" / name, max_retries=max_retries)
+    except DeployError as e:
+        _fail(str(e), 2)
+    if insecure:
+        typer.echo("WARNING: --insecure: this site's traffic is not encrypted and not authenticated", err=True)
+    typer.echo(" ".join(cmd), err=True)
+    if dry_run:
+        return
+    raise typer.Exit(supervise([cmd]))
 
 
 def main() -> None:

@@ -53,23 +53,60 @@ def make_central_eval(cfg: AppConfig, model, tokenizer) -> CentralEval | None:  
     return evaluate
 
 
+def resume_point(cfg: AppConfig, writer: RunWriter, checkpoints: Checkpoints) -> tuple[int, dict] | None:
+    """Where an interrupted run picks up: (its last completed round, the server state saved with it); None for a
+    new run.
+
+    Raises:
+        ValueError: the run already completed, its configuration differs, or its last round has no checkpoint.
+    """
+    prior = writer.prior()
+    if prior is None:
+        return None
+    if prior["status"] == "completed":
+        raise ValueError(f"run {writer.run_id} already completed; choose another store.run-id")
+    # Resuming is only exact if every site trains as before: the same config except where the store lives.
+    changed = sorted(k for k in set(prior["config"]) | set(cfg.raw) if not k.startswith("store.")
+                     and prior["config"].get(k) != cfg.raw.get(k))
+    if changed:
+        raise ValueError(f"run {writer.run_id} cannot resume with a different config; changed: "
+                         + ", ".join(f"{k} ({prior['config'].get(k)!r} -> {cfg.raw.get(k)!r})" for k in changed[:5]))
+    last = prior["last_round"]
+    try:
+        state = checkpoints.state(last)
+    except LookupError as e:
+        raise ValueError(f"run {writer.run_id} cannot resume after round {last}: {e}") from e
+    writer.resume(last)
+    log.info("fedlens run %s resumes after round %d of %d", writer.run_id, last, cfg.num_server_rounds)
+    return last, state
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = AppConfig.from_run_config(dict(context.run_config))
     run_id = cfg.store.run_id or new_run_id(cfg.scenario)
     writer = RunWriter(cfg.store.path, run_id)
-    writer.start(scenario=cfg.scenario, rounds_planned=cfg.num_server_rounds, model=model_description(cfg),
-                 config=cfg.raw)
-    writer.record_faults([(f.site, f.kind, f.params) for f in parse_faults(cfg.faults)])
+    checkpoints = Checkpoints(cfg.store.path, run_id, keep=cfg.server.keep_rounds)
+    resumed = resume_point(cfg, writer, checkpoints)
+    if resumed is None:
+        writer.start(scenario=cfg.scenario, rounds_planned=cfg.num_server_rounds, model=model_description(cfg),
+                     config=cfg.raw)
+        writer.record_faults([(f.site, f.kind, f.params) for f in parse_faults(cfg.faults)])
     log.info("fedlens run %s -> %s", run_id, Path(cfg.store.path).resolve())
     try:
         tokenizer = load_tokenizer(cfg.model)
         model = build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
         strategy = DebugFedAvg(writer=writer, min_sites=cfg.server.min_sites, fraction_train=cfg.server.fraction_train,
                                timeout=cfg.server.round_timeout, central_eval=make_central_eval(cfg, model, tokenizer),
-                               loss_clip=cfg.dp.loss_clip,
-                               checkpoints=Checkpoints(cfg.store.path, run_id, keep=cfg.server.keep_rounds))
-        final = strategy.run(grid, trainable_state(model), cfg.num_server_rounds)
+                               loss_clip=cfg.dp.loss_clip, checkpoints=checkpoints,
+                               max_update_norm=cfg.server.max_update_norm, wait_for_sites=cfg.server.wait_for_sites)
+        initial, start = trainable_state(model), 1
+        if resumed is not None:
+            last, state = resumed
+            initial, _ = checkpoints.load(last)
+            strategy.restore(writer.prior()["sites"], state.get("thresholds"))
+            start = last + 1
+        final = strategy.run(grid, initial, cfg.num_server_rounds, start_round=start)
         model_path = None
         if cfg.server.save_model:
             load_trainable_state(model, final)

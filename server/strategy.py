@@ -77,7 +77,8 @@ class DebugFedAvg(FedAvg):
 
     def __init__(self, *, writer: RunWriter, min_sites: int, fraction_train: float, timeout: float,
                  central_eval: CentralEval | None = None, poll_interval: float = 0.05, loss_clip: float = 3.0,
-                 checkpoints: Checkpoints | None = None) -> None:
+                 checkpoints: Checkpoints | None = None, max_update_norm: float = 0.0,
+                 wait_for_sites: float = 600.0) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_sites,
                          min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
         self.writer = writer
@@ -86,9 +87,13 @@ class DebugFedAvg(FedAvg):
         self.poll_interval = poll_interval
         self.site_of: dict[int, str] = {}  # node id -> site name (node ids are random; names are stable)
         self.known: set[str] = set()  # site names already in the store
+        self.declared: dict[str, int] = {}  # site -> train examples it declared when it joined (caps its weight)
+        self.max_update_norm = max_update_norm
+        self.wait_for_sites = wait_for_sites
         self.loss_clip = loss_clip
         self.checkpoints = checkpoints
         self.findings = FindingsTracker()
+        self.run_id = writer.run_id  # sent with every instruction: sites key their saved ledger by it
         # Confident-learning thresholds sent with each evaluation: from the previous round's noised summaries.
         self.thresholds: list[float] | None = None
 
@@ -119,21 +124,36 @@ class DebugFedAvg(FedAvg):
         return [SiteReply(node_of[i], self.site_of.get(node_of[i], f"node-{node_of[i]}"), got.get(i)) for i in ids]
 
     def _wait_for_sites(self, grid: Grid) -> list[int]:
-        waited = 0.0
+        """The connected nodes, once there are server.min-sites of them.
+
+        Flower's own sampling waits forever without a word; here the wait is an event in the store after 10 s (the
+        dashboard shows it) and the run fails with the reason after server.wait-for-sites seconds.
+        """
+        start, announced = time.time(), False
         while True:
             node_ids = sorted(grid.get_node_ids())
             if len(node_ids) >= self.min_available_nodes:
+                if announced:
+                    self.writer.event(Event("sites-connected", f"{len(node_ids)} sites connected after "
+                                                                f"{time.time() - start:.0f} s"))
                 return node_ids
-            if waited % 30 == 0:
+            waited = time.time() - start
+            if waited >= self.wait_for_sites:
+                raise TimeoutError(f"only {len(node_ids)} site(s) connected after {waited:.0f} s; server.min-sites "
+                                   f"is {self.min_available_nodes} (server.wait-for-sites = {self.wait_for_sites:g} s)")
+            if waited >= 10 and not announced:
+                announced = True
+                self.writer.event(Event("waiting-for-sites", f"waiting for sites: {len(node_ids)} connected, "
+                                                              f"server.min-sites = {self.min_available_nodes}"))
                 log.info("waiting for sites: %d connected, server.min-sites = %d", len(node_ids),
                          self.min_available_nodes)
             time.sleep(1.0)
-            waited += 1.0
 
     def hello(self, grid: Grid) -> None:
         """Learn each node's site name and data size (a query message); a site whose data fails is recorded."""
         node_ids = self._wait_for_sites(grid)
-        for r in self._exchange(grid, node_ids, RecordDict(), MessageType.QUERY):
+        for r in self._exchange(grid, node_ids, records.pack_instruction(None, 0, 0, run_id=self.run_id),
+                                MessageType.QUERY):
             if r.message is None or r.message.has_error():
                 self.writer.event(Event("site-failed", f"{r.site} failed to start: {_reason(r)}", r.site))
                 continue
@@ -142,6 +162,7 @@ class DebugFedAvg(FedAvg):
     def _register(self, node_id: int, info: records.SiteInfo) -> None:
         """Remember a node's site name; a site seen for the first time (at start or joining later) is recorded."""
         self.site_of[node_id] = info.name
+        self.declared.setdefault(info.name, info.n_train)
         if info.name not in self.known:
             self.known.add(info.name)
             self.writer.add_site(info.name, n_train=info.n_train, n_val=info.n_val)
@@ -157,20 +178,26 @@ class DebugFedAvg(FedAvg):
 
     # --- the round loop ----------------------------------------------------------------------------------------
 
-    def run(self, grid: Grid, initial: Arrays, num_rounds: int, *,
+    def restore(self, sites: list[str], thresholds: list[float] | None) -> None:
+        """Resuming a run: the sites already in the store, and the thresholds the last completed round set."""
+        self.known.update(sites)
+        self.thresholds = thresholds
+
+    def run(self, grid: Grid, initial: Arrays, num_rounds: int, *, start_round: int = 1,
             on_round: Callable[[int, Arrays], None] | None = None) -> Arrays:
-        """Train for `num_rounds` rounds from `initial`; returns the final global weights."""
+        """Train rounds start_round..num_rounds from `initial` (the global model after start_round - 1); returns
+        the final global weights."""
         self.hello(grid)
         arrays = initial
-        if self.checkpoints is not None:
+        if self.checkpoints is not None and start_round == 1:
             self.checkpoints.save(0, initial, {})
-        for rnd in range(1, num_rounds + 1):
+        for rnd in range(start_round, num_rounds + 1):
             t0 = time.time()
             log.info("[ROUND %d/%d]", rnd, num_rounds)
             rec = RoundRecord(round=rnd, seconds=0.0)
 
             # --- training at the sites -------------------------------------------------------------------------
-            replies = self._exchange(grid, self._sample(grid), records.pack_instruction(arrays, rnd, num_rounds),
+            replies = self._exchange(grid, self._sample(grid), records.pack_instruction(arrays, rnd, num_rounds, run_id=self.run_id),
                                      MessageType.TRAIN)
             rec.metrics["train_wall"] = time.time() - t0
             updates = self._collect_train(replies, arrays, rec)
@@ -184,7 +211,7 @@ class DebugFedAvg(FedAvg):
             # --- evaluation at the sites (noised summaries) ----------------------------------------------------
             t_eval = time.time()
             replies = self._exchange(grid, self._wait_for_sites(grid),
-                                     records.pack_instruction(arrays, rnd, num_rounds, self.thresholds),
+                                     records.pack_instruction(arrays, rnd, num_rounds, self.thresholds, self.run_id),
                                      MessageType.EVALUATE)
             rec.metrics["evaluate_wall"] = time.time() - t_eval
             t_diag = time.perf_counter()
@@ -199,12 +226,15 @@ class DebugFedAvg(FedAvg):
                 central_seconds = time.perf_counter() - t_central
 
             if self.checkpoints is not None:
-                self.checkpoints.save(rnd, arrays, updates)  # before the commit: a committed round has its weights
+                # Before the commit: a committed round has its weights, and what a resumed run needs to go on.
+                self.checkpoints.save(rnd, arrays, updates, {"thresholds": self.thresholds})
             rec.findings = self.findings.update(rec)
             # The server's diagnostics work: deriving every summary, the global view, the findings.
             rec.metrics["diagnostics_seconds"] = time.perf_counter() - t_diag - central_seconds
             rec.seconds = time.time() - t0
             self.writer.write_round(rec)
+            if self.checkpoints is not None:
+                self.checkpoints.prune(rnd)
             log.info("round %d: %s", rnd, {k: round(v, 4) for k, v in rec.metrics.items() if v is not None})
             if on_round is not None:
                 on_round(rnd, arrays)
@@ -245,15 +275,27 @@ class DebugFedAvg(FedAvg):
                     # The site trained and charged its ledger; the server keeps the same entry for the report.
                     rec.ledger.append(LedgerRow(tr.site.name, rec.round, "dpsgd", "subsampled-gaussian",
                                                 tr.noise_multiplier, tr.sample_rate, tr.steps, tr.sensitivity))
-                problem = check_update(tr.arrays, global_arrays)
+                problem = check_update(tr.arrays, global_arrays) or self._check_weight(tr)
+                norm = update_norm(tr.arrays, global_arrays) if not problem else None
+                if norm is not None and self.max_update_norm > 0 and not norm <= self.max_update_norm:
+                    problem = (f"update norm {norm:.3g} exceeds server.max-update-norm {self.max_update_norm:g} "
+                               "(a scaled or diverged update would dominate the average)")
                 if problem:
                     row.status, row.reason = "failed", f"update rejected: {problem}"
                     rec.events.append(Event("update-rejected", f"{tr.site.name}: {problem}", tr.site.name))
                 else:
-                    row.update_norm = update_norm(tr.arrays, global_arrays)
+                    row.update_norm = norm
                     updates[tr.site.name] = (tr.arrays, tr.num_examples)
             rec.sites.append(row)
         return updates
+
+    def _check_weight(self, tr: records.TrainReply) -> str:
+        """Why the example count a site claims cannot weight its update ("" when it can): it must be positive and
+        at most what the site declared when it joined (a site claiming 10⁹ examples would own the average)."""
+        declared = self.declared.get(tr.site.name, tr.site.n_train)
+        if not 0 < tr.num_examples <= declared:
+            return f"claims {tr.num_examples} training examples; expected 1..{declared} (declared when it joined)"
+        return ""
 
     def _collect_evaluate(self, replies: list[SiteReply], rec: RoundRecord, *,
                           trainable_values: int) -> dict[str, float | None]:

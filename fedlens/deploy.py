@@ -1,0 +1,156 @@
+"""A real deployment: the Flower processes each party runs, started with fedlens' secure defaults.
+
+    coordinator:  fedlens link --certs certs            flower-superlink (TLS, SuperNode auth, state in a database,
+                                                        no runtime installs, --isolation process) + flower-superexec
+    each site:    fedlens site hospital-a --data a.csv  flower-supernode (the CA, the site's own key, its name, data
+                  --superlink link:8000 --certs certs   path and state folder as node config)
+
+These only build the Flower command lines (printed first, so an operator can run them by hand or in their own
+service manager) and supervise the processes. Why `--isolation process` with a separately started SuperExec: with
+Flower's default (`subprocess`) the ServerApp dies with a restarted SuperLink and the run ends failed; with a
+SuperExec of its own the ServerApp survives a SuperLink restart (../shared/notes/reliability.md, measured on 1.41).
+If the ServerApp dies as well, `flwr run` with the same `store.run-id` resumes the run (server/server_app.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedlens.certs import SITE_NAME
+
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+SECRET = "superexec.secret"  # shared by the SuperLink and its SuperExec: only they may run ServerApps
+# Flower, Hugging Face: no telemetry, no hub, no runtime installs (the packages are installed with fedlens).
+OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+class DeployError(ValueError):
+    """A deployment that would start insecure or broken; the message says what is missing and the fix."""
+
+
+def _bin(name: str) -> str:
+    # The Flower entry points next to this Python (the virtualenv), whatever the caller's PATH.
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _is_loopback(host: str) -> bool:
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _need(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise DeployError(f"{what} not found at {path}; make the deployment's keys with `fedlens certs --out "
+                          f"{path.parent if path.parent.name != 'sites' else path.parent.parent} --sites ...`, "
+                          "or pass your own files")
+    return str(path.resolve())
+
+
+def link_commands(*, certs: Path | None, host: str, port: int, database: Path, log_file: Path | None = None,
+                  insecure: bool = False) -> list[list[str]]:
+    """[flower-superlink ..., flower-superexec ...] for the coordinating site.
+
+    Raises:
+        DeployError: no certificates without --insecure, or --insecure on an address other sites can reach.
+    """
+    link = [_bin("flower-superlink"), "--host", host, "--port", str(port), "--database", str(database),
+            "--isolation", "process", "--disable-runtime-dependency-installation"]
+    execd = [_bin("flower-superexec"), "--runtime-api-address", f"{'127.0.0.1' if not _is_loopback(host) else host}"
+                                                                f":{port}"]
+    if log_file is not None:
+        link += ["--log-file", str(log_file)]
+    if insecure:
+        if not _is_loopback(host):
+            raise DeployError(f"--insecure with --host {host}: plaintext traffic and no SuperNode authentication on "
+                              "an address other machines can reach is refused; use TLS (fedlens certs) or a "
+                              "loopback host for local testing")
+        return [link + ["--insecure"], execd + ["--insecure"]]
+    if certs is None:
+        raise DeployError("no --certs folder: the SuperLink needs TLS (ca.crt, server.crt, server.key); make them "
+                          "with `fedlens certs --out certs --sites N`, or pass --insecure for a loopback test")
+    ca = _need(certs / "ca.crt", "CA certificate")
+    link += ["--ssl-ca-certfile", ca, "--ssl-certfile", _need(certs / "server.crt", "server certificate"),
+             "--ssl-keyfile", _need(certs / "server.key", "server key"), "--enable-supernode-auth"]
+    execd += ["--root-certificates", ca]
+    if (certs / SECRET).is_file():
+        secret = str((certs / SECRET).resolve())
+        link += ["--superexec-auth-secret-file", secret]
+        execd += ["--superexec-auth-secret-file", secret]
+    return [link, execd]
+
+
+def site_command(*, name: str, superlink: str, data: Path | None, state_dir: Path, port: int,
+                 ca: Path | None = None, key: Path | None = None, insecure: bool = False,
+                 max_retries: int | None = None) -> list[str]:
+    """flower-supernode ... for one site: TLS to the link, its auth key, and its name, data and state as node config.
+
+    Raises:
+        DeployError: a bad site name, a data file that does not exist, or missing key material without --insecure.
+    """
+    if not SITE_NAME.match(name):
+        raise DeployError(f"site name {name!r}: expected letters, digits, '.', '_' or '-' (at most 63)")
+    config = [f'site-name="{name}"', f'state-dir="{state_dir.resolve()}"']
+    if data is not None:
+        if not data.is_file():
+            raise DeployError(f"site {name}: data file {data} does not exist; expected a CSV, JSONL or Parquet file "
+                              "with a text and a label column")
+        if '"' in str(data.resolve()):
+            raise DeployError(f"site {name}: the data path {data} may not contain a double quote")
+        config.append(f'data-path="{data.resolve()}"')
+    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port),
+           "--node-config", " ".join(config)]
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
+    if insecure:
+        return cmd + ["--insecure"]
+    if ca is None or key is None:
+        raise DeployError(f"site {name}: TLS needs the deployment's CA certificate (--ca or --certs) and the site's "
+                          "private key (--key or --certs); pass --insecure only for a loopback test")
+    return cmd + ["--root-certificates", _need(ca, "CA certificate"),
+                  "--auth-supernode-private-key", _need(key, f"site {name}'s private key")]
+
+
+def supervise(commands: list[list[str]], *, cwd: Path | None = None) -> int:
+    """Start the processes, stop them all when one exits or on Ctrl-C / SIGTERM; returns the first exit code."""
+    env = {**os.environ, **{k: v for k, v in OFFLINE_ENV.items() if k not in os.environ}}
+    procs: list[subprocess.Popen] = []
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        for cmd in commands:
+            procs.append(subprocess.Popen(cmd, cwd=cwd, env=env))
+            time.sleep(1.0)  # the SuperLink listens before its SuperExec dials it
+        while not stopping:
+            codes = [p.poll() for p in procs]
+            if any(c is not None for c in codes):
+                return next(c for c in codes if c is not None)
+            time.sleep(0.5)
+        return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
