@@ -17,7 +17,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: bench install demo simulate dashboard test test-all smoke lint clean
+.PHONY: bench install demo simulate dashboard test test-fast test-deploy smoke lint clean
 
 install: $(VENV)/.installed
 
@@ -39,11 +39,14 @@ simulate: install  ## SCENARIO=simulations/smoke.toml make simulate
 dashboard: install
 	$(BIN)/fedlens dashboard --store $(STORE) --port $(PORT)
 
-test: install  ## the suite CI runs, slow end-to-end tests included
-	$(BIN)/pytest -q
+test: install  ## the suite CI runs, slow end-to-end simulations included (deployments: make test-deploy)
+	$(BIN)/pytest -q -m "not deploy"
 
 test-fast: install  ## without the end-to-end simulation
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow and not deploy"
+
+test-deploy: install  ## real SuperLink + SuperNodes over TLS on loopback: faults, kills, restarts (~10 min)
+	$(BIN)/pytest -q -m deploy tests/deploy
 
 bench: install  ## the performance figures of docs/PERFORMANCE.md (~20 min on 2 cores)
 	$(BIN)/fedlens bench

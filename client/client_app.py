@@ -23,6 +23,7 @@ from client.summary import local_summary, release
 from client.train import TrainHealth, train_local
 from common import diagnostics, faults, records
 from common.config import AppConfig, TrainConfig
+from common.datasets import SiteDataError
 from common.log import get_logger
 from common.model import build_model, load_tokenizer, load_trainable_state, trainable_state
 
@@ -193,8 +194,13 @@ def _break_reply(fault: faults.Fault, server_round: int, arrays, num_examples: i
 
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
-    """Who this site is and how much data it holds; loading the data here surfaces a bad file before round 1."""
-    _, _, _, data = _setup(context)
+    """Who this site is and how much data it holds; loading the data here surfaces a bad file before round 1,
+    under the site's name (an error reply would only carry a random node id)."""
+    try:
+        _, _, _, data = _setup(context)
+    except SiteDataError as e:
+        name = SiteIdentity.from_node_config(dict(context.node_config)).name
+        return records.reply(records.pack_hello(records.SiteInfo(name, 0, 0, records.STATUS_FAILED, str(e))), msg)
     return records.reply(records.pack_hello(_info(data)), msg)
 
 

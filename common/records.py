@@ -28,7 +28,7 @@ SERVER_ROUND = "server-round"
 NUM_ROUNDS = "num-server-rounds"
 RUN_ID = "run-id"  # the fedlens run (stable across a resume; Flower's run id is not): keys a site's saved state
 THRESHOLDS = "cl-thresholds"  # per-class confident-learning thresholds (public: from earlier noised summaries)
-STATUS_OK, STATUS_REFUSED = "ok", "refused"
+STATUS_OK, STATUS_REFUSED, STATUS_FAILED = "ok", "refused", "failed"
 
 
 @dataclass(frozen=True)

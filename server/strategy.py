@@ -157,7 +157,13 @@ class DebugFedAvg(FedAvg):
             if r.message is None or r.message.has_error():
                 self.writer.event(Event("site-failed", f"{r.site} failed to start: {_reason(r)}", r.site))
                 continue
-            self._register(r.node_id, records.unpack_site(r.message.content))
+            info = records.unpack_site(r.message.content)
+            if info.status == records.STATUS_FAILED:
+                # Named, so that its failures in every round are filed under the site, not a random node id.
+                self.site_of[r.node_id] = info.name
+                self.writer.event(Event("site-failed", f"{info.name} failed to start: {info.reason}", info.name))
+                continue
+            self._register(r.node_id, info)
 
     def _register(self, node_id: int, info: records.SiteInfo) -> None:
         """Remember a node's site name; a site seen for the first time (at start or joining later) is recorded."""

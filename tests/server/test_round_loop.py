@@ -56,7 +56,7 @@ K = 3
 sent_thresholds = []
 
 
-def site(name, *, arrays=None, refuse=False):
+def site(name, *, arrays=None, refuse=False, claims=10):
     info = records.SiteInfo(name, 10, 5)
 
     def handle(msg):
@@ -69,7 +69,9 @@ def site(name, *, arrays=None, refuse=False):
                     records.SiteInfo(name, 10, 5, records.STATUS_REFUSED, f"{name}: budget"), None, 10, 7.9,
                     1e-5, 8.0, 1.0, 0.5, 0, 0.0))
             out = arrays if arrays is not None else OrderedDict((k, v + 1.0) for k, v in got.items())
-            return records.pack_train_reply(records.TrainReply(info, out, 10, 2.0, 1e-5, 8.0, 1.0, 0.5, 2, 0.1))
+            claimed = records.SiteInfo(name, claims, 5)  # a lying site lies everywhere in its reply
+            return records.pack_train_reply(records.TrainReply(claimed, out, claims, 2.0, 1e-5, 8.0, 1.0, 0.5, 2,
+                                                               0.1))
         blocks = diagnostics.empty_blocks(K)
         blocks["confusion"] = np.eye(K) * 2
         blocks["train_loss_sum"][0] = 2.0  # Σ min(loss, L) / L: × L = 3 / 10 train examples = 0.6
@@ -143,3 +145,34 @@ def test_a_round_with_no_usable_update_keeps_the_model_and_says_so(tmp_path):
     final = DebugFedAvg(writer=writer, min_sites=2, fraction_train=1.0, timeout=0.5).run(FakeGrid(behaviour), GLOBAL, 1)
     np.testing.assert_equal(final["w"], GLOBAL["w"])
     assert "round-skipped" in [e["kind"] for e in load_run(tmp_path / "s.db", "r")["events"]]
+
+
+def test_hostile_weights_and_counts_are_rejected_before_averaging(tmp_path):
+    # FedAvg alone lets a ×1e30 update or a site claiming 10⁹ examples own the average (reliability.md B1-B3).
+    writer = RunWriter(tmp_path / "s.db", "r")
+    writer.start(scenario="t", rounds_planned=1, model="m", config={})
+    behaviour = {1: site("good"), 2: site("scaled", arrays=OrderedDict(w=np.full((2, 2), 1e30, np.float32))),
+                 3: site("inflated", claims=10**9), 4: site("empty", claims=0)}
+    final = DebugFedAvg(writer=writer, min_sites=2, fraction_train=1.0, timeout=0.5,
+                        max_update_norm=1e4).run(FakeGrid(behaviour), GLOBAL, 1)
+    np.testing.assert_equal(final["w"], np.ones((2, 2), np.float32))  # the good site's update alone
+    run = load_run(tmp_path / "s.db", "r")
+    reasons = {r["site"]: r["reason"] for r in run["site_rounds"] if r["phase"] == "train"}
+    assert reasons["good"] == ""
+    assert "update norm 2e+30 exceeds server.max-update-norm 10000" in reasons["scaled"]
+    assert "claims 1000000000 training examples; expected 1..10" in reasons["inflated"]
+    assert "claims 0 training examples" in reasons["empty"]
+    assert sorted(f["site"] for f in run["findings"] if f["kind"] == "update-rejected") == [
+        "empty", "inflated", "scaled"]
+
+
+def test_too_few_sites_is_an_event_then_a_failure_with_the_reason(tmp_path):
+    # Flower's sampling would wait forever without a word.
+    writer = RunWriter(tmp_path / "s.db", "r")
+    writer.start(scenario="t", rounds_planned=1, model="m", config={})
+    strategy = DebugFedAvg(writer=writer, min_sites=3, fraction_train=1.0, timeout=0.5, wait_for_sites=11.5)
+    with pytest.raises(TimeoutError, match=r"only 1 site\(s\) connected after 1\d s; server.min-sites is 3"):
+        strategy.run(FakeGrid({1: site("lonely")}), GLOBAL, 1)
+    events = load_run(tmp_path / "s.db", "r")["events"]
+    assert [e["message"] for e in events if e["kind"] == "waiting-for-sites"] == [
+        "waiting for sites: 1 connected, server.min-sites = 3"]

@@ -1,0 +1,58 @@
+"""A 3-site deployment over TLS with SuperNode authentication completes a 2-round run; a SuperNode with an
+unregistered key or without the CA is refused; sites whose data file is broken answer with an error naming the
+site and the path, and the run goes on with the others."""
+
+import json
+import subprocess
+
+import pytest
+
+from tests.deploy.conftest import BIN, free_port, write_site_csv
+
+pytestmark = pytest.mark.deploy
+
+
+def test_a_secure_three_site_deployment_survives_intruders_and_broken_files(deployment):
+    d = deployment
+    d.certs_for("a", "b", "c", "wrong-columns", "bad-encoding", "intruder")
+    d.start_link()
+    for site in ("a", "b", "c", "wrong-columns", "bad-encoding"):  # "intruder" has a key but it is not registered
+        d.register(site)
+    for i, site in enumerate(("a", "b", "c")):
+        d.start_site(site, write_site_csv(d.root / f"{site}.csv", seed=i))
+    (d.root / "cols.csv").write_text("note,stars\nfine,3\nbad,9\n")
+    d.start_site("wrong-columns", d.root / "cols.csv")
+    (d.root / "enc.csv").write_bytes(b"review,rating\n\xff\xfe broken,positive\nok,negative\n")
+    d.start_site("bad-encoding", d.root / "enc.csv")
+    intruder = d.start_site("intruder", None, extra=["--max-retries", "0"])
+    plaintext = d.start("plaintext", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
+                                      f"127.0.0.1:{d.port}", "--max-retries", "0", "--port", str(free_port())])
+
+    # Refused: Flower's exit code 305 for both (reliability.md A1, A2); the process status is 305 mod 256 or 1.
+    assert intruder.wait(timeout=60) != 0 and plaintext.wait(timeout=60) != 0
+    assert "Exit Code: 305" in d.log("intruder") and "Failed to activate SuperNode" in d.log("intruder")
+    assert "Exit Code: 305" in d.log("plaintext")
+
+    d.run("secure", rounds=2, **{"server.min-sites": 5})
+    assert d.wait_done("secure") == "completed", d.tails()
+
+    report = json.loads(subprocess.run([str(BIN / "fedlens"), "report", "--store", str(d.store), "--run", "secure",
+                                        "--json"], capture_output=True, text=True, check=True).stdout)
+    assert report["rounds_completed"] == 2
+    sites = {s["site"]: s for s in report["sites"]}
+    assert {"a", "b", "c"} <= set(sites) and "intruder" not in sites
+    rows = d.query("SELECT site, round, phase, status, reason FROM site_rounds WHERE run_id = 'secure'")
+    ok = {(s, r) for s, r, phase, status, _ in rows if phase == "train" and status == "ok"}
+    assert ok == {(s, r) for s in "abc" for r in (1, 2)}
+    # The broken sites: named (not by their random node id), with the path and what was expected, every round.
+    reasons = {(s, r, phase): reason for s, r, phase, status, reason in rows if status == "failed"}
+    for r in (1, 2):
+        assert "site wrong-columns:" in reasons[("wrong-columns", r, "train")]
+        assert "cols.csv has no column(s) review, rating" in reasons[("wrong-columns", r, "train")]
+        assert "enc.csv cannot be read as csv (UTF-8 expected)" in reasons[("bad-encoding", r, "train")]
+    started = [m for k, m in d.query("SELECT kind, message FROM events WHERE run_id = 'secure'") if k == "site-failed"
+               and "failed to start" in m]
+    assert len(started) == 2 and any(m.startswith("wrong-columns failed to start: site wrong-columns: /") and
+                                     "cols.csv has no column(s) review, rating" in m for m in started)
+    # TLS and authentication were on: the SuperLink was started that way and the sites dialled with their keys.
+    assert "Uvicorn running on https://" in d.log("link")

@@ -1,0 +1,95 @@
+"""Key material and the Flower command lines of a deployment: secure unless told otherwise, and clear refusals."""
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from typer.testing import CliRunner
+
+from fedlens.certs import make_certs, site_names
+from fedlens.cli import app
+from fedlens.deploy import DeployError, link_commands, site_command
+
+
+def test_certs_make_a_ca_a_server_certificate_with_sans_and_a_key_pair_per_site(tmp_path):
+    paths = make_certs(tmp_path, ["hospital-a", "hospital-b"], hosts=["link.example.org", "10.0.0.5"])
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost", "link.example.org"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1", "10.0.0.5"]
+    for site, (private, public) in paths.site_keys.items():
+        key = load_ssh_private_key(private.read_bytes(), password=None)
+        assert key.curve.name == "secp384r1"
+        assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
+        assert private.stat().st_mode & 0o777 == 0o600
+    assert paths.ca_key.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(FileExistsError, match="refusing to replace key material"):
+        make_certs(tmp_path, ["hospital-a"])
+
+
+def test_site_names_are_a_count_or_a_list_of_safe_names():
+    assert site_names("3") == ["site-0", "site-1", "site-2"]
+    assert site_names("a, b") == ["a", "b"]
+    with pytest.raises(ValueError, match="--sites"):
+        site_names("a,../b")
+    with pytest.raises(ValueError, match="repeat"):
+        site_names("a,a")
+
+
+def test_the_link_runs_tls_with_node_auth_a_database_and_its_own_superexec(tmp_path):
+    make_certs(tmp_path / "c", ["a"])
+    link, execd = link_commands(certs=tmp_path / "c", host="0.0.0.0", port=9000, database=tmp_path / "l.db")
+    assert "--enable-supernode-auth" in link and "--insecure" not in link
+    assert link[link.index("--isolation") + 1] == "process"
+    assert "--disable-runtime-dependency-installation" in link
+    assert link[link.index("--database") + 1] == str(tmp_path / "l.db")
+    assert execd[execd.index("--runtime-api-address") + 1] == "127.0.0.1:9000"
+    assert execd[execd.index("--root-certificates") + 1] == str((tmp_path / "c" / "ca.crt").resolve())
+    secret = str((tmp_path / "c" / "superexec.secret").resolve())
+    assert link[link.index("--superexec-auth-secret-file") + 1] == execd[execd.index(
+        "--superexec-auth-secret-file") + 1] == secret
+
+
+def test_no_tls_is_refused_unless_asked_for_and_never_off_loopback(tmp_path):
+    with pytest.raises(DeployError, match="no --certs folder: the SuperLink needs TLS"):
+        link_commands(certs=None, host="127.0.0.1", port=9000, database=tmp_path / "l.db")
+    with pytest.raises(DeployError, match="CA certificate not found at"):
+        link_commands(certs=tmp_path, host="127.0.0.1", port=9000, database=tmp_path / "l.db")
+    with pytest.raises(DeployError, match="--insecure with --host 0.0.0.0"):
+        link_commands(certs=None, host="0.0.0.0", port=9000, database=tmp_path / "l.db", insecure=True)
+    link, _ = link_commands(certs=None, host="127.0.0.1", port=9000, database=tmp_path / "l.db", insecure=True)
+    assert "--insecure" in link and "--enable-supernode-auth" not in link
+
+
+def test_a_site_dials_with_the_ca_and_its_key_and_names_itself(tmp_path):
+    paths = make_certs(tmp_path / "c", ["hospital-a"])
+    data = tmp_path / "a.csv"
+    data.write_text("review,rating\ngood,positive\n")
+    cmd = site_command(name="hospital-a", superlink="link:9000", data=data, state_dir=tmp_path / "st", port=9100,
+                       ca=paths.ca_cert, key=paths.site_keys["hospital-a"][0])
+    assert cmd[cmd.index("--node-config") + 1] == (f'site-name="hospital-a" state-dir="{tmp_path / "st"}" '
+                                                   f'data-path="{data}"')
+    assert "--auth-supernode-private-key" in cmd and "--insecure" not in cmd
+    with pytest.raises(DeployError, match="site hospital-a: data file .*nope.csv does not exist"):
+        site_command(name="hospital-a", superlink="l:1", data=tmp_path / "nope.csv", state_dir=tmp_path, port=1,
+                     ca=paths.ca_cert, key=paths.site_keys["hospital-a"][0])
+    with pytest.raises(DeployError, match="site hospital-a: TLS needs the deployment's CA certificate"):
+        site_command(name="hospital-a", superlink="l:1", data=None, state_dir=tmp_path, port=1)
+    with pytest.raises(DeployError, match="site name 'a b'"):
+        site_command(name="a b", superlink="l:1", data=None, state_dir=tmp_path, port=1, insecure=True)
+
+
+def test_the_cli_prints_the_commands_and_warns_when_insecure(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["certs", "--out", str(tmp_path / "c"), "--sites", "a,b"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["link", "--certs", str(tmp_path / "c"), "--dry-run"])
+    assert res.exit_code == 0 and "flower-superlink" in res.output and "--enable-supernode-auth" in res.output
+    res = runner.invoke(app, ["link", "--dry-run"])
+    assert res.exit_code == 2 and "the SuperLink needs TLS" in res.output
+    res = runner.invoke(app, ["site", "a", "--insecure", "--dry-run", "--state-dir", str(tmp_path / "s")])
+    assert res.exit_code == 0 and "WARNING: --insecure" in res.output
+    res = runner.invoke(app, ["site", "b", "--certs", str(tmp_path / "c"), "--dry-run", "--state-dir",
+                              str(tmp_path / "s")])
+    assert res.exit_code == 0 and str((tmp_path / "c" / "sites" / "b").resolve()) in res.output
