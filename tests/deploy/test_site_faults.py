@@ -1,0 +1,50 @@
+"""Sites failing under a real deployment: a SuperNode killed in the middle of a round (the round completes with the
+others, the failure is filed under the site's name, the site is picked up again when it comes back) and a site
+that sends NaN weights (rejected before aggregation; the global model stays finite)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from common.checkpoints import Checkpoints
+from tests.deploy.conftest import write_site_csv
+
+pytestmark = pytest.mark.deploy
+
+
+def test_a_killed_site_is_recorded_by_name_and_rejoins_and_a_nan_site_is_rejected(deployment):
+    d = deployment
+    sites = ("a", "b", "c", "d")
+    d.certs_for(*sites)
+    d.start_link()
+    data = {}
+    for i, site in enumerate(sites):
+        d.register(site)
+        data[site] = write_site_csv(d.root / f"{site}.csv", seed=i)
+        d.start_site(site, data[site])
+
+    d.run("faults", rounds=3, **{"server.min-sites": 3, "server.round-timeout": 300.0,
+                                 "faults": json.dumps([{"site": "d", "kind": "bad_update", "mode": "nan"}])})
+    # kill -9 site c's SuperNode (and the ClientApp it started) as soon as its first training message arrives.
+    d.wait_for(lambda: "Receiving: train message" in d.log("c"), 180, "site c to receive its first train message")
+    d.kill("c")
+    d.wait_for(lambda: 1 in d.rounds("faults"), 240, "round 1 to complete without c")
+    d.start_site("c", data["c"])  # the same key, name and state folder: the site comes back
+    assert d.wait_done("faults") == "completed", d.tails()
+
+    rows = d.query("SELECT site, round, phase, status, reason FROM site_rounds WHERE run_id = 'faults' "
+                   "AND phase = 'train'")
+    by = {(s, r): (status, reason) for s, r, _, status, reason in rows}
+    assert d.rounds("faults") == [1, 2, 3]
+    # Flower's error reply for a dead node comes from the SuperLink; it is still filed under c.
+    assert by[("c", 1)][0] == "failed" and "unavailable" in by[("c", 1)][1].lower(), by[("c", 1)]
+    assert not any(s.startswith("node-") for s, *_ in rows)
+    assert any(by.get(("c", r), ("",))[0] == "ok" for r in (2, 3)), by  # picked up again after it rejoined
+    assert all(by[(s, r)] == ("ok", "") for s in ("a", "b") for r in (1, 2, 3))
+    for r in (1, 2, 3):
+        assert by[("d", r)][0] == "failed" and "update rejected" in by[("d", r)][1] and "NaN" in by[("d", r)][1]
+    findings = {(s, k) for s, k in d.query("SELECT site, kind FROM findings WHERE run_id = 'faults'")}
+    assert ("d", "update-rejected") in findings and ("c", "site-failed") in findings
+    final, _ = Checkpoints(d.store, "faults", keep=20).load(3)
+    assert all(np.all(np.isfinite(v)) for v in final.values())
