@@ -35,7 +35,7 @@ def digest(content: RecordDict) -> str:
     """A stable digest of an instruction: every array's bytes and every config value, in key order."""
     h = hashlib.sha256()
     for name in sorted(content.array_records):
-        for key, arr in content.array_records[name].items():
+        for key, arr in sorted(content.array_records[name].items()):
             h.update(f"{name}/{key}/{arr.dtype}/{arr.shape}".encode())
             h.update(arr.data)
     for name in sorted(content.config_records):

@@ -103,7 +103,9 @@ def main(grid: Grid, context: Context) -> None:
         initial, start = trainable_state(model), 1
         if resumed is not None:
             last, state = resumed
-            initial, _ = checkpoints.load(last)
+            kept, _ = checkpoints.load(last)
+            # safetensors stores keys sorted; the sites and the update checks expect the model's own order.
+            initial = type(initial)((k, kept[k]) for k in initial)
             strategy.restore(writer.prior()["sites"], state.get("thresholds"))
             start = last + 1
         final = strategy.run(grid, initial, cfg.num_server_rounds, start_round=start)
