@@ -18,7 +18,7 @@ def test_certs_make_a_ca_a_server_certificate_with_sans_and_a_key_pair_per_site(
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["localhost", "link.example.org"]
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1", "10.0.0.5"]
-    for site, (private, public) in paths.site_keys.items():
+    for private, public in paths.site_keys.values():
         key = load_ssh_private_key(private.read_bytes(), password=None)
         assert key.curve.name == "secp384r1"
         assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
