@@ -124,7 +124,8 @@ ADDED_COLUMNS = {"site_rounds": ("epsilon_training REAL", "epsilon_diagnostics R
                                  "clip_fraction REAL", "grad_norm REAL", "noise_to_signal REAL",
                                  "summary_json TEXT", "diagnostics_seconds REAL", "started_at REAL",
                                  "ended_at REAL"),
-                 "rounds": ("train_wall REAL", "evaluate_wall REAL", "diagnostics_seconds REAL")}
+                 "rounds": ("train_wall REAL", "evaluate_wall REAL", "diagnostics_seconds REAL"),
+                 "findings": ("confidence REAL",)}
 LEDGER_COLUMNS = ("site", "round", "kind", "mechanism", "noise_multiplier", "sample_rate", "steps", "sensitivity")
 ROUND_METRICS = ("accuracy", "macro_f1", "loss", "train_loss", "test_accuracy", "test_macro_f1", "test_loss",
                  "test_max_prediction_share",
@@ -189,10 +190,11 @@ class Event:
 
 @dataclass
 class Finding:
-    kind: str  # "site-failed" | "site-refused" | "update-rejected" | "collapsed" | "noise-dominated" | ...
+    kind: str  # "site-failed" | "update-rejected" | "budget_exhausted" | "label_noise" | ... (docs/findings)
     severity: str  # "critical" | "warning" | "info"
-    message: str  # the evidence, as a sentence
+    message: str  # the evidence, as a sentence with the numbers behind it
     site: str | None = None  # None: about the whole run
+    confidence: float = 1.0  # 1 for what was observed directly; statistical findings: a heuristic in (0, 1)
 
 
 @dataclass
@@ -310,9 +312,9 @@ class RunWriter:
             for ev in rec.events:
                 self._event(ev, rec.round)
             for f in rec.findings:
-                self.conn.execute("INSERT INTO findings (run_id, round, site, kind, severity, message) "
-                                  "VALUES (?, ?, ?, ?, ?, ?)", (self.run_id, rec.round, f.site, f.kind, f.severity,
-                                                                f.message))
+                self.conn.execute("INSERT INTO findings (run_id, round, site, kind, severity, message, confidence) "
+                                  "VALUES (?, ?, ?, ?, ?, ?, ?)", (self.run_id, rec.round, f.site, f.kind,
+                                                                   f.severity, f.message, f.confidence))
 
     def finish(self, status: str, *, model_path: str | None = None, error: str | None = None) -> None:
         with self.conn:
@@ -421,8 +423,9 @@ def load_run(path: str | Path, run_id: str | None = None) -> dict[str, Any]:
                              (run_id,))
         run["events"] = _rows(conn, "SELECT round, site, kind, message, at FROM events WHERE run_id = ? ORDER BY id",
                               (run_id,))
-        run["findings"] = _rows(conn, "SELECT round, site, kind, severity, message FROM findings WHERE run_id = ? "
-                                      "ORDER BY id", (run_id,))
+        confidence = "confidence" if "confidence" in _columns(conn, "findings") else "1.0 AS confidence"
+        run["findings"] = _rows(conn, f"SELECT round, site, kind, severity, {confidence}, message FROM findings "
+                                      "WHERE run_id = ? ORDER BY id", (run_id,))
         has_ledger = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='ledger'").fetchone()
         run["ledger"] = _rows(conn, f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger WHERE run_id = ? "
                                     "ORDER BY site, round, kind", (run_id,)) if has_ledger else []

@@ -96,7 +96,9 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
                     "test": _metrics(r, "test_") if r["test_accuracy"] is not None else None} for r in rounds],
         "sites": sites,
         "events": [{k: e[k] for k in ("round", "site", "kind", "message")} for e in run["events"]],
-        "findings": run["findings"],
+        # The contract: site, kind, round, severity, confidence and the evidence sentence.
+        "findings": [{"site": f["site"], "kind": f["kind"], "round": f["round"], "severity": f["severity"],
+                      "confidence": f["confidence"], "evidence": f["message"]} for f in run["findings"]],
         "model_path": run["model_path"],
     }
 
@@ -132,7 +134,8 @@ def format_text(rep: dict[str, Any]) -> str:
     if rep["findings"]:
         lines.append("")
         lines.append("findings:")
-        lines += [f"  round {f['round']}: [{f['severity']}] {f['message']}" for f in rep["findings"]]
+        lines += [f"  round {f['round']}: [{f['severity']}, {f['kind']}, confidence {f['confidence']:.2f}] "
+                  f"{f['evidence']}" for f in rep["findings"]]
     problems = [e for e in rep["events"] if e["kind"] not in ("site-joined",)]
     if problems:
         lines.append("")

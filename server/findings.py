@@ -2,7 +2,8 @@
 
 These are the direct ones (a site failed, refused, sent an unusable update; the model collapsed; DP noise drowns
 the updates) and gross cross-site departures (an update of norm 0 or many times the median, a straggler). A finding is recorded in the round it appears; it is recorded again only if it clears and comes back.
-Statistical diagnosis across sites (which site has noisy labels, a missing class, ...) builds on the same record.
+Statistical diagnosis across sites and rounds (which site has noisy labels, a missing class, ...) is in
+server/diagnosis.py; the tracker merges both.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import statistics
 
 from common.run_store import Finding, RoundRecord
+from server.diagnosis import Diagnosis
 
 COLLAPSE_SHARE = 0.9  # one class taking this share of the test predictions
 NOISE_DOMINATED = 10.0  # ‖DP noise‖ / ‖Σ clipped gradients‖ per step above which a step is essentially noise
@@ -36,13 +38,13 @@ def current(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
                 "site-failed", "critical", f"{row.site} failed in {row.phase} in round {rec.round}: {row.reason}",
                 row.site)
         elif row.status == "refused":
-            out[(row.site, "site-refused")] = Finding(
-                "site-refused", "warning", f"{row.site} refused to {row.phase} in round {rec.round} to stay within "
+            out[(row.site, "budget_exhausted")] = Finding(
+                "budget_exhausted", "warning", f"{row.site} refused to {row.phase} in round {rec.round} to stay within "
                 f"its privacy budget: {row.reason}", row.site)
     share = rec.metrics.get("test_max_prediction_share")
     if share is not None and share >= COLLAPSE_SHARE:
-        out[(None, "collapsed")] = Finding(
-            "collapsed", "warning", f"the global model predicts one class for {share:.0%} of the server's test set "
+        out[(None, "majority_collapse")] = Finding(
+            "majority_collapse", "warning", f"the global model predicts one class for {share:.0%} of the server's test set "
             f"(round {rec.round}): it has collapsed onto the majority class; macro-F1 "
             f"{rec.metrics.get('test_macro_f1', float('nan')):.2f}", None)
     nsr = {r.site: r.noise_to_signal for r in rec.sites
@@ -50,8 +52,8 @@ def current(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
     if nsr:
         median = statistics.median(nsr.values())
         if median >= NOISE_DOMINATED:
-            out[(None, "noise-dominated")] = Finding(
-                "noise-dominated", "warning", f"DP noise dominates every site's steps: median ‖noise‖ / ‖Σ clipped "
+            out[(None, "dp_noise_dominates")] = Finding(
+                "dp_noise_dominates", "warning", f"DP noise dominates every site's steps: median ‖noise‖ / ‖Σ clipped "
                 f"gradients‖ = {median:.0f} across {len(nsr)} sites in round {rec.round} (1 = as much noise as "
                 "signal). More examples per site, a larger ε, fewer trainable values or fewer steps per round help.",
                 None)
@@ -101,13 +103,16 @@ def _cross_site(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
 
 
 class FindingsTracker:
-    """Remembers which findings are open, so each is recorded when it appears (or reappears), not every round."""
+    """Remembers which findings are open, so each is recorded when it appears (or reappears), not every round; the
+    statistical diagnosis (server/diagnosis.py) accumulates its evidence over the rounds here."""
 
-    def __init__(self) -> None:
+    def __init__(self, diagnosis: Diagnosis | None = None) -> None:
         self.open: set[tuple[str | None, str]] = set()
+        self.diagnosis = diagnosis or Diagnosis()
 
     def update(self, rec: RoundRecord) -> list[Finding]:
-        now = current(rec)
+        self.diagnosis.add(rec)
+        now = {**self.diagnosis.findings(rec.round), **current(rec)}
         new = [f for key, f in now.items() if key not in self.open]
         self.open = set(now)
         return new

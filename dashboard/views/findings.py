@@ -7,10 +7,11 @@ from dashboard import ui
 ICON = {"critical": ":red[:material/error:]", "warning": ":orange[:material/warning:]",
         "info": ":blue[:material/info:]"}
 # Which page holds the charts behind each kind of finding.
-EVIDENCE = {"site-failed": "views/sites.py", "site-refused": "views/privacy.py", "budget-nearly-spent": "views/privacy.py",
-            "noise-dominated": "views/privacy.py", "collapsed": "views/overview.py", "high-loss": "views/errors.py",
-            "label-issues": "views/errors.py", "update-rejected": "views/sites.py",
-            "free_rider": "views/sites.py", "divergence": "views/sites.py", "dropout": "views/sites.py"}
+EVIDENCE = {"site-failed": "views/sites.py", "budget_exhausted": "views/privacy.py",
+            "dp_noise_dominates": "views/privacy.py", "majority_collapse": "views/overview.py",
+            "update-rejected": "views/sites.py", "free_rider": "views/sites.py", "divergence": "views/sites.py",
+            "dropout": "views/sites.py", "label_noise": "views/errors.py", "label_flip": "views/errors.py",
+            "class_missing": "views/errors.py", "data_shift": "views/errors.py", "overfitting": "views/sites.py"}
 
 
 def body(snap: dict) -> None:
@@ -26,7 +27,10 @@ def body(snap: dict) -> None:
         st.subheader(site)
         for f in group.itertuples():
             with st.container(border=True):
-                st.markdown(f"{ICON.get(f.severity, '•')} **{f.kind}** · round {ui.fmt(f.round, 'g')} · {f.severity}")
+                confidence = getattr(f, "confidence", None)
+                st.markdown(f"{ICON.get(f.severity, '•')} **{f.kind}** · round {ui.fmt(f.round, 'g')} · {f.severity}"
+                            + (f" · confidence {confidence:.2f}" if confidence is not None and confidence == confidence
+                               else ""))
                 st.write(f.message)
                 page = EVIDENCE.get(f.kind)
                 if page:

@@ -63,7 +63,7 @@ def test_smoke_run_report(smoke_store):
     for key in ("accuracy", "macro_f1", "loss"):
         assert rep["global"][key] is not None and rep["test"][key] is not None
     # Findings the tiny model may earn (DP noise dominating, collapse); never a site failure in a clean run.
-    assert {f["kind"] for f in rep["findings"]} <= {"noise-dominated", "collapsed"}
+    assert {f["kind"] for f in rep["findings"]} <= {"dp_noise_dominates", "majority_collapse"}
     assert rep["schema_version"] == 2 and 0 < rep["diagnostics_share"] < 1
     for s in rep["sites"]:
         # The ledger: one DP-SGD segment and one released summary per round, as the site spent them.

@@ -16,20 +16,20 @@ def _round(rnd, *, share=0.5, nsr=(2.0, 3.0), fail=False):
 
 def test_each_rule_fires_on_its_evidence_with_a_sentence():
     found = current(_round(3, share=0.97, nsr=(25.0, 40.0), fail=True))
-    assert set(found) == {("c", "site-refused"), ("d", "update-rejected"), ("e", "site-failed"), (None, "collapsed"),
-                          (None, "noise-dominated")}
+    assert set(found) == {("c", "budget_exhausted"), ("d", "update-rejected"), ("e", "site-failed"), (None, "majority_collapse"),
+                          (None, "dp_noise_dominates")}
     assert found[("e", "site-failed")].severity == "critical"
     assert found[("e", "site-failed")].message == "e failed in train in round 3: no reply before the timeout"
     assert found[("d", "update-rejected")].message.endswith("weight w contains NaN or Inf")
-    assert "97%" in found[(None, "collapsed")].message
-    assert "median ‖noise‖ / ‖Σ clipped gradients‖ = 32" in found[(None, "noise-dominated")].message
-    assert set(current(_round(3))) == {("c", "site-refused"), ("d", "update-rejected")}  # healthy otherwise
+    assert "97%" in found[(None, "majority_collapse")].message
+    assert "median ‖noise‖ / ‖Σ clipped gradients‖ = 32" in found[(None, "dp_noise_dominates")].message
+    assert set(current(_round(3))) == {("c", "budget_exhausted"), ("d", "update-rejected")}  # healthy otherwise
 
 
 def test_a_finding_is_recorded_when_it_appears_and_again_only_after_it_cleared():
     tracker = FindingsTracker()
     first = tracker.update(_round(1, fail=True))
-    assert {(f.site, f.kind) for f in first} == {("c", "site-refused"), ("d", "update-rejected"), ("e", "site-failed")}
+    assert {(f.site, f.kind) for f in first} == {("c", "budget_exhausted"), ("d", "update-rejected"), ("e", "site-failed")}
     assert tracker.update(_round(2, fail=True)) == []  # still open: not repeated
     assert tracker.update(_round(3)) == []  # e recovered
     assert [(f.site, f.kind) for f in tracker.update(_round(4, fail=True))] == [("e", "site-failed")]

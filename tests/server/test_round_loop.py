@@ -131,7 +131,7 @@ def test_one_round_records_every_kind_of_site(tmp_path):
     np.testing.assert_equal(kept_global["w"], final["w"])
     # Findings, committed with the round: the failures, the refusal and the rejected update, by site.
     assert sorted((f["site"], f["kind"]) for f in run["findings"]) == [
-        ("broke", "site-refused"), ("crashy", "site-failed"), ("garbled", "site-failed"),
+        ("broke", "budget_exhausted"), ("crashy", "site-failed"), ("garbled", "site-failed"),
         ("poisoned", "update-rejected"), ("silent", "site-failed")]
     kinds = [e["kind"] for e in run["events"]]
     assert kinds.count("site-joined") == 6 and "update-rejected" in kinds and "site-refused" in kinds

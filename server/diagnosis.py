@@ -1,0 +1,211 @@
+"""Statistical diagnosis across sites and rounds: which site's data or training is wrong, and how.
+
+Everything here is post-processing of what sites already release (noised summaries, the public ledger fields σ, q,
+steps, the public split sizes): no ε is spent. The noise of each released block is known (σ·Δ / weight), so each
+test below is a z-score against noise *plus* the sampling spread an honest site would show, accumulated over rounds
+(a site's train-label histogram is the same every round under fresh noise, so its mean sharpens as 1/√rounds).
+
+Tests, per site s against the pooled others (never told how many sites are faulty; a site is compared with the
+leave-one-out pool so a faulty site does not mask itself):
+
+- label histogram (train split, weight-1 block) vs the others' class shares p:
+  class_missing  a class the others hold ≥ 5 % of is absent at s;
+  label_flip     a class absent at s whose mass turned up as an excess in one other class;
+  label_noise    the histogram moved toward uniform: r̂ = (K−1)/K · ⟨m − e, u − e⟩ / ‖u − e‖² estimates the share of
+                 labels replaced by a random other one (e = n·p, u = n/K);
+- first-use training loss (weight-1 block) vs the others' median: data_shift when it is high and the labels are not
+  the reason (text drawn from elsewhere, corrupted text, a different domain);
+- the public DP-SGD schedule: overfitting when a site runs many times the median number of local steps per round.
+
+Thresholds are a z-score plus an effect size, so that a clean run stays quiet; confidence is Φ(z − 2),
+a heuristic, not a calibrated probability.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.run_store import Finding, RoundRecord
+
+Z_ALARM = 4.0  # z-score a loss departure must reach (noise + the honest sites' spread) before it is reported
+Z_LABELS = 3.0  # the same for a label-histogram departure (its honest spread is known exactly: multinomial)
+FLIP_MARGIN = 1.0  # χ² by which "class a relabelled as b" must beat "class a missing" to be reported as a flip
+MIN_SHARE = 0.05  # a class the others hold less of than this cannot be called missing
+MIN_NOISE_RATE = 0.35  # estimated share of randomised labels below which label noise is not reported
+MIN_LOSS_EXCESS = 0.15  # mean first-use training loss above the others' median (nats) for a data shift
+STEPS_OUTLIER = 4.0  # × the median local DP steps per round
+MIN_SITES = 3
+
+
+def _phi(z: float) -> float:
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def confidence(z: float) -> float:
+    return round(min(0.999, _phi(z - 2.0)), 3)
+
+
+@dataclass
+class SiteEvidence:
+    """One site's released blocks summed over rounds, and how many went in (so means and their noise are known)."""
+
+    n_train: int = 0
+    labels: np.ndarray | None = None  # Σ over rounds of the noised train-label histogram
+    label_rounds: int = 0
+    label_var: float = 0.0  # noise variance of one round's cell
+    loss_sum: float = 0.0  # Σ over rounds of the noised mean first-use train loss (nats)
+    loss_rounds: int = 0
+    loss_var_sum: float = 0.0  # Σ over rounds of that mean's noise variance
+    steps: list[int] = field(default_factory=list)
+
+    def label_mean(self) -> np.ndarray:
+        return self.labels / self.label_rounds
+
+    def loss_mean(self) -> float:
+        return self.loss_sum / self.loss_rounds
+
+
+class Diagnosis:
+    """Accumulates each round's evidence and returns the statistical findings that hold after it."""
+
+    def __init__(self, loss_clip: float = 3.0, class_names: tuple[str, ...] | None = None) -> None:
+        self.loss_clip = loss_clip
+        self.names = class_names
+        self.sites: dict[str, SiteEvidence] = {}
+
+    def _name(self, c: int) -> str:
+        return self.names[c] if self.names and c < len(self.names) else f"class {c}"
+
+    def add(self, rec: RoundRecord) -> None:
+        for row in rec.sites:
+            ev = self.sites.setdefault(row.site, SiteEvidence())
+            if row.phase == "train" and row.status == "ok" and row.steps:
+                ev.steps.append(int(row.steps))
+                ev.n_train = int(row.num_examples or ev.n_train)
+            if row.phase != "evaluate" or row.status != "ok" or not row.summary_json:
+                continue
+            summary = json.loads(row.summary_json)
+            released, std = summary.get("released"), summary.get("noise_std") or {}
+            if not released or "train_labels" not in released:
+                continue
+            labels = np.asarray(released["train_labels"], dtype=np.float64)
+            ev.labels = labels if ev.labels is None else ev.labels + labels
+            ev.label_rounds += 1
+            ev.label_var = float(std.get("train_labels", 0.0)) ** 2
+            n = ev.n_train or max(float(labels.sum()), 1.0)
+            if summary.get("round_trained") == rec.round and released.get("train_loss_sum") is not None:
+                # Σ min(loss, L) / L over the train split -> mean loss in nats, and its noise variance.
+                ev.loss_sum += float(released["train_loss_sum"][0]) * self.loss_clip / n
+                ev.loss_var_sum += (float(std.get("train_loss_sum", 0.0)) * self.loss_clip / n) ** 2
+                ev.loss_rounds += 1
+
+    def findings(self, round_: int) -> dict[tuple[str | None, str], Finding]:
+        out: dict[tuple[str | None, str], Finding] = {}
+        labelled = {s: e for s, e in self.sites.items() if e.label_rounds and e.n_train}
+        if len(labelled) >= MIN_SITES:
+            for site, ev in labelled.items():
+                f = self._labels(site, ev, {s: e for s, e in labelled.items() if s != site}, round_)
+                if f is not None:
+                    out[(site, f.kind)] = f
+        lossy = {s: e for s, e in self.sites.items() if e.loss_rounds}
+        if len(lossy) >= MIN_SITES:
+            for site, ev in lossy.items():
+                if any((site, kind) in out for kind in ("label_noise", "label_flip", "class_missing")):
+                    continue  # the labels already explain a high loss
+                f = self._loss(site, ev, [e.loss_mean() for s, e in lossy.items() if s != site], round_)
+                if f is not None:
+                    out[(site, f.kind)] = f
+        stepped = {s: statistics.median(e.steps) for s, e in self.sites.items() if e.steps}
+        if len(stepped) >= MIN_SITES:
+            for site, steps in stepped.items():
+                others = statistics.median(v for s, v in stepped.items() if s != site)
+                if others > 0 and steps >= STEPS_OUTLIER * others:
+                    out[(site, "overfitting")] = Finding(
+                        "overfitting", "warning",
+                        f"{site} runs {steps:.0f} local DP steps per round, {steps / others:.0f}× the others' median "
+                        f"{others:.0f} (public ledger): many local epochs on its data overfit it and pull the "
+                        "average toward it", site, confidence=0.9)
+        return out
+
+    def _labels(self, site: str, ev: SiteEvidence, others: dict[str, SiteEvidence],
+                round_: int) -> Finding | None:
+        k = len(ev.labels)
+        # The others' typical class shares: the per-class median over sites, so that one faulty site among them
+        # does not shift the reference (a pooled sum would let a flipped site make a clean one look short).
+        # The others' typical class shares: per class, the mean over sites without the highest and the lowest
+        # (with 4 or more), so that one faulty site among them does not shift the reference, while small classes
+        # keep an unbiased estimate (a median of a few noisy small counts reads them far too low).
+        each = np.sort(np.array([e.label_mean() / e.n_train for e in others.values()]), axis=0)
+        shares = np.clip((each[1:-1] if len(each) >= 4 else each).mean(axis=0), 0.0, None)
+        if shares.sum() <= 0:
+            return None
+        p = shares / shares.sum()
+        n = float(ev.n_train)
+        m = ev.label_mean()
+        e = n * p
+        # Per-cell spread of an honest site: multinomial sampling of n examples, plus the release noise (its mean).
+        var = n * p * (1 - p) + ev.label_var / ev.label_rounds
+        z = (e - m) / np.sqrt(var)
+        share = lambda v: f"{v / n:.0%}"  # noqa: E731
+        absent = [c for c in range(k) if p[c] >= MIN_SHARE and z[c] >= Z_LABELS and m[c] <= 0.25 * e[c]]
+        if absent:
+            a = max(absent, key=lambda c: z[c])
+            # Where did class a go? Missing: the site's n examples spread over the other classes in proportion.
+            # Flipped to b: the other classes as usual and b holding a's share too. The better fit wins; ties go to
+            # the simpler "missing" (a flip must fit better by FLIP_MARGIN in χ²).
+            rest = [c for c in range(k) if c != a]
+            missing = np.zeros(k)
+            missing[rest] = n * p[rest] / max(1e-9, p[rest].sum())
+            chi_missing = float(np.sum((m - missing) ** 2 / var))
+            fits = {}
+            for b in rest:
+                flipped = n * p
+                flipped[b], flipped[a] = n * (p[a] + p[b]), 0.0
+                fits[b] = float(np.sum((m - flipped) ** 2 / var))
+            b = min(fits, key=fits.get)
+            if fits[b] + FLIP_MARGIN <= chi_missing:
+                return Finding(
+                    "label_flip", "critical",
+                    f"{site}: no training examples labelled {self._name(a)} ({share(m[a])}, others {p[a]:.0%}) and "
+                    f"{share(m[b])} labelled {self._name(b)} (others {p[b]:.0%}): {self._name(a)} looks relabelled "
+                    f"as {self._name(b)} (z = {z[a]:.1f}; χ² {fits[b]:.1f} as a flip vs {chi_missing:.1f} as a "
+                    f"missing class, {ev.label_rounds} noised releases)", site, confidence=confidence(float(z[a])))
+            return Finding(
+                "class_missing", "warning",
+                f"{site} holds no training examples of {self._name(a)} ({share(m[a])} vs {p[a]:.0%} at the other "
+                f"{len(others)} sites; z = {z[a]:.1f} over {ev.label_rounds} noised releases): the model learns "
+                "nothing about that class there", site, confidence=confidence(float(z[a])))
+        u = np.full(k, n / k)
+        d = u - e
+        norm2 = float(d @ d)
+        if norm2 <= 0:
+            return None
+        rate = (k - 1) / k * float((m - e) @ d) / norm2
+        rate_sd = (k - 1) / k * math.sqrt(float(d @ (var * d))) / norm2
+        zr = rate / rate_sd if rate_sd > 0 else 0.0
+        if rate >= MIN_NOISE_RATE and zr >= Z_ALARM:
+            return Finding(
+                "label_noise", "critical",
+                f"{site}'s training labels are spread toward uniform ({', '.join(share(v) for v in m)} vs the others' "
+                f"{', '.join(f'{v:.0%}' for v in p)}): about {min(rate, 1.0):.0%} of its labels look randomised "
+                f"(z = {zr:.1f}, {ev.label_rounds} noised releases)", site, confidence=confidence(zr))
+        return None
+
+    def _loss(self, site: str, ev: SiteEvidence, others: list[float], round_: int) -> Finding | None:
+        typical = statistics.median(others)
+        spread = statistics.median(abs(v - typical) for v in others) * 1.4826 if len(others) >= 3 else 0.0
+        mine = ev.loss_mean()
+        sd = math.sqrt(ev.loss_var_sum) / ev.loss_rounds
+        z = (mine - typical) / math.sqrt(sd ** 2 + spread ** 2) if sd > 0 or spread > 0 else 0.0
+        if mine - typical >= MIN_LOSS_EXCESS and z >= Z_ALARM:
+            return Finding(
+                "data_shift", "warning",
+                f"{site}'s training loss stays at {mine:.2f} while the other sites' median is {typical:.2f} "
+                f"(z = {z:.1f} over {ev.loss_rounds} rounds) and its label mix is ordinary: its inputs differ from "
+                "the others' (another domain, corrupted or differently prepared text)", site, confidence=confidence(z))
+        return None
