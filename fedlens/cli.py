@@ -4,6 +4,7 @@ Run as:  fedlens simulate --scenario simulations/smoke.toml
          fedlens report --json
          fedlens whatif --round 3 --exclude site-2
          fedlens bench --only dp_overhead,bytes_per_round --json
+         fedlens bench diagnosis --suite simulations/faults --json
          fedlens dashboard --port 8501
          fedlens certs --out certs --sites hospital-a,hospital-b --host link.example.org
          fedlens link --certs certs --host 0.0.0.0 --port 8000
@@ -187,13 +188,28 @@ def whatif(
 
 @app.command()
 def bench(
-    only: Annotated[str, typer.Option(help="comma-separated subset: dp_overhead, round_overhead, "
+    what: Annotated[str, typer.Argument(help="'performance' (docs/PERFORMANCE.md) or 'diagnosis' (the fault "
+                                             "suite scored against its ground truth)")] = "performance",
+    only: Annotated[str, typer.Option(help="performance: a comma-separated subset of dp_overhead, round_overhead, "
                                            "diagnostics_share, bytes_per_round, max_sites, dashboard_render")] = "",
-    json_: Annotated[bool, typer.Option("--json", help="print one JSON object (docs/PERFORMANCE.md keys)")] = False,
+    suite: Annotated[Path | None, typer.Option(help="diagnosis: a folder of scenario files "
+                                                    "(default simulations/faults)")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Measure the performance figures (ratios measured side by side in this run) and print them."""
+    """Measure the performance figures, or score the diagnosis on a suite of fault scenarios."""
     import json
 
+    if what == "diagnosis":
+        from fedlens import diagnosis_bench as harness
+
+        try:
+            out = harness.run(suite or harness.SUITE, progress=lambda m: typer.echo(m, err=True))
+        except ValueError as e:
+            _fail(str(e), code=2)
+        typer.echo(json.dumps(out, indent=2, default=float) if json_ else harness.format_table(out))
+        return
+    if what != "performance":
+        _fail(f"unknown benchmark {what!r}; choose 'performance' or 'diagnosis'", code=2)
     from fedlens import bench as harness
 
     try:
