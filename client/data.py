@@ -103,7 +103,8 @@ def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer) -> SiteData:  
     injected = faults.at_site(faults.parse(cfg.faults), site.name)
     if injected:  # a simulated faulty site (scenario ground truth); real sites never set `faults`
         rows = faults.corrupt_rows(rows, injected, num_classes=len(cfg.data.labels),
-                                   seed=cfg.data.seed + sum(map(ord, site.name)))
+                                   seed=cfg.data.seed + sum(map(ord, site.name)),
+                                   elsewhere=_drugreview_train(cfg.data.labels) if "domain_shift" in injected else None)
     if len(rows) < 2:
         raise SiteDataError(f"site {site.name}: only {len(rows)} usable row(s); expected at least 2 labelled examples")
     seed = cfg.data.seed + sum(map(ord, site.name))

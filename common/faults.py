@@ -4,7 +4,8 @@
 The run config key `faults` holds a JSON list of {"site", "kind", ...parameters}. The server records it as the run's
 ground truth (run store table `faults`); no diagnosis code reads it. Kinds and their parameters (docs/scenarios.md):
 
-  data       label_noise (rate), label_flip (from, to), class_missing (class), text_corruption (rate)
+  data       label_noise (rate), label_flip (from, to), class_missing (class), text_corruption (rate),
+             domain_shift (rate): that share of the site's rows replaced by reviews of conditions it does not hold
   training   lr_blowup (factor), overfit (epochs, examples)
   behaviour  free_rider (mode: "echo" | "random"), crash (round), straggler (seconds),
              bad_update (mode: "nan" | "inf" | "shape" | "scale" | "examples"; from round): a broken or hostile reply
@@ -19,13 +20,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common.datasets import LABEL, TEXT
+from common.datasets import GROUP, LABEL, TEXT
 
 KINDS: dict[str, dict[str, Any]] = {  # kind -> parameters with their defaults
     "label_noise": {"rate": 0.5},
     "label_flip": {"from": 2, "to": 0},
     "class_missing": {"class": 0},
     "text_corruption": {"rate": 0.3},
+    "domain_shift": {"rate": 1.0},
     "lr_blowup": {"factor": 50.0},
     "overfit": {"epochs": 20, "examples": 16},
     "free_rider": {"mode": "echo"},
@@ -83,10 +85,20 @@ def at_site(faults: list[Fault], site: str) -> dict[str, Fault]:
     return {f.kind: f for f in faults if f.site == site}
 
 
-def corrupt_rows(rows: pd.DataFrame, faults: dict[str, Fault], *, num_classes: int, seed: int) -> pd.DataFrame:
-    """The site's rows with its data faults applied (before the train/validation split: the site's data is bad)."""
+def corrupt_rows(rows: pd.DataFrame, faults: dict[str, Fault], *, num_classes: int, seed: int,
+                 elsewhere: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The site's rows with its data faults applied (before the train/validation split: the site's data is bad).
+    `elsewhere`: rows a domain shift draws from (the embedded set); those of the site's own conditions are skipped."""
     rng = np.random.default_rng(seed)
     rows = rows.copy()
+    if "domain_shift" in faults and elsewhere is not None:
+        pool = elsewhere[~elsewhere[GROUP].isin(set(rows[GROUP]))] if GROUP in rows else elsewhere
+        hit = np.flatnonzero(rng.random(len(rows)) < float(faults["domain_shift"]["rate"]))
+        if len(pool) and len(hit):
+            picked = pool.iloc[rng.choice(len(pool), size=len(hit), replace=len(pool) < len(hit))]
+            rows.iloc[hit, [rows.columns.get_loc(c) for c in (TEXT, LABEL)]] = picked[[TEXT, LABEL]].to_numpy()
+            if GROUP in rows:
+                rows.iloc[hit, rows.columns.get_loc(GROUP)] = picked[GROUP].to_numpy()
     if "class_missing" in faults:
         rows = rows[rows[LABEL] != int(faults["class_missing"]["class"])].reset_index(drop=True)
     if "label_flip" in faults:

@@ -50,6 +50,17 @@ def test_data_faults_change_the_rows_as_declared():
     assert at_site(parse('[{"site": "s", "kind": "crash"}]'), "other") == {}  # other sites are untouched
 
 
+def test_a_domain_shift_brings_reviews_of_conditions_the_site_never_held():
+    from common.datasets import GROUP, load_drugreview
+
+    reviews = load_drugreview("train", ("negative", "neutral", "positive"))
+    rows = reviews[reviews[GROUP].isin(["Depression", "Anxiety"])].reset_index(drop=True)
+    shifted = corrupt_rows(rows, at_site(parse('[{"site": "s", "kind": "domain_shift"}]'), "s"), num_classes=3,
+                           seed=1, elsewhere=reviews)
+    assert len(shifted) == len(rows) and not shifted[GROUP].isin(["Depression", "Anxiety"]).any()
+    assert set(shifted[TEXT]) <= set(reviews[TEXT]) and not set(shifted[TEXT]) & set(rows[TEXT])
+
+
 def test_the_client_app_crashes_free_rides_and_blows_up_as_told(tiny_cfg):
     from flwr.app import Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
