@@ -148,6 +148,9 @@ class ServerConfig:
     keep_rounds: int
     max_update_norm: float
     wait_for_sites: float
+    aggregation: str
+    trim_fraction: float
+    byzantine: int
 
 
 @dataclass(frozen=True)
@@ -293,6 +296,10 @@ class AppConfig:
         num("server.keep-rounds", s.keep_rounds, 0, 1_000_000, integer=True)
         num("server.max-update-norm", s.max_update_norm, 0.0, 1e30)
         num("server.wait-for-sites", s.wait_for_sites, 0.0, 1e7, lo_open=True)
+        check(s.aggregation in ("fedavg", "median", "trimmed-mean", "krum"), "server.aggregation", s.aggregation,
+              'one of "fedavg", "median", "trimmed-mean", "krum"')
+        num("server.trim-fraction", s.trim_fraction, 0.0, 0.49)
+        num("server.byzantine", s.byzantine, 0, 10_000, integer=True)
         check(s.central_eval in ("", "drugreview-test"), "server.central-eval", s.central_eval,
               'one of "", "drugreview-test"')
         num("simulation.num-sites", self.simulation.num_sites, 1, 100_000, integer=True)

@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS site_rounds (
     summary_json TEXT,
     diagnostics_seconds REAL,
     started_at REAL, ended_at REAL,
+    aggregation_score REAL,
     PRIMARY KEY (run_id, round, site, phase)
 );
 CREATE TABLE IF NOT EXISTS ledger (
@@ -123,7 +124,7 @@ SITE_ROUND_COLUMNS = ("site", "phase", "status", "reason", "num_examples", "epsi
 ADDED_COLUMNS = {"site_rounds": ("epsilon_training REAL", "epsilon_diagnostics REAL", "ece REAL", "label_issues REAL",
                                  "clip_fraction REAL", "grad_norm REAL", "noise_to_signal REAL",
                                  "summary_json TEXT", "diagnostics_seconds REAL", "started_at REAL",
-                                 "ended_at REAL"),
+                                 "ended_at REAL", "aggregation_score REAL"),
                  "rounds": ("train_wall REAL", "evaluate_wall REAL", "diagnostics_seconds REAL"),
                  "findings": ("confidence REAL",)}
 LEDGER_COLUMNS = ("site", "round", "kind", "mechanism", "noise_multiplier", "sample_rate", "steps", "sensitivity")
@@ -165,6 +166,9 @@ class SiteRoundRow:
     diagnostics_seconds: float | None = None  # of `seconds`, the site's diagnostics work (health, summary)
     started_at: float | None = None  # the site's wall clock around its handler (round-overhead benchmark)
     ended_at: float | None = None
+    # Robust aggregation's view of the update: Krum's score (Σ squared distances to its nearest updates), or the
+    # share of its values the trimmed mean / median kept; None under plain FedAvg.
+    aggregation_score: float | None = None
 
 
 @dataclass

@@ -99,7 +99,9 @@ def main(grid: Grid, context: Context) -> None:
         strategy = DebugFedAvg(writer=writer, min_sites=cfg.server.min_sites, fraction_train=cfg.server.fraction_train,
                                timeout=cfg.server.round_timeout, central_eval=make_central_eval(cfg, model, tokenizer),
                                loss_clip=cfg.dp.loss_clip, checkpoints=checkpoints,
-                               max_update_norm=cfg.server.max_update_norm, wait_for_sites=cfg.server.wait_for_sites)
+                               max_update_norm=cfg.server.max_update_norm, wait_for_sites=cfg.server.wait_for_sites,
+                               aggregation=cfg.server.aggregation, trim_fraction=cfg.server.trim_fraction,
+                               byzantine=cfg.server.byzantine)
         initial, start = trainable_state(model), 1
         if resumed is not None:
             last, state = resumed

@@ -13,6 +13,7 @@ import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from common import diagnostics, records
 from common.checkpoints import Checkpoints
@@ -39,6 +40,41 @@ def weighted_average(updates: list[tuple[Arrays, int]]) -> Arrays:
             acc += arrays[key].astype(np.float64) * (n / total)
         out[key] = acc.astype(np.float32)
     return out
+
+
+def robust_aggregate(updates: dict[str, tuple[Arrays, int]], method: str, *, trim_fraction: float = 0.2,
+                     byzantine: int = 1) -> tuple[Arrays, dict[str, float]]:
+    """Aggregate with a rule that bounds what a few bad updates can do; returns (weights, site -> score).
+
+    median / trimmed-mean (Flower's FedMedian / FedTrimmedAvg rule, coordinate-wise, unweighted): the score is the
+    share of a site's values the rule kept. krum (Multi-Krum, as Flower's MultiKrum): each site's score is the sum of
+    squared distances to its n − f − 2 nearest updates; the n − f best are averaged by examples. FedAvg: no scores.
+    """
+    sites = list(updates)
+    if method == "fedavg" or len(sites) < 3:
+        return weighted_average(list(updates.values())), {}
+    if method == "krum":
+        flat = np.stack([np.concatenate([a.astype(np.float64).ravel() for a in updates[s][0].values()])
+                         for s in sites])
+        sq = np.square(flat).sum(axis=1)
+        dist = np.maximum(sq[:, None] + sq[None, :] - 2 * flat @ flat.T, 0.0)
+        near = max(1, len(sites) - byzantine - 2)
+        scores = {s: float(np.sort(dist[i])[1:near + 1].sum()) for i, s in enumerate(sites)}
+        keep = sorted(sites, key=scores.get)[:max(1, len(sites) - byzantine)]
+        return weighted_average([updates[s] for s in keep]), scores
+    n = len(sites)
+    cut = (n - 1) // 2 if method == "median" else int(trim_fraction * n)
+    out: Arrays = OrderedDict()
+    kept = np.zeros(n)
+    total = 0
+    for key in updates[sites[0]][0]:
+        stacked = np.stack([updates[s][0][key].astype(np.float64) for s in sites])
+        out[key] = (np.median(stacked, axis=0) if method == "median" else trim_mean(stacked, trim_fraction)
+                    ).astype(np.float32)
+        rank = np.argsort(np.argsort(stacked, axis=0, kind="stable"), axis=0)
+        kept += ((rank >= cut) & (rank < n - cut)).reshape(n, -1).sum(axis=1)
+        total += stacked[0].size
+    return out, {s: float(kept[i] / total) for i, s in enumerate(sites)}
 
 
 def check_update(arrays: Arrays, reference: Arrays) -> str:
@@ -78,7 +114,8 @@ class DebugFedAvg(FedAvg):
     def __init__(self, *, writer: RunWriter, min_sites: int, fraction_train: float, timeout: float,
                  central_eval: CentralEval | None = None, poll_interval: float = 0.05, loss_clip: float = 3.0,
                  checkpoints: Checkpoints | None = None, max_update_norm: float = 0.0,
-                 wait_for_sites: float = 600.0) -> None:
+                 wait_for_sites: float = 600.0, aggregation: str = "fedavg", trim_fraction: float = 0.2,
+                 byzantine: int = 1) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_sites,
                          min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
         self.writer = writer
@@ -89,6 +126,7 @@ class DebugFedAvg(FedAvg):
         self.known: set[str] = set()  # site names already in the store
         self.declared: dict[str, int] = {}  # site -> train examples it declared when it joined (caps its weight)
         self.max_update_norm = max_update_norm
+        self.aggregation, self.trim_fraction, self.byzantine = aggregation, trim_fraction, byzantine
         self.wait_for_sites = wait_for_sites
         self.loss_clip = loss_clip
         self.checkpoints = checkpoints
@@ -208,7 +246,11 @@ class DebugFedAvg(FedAvg):
             rec.metrics["train_wall"] = time.time() - t0
             updates = self._collect_train(replies, arrays, rec)
             if updates:
-                arrays = weighted_average(list(updates.values()))
+                arrays, scores = robust_aggregate(updates, self.aggregation, trim_fraction=self.trim_fraction,
+                                                  byzantine=self.byzantine)
+                for row in rec.sites:
+                    if row.phase == "train" and row.site in scores:
+                        row.aggregation_score = scores[row.site]
             else:
                 # Nothing to aggregate: keep the previous global model and say so.
                 rec.events.append(Event("round-skipped", f"round {rnd}: no site returned usable weights; "

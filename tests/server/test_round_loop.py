@@ -176,3 +176,20 @@ def test_too_few_sites_is_an_event_then_a_failure_with_the_reason(tmp_path):
     events = load_run(tmp_path / "s.db", "r")["events"]
     assert [e["message"] for e in events if e["kind"] == "waiting-for-sites"] == [
         "waiting for sites: 1 connected, server.min-sites = 3"]
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed-mean", "krum"])
+def test_robust_rules_bound_a_scaled_update_and_score_every_site(method):
+    from server.strategy import robust_aggregate
+
+    honest = {f"s{i}": (OrderedDict(w=np.full((2, 2), 1.0 + 0.01 * i, np.float32)), 10) for i in range(4)}
+    hostile = {**honest, "x": (OrderedDict(w=np.full((2, 2), 1e6, np.float32)), 10)}
+    out, scores = robust_aggregate(hostile, method, trim_fraction=0.2, byzantine=1)
+    assert np.all(np.abs(out["w"] - 1.0) < 0.05)  # FedAvg would give ~2e5
+    assert set(scores) == set(hostile)
+    if method == "krum":
+        assert scores["x"] > 1e10 > max(v for s, v in scores.items() if s != "x")
+    else:
+        assert scores["x"] == 0.0 and max(scores.values()) == 1.0  # the outlier's values are never kept
+    fedavg, none = robust_aggregate(hostile, "fedavg")
+    assert none == {} and fedavg["w"][0, 0] > 1e5
