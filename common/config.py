@@ -151,6 +151,8 @@ class ServerConfig:
     aggregation: str
     trim_fraction: float
     byzantine: int
+    exclude: tuple[str, ...]
+    weights: str
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,8 @@ class SimulationConfig:
 class StoreConfig:
     path: str
     run_id: str
+    replay_from: str
+    replay_round: int
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,24 @@ class AppConfig:
         if problems:
             raise ValueError("invalid fedlens config:\n  - " + "\n  - ".join(problems))
         return cfg
+
+    def site_weights(self) -> dict[str, float]:
+        """server.weights "site-a=0.5,site-b=0" -> {site: multiplier of its example count in the average}.
+
+        Raises:
+            ValueError: an entry that is not site=number with a number in [0, 1].
+        """
+        out = {}
+        for item in filter(None, (x.strip() for x in self.server.weights.split(","))):
+            site, _, value = item.partition("=")
+            try:
+                w = float(value)
+            except ValueError:
+                w = -1.0
+            if not site.strip() or not 0.0 <= w <= 1.0:
+                raise ValueError(f"server.weights entries must be site=weight with a weight in [0, 1], got {item!r}")
+            out[site.strip()] = w
+        return out
 
     def problems(self) -> list[str]:
         """Every problem with this config, each naming key, value and the allowed range."""
@@ -300,6 +322,14 @@ class AppConfig:
               'one of "fedavg", "median", "trimmed-mean", "krum"')
         num("server.trim-fraction", s.trim_fraction, 0.0, 0.49)
         num("server.byzantine", s.byzantine, 0, 10_000, integer=True)
+        try:
+            self.site_weights()
+        except ValueError as e:
+            p.append(str(e))
+        num("store.replay-round", self.store.replay_round, 0, 10_000, integer=True)
+        if self.store.replay_from and self.store.replay_round >= self.num_server_rounds:
+            p.append(f"store.replay-round must be below num-server-rounds ({self.num_server_rounds}) to train at all, "
+                     f"got {self.store.replay_round}")
         check(s.central_eval in ("", "drugreview-test"), "server.central-eval", s.central_eval,
               'one of "", "drugreview-test"')
         num("simulation.num-sites", self.simulation.num_sites, 1, 100_000, integer=True)

@@ -28,7 +28,9 @@ CREATE TABLE IF NOT EXISTS runs (
     model TEXT NOT NULL,
     config_json TEXT NOT NULL,
     model_path TEXT,
-    error TEXT
+    error TEXT,
+    parent_run TEXT,
+    parent_round INTEGER
 );
 CREATE TABLE IF NOT EXISTS sites (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -126,7 +128,7 @@ ADDED_COLUMNS = {"site_rounds": ("epsilon_training REAL", "epsilon_diagnostics R
                                  "summary_json TEXT", "diagnostics_seconds REAL", "started_at REAL",
                                  "ended_at REAL", "aggregation_score REAL"),
                  "rounds": ("train_wall REAL", "evaluate_wall REAL", "diagnostics_seconds REAL"),
-                 "findings": ("confidence REAL",)}
+                 "findings": ("confidence REAL",), "runs": ("parent_run TEXT", "parent_round INTEGER")}
 LEDGER_COLUMNS = ("site", "round", "kind", "mechanism", "noise_multiplier", "sample_rate", "steps", "sensitivity")
 ROUND_METRICS = ("accuracy", "macro_f1", "loss", "train_loss", "test_accuracy", "test_macro_f1", "test_loss",
                  "test_max_prediction_share",
@@ -249,12 +251,15 @@ class RunWriter:
                         self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {col}")
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
-    def start(self, *, scenario: str, rounds_planned: int, model: str, config: dict[str, Any]) -> None:
+    def start(self, *, scenario: str, rounds_planned: int, model: str, config: dict[str, Any],
+              parent: tuple[str, int] | None = None) -> None:
+        """A new run; `parent` = (run, round) when it replays another run from that round's checkpoint."""
         with self.conn:
             self.conn.execute(
-                "INSERT INTO runs (run_id, scenario, status, started_at, rounds_planned, model, config_json) "
-                "VALUES (?, ?, 'running', ?, ?, ?, ?)",
-                (self.run_id, scenario, time.time(), rounds_planned, model, json.dumps(config, sort_keys=True)))
+                "INSERT INTO runs (run_id, scenario, status, started_at, rounds_planned, model, config_json, "
+                "parent_run, parent_round) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                (self.run_id, scenario, time.time(), rounds_planned, model, json.dumps(config, sort_keys=True),
+                 *(parent or (None, None))))
 
     def prior(self) -> dict[str, Any] | None:
         """This run as the store has it (status, config, last completed round, sites), or None if it is new."""
@@ -341,8 +346,10 @@ def list_runs(path: str | Path) -> list[dict[str, Any]]:
     try:
         if not _has_schema(conn):
             return []
-        return _rows(conn, """
-            SELECT r.run_id, r.scenario, r.status, r.started_at, r.finished_at, r.rounds_planned, r.model,
+        parent = ("r.parent_run, r.parent_round" if "parent_run" in _columns(conn, "runs")
+                  else "NULL AS parent_run, NULL AS parent_round")
+        return _rows(conn, f"""
+            SELECT r.run_id, r.scenario, r.status, r.started_at, r.finished_at, r.rounds_planned, r.model, {parent},
                    (SELECT COUNT(*) FROM rounds x WHERE x.run_id = r.run_id) AS rounds_completed,
                    (SELECT COUNT(*) FROM sites s WHERE s.run_id = r.run_id) AS sites
             FROM runs r ORDER BY r.started_at DESC""")

@@ -3,6 +3,7 @@
 Run as:  fedlens simulate --scenario simulations/smoke.toml
          fedlens report --json
          fedlens whatif --round 3 --exclude site-2
+         fedlens replay --round 2 --exclude site-2
          fedlens bench --only dp_overhead,bytes_per_round --json
          fedlens bench diagnosis --suite simulations/faults --json
          fedlens dashboard --port 8501
@@ -67,6 +68,10 @@ def simulate(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e), 2)
 
+    _simulate_and_report(config, cfg, ray_address)
+
+
+def _simulate_and_report(config: dict, cfg, ray_address: str) -> None:  # noqa: ANN001
     store_path = Path(cfg.store.path)
     typer.echo(f"run {cfg.store.run_id}: {cfg.simulation.num_sites} sites, {cfg.num_server_rounds} rounds -> "
                f"{store_path}", err=True)
@@ -184,6 +189,38 @@ def whatif(
     for k in ("accuracy", "macro_f1", "loss"):
         typer.echo(f"  test {k:<9} actual {out['actual'][k]:.4f}   without {out['without'][k]:.4f}   "
                    f"change {out['change'].get(k, float('nan')):+.4f}")
+
+
+@app.command()
+def replay(
+    round_: Annotated[int, typer.Option("--round", help="start from this round's checkpoint of the run")],
+    exclude: Annotated[str, typer.Option(help="comma-separated sites not asked to train in the replay")] = "",
+    weight: Annotated[list[str] | None, typer.Option(help="down-weight a site: site=0.5 (repeatable)")] = None,
+    store: Annotated[Path, typer.Option(help="run store file")] = Path(DEFAULT_STORE),
+    run: Annotated[str | None, typer.Option(help="the run to replay (default: the newest run)")] = None,
+    ray_address: Annotated[str, typer.Option(help="connect to an existing Ray cluster")] = "",
+) -> None:
+    """Fix & replay (simulation): a new run from a round's checkpoint with sites excluded or down-weighted,
+    linked to the original so the Runs page compares them. Deployments: flwr run with store.replay-from."""
+    import uuid
+
+    from common.config import AppConfig
+    from common.run_store import load_run
+
+    try:
+        original = load_run(store, run)
+        config = dict(original["config"])
+        config.update({"store.path": str(store), "store.replay-from": original["run_id"],
+                       "store.replay-round": round_, "server.exclude": exclude,
+                       "server.weights": ",".join(weight or []),
+                       "store.run-id": f"{original['run_id']}-replay-r{round_}-{uuid.uuid4().hex[:4]}"})
+        cfg = AppConfig.from_run_config(config)
+    except (LookupError, FileNotFoundError, ValueError) as e:
+        _fail(str(e), 2)
+    if exclude and not set(cfg.server.exclude) <= {s["site"] for s in original["sites"]}:
+        _fail(f"--exclude {exclude}: unknown site(s); the run has {', '.join(s['site'] for s in original['sites'])}",
+              2)
+    _simulate_and_report(config, cfg, ray_address)
 
 
 @app.command()

@@ -10,7 +10,9 @@ from typing import Any
 from common.run_store import load_run, load_summaries
 
 LEDGER_KEYS = ("round", "kind", "mechanism", "noise_multiplier", "sample_rate", "steps", "sensitivity")
-SCHEMA_VERSION = 2  # 2: per-site ledger, epsilon_training / epsilon_diagnostics, summary
+# 2: per-site ledger, epsilon_training / epsilon_diagnostics, summary; 3: findings as site, kind, round, severity,
+# confidence, evidence (and renamed kinds)
+SCHEMA_VERSION = 3
 
 
 def _clean(v: Any) -> Any:
@@ -98,7 +100,8 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
         "events": [{k: e[k] for k in ("round", "site", "kind", "message")} for e in run["events"]],
         # The issue's contract: site, kind, round, severity, confidence and the evidence sentence.
         "findings": [{"site": f["site"], "kind": f["kind"], "round": f["round"], "severity": f["severity"],
-                      "confidence": f["confidence"], "evidence": f["message"]} for f in run["findings"]],
+                      "confidence": f["confidence"], "evidence": f["message"],
+                      "message": f["message"]} for f in run["findings"]],  # message: schema 2's name, kept
         "model_path": run["model_path"],
     }
 

@@ -88,9 +88,10 @@ def main(grid: Grid, context: Context) -> None:
     writer = RunWriter(cfg.store.path, run_id)
     checkpoints = Checkpoints(cfg.store.path, run_id, keep=cfg.server.keep_rounds)
     resumed = resume_point(cfg, writer, checkpoints)
+    parent = (cfg.store.replay_from, cfg.store.replay_round) if cfg.store.replay_from else None
     if resumed is None:
         writer.start(scenario=cfg.scenario, rounds_planned=cfg.num_server_rounds, model=model_description(cfg),
-                     config=cfg.raw)
+                     config=cfg.raw, parent=parent)
         writer.record_faults([(f.site, f.kind, f.params) for f in parse_faults(cfg.faults)])
     log.info("fedlens run %s -> %s", run_id, Path(cfg.store.path).resolve())
     try:
@@ -101,14 +102,18 @@ def main(grid: Grid, context: Context) -> None:
                                loss_clip=cfg.dp.loss_clip, checkpoints=checkpoints,
                                max_update_norm=cfg.server.max_update_norm, wait_for_sites=cfg.server.wait_for_sites,
                                aggregation=cfg.server.aggregation, trim_fraction=cfg.server.trim_fraction,
-                               byzantine=cfg.server.byzantine)
+                               byzantine=cfg.server.byzantine, exclude=cfg.server.exclude,
+                               weights=cfg.site_weights())
         initial, start = trainable_state(model), 1
-        if resumed is not None:
-            last, state = resumed
-            kept, _ = checkpoints.load(last)
+        if resumed is not None or parent is not None:
+            # Resume this run after its last completed round, or replay another from its round R checkpoint.
+            source = checkpoints if resumed is not None else Checkpoints(cfg.store.path, parent[0], keep=1)
+            last = resumed[0] if resumed is not None else parent[1]
+            kept, _ = source.load(last)
             # safetensors stores keys sorted; the sites and the update checks expect the model's own order.
             initial = type(initial)((k, kept[k]) for k in initial)
-            strategy.restore(writer.prior()["sites"], state.get("thresholds"))
+            state = source.state(last)
+            strategy.restore(writer.prior()["sites"] if resumed is not None else [], state.get("thresholds"))
             start = last + 1
         final = strategy.run(grid, initial, cfg.num_server_rounds, start_round=start)
         model_path = None

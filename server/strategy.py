@@ -115,7 +115,7 @@ class DebugFedAvg(FedAvg):
                  central_eval: CentralEval | None = None, poll_interval: float = 0.05, loss_clip: float = 3.0,
                  checkpoints: Checkpoints | None = None, max_update_norm: float = 0.0,
                  wait_for_sites: float = 600.0, aggregation: str = "fedavg", trim_fraction: float = 0.2,
-                 byzantine: int = 1) -> None:
+                 byzantine: int = 1, exclude: tuple[str, ...] = (), weights: dict[str, float] | None = None) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_sites,
                          min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
         self.writer = writer
@@ -127,6 +127,8 @@ class DebugFedAvg(FedAvg):
         self.declared: dict[str, int] = {}  # site -> train examples it declared when it joined (caps its weight)
         self.max_update_norm = max_update_norm
         self.aggregation, self.trim_fraction, self.byzantine = aggregation, trim_fraction, byzantine
+        # The engineer's fix: sites not asked to train, and multipliers on the others' example counts.
+        self.exclude, self.weights = set(exclude), weights or {}
         self.wait_for_sites = wait_for_sites
         self.loss_clip = loss_clip
         self.checkpoints = checkpoints
@@ -214,7 +216,7 @@ class DebugFedAvg(FedAvg):
                                                    f"{info.n_val} validation examples", info.name))
 
     def _sample(self, grid: Grid) -> list[int]:
-        node_ids = self._wait_for_sites(grid)
+        node_ids = [n for n in self._wait_for_sites(grid) if self.site_of.get(n) not in self.exclude]
         k = max(int(len(node_ids) * self.fraction_train), self.min_train_nodes)
         if k >= len(node_ids):
             return node_ids
@@ -333,7 +335,9 @@ class DebugFedAvg(FedAvg):
                     rec.events.append(Event("update-rejected", f"{tr.site.name}: {problem}", tr.site.name))
                 else:
                     row.update_norm = norm
-                    updates[tr.site.name] = (tr.arrays, tr.num_examples)
+                    weight = self.weights.get(tr.site.name, 1.0)
+                    if weight > 0:
+                        updates[tr.site.name] = (tr.arrays, tr.num_examples * weight)
             rec.sites.append(row)
         return updates
 

@@ -13,8 +13,11 @@ if runs.empty:
     st.stop()
 shown = runs.assign(status=runs["status"].map({"running": "live"}).fillna(runs["status"]),
                     rounds=runs["rounds_completed"].astype(str) + " / " + runs["rounds_planned"].astype(str))
-st.dataframe(shown[["run_id", "status", "scenario", "model", "sites", "rounds", "started"]], hide_index=True,
-             width="stretch")
+# A fix & replay run names the run and round it started from (fedlens replay).
+shown["replay of"] = [f"{p} after round {int(r)}" if isinstance(p, str) and p else ""
+                      for p, r in zip(shown["parent_run"], shown["parent_round"].fillna(0), strict=True)]
+st.dataframe(shown[["run_id", "status", "scenario", "model", "sites", "rounds", "replay of", "started"]],
+             hide_index=True, width="stretch")
 
 st.subheader("Compare runs")
 picked = st.multiselect("Two runs to compare", list(runs["run_id"]), max_selections=2, key="compare")

@@ -64,7 +64,7 @@ def test_smoke_run_report(smoke_store):
         assert rep["global"][key] is not None and rep["test"][key] is not None
     # Findings the tiny model may earn (DP noise dominating, collapse); never a site failure in a clean run.
     assert {f["kind"] for f in rep["findings"]} <= {"dp_noise_dominates", "majority_collapse"}
-    assert rep["schema_version"] == 2 and 0 < rep["diagnostics_share"] < 1
+    assert rep["schema_version"] == 3 and 0 < rep["diagnostics_share"] < 1
     for s in rep["sites"]:
         # The ledger: one DP-SGD segment and one released summary per round, as the site spent them.
         assert [(e["round"], e["kind"]) for e in s["ledger"]] == [(1, "dpsgd"), (1, "summary"),
@@ -102,3 +102,26 @@ def test_dashboard_renders_the_real_run(smoke_store, monkeypatch):
     assert not at.exception, at.exception
     assert {m.label for m in at.metric} >= {"Test accuracy", "Test macro-F1", "Test loss"}
     assert "Round 2 without **site-0**: 2 site(s)" in " ".join(str(m.value) for m in at.markdown)
+
+
+def test_fix_and_replay_starts_from_a_checkpoint_without_the_excluded_site(smoke_store):
+    # Last in this file: it adds a run to the smoke store, which the tests above read as "the newest run".
+    from common.run_store import list_runs, load_run
+
+    original = load_run(smoke_store)["run_id"]
+    proc = subprocess.run([sys.executable, "-m", "fedlens.cli", "replay", "--store", str(smoke_store), "--run",
+                           original, "--round", "1", "--exclude", "site-0"], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    replayed = load_run(smoke_store)
+    assert replayed["run_id"].startswith(f"{original}-replay-r1-") and replayed["status"] == "completed"
+    assert [r["round"] for r in replayed["rounds"]] == [2]  # rounds 1..R come from the original's checkpoint
+    train = {r["site"] for r in replayed["site_rounds"] if r["phase"] == "train"}
+    evaluated = {r["site"] for r in replayed["site_rounds"] if r["phase"] == "evaluate" and r["status"] == "ok"}
+    assert train == {"site-1", "site-2"} and evaluated == {"site-0", "site-1", "site-2"}
+    import sqlite3
+
+    conn = sqlite3.connect(smoke_store)
+    assert conn.execute("SELECT parent_run, parent_round FROM runs WHERE run_id = ?",
+                        (replayed["run_id"],)).fetchone() == (original, 1)
+    assert len(list_runs(smoke_store)) == 2
