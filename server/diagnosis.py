@@ -112,7 +112,7 @@ class Diagnosis:
                 f = self._labels(site, ev, {s: e for s, e in labelled.items() if s != site}, round_)
                 if f is not None:
                     out[(site, f.kind)] = f
-        lossy = {s: e for s, e in self.sites.items() if e.loss_rounds}
+        lossy = {s: e for s, e in self.sites.items() if e.loss_rounds >= 2}  # one round is too noisy to call
         if len(lossy) >= MIN_SITES:
             for site, ev in lossy.items():
                 if any((site, kind) in out for kind in ("label_noise", "label_flip", "class_missing")):
@@ -148,8 +148,13 @@ class Diagnosis:
         n = float(ev.n_train)
         m = ev.label_mean()
         e = n * p
-        # Per-cell spread of an honest site: multinomial sampling of n examples, plus the release noise (its mean).
-        var = n * p * (1 - p) + ev.label_var / ev.label_rounds
+        # Per-cell spread of an honest site: at least multinomial sampling of n examples plus the release noise
+        # (its mean over rounds); more where the other sites' shares spread more (label skew between sites, as in
+        # natural or Dirichlet partitions, is not a fault). × (1 + 1/m): the reference is itself estimated from m
+        # noisy sites.
+        theory = n * p * (1 - p) + ev.label_var / ev.label_rounds
+        spread = (1.4826 * np.median(np.abs(each - np.median(each, axis=0)), axis=0)) ** 2 * n ** 2
+        var = np.maximum(theory, spread) * (1 + 1 / len(others))
         z = (e - m) / np.sqrt(var)
         share = lambda v: f"{v / n:.0%}"  # noqa: E731
         absent = [c for c in range(k) if p[c] >= MIN_SHARE and z[c] >= Z_LABELS and m[c] <= 0.25 * e[c]]
@@ -201,7 +206,9 @@ class Diagnosis:
         spread = statistics.median(abs(v - typical) for v in others) * 1.4826 if len(others) >= 3 else 0.0
         mine = ev.loss_mean()
         sd = math.sqrt(ev.loss_var_sum) / ev.loss_rounds
-        z = (mine - typical) / math.sqrt(sd ** 2 + spread ** 2) if sd > 0 or spread > 0 else 0.0
+        # The others' spread (their domains differ too), at least this site's own noise, and the reference's error.
+        scale = math.sqrt(max(spread ** 2, sd ** 2) + sd ** 2) * math.sqrt(1 + 1 / len(others))
+        z = (mine - typical) / scale if scale > 0 else 0.0
         if mine - typical >= MIN_LOSS_EXCESS and z >= Z_ALARM:
             return Finding(
                 "data_shift", "warning",

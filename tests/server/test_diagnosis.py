@@ -63,7 +63,7 @@ def test_each_label_fault_is_found_at_its_site_with_its_cause(kind):
 
 
 def test_a_flip_is_told_from_a_missing_class_by_where_the_mass_went():
-    found = _run({"site-0": "label_flip", "site-4": "class_missing"}, n=96)
+    found = _run({"site-0": "label_flip", "site-4": "class_missing"}, n=150)
     assert set(found) == {("site-0", "label_flip"), ("site-4", "class_missing")}
     assert "positive looks relabelled as negative" in found[("site-0", "label_flip")][1].message
 
