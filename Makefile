@@ -17,7 +17,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: bench install demo simulate dashboard test test-fast test-deploy smoke lint clean
+.PHONY: bench bench-diagnosis install demo simulate dashboard test test-fast test-deploy smoke lint clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,9 @@ test-deploy: install  ## real SuperLink + SuperNodes over TLS on loopback: fault
 
 bench: install  ## the performance figures of docs/PERFORMANCE.md (~20 min on 2 cores)
 	$(BIN)/fedlens bench
+
+bench-diagnosis: install  ## the fault suite of simulations/faults/ scored against its ground truth (~6 min)
+	$(BIN)/fedlens bench diagnosis
 
 smoke: install
 	$(BIN)/fedlens simulate --scenario simulations/smoke.toml --store $(STORE)

@@ -193,3 +193,17 @@ def test_robust_rules_bound_a_scaled_update_and_score_every_site(method):
         assert scores["x"] == 0.0 and max(scores.values()) == 1.0  # the outlier's values are never kept
     fedavg, none = robust_aggregate(hostile, "fedavg")
     assert none == {} and fedavg["w"][0, 0] > 1e5
+
+
+def test_excluded_sites_are_not_asked_to_train_and_weights_scale_the_average(tmp_path):
+    writer = RunWriter(tmp_path / "s.db", "r")
+    writer.start(scenario="t", rounds_planned=1, model="m", config={})
+    behaviour = {1: site("a", arrays=OrderedDict(w=np.full((2, 2), 4.0, np.float32))),
+                 2: site("b", arrays=OrderedDict(w=np.full((2, 2), 1.0, np.float32))),
+                 3: site("c", arrays=OrderedDict(w=np.full((2, 2), 100.0, np.float32)))}
+    final = DebugFedAvg(writer=writer, min_sites=2, fraction_train=1.0, timeout=0.5, exclude=("c",),
+                        weights={"a": 0.5}).run(FakeGrid(behaviour), GLOBAL, 1)
+    np.testing.assert_allclose(final["w"], np.full((2, 2), (4.0 * 5 + 1.0 * 10) / 15, np.float32))
+    rows = load_run(tmp_path / "s.db", "r")["site_rounds"]
+    assert {r["site"] for r in rows if r["phase"] == "train"} == {"a", "b"}
+    assert {r["site"] for r in rows if r["phase"] == "evaluate"} == {"a", "b", "c"}  # c is still evaluated
