@@ -23,6 +23,10 @@ ZERO_NORM = 1e-6  # × median update norm: the site sent back what it received
 NORM_OUTLIER = 5.0  # × median update norm
 STRAGGLER = 3.0  # × median training seconds (and at least STRAGGLER_MIN_S more)
 STRAGGLER_MIN_S = 5.0
+# Trends of the global model over rounds (run-level).
+TREND_ROUNDS = 3  # rounds a trend must span
+UNDERFIT_DROP = 0.02  # the sites' training loss fell by less than this share since round 1: not learning
+OVERFIT_RISE = 0.05  # server test loss this share above its best while the sites' training loss keeps falling
 
 
 def current(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
@@ -102,6 +106,34 @@ def _cross_site(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
     return out
 
 
+def trends(history: list[dict[str, float | None]], round_: int) -> dict[tuple[str | None, str], Finding]:
+    """Run-level findings from the global curves so far (history: each round's metrics, oldest first)."""
+    out: dict[tuple[str | None, str], Finding] = {}
+    if len(history) < TREND_ROUNDS:
+        return out
+    train = [m.get("train_loss") for m in history]
+    test = [m.get("test_loss") for m in history]
+    if all(v is not None for v in train[-TREND_ROUNDS:]) and train[0] is not None and train[0] > 0:
+        drop = (train[0] - train[-1]) / train[0]
+        if drop < UNDERFIT_DROP:
+            out[(None, "underfitting")] = Finding(
+                "underfitting", "warning", f"the sites' training loss went from {train[0]:.3f} in round 1 to "
+                f"{train[-1]:.3f} in round {round_} ({drop:+.1%}): the model is not learning the sites' data (too "
+                "much DP noise per step, too low a learning rate, or too few trainable values)", None, confidence=0.8)
+    recent = test[-TREND_ROUNDS:]
+    if all(v is not None for v in recent) and all(v is not None for v in train[-TREND_ROUNDS:]):
+        best = min(v for v in test if v is not None)
+        rising = all(b > a for a, b in zip(recent, recent[1:], strict=False))
+        falling = train[-1] < train[-TREND_ROUNDS]
+        if rising and falling and recent[-1] >= best * (1 + OVERFIT_RISE):
+            out[(None, "global_overfitting")] = Finding(
+                "global_overfitting", "warning", f"the server's test loss rose for {TREND_ROUNDS - 1} rounds to "
+                f"{recent[-1]:.3f} (best {best:.3f}) while the sites' training loss fell to {train[-1]:.3f}: the "
+                "global model is overfitting the sites; an earlier round's checkpoint generalises better", None,
+                confidence=0.8)
+    return out
+
+
 class FindingsTracker:
     """Remembers which findings are open, so each is recorded when it appears (or reappears), not every round; the
     statistical diagnosis (server/diagnosis.py) accumulates its evidence over the rounds here."""
@@ -109,10 +141,12 @@ class FindingsTracker:
     def __init__(self, diagnosis: Diagnosis | None = None) -> None:
         self.open: set[tuple[str | None, str]] = set()
         self.diagnosis = diagnosis or Diagnosis()
+        self.history: list[dict[str, float | None]] = []
 
     def update(self, rec: RoundRecord) -> list[Finding]:
         self.diagnosis.add(rec)
-        now = {**self.diagnosis.findings(rec.round), **current(rec)}
+        self.history.append(dict(rec.metrics))
+        now = {**self.diagnosis.findings(rec.round), **trends(self.history, rec.round), **current(rec)}
         new = [f for key, f in now.items() if key not in self.open]
         self.open = set(now)
         return new

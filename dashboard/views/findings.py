@@ -11,7 +11,8 @@ EVIDENCE = {"site-failed": "views/sites.py", "budget_exhausted": "views/privacy.
             "dp_noise_dominates": "views/privacy.py", "majority_collapse": "views/overview.py",
             "update-rejected": "views/sites.py", "free_rider": "views/sites.py", "divergence": "views/sites.py",
             "dropout": "views/sites.py", "label_noise": "views/errors.py", "label_flip": "views/errors.py",
-            "class_missing": "views/errors.py", "data_shift": "views/errors.py", "overfitting": "views/sites.py"}
+            "class_missing": "views/errors.py", "data_shift": "views/errors.py", "overfitting": "views/sites.py",
+            "underfitting": "views/overview.py", "global_overfitting": "views/overview.py"}
 
 
 def body(snap: dict) -> None:

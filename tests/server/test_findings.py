@@ -63,3 +63,19 @@ def test_gross_update_and_timing_departures_name_the_site_and_cause():
             r.started_at, r.ended_at = 100.0, 100.0 + (30.0 if r.site == "s4" else 1.0)
     assert set(current(rec)) == {("s4", "dropout")}
     assert current(_sites([0.0, 5.0])) == {}  # two sites: no median to compare against
+
+
+def test_trends_of_the_global_model_become_run_level_findings():
+    from server.findings import trends
+
+    flat = [{"train_loss": 1.100, "test_loss": 1.0}, {"train_loss": 1.098, "test_loss": 1.0},
+            {"train_loss": 1.095, "test_loss": 1.0}]
+    found = trends(flat, 3)
+    assert set(found) == {(None, "underfitting")} and "from 1.100 in round 1 to 1.095 in round 3" in \
+        found[(None, "underfitting")].message
+    overfit = [{"train_loss": 1.0, "test_loss": 0.80}, {"train_loss": 0.8, "test_loss": 0.82},
+               {"train_loss": 0.6, "test_loss": 0.86}, {"train_loss": 0.4, "test_loss": 0.90}]
+    assert set(trends(overfit, 4)) == {(None, "global_overfitting")}
+    learning = [{"train_loss": 1.0, "test_loss": 0.9}, {"train_loss": 0.9, "test_loss": 0.85},
+                {"train_loss": 0.8, "test_loss": 0.84}]
+    assert trends(learning, 3) == {} and trends(learning[:2], 2) == {}
