@@ -153,6 +153,7 @@ class ServerConfig:
     byzantine: int
     exclude: tuple[str, ...]
     weights: str
+    probe_inputs: int
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,7 @@ class AppConfig:
               'one of "fedavg", "median", "trimmed-mean", "krum"')
         num("server.trim-fraction", s.trim_fraction, 0.0, 0.49)
         num("server.byzantine", s.byzantine, 0, 10_000, integer=True)
+        num("server.probe-inputs", s.probe_inputs, 0, 100_000, integer=True)
         try:
             self.site_weights()
         except ValueError as e:

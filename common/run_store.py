@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS site_rounds (
     diagnostics_seconds REAL,
     started_at REAL, ended_at REAL,
     aggregation_score REAL,
+    probe_json TEXT,
     PRIMARY KEY (run_id, round, site, phase)
 );
 CREATE TABLE IF NOT EXISTS ledger (
@@ -121,12 +122,12 @@ SITE_ROUND_COLUMNS = ("site", "phase", "status", "reason", "num_examples", "epsi
                       "noise_multiplier", "sample_rate", "steps", "seconds", "update_norm", "accuracy", "macro_f1",
                       "loss", "train_loss", "max_prediction_share", "confusion_json", "epsilon_training",
                       "epsilon_diagnostics", "ece", "label_issues", "clip_fraction", "grad_norm", "noise_to_signal",
-                      "summary_json", "diagnostics_seconds", "started_at", "ended_at")
+                      "summary_json", "diagnostics_seconds", "started_at", "ended_at", "aggregation_score", "probe_json")
 # Columns added after schema version 1: an older store gets them (NULL) when a writer opens it.
 ADDED_COLUMNS = {"site_rounds": ("epsilon_training REAL", "epsilon_diagnostics REAL", "ece REAL", "label_issues REAL",
                                  "clip_fraction REAL", "grad_norm REAL", "noise_to_signal REAL",
                                  "summary_json TEXT", "diagnostics_seconds REAL", "started_at REAL",
-                                 "ended_at REAL", "aggregation_score REAL"),
+                                 "ended_at REAL", "aggregation_score REAL", "probe_json TEXT"),
                  "rounds": ("train_wall REAL", "evaluate_wall REAL", "diagnostics_seconds REAL"),
                  "findings": ("confidence REAL",), "runs": ("parent_run TEXT", "parent_round INTEGER")}
 LEDGER_COLUMNS = ("site", "round", "kind", "mechanism", "noise_multiplier", "sample_rate", "steps", "sensitivity")
@@ -171,6 +172,8 @@ class SiteRoundRow:
     # Robust aggregation's view of the update: Krum's score (Σ squared distances to its nearest updates), or the
     # share of its values the trimmed mean / median kept; None under plain FedAvg.
     aggregation_score: float | None = None
+    # The site's local model on the server's public probe texts: its mean predicted class distribution (JSON list).
+    probe_json: str | None = None
 
 
 @dataclass

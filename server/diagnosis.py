@@ -15,7 +15,10 @@ leave-one-out pool so a faulty site does not mask itself):
                  labels replaced by a random other one (e = n·p, u = n/K);
 - first-use training loss (weight-1 block) vs the others' median: data_shift when it is high and the labels are not
   the reason (text drawn from elsewhere, corrupted text, a different domain);
-- the public DP-SGD schedule: overfitting when a site runs many times the median number of local steps per round.
+- the public DP-SGD schedule: overfitting when a site runs many times the median number of local steps per round;
+- each site's local model (its released update) on public texts at the server (FedDebug's idea, no site data and no
+  ε): a model that predicts near-uniformly where the others are confident (label noise), or confidently another
+  class (a flip), when the label histogram did not already name the cause.
 
 Thresholds are a z-score plus an effect size, so that a clean run stays quiet; confidence is Φ(z − 2),
 a heuristic, not a calibrated probability.
@@ -40,6 +43,9 @@ MIN_NOISE_RATE = 0.35  # estimated share of randomised labels below which label 
 MIN_LOSS_EXCESS = 0.15  # mean first-use training loss above the others' median (nats) for a data shift
 STEPS_OUTLIER = 4.0  # × the median local DP steps per round
 MIN_SITES = 3
+PROBE_TV = 0.3  # total-variation distance of a site model's predictions on public texts from the others' median
+PROBE_MIN_MAD = 0.03  # floor on the others' spread of that distance (a few sites can agree by chance)
+PROBE_UNIFORM = 0.93  # normalised entropy of predictions above which a model "predicts almost evenly"
 
 
 def _phi(z: float) -> float:
@@ -62,6 +68,8 @@ class SiteEvidence:
     loss_rounds: int = 0
     loss_var_sum: float = 0.0  # Σ over rounds of that mean's noise variance
     steps: list[int] = field(default_factory=list)
+    probe: np.ndarray | None = None  # Σ over rounds of its local model's mean predicted distribution on public texts
+    probe_rounds: int = 0
 
     def label_mean(self) -> np.ndarray:
         return self.labels / self.label_rounds
@@ -87,6 +95,10 @@ class Diagnosis:
             if row.phase == "train" and row.status == "ok" and row.steps:
                 ev.steps.append(int(row.steps))
                 ev.n_train = int(row.num_examples or ev.n_train)
+            if row.phase == "train" and row.probe_json:
+                v = np.asarray(json.loads(row.probe_json), dtype=np.float64)
+                ev.probe = v if ev.probe is None else ev.probe + v
+                ev.probe_rounds += 1
             if row.phase != "evaluate" or row.status != "ok" or not row.summary_json:
                 continue
             summary = json.loads(row.summary_json)
@@ -110,6 +122,15 @@ class Diagnosis:
         if len(labelled) >= MIN_SITES:
             for site, ev in labelled.items():
                 f = self._labels(site, ev, {s: e for s, e in labelled.items() if s != site}, round_)
+                if f is not None:
+                    out[(site, f.kind)] = f
+        probed = {s: e.probe / e.probe_rounds for s, e in self.sites.items() if e.probe_rounds}
+        if len(probed) >= MIN_SITES:
+            for site, v in probed.items():
+                if any(key[0] == site for key in out):
+                    continue  # the labels already name the cause; the probe adds nothing new
+                f = self._probe(site, v, {s: w for s, w in probed.items() if s != site},
+                                self.sites[site].probe_rounds)
                 if f is not None:
                     out[(site, f.kind)] = f
         lossy = {s: e for s, e in self.sites.items() if e.loss_rounds >= 2}  # one round is too noisy to call
@@ -199,6 +220,38 @@ class Diagnosis:
                 f"{site}'s training labels are spread toward uniform ({', '.join(share(v) for v in m)} vs the others' "
                 f"{', '.join(f'{v:.0%}' for v in p)}): about {min(rate, 1.0):.0%} of its labels look randomised "
                 f"(z = {zr:.1f}, {ev.label_rounds} noised releases)", site, confidence=confidence(zr))
+        return None
+
+    def _probe(self, site: str, v: np.ndarray, others: dict[str, np.ndarray], rounds: int) -> Finding | None:
+        """How the site's local model behaves on public texts, against the others' (FedDebug's idea: no site data,
+        no ε). Only a shape that names a cause is reported: near-uniform where the others are confident (label
+        noise), or confident in another class than the others (a flip)."""
+        k = len(v)
+        ref = np.median(np.stack(list(others.values())), axis=0)
+        ref = ref / ref.sum()
+        tv = 0.5 * float(np.abs(v - ref).sum())
+        spread = [0.5 * float(np.abs(w - ref).sum()) for w in others.values()]
+        typical = statistics.median(spread)
+        mad = max(PROBE_MIN_MAD, 1.4826 * statistics.median(abs(x - typical) for x in spread))
+        z = (tv - typical) / mad
+        if tv < PROBE_TV or z < Z_ALARM:
+            return None
+        entropy = lambda p: float(-(p * np.log(np.clip(p, 1e-12, 1))).sum() / math.log(k))  # noqa: E731
+        mix = ", ".join(f"{x:.0%}" for x in v)
+        usual = ", ".join(f"{x:.0%}" for x in ref)
+        if entropy(v) >= PROBE_UNIFORM and entropy(ref) <= 0.7:
+            return Finding(
+                "label_noise", "warning",
+                f"{site}'s local model spreads its predictions on public texts almost evenly ({mix}) where the other "
+                f"sites' models are confident ({usual}; distance {tv:.2f}, z = {z:.1f} over {rounds} rounds): it "
+                "learned from labels that carry little signal (noisy labels)", site, confidence=confidence(z))
+        a, b = int(np.argmax(ref)), int(np.argmax(v))
+        if a != b and v[b] >= 0.6:
+            return Finding(
+                "label_flip", "warning",
+                f"{site}'s local model predicts {self._name(b)} for {v[b]:.0%} of public texts where the other sites' "
+                f"models predict {self._name(a)} ({mix} vs {usual}; z = {z:.1f} over {rounds} rounds): its labels "
+                f"look flipped from {self._name(a)} to {self._name(b)}", site, confidence=confidence(z))
         return None
 
     def _loss(self, site: str, ev: SiteEvidence, others: list[float], round_: int) -> Finding | None:

@@ -16,7 +16,7 @@ from common.log import get_logger
 from common.metrics import confusion_matrix, summary_metrics
 from common.model import build_model, load_tokenizer, load_trainable_state, save_final_model, trainable_state
 from common.run_store import Event, RunWriter
-from server.strategy import Arrays, CentralEval, DebugFedAvg
+from server.strategy import Arrays, CentralEval, DebugFedAvg, Probe
 
 app = ServerApp()
 log = get_logger()
@@ -81,6 +81,28 @@ def resume_point(cfg: AppConfig, writer: RunWriter, checkpoints: Checkpoints) ->
     return last, state
 
 
+def make_probe(cfg: AppConfig, model, tokenizer) -> Probe | None:  # noqa: ANN001
+    """Each site's local model on public texts (the first server.probe-inputs reviews of the server's held-out
+    set, text only): its mean predicted class distribution. Post-processing of released weights; no ε."""
+    if not cfg.server.central_eval or cfg.server.probe_inputs <= 0:
+        return None
+    import numpy as np
+
+    from client.data import encode
+    from client.summary import predict
+    from common.datasets import TEXT, load_drugreview
+
+    texts = load_drugreview("test", cfg.data.labels)[TEXT].tolist()[:cfg.server.probe_inputs]
+    data = encode(texts, np.zeros(len(texts), dtype=np.int64), tokenizer, cfg.data.max_length)
+
+    def probe(arrays: Arrays) -> list[float]:
+        load_trainable_state(model, arrays)
+        probs, _ = predict(model, data)
+        return probs.mean(axis=0).tolist()
+
+    return probe
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = AppConfig.from_run_config(dict(context.run_config))
@@ -103,7 +125,7 @@ def main(grid: Grid, context: Context) -> None:
                                max_update_norm=cfg.server.max_update_norm, wait_for_sites=cfg.server.wait_for_sites,
                                aggregation=cfg.server.aggregation, trim_fraction=cfg.server.trim_fraction,
                                byzantine=cfg.server.byzantine, exclude=cfg.server.exclude,
-                               weights=cfg.site_weights())
+                               weights=cfg.site_weights(), probe=make_probe(cfg, model, tokenizer))
         initial, start = trainable_state(model), 1
         if resumed is not None or parent is not None:
             # Resume this run after its last completed round, or replay another from its round R checkpoint.

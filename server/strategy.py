@@ -26,6 +26,7 @@ log = get_logger()
 Arrays = OrderedDict[str, np.ndarray]
 POLL_MIN = 0.005  # seconds between polls for replies right after one arrived (then doubling up to poll_interval)
 CentralEval = Callable[[Arrays], dict[str, float]]
+Probe = Callable[[Arrays], list[float]]  # a local model -> its mean predicted distribution on public texts
 
 
 def weighted_average(updates: list[tuple[Arrays, int]]) -> Arrays:
@@ -115,7 +116,8 @@ class DebugFedAvg(FedAvg):
                  central_eval: CentralEval | None = None, poll_interval: float = 0.05, loss_clip: float = 3.0,
                  checkpoints: Checkpoints | None = None, max_update_norm: float = 0.0,
                  wait_for_sites: float = 600.0, aggregation: str = "fedavg", trim_fraction: float = 0.2,
-                 byzantine: int = 1, exclude: tuple[str, ...] = (), weights: dict[str, float] | None = None) -> None:
+                 byzantine: int = 1, exclude: tuple[str, ...] = (), weights: dict[str, float] | None = None,
+                 probe: Probe | None = None) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_sites,
                          min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
         self.writer = writer
@@ -129,6 +131,7 @@ class DebugFedAvg(FedAvg):
         self.aggregation, self.trim_fraction, self.byzantine = aggregation, trim_fraction, byzantine
         # The engineer's fix: sites not asked to train, and multipliers on the others' example counts.
         self.exclude, self.weights = set(exclude), weights or {}
+        self.probe = probe
         self.wait_for_sites = wait_for_sites
         self.loss_clip = loss_clip
         self.checkpoints = checkpoints
@@ -247,6 +250,15 @@ class DebugFedAvg(FedAvg):
                                      MessageType.TRAIN)
             rec.metrics["train_wall"] = time.time() - t0
             updates = self._collect_train(replies, arrays, rec)
+            if self.probe is not None:
+                # Diagnostics work: each local model on the public probe texts (timed with the rest below).
+                t_probe = time.perf_counter()
+                for row in rec.sites:
+                    if row.phase == "train" and row.site in updates:
+                        row.probe_json = json.dumps([round(v, 4) for v in self.probe(updates[row.site][0])])
+                probe_seconds = time.perf_counter() - t_probe
+            else:
+                probe_seconds = 0.0
             if updates:
                 arrays, scores = robust_aggregate(updates, self.aggregation, trim_fraction=self.trim_fraction,
                                                   byzantine=self.byzantine)
@@ -280,7 +292,7 @@ class DebugFedAvg(FedAvg):
                 self.checkpoints.save(rnd, arrays, updates, {"thresholds": self.thresholds})
             rec.findings = self.findings.update(rec)
             # The server's diagnostics work: deriving every summary, the global view, the findings.
-            rec.metrics["diagnostics_seconds"] = time.perf_counter() - t_diag - central_seconds
+            rec.metrics["diagnostics_seconds"] = time.perf_counter() - t_diag - central_seconds + probe_seconds
             rec.seconds = time.time() - t0
             self.writer.write_round(rec)
             if self.checkpoints is not None:

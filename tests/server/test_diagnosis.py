@@ -77,3 +77,25 @@ def test_a_site_whose_loss_stays_high_with_ordinary_labels_is_a_data_shift():
     found = _run({}, loss={"site-2": 1.6, "site-0": 1.0, "site-1": 1.05, "site-3": 0.95, "site-4": 1.0}, n=300)
     assert set(found) == {("site-2", "data_shift")}
     assert "training loss stays at 1.58 while the other sites' median is 1.01" in found[("site-2", "data_shift")][1].message
+
+
+def _probed(vectors, rounds=2):
+    diag = Diagnosis(class_names=("negative", "neutral", "positive"))
+    for r in range(1, rounds + 1):
+        rec = RoundRecord(round=r, seconds=1.0)
+        for site, v in vectors.items():
+            rec.sites.append(SiteRoundRow(site=site, phase="train", status="ok", num_examples=100, steps=2,
+                                          probe_json=json.dumps(v)))
+        diag.add(rec)
+    return diag.findings(rounds)
+
+
+def test_local_models_on_public_texts_name_noisy_and_flipped_labels():
+    usual = {f"s{i}": [0.02 + 0.01 * i, 0.06, 0.92 - 0.01 * i] for i in range(4)}
+    noisy = _probed({**usual, "x": [0.36, 0.30, 0.34]})
+    assert set(noisy) == {("x", "label_noise")} and "almost evenly (36%, 30%, 34%)" in noisy[("x", "label_noise")].message
+    flipped = _probed({**usual, "x": [0.93, 0.01, 0.06]})
+    assert set(flipped) == {("x", "label_flip")}
+    assert "predicts negative for 93% of public texts where the other sites' models predict positive" in \
+        flipped[("x", "label_flip")].message
+    assert _probed(usual) == {} and _probed({**usual, "x": [0.2, 0.2, 0.6]}) == {}  # a milder model: no claim

@@ -195,6 +195,18 @@ def test_robust_rules_bound_a_scaled_update_and_score_every_site(method):
     assert none == {} and fedavg["w"][0, 0] > 1e5
 
 
+def test_the_round_loop_stores_each_sites_aggregation_score(tmp_path):
+    writer = RunWriter(tmp_path / "s.db", "r")
+    writer.start(scenario="t", rounds_planned=1, model="m", config={})
+    behaviour = {i: site(f"s{i}", arrays=OrderedDict(w=np.full((2, 2), float(i), np.float32))) for i in range(1, 4)}
+    DebugFedAvg(writer=writer, min_sites=2, fraction_train=1.0, timeout=0.5, aggregation="krum").run(
+        FakeGrid(behaviour), GLOBAL, 1)
+    scores = {r["site"]: r["aggregation_score"] for r in load_run(tmp_path / "s.db", "r")["site_rounds"]
+              if r["phase"] == "train"}
+    # Krum with f = 1 of 3: each site's distance to its one nearest update (4 values apart by 1 or 2 per cell).
+    assert scores == {"s1": 4.0, "s2": 4.0, "s3": 4.0}
+
+
 def test_excluded_sites_are_not_asked_to_train_and_weights_scale_the_average(tmp_path):
     writer = RunWriter(tmp_path / "s.db", "r")
     writer.start(scenario="t", rounds_planned=1, model="m", config={})
