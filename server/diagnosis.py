@@ -52,6 +52,12 @@ def _phi(z: float) -> float:
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
+def median_spread(values: list[float]) -> tuple[float, float]:
+    """(median, robust std = 1.4826 × median absolute deviation) of the other sites' values."""
+    typical = statistics.median(values)
+    return typical, 1.4826 * statistics.median(abs(v - typical) for v in values)
+
+
 def confidence(z: float) -> float:
     return round(min(0.999, _phi(z - 2.0)), 3)
 
@@ -116,12 +122,12 @@ class Diagnosis:
                 ev.loss_var_sum += (float(std.get("train_loss_sum", 0.0)) * self.loss_clip / n) ** 2
                 ev.loss_rounds += 1
 
-    def findings(self, round_: int) -> dict[tuple[str | None, str], Finding]:
+    def findings(self) -> dict[tuple[str | None, str], Finding]:
         out: dict[tuple[str | None, str], Finding] = {}
         labelled = {s: e for s, e in self.sites.items() if e.label_rounds and e.n_train}
         if len(labelled) >= MIN_SITES:
             for site, ev in labelled.items():
-                f = self._labels(site, ev, {s: e for s, e in labelled.items() if s != site}, round_)
+                f = self._labels(site, ev, {s: e for s, e in labelled.items() if s != site})
                 if f is not None:
                     out[(site, f.kind)] = f
         probed = {s: e.probe / e.probe_rounds for s, e in self.sites.items() if e.probe_rounds}
@@ -138,7 +144,7 @@ class Diagnosis:
             for site, ev in lossy.items():
                 if any((site, kind) in out for kind in ("label_noise", "label_flip", "class_missing")):
                     continue  # the labels already explain a high loss
-                f = self._loss(site, ev, [e.loss_mean() for s, e in lossy.items() if s != site], round_)
+                f = self._loss(site, ev, [e.loss_mean() for s, e in lossy.items() if s != site])
                 if f is not None:
                     out[(site, f.kind)] = f
         stepped = {s: statistics.median(e.steps) for s, e in self.sites.items() if e.steps}
@@ -153,8 +159,7 @@ class Diagnosis:
                         "average toward it", site, confidence=0.9)
         return out
 
-    def _labels(self, site: str, ev: SiteEvidence, others: dict[str, SiteEvidence],
-                round_: int) -> Finding | None:
+    def _labels(self, site: str, ev: SiteEvidence, others: dict[str, SiteEvidence]) -> Finding | None:
         k = len(ev.labels)
         # The others' typical class shares: the per-class median over sites, so that one faulty site among them
         # does not shift the reference (a pooled sum would let a flipped site make a clean one look short).
@@ -230,10 +235,8 @@ class Diagnosis:
         ref = np.median(np.stack(list(others.values())), axis=0)
         ref = ref / ref.sum()
         tv = 0.5 * float(np.abs(v - ref).sum())
-        spread = [0.5 * float(np.abs(w - ref).sum()) for w in others.values()]
-        typical = statistics.median(spread)
-        mad = max(PROBE_MIN_MAD, 1.4826 * statistics.median(abs(x - typical) for x in spread))
-        z = (tv - typical) / mad
+        typical, spread = median_spread([0.5 * float(np.abs(w - ref).sum()) for w in others.values()])
+        z = (tv - typical) / max(PROBE_MIN_MAD, spread)
         if tv < PROBE_TV or z < Z_ALARM:
             return None
         entropy = lambda p: float(-(p * np.log(np.clip(p, 1e-12, 1))).sum() / math.log(k))  # noqa: E731
@@ -254,9 +257,9 @@ class Diagnosis:
                 f"look flipped from {self._name(a)} to {self._name(b)}", site, confidence=confidence(z))
         return None
 
-    def _loss(self, site: str, ev: SiteEvidence, others: list[float], round_: int) -> Finding | None:
-        typical = statistics.median(others)
-        spread = statistics.median(abs(v - typical) for v in others) * 1.4826 if len(others) >= 3 else 0.0
+    def _loss(self, site: str, ev: SiteEvidence, others: list[float]) -> Finding | None:
+        typical, spread = median_spread(others)
+        spread = spread if len(others) >= 3 else 0.0
         mine = ev.loss_mean()
         sd = math.sqrt(ev.loss_var_sum) / ev.loss_rounds
         # The others' spread (their domains differ too), at least this site's own noise, and the reference's error.

@@ -146,7 +146,7 @@ class FindingsTracker:
     def update(self, rec: RoundRecord) -> list[Finding]:
         self.diagnosis.add(rec)
         self.history.append(dict(rec.metrics))
-        now = {**self.diagnosis.findings(rec.round), **trends(self.history, rec.round), **current(rec)}
+        now = {**self.diagnosis.findings(), **trends(self.history, rec.round), **current(rec)}
         new = [f for key, f in now.items() if key not in self.open]
         self.open = set(now)
         return new

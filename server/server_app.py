@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -17,6 +18,9 @@ from common.metrics import confusion_matrix, summary_metrics
 from common.model import build_model, load_tokenizer, load_trainable_state, save_final_model, trainable_state
 from common.run_store import Event, RunWriter
 from server.strategy import Arrays, CentralEval, DebugFedAvg, Probe
+
+if TYPE_CHECKING:
+    from client.data import Encoded
 
 app = ServerApp()
 log = get_logger()
@@ -33,16 +37,24 @@ def model_description(cfg: AppConfig) -> str:
     return f"{name} ({mode}, {cfg.model.pooling} pooling, {privacy})"
 
 
-def make_central_eval(cfg: AppConfig, model, tokenizer) -> CentralEval | None:  # noqa: ANN001
-    """Evaluation of the global model on the server's own held-out set (public to the server; no ε spent)."""
+def server_test_set(cfg: AppConfig, tokenizer) -> Encoded | None:  # noqa: ANN001
+    """The server's own held-out set, tokenised once (public to the server; no ε spent): None when
+    server.central-eval is off."""
     if not cfg.server.central_eval:
         return None
     from client.data import encode
-    from client.summary import predict
     from common.datasets import LABEL, TEXT, load_drugreview
 
     test = load_drugreview("test", cfg.data.labels)
-    data = encode(test[TEXT].tolist(), test[LABEL].to_numpy(), tokenizer, cfg.data.max_length)
+    return encode(test[TEXT].tolist(), test[LABEL].to_numpy(), tokenizer, cfg.data.max_length)
+
+
+def make_central_eval(cfg: AppConfig, model, data: Encoded | None) -> CentralEval | None:  # noqa: ANN001
+    """Evaluation of the global model on the server's held-out set."""
+    if data is None:
+        return None
+    from client.summary import predict
+
     k = len(cfg.data.labels)
 
     def evaluate(arrays: Arrays) -> dict[str, float]:
@@ -81,23 +93,20 @@ def resume_point(cfg: AppConfig, writer: RunWriter, checkpoints: Checkpoints) ->
     return last, state
 
 
-def make_probe(cfg: AppConfig, model, tokenizer) -> Probe | None:  # noqa: ANN001
+def make_probe(cfg: AppConfig, model, data: Encoded | None) -> Probe | None:  # noqa: ANN001
     """Each site's local model on public texts (the first server.probe-inputs reviews of the server's held-out
     set, text only): its mean predicted class distribution. Post-processing of released weights; no ε."""
-    if not cfg.server.central_eval or cfg.server.probe_inputs <= 0:
+    if data is None or cfg.server.probe_inputs <= 0:
         return None
-    import numpy as np
-
-    from client.data import encode
+    from client.data import Encoded
     from client.summary import predict
-    from common.datasets import TEXT, load_drugreview
 
-    texts = load_drugreview("test", cfg.data.labels)[TEXT].tolist()[:cfg.server.probe_inputs]
-    data = encode(texts, np.zeros(len(texts), dtype=np.int64), tokenizer, cfg.data.max_length)
+    n = cfg.server.probe_inputs
+    texts = Encoded(data.input_ids[:n], data.attention_mask[:n], data.labels[:n])  # labels unused
 
     def probe(arrays: Arrays) -> list[float]:
         load_trainable_state(model, arrays)
-        probs, _ = predict(model, data)
+        probs, _ = predict(model, texts)
         return probs.mean(axis=0).tolist()
 
     return probe
@@ -119,13 +128,14 @@ def main(grid: Grid, context: Context) -> None:
     try:
         tokenizer = load_tokenizer(cfg.model)
         model = build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
+        test = server_test_set(cfg, tokenizer)
         strategy = DebugFedAvg(writer=writer, min_sites=cfg.server.min_sites, fraction_train=cfg.server.fraction_train,
-                               timeout=cfg.server.round_timeout, central_eval=make_central_eval(cfg, model, tokenizer),
+                               timeout=cfg.server.round_timeout, central_eval=make_central_eval(cfg, model, test),
                                loss_clip=cfg.dp.loss_clip, checkpoints=checkpoints,
                                max_update_norm=cfg.server.max_update_norm, wait_for_sites=cfg.server.wait_for_sites,
                                aggregation=cfg.server.aggregation, trim_fraction=cfg.server.trim_fraction,
                                byzantine=cfg.server.byzantine, exclude=cfg.server.exclude,
-                               weights=cfg.site_weights(), probe=make_probe(cfg, model, tokenizer))
+                               weights=cfg.site_weights(), probe=make_probe(cfg, model, test))
         initial, start = trainable_state(model), 1
         if resumed is not None or parent is not None:
             # Resume this run after its last completed round, or replay another from its round R checkpoint.

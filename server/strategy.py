@@ -246,19 +246,18 @@ class DebugFedAvg(FedAvg):
             rec = RoundRecord(round=rnd, seconds=0.0)
 
             # --- training at the sites -------------------------------------------------------------------------
-            replies = self._exchange(grid, self._sample(grid), records.pack_instruction(arrays, rnd, num_rounds, run_id=self.run_id),
+            replies = self._exchange(grid, self._sample(grid),
+                                     records.pack_instruction(arrays, rnd, num_rounds, run_id=self.run_id),
                                      MessageType.TRAIN)
             rec.metrics["train_wall"] = time.time() - t0
             updates = self._collect_train(replies, arrays, rec)
+            # Diagnostics work: each local model on the public probe texts (counted with the rest below).
+            t_probe = time.perf_counter()
             if self.probe is not None:
-                # Diagnostics work: each local model on the public probe texts (timed with the rest below).
-                t_probe = time.perf_counter()
                 for row in rec.sites:
                     if row.phase == "train" and row.site in updates:
                         row.probe_json = json.dumps([round(v, 4) for v in self.probe(updates[row.site][0])])
-                probe_seconds = time.perf_counter() - t_probe
-            else:
-                probe_seconds = 0.0
+            probe_seconds = time.perf_counter() - t_probe
             if updates:
                 arrays, scores = robust_aggregate(updates, self.aggregation, trim_fraction=self.trim_fraction,
                                                   byzantine=self.byzantine)

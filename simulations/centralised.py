@@ -20,7 +20,7 @@ from client.train import train_local
 from common.config import AppConfig, load_overrides, resolve_run_config
 from common.model import build_model, load_tokenizer, trainable_state
 from fedlens.cli import _parse_value
-from server.server_app import make_central_eval
+from server.server_app import make_central_eval, server_test_set
 
 
 def main() -> None:
@@ -43,7 +43,8 @@ def main() -> None:
     counts = torch.bincount(train.labels, minlength=len(cfg.data.labels)).float()
 
     model = build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
-    evaluate = make_central_eval(cfg, build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed), tokenizer)
+    evaluate = make_central_eval(cfg, build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed),
+                                 server_test_set(cfg, tokenizer))
     for epoch in range(1, args.epochs + 1):
         t0 = time.time()
         # One pass per printed epoch, whatever train.local-epochs says (that key is per federated round).

@@ -40,7 +40,7 @@ def _run(faults, rounds=4, n=96, seed=0, loss=None):
                 {"round_trained": r, "released": released,
                  "noise_std": {"train_labels": STD, "train_loss_sum": STD}})))
         diag.add(rec)
-        now = diag.findings(r)
+        now = diag.findings()
         for site, _ in now:
             first.setdefault(site, r)
     # What holds after the last round (the root cause sharpens as releases accumulate), and when each site was
@@ -87,7 +87,7 @@ def _probed(vectors, rounds=2):
             rec.sites.append(SiteRoundRow(site=site, phase="train", status="ok", num_examples=100, steps=2,
                                           probe_json=json.dumps(v)))
         diag.add(rec)
-    return diag.findings(rounds)
+    return diag.findings()
 
 
 def test_local_models_on_public_texts_name_noisy_and_flipped_labels():
