@@ -40,6 +40,19 @@ def prediction_share(confusion: np.ndarray) -> np.ndarray:
     return predicted / total if total > 0 else predicted
 
 
+def calibration(probs: np.ndarray, labels: np.ndarray, *, bins: int = 10) -> dict[str, float]:
+    """Expected calibration error (|accuracy − confidence| per equal-width confidence bin, weighted by the bin's
+    examples) and the mean confidence of the predicted class; confidence − accuracy > 0 is overconfidence."""
+    if len(labels) == 0:
+        return {"ece": float("nan"), "confidence": float("nan")}
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    idx = np.minimum((conf * bins).astype(int), bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    gap = np.abs(np.bincount(idx, correct, bins) - np.bincount(idx, conf, bins))  # per bin: |Σ correct − Σ conf|
+    return {"ece": float(gap.sum() / count.sum()), "confidence": float(conf.mean())}
+
+
 def summary_metrics(confusion: np.ndarray, loss_sum: float) -> dict[str, float]:
     total = float(confusion.sum())
     return {

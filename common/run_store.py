@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     sites_failed INTEGER NOT NULL,
     accuracy REAL, macro_f1 REAL, loss REAL, train_loss REAL,
     test_accuracy REAL, test_macro_f1 REAL, test_loss REAL, test_max_prediction_share REAL,
+    test_ece REAL, test_confidence REAL,
     train_wall REAL, evaluate_wall REAL, diagnostics_seconds REAL,
     PRIMARY KEY (run_id, round)
 );
@@ -128,11 +129,12 @@ ADDED_COLUMNS = {"site_rounds": ("epsilon_training REAL", "epsilon_diagnostics R
                                  "clip_fraction REAL", "grad_norm REAL", "noise_to_signal REAL",
                                  "summary_json TEXT", "diagnostics_seconds REAL", "started_at REAL",
                                  "ended_at REAL", "aggregation_score REAL", "probe_json TEXT"),
-                 "rounds": ("train_wall REAL", "evaluate_wall REAL", "diagnostics_seconds REAL"),
+                 "rounds": ("train_wall REAL", "evaluate_wall REAL", "diagnostics_seconds REAL", "test_ece REAL",
+                            "test_confidence REAL"),
                  "findings": ("confidence REAL",), "runs": ("parent_run TEXT", "parent_round INTEGER")}
 LEDGER_COLUMNS = ("site", "round", "kind", "mechanism", "noise_multiplier", "sample_rate", "steps", "sensitivity")
 ROUND_METRICS = ("accuracy", "macro_f1", "loss", "train_loss", "test_accuracy", "test_macro_f1", "test_loss",
-                 "test_max_prediction_share",
+                 "test_max_prediction_share", "test_ece", "test_confidence",
                  # where the round's wall time went: each phase's wall, and the server's own diagnostics work
                  "train_wall", "evaluate_wall", "diagnostics_seconds")
 

@@ -231,6 +231,11 @@ def bench(
                                            "diagnostics_share, bytes_per_round, max_sites, dashboard_render")] = "",
     suite: Annotated[Path | None, typer.Option(help="diagnosis: a folder of scenario files "
                                                     "(default simulations/faults)")] = None,
+    repeat: Annotated[int, typer.Option(help="diagnosis: passes over the suite (the spread between passes is the "
+                                             "benchmark's own noise)")] = 1,
+    keep: Annotated[Path | None, typer.Option(help="diagnosis: keep each scenario's run store in this folder")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="diagnosis: a config key for every scenario, e.g. "
+                                                                 "--set model.tiny=false (the real MiniLM)")] = None,
     json_: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Measure the performance figures, or score the diagnosis on a suite of fault scenarios."""
@@ -240,7 +245,8 @@ def bench(
         from fedlens import diagnosis_bench as harness
 
         try:
-            out = harness.run(suite or harness.SUITE, progress=lambda m: typer.echo(m, err=True))
+            out = harness.run(suite or harness.SUITE, repeat=repeat, keep=keep, overrides=tuple(set_ or ()),
+                              progress=lambda m: typer.echo(m, err=True))
         except ValueError as e:
             _fail(str(e), code=2)
         typer.echo(json.dumps(out, indent=2, default=float) if json_ else harness.format_table(out))

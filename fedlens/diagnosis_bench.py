@@ -37,14 +37,16 @@ TARGETS = {"precision": 0.95, "recall": 0.95, "root_cause_accuracy": 0.90, "roun
            "clean_silent_rate": 0.95, "diagnostics_share": 0.02, "min_noise_multiplier": 0.8}
 
 
-def run_scenario(path: Path, store: Path) -> dict[str, Any]:
-    """Simulate one scenario in a fresh process; returns its faults, findings, rounds and ledger."""
+def run_scenario(path: Path, store: Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Simulate one scenario in a fresh process (`overrides`: `key=value` config items on top of the scenario's);
+    returns its faults, findings, rounds and ledger."""
     from common.run_store import load_faults, load_run
 
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "1"}
     t0 = time.time()
+    sets = [a for item in overrides for a in ("--set", item)]
     proc = subprocess.run([sys.executable, "-m", "fedlens.cli", "simulate", "--scenario", str(path), "--store",
-                           str(store)], capture_output=True, text=True, env=env)
+                           str(store), *sets], capture_output=True, text=True, env=env)
     run = load_run(store)
     return {"scenario": path.stem, "seconds": time.time() - t0, "status": run["status"],
             "returncode": proc.returncode, "faults": load_faults(store, run["run_id"]), "findings": run["findings"],
@@ -111,19 +113,35 @@ def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run(suite: Path = SUITE, *, progress=print) -> dict[str, Any]:  # noqa: ANN001
+def run(suite: Path = SUITE, *, repeat: int = 1, keep: Path | None = None, overrides: tuple[str, ...] = (),
+        progress=print) -> dict[str, Any]:  # noqa: ANN001
+    """Run every scenario of `suite` `repeat` times and score all runs together; with `repeat` > 1 the scores of each
+    pass are kept under "repeats" (the spread between passes is the benchmark's own noise). `keep`: a folder that
+    keeps each run store (open one with `fedlens report` or the dashboard)."""
     files = sorted(Path(suite).glob("*.toml"))
     if not files:
         raise ValueError(f"no scenario files (*.toml) in {suite}")
-    runs = []
+    if repeat < 1:
+        raise ValueError(f"--repeat must be at least 1, got {repeat}")
+    runs, passes = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, path in enumerate(files, 1):
-            progress(f"[{i}/{len(files)}] {path.name}…")
-            r = run_scenario(path, Path(tmp) / f"{path.stem}.db")
-            if r["status"] != "completed":
-                progress(f"  {path.name} ended {r['status']}: {r['stderr_tail'][-300:]}")
-            runs.append(r)
+        folder = Path(keep) if keep else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for rep in range(1, repeat + 1):
+            this = []
+            for i, path in enumerate(files, 1):
+                progress(f"[{'' if repeat == 1 else f'pass {rep}/{repeat}, '}{i}/{len(files)}] {path.name}…")
+                store = folder / (f"{path.stem}.db" if repeat == 1 else f"{path.stem}-{rep}.db")
+                store.unlink(missing_ok=True)
+                r = run_scenario(path, store, overrides)
+                if r["status"] != "completed":
+                    progress(f"  {path.name} ended {r['status']}: {r['stderr_tail'][-300:]}")
+                this.append(r)
+            passes.append(this)
+            runs += this
     out = score(runs)
+    if repeat > 1:
+        out["repeats"] = [{k: v for k, v in score(p).items() if k not in ("per_kind", "counts")} for p in passes]
     out["scenarios"] = [{"scenario": r["scenario"], "status": r["status"], "seconds": round(r["seconds"], 1),
                          "faults": [f"{f['site']}:{f['kind']}" for f in r["faults"]],
                          "findings": sorted({f"{f['site']}:{f['kind']}@{f['round']}" for f in r["findings"]
@@ -140,6 +158,8 @@ def format_table(out: dict[str, Any]) -> str:
     for key, target in TARGETS.items():
         lines.append(f"{key:<22} {fmt(out.get(key)):>10}  {'≤' if key in ('rounds_to_detect', 'diagnostics_share') else '≥'} "
                      f"{target}")
+    for i, rep in enumerate(out.get("repeats", []), 1):
+        lines.append(f"pass {i}: " + ", ".join(f"{k} {fmt(rep.get(k))}" for k in TARGETS))
     lines.append("")
     lines.append(f"{'fault kind':<16} {'sites':>5} {'found':>5} {'root cause':>10} {'rounds':>6}")
     for kind, k in sorted(out["per_kind"].items()):

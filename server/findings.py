@@ -27,6 +27,10 @@ STRAGGLER_MIN_S = 5.0
 TREND_ROUNDS = 3  # rounds a trend must span
 UNDERFIT_DROP = 0.02  # the sites' training loss fell by less than this share since round 1: not learning
 OVERFIT_RISE = 0.05  # server test loss this share above its best while the sites' training loss keeps falling
+# Miscalibration is read on the server's held-out set only: a site's noised calibration histogram (~24 validation
+# examples against noise of std ~15 per cell at σ ≈ 4) cannot tell a 10-point gap from chance.
+MISCAL_GAP = 0.10  # |mean confidence − accuracy|: ≈ 4 standard errors of the accuracy on the 379 test reviews
+MISCAL_ROUNDS = 2  # consecutive rounds it must hold (one round's model can be caught mid-swing)
 
 
 def current(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
@@ -108,7 +112,7 @@ def _cross_site(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
 
 def trends(history: list[dict[str, float | None]], round_: int) -> dict[tuple[str | None, str], Finding]:
     """Run-level findings from the global curves so far (history: each round's metrics, oldest first)."""
-    out: dict[tuple[str | None, str], Finding] = {}
+    out = _miscalibration(history, round_)
     if len(history) < TREND_ROUNDS:
         return out
     train = [m.get("train_loss") for m in history]
@@ -132,6 +136,27 @@ def trends(history: list[dict[str, float | None]], round_: int) -> dict[tuple[st
                 "global model is overfitting the sites; an earlier round's checkpoint generalises better", None,
                 confidence=0.8)
     return out
+
+
+def _miscalibration(history: list[dict[str, float | None]], round_: int) -> dict[tuple[str | None, str], Finding]:
+    """The global model's confidence against its accuracy on the server's test set, over the last rounds."""
+    last = history[-MISCAL_ROUNDS:]
+    gaps = [m["test_confidence"] - m["test_accuracy"] for m in last
+            if m.get("test_confidence") is not None and m.get("test_accuracy") is not None]
+    if len(last) < MISCAL_ROUNDS or len(gaps) < MISCAL_ROUNDS or not (all(g >= MISCAL_GAP for g in gaps)
+                                                                       or all(g <= -MISCAL_GAP for g in gaps)):
+        return {}
+    m = last[-1]
+    how = ("overconfident: its probabilities overstate how often it is right; decisions that threshold them "
+           "(triage, abstention) act on false certainty" if gaps[-1] > 0 else
+           "underconfident: it is right more often than its probabilities say; thresholds on them discard good "
+           "predictions")
+    ece = f", ECE {m['test_ece']:.2f}" if m.get("test_ece") is not None else ""
+    return {(None, "miscalibration"): Finding(
+        "miscalibration", "warning", f"on the server's test set the global model's mean confidence is "
+        f"{m['test_confidence']:.2f} but its accuracy {m['test_accuracy']:.2f} in round {round_} (gap "
+        f"{gaps[-1]:+.2f} for {len(gaps)} rounds{ece}): it is {how}. Temperature scaling on held-out data fixes it "
+        "without retraining", None, confidence=0.8)}
 
 
 class FindingsTracker:

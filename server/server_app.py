@@ -14,7 +14,7 @@ from common.checkpoints import Checkpoints
 from common.config import AppConfig
 from common.faults import parse as parse_faults
 from common.log import get_logger
-from common.metrics import confusion_matrix, summary_metrics
+from common.metrics import calibration, confusion_matrix, summary_metrics
 from common.model import build_model, load_tokenizer, load_trainable_state, save_final_model, trainable_state
 from common.run_store import Event, RunWriter
 from server.strategy import Arrays, CentralEval, DebugFedAvg, Probe
@@ -60,7 +60,9 @@ def make_central_eval(cfg: AppConfig, model, data: Encoded | None) -> CentralEva
     def evaluate(arrays: Arrays) -> dict[str, float]:
         load_trainable_state(model, arrays)
         probs, losses = predict(model, data)
-        return summary_metrics(confusion_matrix(data.labels.numpy(), probs.argmax(axis=1), k), float(losses.sum()))
+        labels = data.labels.numpy()
+        return {**summary_metrics(confusion_matrix(labels, probs.argmax(axis=1), k), float(losses.sum())),
+                **calibration(probs, labels)}
 
     return evaluate
 

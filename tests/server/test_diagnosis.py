@@ -13,8 +13,8 @@ P = np.array([0.25, 0.11, 0.64])  # the drug reviews' label shares (negative, ne
 STD = 7.3  # noise std of a train-label cell at σ ≈ 4.2 (ε = 8, 4 rounds): σ·√3
 
 
-def _histogram(rng, n, fault):
-    labels = rng.choice(3, size=n, p=P)
+def _histogram(rng, n, fault, p=P):
+    labels = rng.choice(3, size=n, p=p)
     if fault == "class_missing":
         labels = labels[labels != 0]
     elif fault == "label_flip":
@@ -25,9 +25,10 @@ def _histogram(rng, n, fault):
     return np.bincount(labels, minlength=3).astype(float)
 
 
-def _run(faults, rounds=4, n=96, seed=0, loss=None):
+def _run(faults, rounds=4, n=96, seed=0, loss=None, shares=None):
     rng = np.random.default_rng(seed)
-    truth = {f"site-{i}": _histogram(rng, n, faults.get(f"site-{i}")) for i in range(5)}
+    truth = {f"site-{i}": _histogram(rng, n, faults.get(f"site-{i}"), P if shares is None else shares[i])
+             for i in range(5)}
     diag, first = Diagnosis(class_names=("negative", "neutral", "positive")), {}
     for r in range(1, rounds + 1):
         rec = RoundRecord(round=r, seconds=1.0)
@@ -99,3 +100,24 @@ def test_local_models_on_public_texts_name_noisy_and_flipped_labels():
     assert "predicts negative for 93% of public texts where the other sites' models predict positive" in \
         flipped[("x", "label_flip")].message
     assert _probed(usual) == {} and _probed({**usual, "x": [0.2, 0.2, 0.6]}) == {}  # a milder model: no claim
+
+
+def test_label_skew_between_sites_withholds_the_label_and_loss_tests(monkeypatch):
+    # Two of five sites hold label mixes far from the rest (as a Dirichlet(0.5) partition gives): against the others
+    # one looks flipped into positive, the other noisy, and their losses follow their mixes. Neither is a fault.
+    skewed = np.array([[0.04, 0.01, 0.95], [0.62, 0.15, 0.23], P, P, P])
+    loss = {"site-0": 0.6, "site-1": 1.4}
+    for seed in range(3):
+        found = _run({}, n=150, shares=skewed, loss=loss, seed=seed)
+        assert set(found) == {(None, "label_skew")}, {k: f.message for k, (_, f) in found.items()}
+        note = found[(None, "label_skew")][1]
+        assert note.severity == "info" and "2 of 5 sites" in note.message and "site-2" not in note.message
+    # Without the skew test the same releases read as faults at the skewed sites.
+    import server.diagnosis
+
+    monkeypatch.setattr(server.diagnosis, "SKEW_DEPARTURE", float("inf"))
+    assert {k[0] for k in _run({}, n=150, shares=skewed, loss=loss)} >= {"site-0"}
+    monkeypatch.undo()
+    # One faulty site among sites that share one mix departs alone: no skew note, the fault is named.
+    found = _run({"site-1": "label_flip"}, n=150)
+    assert (None, "label_skew") not in found and {k[0] for k in found} == {"site-1"}
