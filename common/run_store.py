@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS site_rounds (
     started_at REAL, ended_at REAL,
     aggregation_score REAL,
     probe_json TEXT,
+    update_cosine REAL, update_cosine_median REAL,
     PRIMARY KEY (run_id, round, site, phase)
 );
 CREATE TABLE IF NOT EXISTS ledger (
@@ -123,12 +124,14 @@ SITE_ROUND_COLUMNS = ("site", "phase", "status", "reason", "num_examples", "epsi
                       "noise_multiplier", "sample_rate", "steps", "seconds", "update_norm", "accuracy", "macro_f1",
                       "loss", "train_loss", "max_prediction_share", "confusion_json", "epsilon_training",
                       "epsilon_diagnostics", "ece", "label_issues", "clip_fraction", "grad_norm", "noise_to_signal",
-                      "summary_json", "diagnostics_seconds", "started_at", "ended_at", "aggregation_score", "probe_json")
+                      "summary_json", "diagnostics_seconds", "started_at", "ended_at", "aggregation_score", "probe_json",
+                      "update_cosine", "update_cosine_median")
 # Columns added after schema version 1: an older store gets them (NULL) when a writer opens it.
 ADDED_COLUMNS = {"site_rounds": ("epsilon_training REAL", "epsilon_diagnostics REAL", "ece REAL", "label_issues REAL",
                                  "clip_fraction REAL", "grad_norm REAL", "noise_to_signal REAL",
                                  "summary_json TEXT", "diagnostics_seconds REAL", "started_at REAL",
-                                 "ended_at REAL", "aggregation_score REAL", "probe_json TEXT"),
+                                 "ended_at REAL", "aggregation_score REAL", "probe_json TEXT",
+                                 "update_cosine REAL", "update_cosine_median REAL"),
                  "rounds": ("train_wall REAL", "evaluate_wall REAL", "diagnostics_seconds REAL", "test_ece REAL",
                             "test_confidence REAL"),
                  "findings": ("confidence REAL",), "runs": ("parent_run TEXT", "parent_round INTEGER")}
@@ -176,6 +179,8 @@ class SiteRoundRow:
     aggregation_score: float | None = None
     # The site's local model on the server's public probe texts: its mean predicted class distribution (JSON list).
     probe_json: str | None = None
+    update_cosine: float | None = None  # of its update to the mean of the other sites' updates
+    update_cosine_median: float | None = None  # ... to their coordinate-wise median
 
 
 @dataclass

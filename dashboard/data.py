@@ -85,6 +85,7 @@ def site_table(snapshot: dict) -> pd.DataFrame:
             "clipped": _latest(evals, "clip_fraction"),
             "noise / signal": _latest(evals, "noise_to_signal"),
             "update norm": _latest(train, "update_norm"),
+            "update cosine": _latest(train, "update_cosine"),
             "reason": bad.iloc[-1]["reason"] if not bad.empty else "",
         })
     return pd.DataFrame(out)

@@ -23,7 +23,8 @@ def _clean(v: Any) -> Any:
 
 
 def _metrics(row: dict[str, Any] | None, prefix: str = "") -> dict[str, float | None]:
-    keys = ("accuracy", "macro_f1", "loss")
+    # The server's test set also gives the global model's calibration (ECE, mean confidence of its predictions).
+    keys = ("accuracy", "macro_f1", "loss", *(("ece", "confidence") if prefix == "test_" else ()))
     return {k: _clean(row.get(prefix + k)) if row else None for k in keys}
 
 
@@ -120,7 +121,7 @@ def format_text(rep: dict[str, Any]) -> str:
     if rep["test"]:
         t = rep["test"]
         lines.append(f"global (server test set): accuracy {f(t['accuracy'])}  macro-F1 {f(t['macro_f1'])}  "
-                     f"loss {f(t['loss'])}")
+                     f"loss {f(t['loss'])}  ECE {f(t['ece'])}  confidence {f(t['confidence'])}")
     lines.append("")
     lines.append(f"{'site':<16}{'status':<9}{'examples':>9}{'ε spent':>9}{'train':>7}{'diag':>6}{'budget':>8}"
                  f"{'accuracy':>10}{'macro-F1':>10}{'loss':>8}{'ECE':>7}{'issues':>8}{'clipped':>9}")

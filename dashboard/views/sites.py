@@ -25,6 +25,10 @@ def body(snap: dict) -> None:
         "val loss": st.column_config.NumberColumn(format="%.3f"),
         "train loss": st.column_config.NumberColumn(format="%.3f"),
         "update norm": st.column_config.NumberColumn(format="%.3f"),
+        "update cosine": st.column_config.NumberColumn(
+            format="%.3f", help="cosine of the site's update to the mean of the other sites' updates; under DP "
+                                "honest updates are mostly noise and read near 0; a site far below the others "
+                                "points against them"),
         "ε training": st.column_config.NumberColumn(format="%.2f", help="ε of the site's DP-SGD alone"),
         "ε diagnostics": st.column_config.NumberColumn(
             format="%.2f", help="ε of the site's released error summaries alone (dp.diagnostics-share)"),
@@ -40,7 +44,8 @@ def body(snap: dict) -> None:
     ui.noised_note(snap)
 
     st.subheader("Per-site curves")
-    metric = st.radio("Metric", ["accuracy", "macro_f1", "loss", "train_loss", "update_norm", "noise_to_signal"],
+    metric = st.radio("Metric", ["accuracy", "macro_f1", "loss", "train_loss", "update_norm", "update_cosine",
+                                "noise_to_signal"],
                       horizontal=True, key="site-metric")
     curves = site_vs_global(snap, metric)
     if curves.empty:
@@ -68,7 +73,7 @@ def site_vs_global(snap: dict, metric: str) -> pd.DataFrame:
     rows, rounds = snap["site_rounds"], snap["rounds"]
     if rows.empty or metric not in rows:
         return pd.DataFrame()
-    phase = "train" if metric == "update_norm" else "evaluate"
+    phase = "train" if metric in ("update_norm", "update_cosine") else "evaluate"
     mine = rows[(rows["phase"] == phase) & (rows["status"] == "ok")][["round", "site", metric]]
     out = mine.rename(columns={metric: "value"}).assign(kind="site")
     if metric in rounds:  # the global value of the same metric (sum of the sites' noised summaries)

@@ -205,6 +205,10 @@ def test_the_round_loop_stores_each_sites_aggregation_score(tmp_path):
               if r["phase"] == "train"}
     # Krum with f = 1 of 3: each site's distance to its one nearest update (4 values apart by 1 or 2 per cell).
     assert scores == {"s1": 4.0, "s2": 4.0, "s3": 4.0}
+    # The updates' geometry is stored beside it: s1..s3 all moved every value up from GLOBAL, the same direction.
+    cosines = {r["site"]: (r["update_cosine"], r["update_cosine_median"])
+               for r in load_run(tmp_path / "s.db", "r")["site_rounds"] if r["phase"] == "train"}
+    assert cosines == {s: (pytest.approx(1.0), pytest.approx(1.0)) for s in ("s1", "s2", "s3")}
 
 
 def test_excluded_sites_are_not_asked_to_train_and_weights_scale_the_average(tmp_path):

@@ -5,7 +5,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from server.strategy import check_update, update_norm, weighted_average
+from server.strategy import check_update, update_geometry, update_norm, weighted_average
 
 
 def _arrays(a, b):
@@ -40,3 +40,19 @@ def test_updates_with_nan_wrong_shape_or_keys_are_rejected_with_the_reason():
 
 def test_update_norm_is_the_l2_distance_to_the_global_model():
     assert update_norm(_arrays([[3.0, 4.0]], [0.0]), _arrays([[0.0, 0.0]], [0.0])) == pytest.approx(5.0)
+
+
+def test_update_geometry_compares_each_update_with_the_others_leaving_itself_out():
+    g = OrderedDict(w=np.zeros(4, np.float32))
+    along = {"a": [1, 1, 0, 0], "b": [1, 0.9, 0.1, 0], "c": [0.9, 1, 0, 0.1], "x": [-1, -1, 0, 0]}
+    geo = update_geometry({s: OrderedDict(w=np.array(v, np.float32)) for s, v in along.items()}, g)
+    assert geo["x"][0] < -0.99 and geo["x"][1] < -0.99  # points against the others
+    # a's others: mean (0.3, 0.3, 0.033, 0.033) -> cos ≈ 0.994; median (0.9, 0.9, 0, 0) -> exactly along a.
+    assert geo["a"][0] == pytest.approx(0.6 / np.sqrt(2) / np.linalg.norm([0.3, 0.3, 0.1 / 3, 0.1 / 3]), rel=1e-6)
+    assert geo["a"][1] == pytest.approx(1.0)
+    # Pure noise updates are near orthogonal in many dimensions: a site's own update is not in its reference.
+    rng = np.random.default_rng(0)
+    noise = {f"s{i}": OrderedDict(w=rng.normal(size=75_000).astype(np.float32)) for i in range(5)}
+    assert max(abs(c) for pair in update_geometry(noise, OrderedDict(w=np.zeros(75_000, np.float32))).values()
+               for c in pair) < 0.02
+    assert update_geometry({"a": g, "b": g}, g) == {}  # two sites: no "others" to speak of
