@@ -72,6 +72,7 @@ def make_store(path: str | Path, *, sites: int, rounds: int, run_id: str = "synt
             rec.sites.append(SiteRoundRow(name, "train", "ok", num_examples=120, epsilon=eps * 0.95,
                                           epsilon_budget=8.0, delta=1e-5, noise_multiplier=2.1, sample_rate=1.0,
                                           steps=2, seconds=20.0, update_norm=5.0 + rng.normal(0, 0.1),
+                                          update_cosine=0.001 * rnd, update_cosine_median=0.002 * rnd,
                                           epsilon_training=eps * 0.9, epsilon_diagnostics=eps * 0.25))
             rec.sites.append(SiteRoundRow(name, "evaluate", "ok", num_examples=30, epsilon=eps, noise_multiplier=4.8,
                                           accuracy=s["accuracy"], macro_f1=s["macro_f1"], loss=s["loss"]["val"],

@@ -100,6 +100,7 @@ def test_every_page_of_a_full_run_shows_its_numbers(monkeypatch, full_store):
     sites = at.dataframe[0].value.set_index("site")
     assert len(sites) == 6 and sites.loc["site-002", "health"] == "✗ failed"
     assert (sites.drop("site-002")["ε training"] > 0).all() and sites["ECE"].notna().sum() == 6
+    assert sites.drop("site-002")["update cosine"].tolist() == [0.004] * 5  # round 4's
 
     at.switch_page("views/findings.py").run()
     assert "site-002" in [h.value for h in at.subheader]
