@@ -13,6 +13,7 @@ from typing import Any
 RunConfig = dict[str, Any]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")  # labelled files the loaders read (common/datasets.py)
 
 
 def pyproject_path() -> Path:
@@ -332,8 +333,9 @@ class AppConfig:
         if self.store.replay_from and self.store.replay_round >= self.num_server_rounds:
             p.append(f"store.replay-round must be below num-server-rounds ({self.num_server_rounds}) to train at all, "
                      f"got {self.store.replay_round}")
-        check(s.central_eval in ("", "drugreview-test"), "server.central-eval", s.central_eval,
-              'one of "", "drugreview-test"')
+        check(s.central_eval in ("", "drugreview-test") or s.central_eval.lower().endswith(TABLE_SUFFIXES),
+              "server.central-eval", s.central_eval,
+              '"", "drugreview-test", or the path of the server\'s own labelled file (' + ", ".join(TABLE_SUFFIXES) + ")")
         num("simulation.num-sites", self.simulation.num_sites, 1, 100_000, integer=True)
         num("simulation.client-cpus", self.simulation.client_cpus, 0.0, 1024, lo_open=True)
         num("simulation.client-gpus", self.simulation.client_gpus, 0.0, 64)

@@ -43,9 +43,12 @@ def server_test_set(cfg: AppConfig, tokenizer) -> Encoded | None:  # noqa: ANN00
     if not cfg.server.central_eval:
         return None
     from client.data import encode
-    from common.datasets import LABEL, TEXT, load_drugreview
+    from common.datasets import LABEL, TEXT, load_drugreview, load_file
 
-    test = load_drugreview("test", cfg.data.labels)
+    d = cfg.data
+    test = (load_drugreview("test", d.labels) if cfg.server.central_eval == "drugreview-test" else
+            load_file(cfg.server.central_eval, text_column=d.text_column, label_column=d.label_column,
+                      labels=d.labels, site="server (server.central-eval)"))
     return encode(test[TEXT].tolist(), test[LABEL].to_numpy(), tokenizer, cfg.data.max_length)
 
 
