@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from client import privacy
 from client.data import Encoded, SiteData, SiteIdentity, load_site_data
 from client.state import persist
-from client.summary import local_summary, release
+from client.summary import cross_site_counts, local_summary, release, with_cross_site
 from client.train import TrainHealth, train_local
 from common import diagnostics, faults, records
 from common.config import AppConfig, TrainConfig
@@ -271,7 +271,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     server_round, num_rounds = records.unpack_instruction(msg.content)
     thresholds = records.unpack_thresholds(msg.content) or [diagnostics.DEFAULT_THRESHOLD] * data.num_classes
     model = _model(key)
-    load_trainable_state(model, records.unpack_arrays(msg.content))
+    global_arrays = records.unpack_arrays(msg.content)
+    load_trainable_state(model, global_arrays)
+    local_models = records.unpack_local_models(msg.content)  # empty unless the run asks for cross-site evaluation
     ledger = _ledger(context)
     delta = cfg.dp.target_delta
 
@@ -288,17 +290,23 @@ def evaluate(msg: Message, context: Context) -> Message:
             # Configured, not a problem: the site answers ok and releases nothing.
             return withheld(records.STATUS_OK, "no summary released (dp.diagnostics-share = 0)", 0.0)
         entry = privacy.LedgerEntry(server_round, privacy.SUMMARY, "gaussian", sigma, 1.0, 1,
-                                    diagnostics.SENSITIVITY)
+                                    diagnostics.sensitivity(len(local_models)))
         problem = privacy.budget_check(ledger, entry, budget=cfg.dp.target_epsilon, delta=delta)
         if problem:
             return withheld(records.STATUS_REFUSED, f"site {data.site.name}: {problem}; summary withheld", sigma)
 
     exact = local_summary(model, data.train, data.val, num_classes=data.num_classes, loss_clip=cfg.dp.loss_clip,
                           thresholds=thresholds, health=_health(context, server_round), health_round=server_round)
+    if local_models:
+        t_cross = time.perf_counter()
+        counts = cross_site_counts(model, local_models, data.val)
+        load_trainable_state(model, global_arrays)  # the cached model must hold the global weights again
+        exact = with_cross_site(exact, tuple(local_models), counts, time.perf_counter() - t_cross)
     if not cfg.dp.enabled:
         # No privacy asked for: the exact summary goes out (the baseline a DP run is compared with).
         out = records.EvalReply(_info(data), len(data.val), NOT_PRIVATE, exact.blocks, 0.0, 0.0, exact.health_round,
-                                NOT_PRIVATE, NOT_PRIVATE, time.perf_counter() - t0, exact.seconds, started, time.time())
+                                NOT_PRIVATE, NOT_PRIVATE, time.perf_counter() - t0, exact.seconds, started, time.time(),
+                                exact.cross, exact.cross_models)
         return records.reply(records.pack_eval_reply(out), msg)
 
     t1 = time.perf_counter()
@@ -309,5 +317,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     diag_seconds = exact.seconds + time.perf_counter() - t1
     out = records.EvalReply(_info(data), len(data.val), total, noised.blocks, sigma, noised.sensitivity,
                             noised.health_round, eps_train, eps_diag, time.perf_counter() - t0, diag_seconds,
-                            started, time.time())
+                            started, time.time(), noised.cross, noised.cross_models)
     return records.reply(records.pack_eval_reply(out), msg)

@@ -1,7 +1,8 @@
 """Step 3 at a site: the error summary of the global model on local data, released only through Gaussian noise.
 
 `local_summary` computes the blocks of common/diagnostics.py exactly; they never leave the site. `release` adds
-noise of std σ·Δ / w_b to every cell of block b in one Gaussian mechanism (Δ = diagnostics.SENSITIVITY). Noised
+noise of std σ·Δ / w_b to every cell of block b in one Gaussian mechanism (Δ = diagnostics.sensitivity(M), M the
+local models of an opt-in cross-site evaluation, 0 without). Noised
 cells may be negative; they are sent as they are, because sums of unclamped cells stay unbiased, and clamping or
 projecting them (diagnostics.derive) is free post-processing wherever they are read. The site's ledger records it as the
 Gaussian entry (σ, q = 1, steps = 1). The per-example label-issue list Cleanlab could give stays at the site.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ class Summary:
     noise_multiplier: float  # 0 = exact (never sent under DP)
     sensitivity: float
     seconds: float = 0.0  # compute spent on the summary beyond plain evaluation (histograms, confident joint)
+    # Cross-site evaluation: how many validation examples each other site's local model gets right (M counts, in
+    # the order of cross_models); released in the same Gaussian mechanism, Δ then includes its block.
+    cross: np.ndarray | None = None
+    cross_models: tuple[str, ...] = ()
 
 
 @torch.no_grad()
@@ -104,19 +109,44 @@ def local_summary(model: nn.Module, train: Encoded, val: Encoded, *, num_classes
                    time.perf_counter() - t0)
 
 
+def cross_site_counts(model: nn.Module, local_models: dict[str, dict[str, np.ndarray]], val: Encoded) -> np.ndarray:
+    """How many of the site's validation examples each local model gets right (FLARE's cross-site evaluation).
+    Leaves the last local model loaded: the caller reloads the global weights before using the model again."""
+    from common.model import load_trainable_state
+
+    labels = val.labels.numpy()
+    counts = []
+    for arrays in local_models.values():
+        load_trainable_state(model, arrays)
+        probs, _ = predict(model, val)
+        counts.append(float((probs.argmax(axis=1) == labels).sum()) if len(labels) else 0.0)
+    return np.asarray(counts, dtype=np.float64)
+
+
+def with_cross_site(summary: Summary, names: tuple[str, ...], counts: np.ndarray, seconds: float) -> Summary:
+    """The summary with the cross-site counts added (its Δ grows to include their block)."""
+    return replace(summary, cross=counts, cross_models=tuple(names), sensitivity=dg.sensitivity(len(names)),
+                   seconds=summary.seconds + seconds)
+
+
 def release(summary: Summary, *, noise_multiplier: float, rng: np.random.Generator | None = None) -> Summary:
     """The Gaussian mechanism on all blocks at once (std σ·Δ / w_b per cell)."""
     rng = rng or np.random.default_rng()  # seeded from OS entropy: release noise must not be reproducible
-    std = dg.noise_std(noise_multiplier)
+    std = dg.noise_std(noise_multiplier, len(summary.cross_models))
     noised = {}
     for name, exact in summary.blocks.items():
         noised[name] = exact + rng.normal(0.0, std[name], size=exact.shape)
-    return Summary(noised, summary.num_classes, summary.health_round, noise_multiplier, summary.sensitivity,
-                   summary.seconds)
+    cross = None
+    if summary.cross is not None:
+        cross = summary.cross + rng.normal(0.0, std[dg.CROSS], size=summary.cross.shape)
+    return replace(summary, blocks=noised, noise_multiplier=noise_multiplier, cross=cross)
 
 
 def weighted_vector(summary: Summary) -> np.ndarray:
     """The vector the mechanism noises isotropically (block b scaled by w_b): its L2 change between neighbouring
-    data sets is at most diagnostics.SENSITIVITY (tests check this on real models)."""
+    data sets is at most summary.sensitivity (tests check this on real models)."""
     weight = {b.name: b.weight for b in dg.BLOCKS}
-    return np.concatenate([summary.blocks[name].ravel() * weight[name] for name in sorted(summary.blocks)])
+    parts = [summary.blocks[name].ravel() * weight[name] for name in sorted(summary.blocks)]
+    if summary.cross is not None:
+        parts.append(summary.cross * dg.cross_weight(len(summary.cross_models)))
+    return np.concatenate(parts)

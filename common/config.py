@@ -155,6 +155,7 @@ class ServerConfig:
     exclude: tuple[str, ...]
     weights: str
     probe_inputs: int
+    cross_site_eval: bool
 
 
 @dataclass(frozen=True)

@@ -59,12 +59,33 @@ BLOCKS = (
 )
 # Measured by the round's training pass (client/train.py): only a site that trained this round has them.
 TRAINING_BLOCKS = ("train_loss_sum", "train_loss_hist", "grad_norm_hist", "clipped_sum_norm")
-SENSITIVITY = math.sqrt(max(sum(b.weight ** 2 for b in BLOCKS if b.split == s) for s in (VAL, TRAIN)))
+# Cross-site evaluation (opt-in, server.cross-site-eval): the site also counts how many of its validation examples
+# each of M other sites' local models gets right. One validation example moves each of the M counts by ≤ 1, so the
+# block gets weight 1/√M: its share of Δ² is 1 whatever M, and the validation side's Δ² goes from 3 to 4.
+CROSS = "cross_correct"
+CROSS_WEIGHT_SQ = 1.0
 
 
-def noise_std(noise_multiplier: float) -> dict[str, float]:
-    """Std of the noise in each block's cells, for a release at `noise_multiplier`."""
-    return {b.name: noise_multiplier * SENSITIVITY / b.weight for b in BLOCKS}
+def sensitivity(cross_models: int = 0) -> float:
+    """Δ of one release: the larger split's √(Σ w_b²), with the cross-site block when `cross_models` > 0."""
+    val = sum(b.weight ** 2 for b in BLOCKS if b.split == VAL) + (CROSS_WEIGHT_SQ if cross_models else 0.0)
+    return math.sqrt(max(val, sum(b.weight ** 2 for b in BLOCKS if b.split == TRAIN)))
+
+
+SENSITIVITY = sensitivity()
+
+
+def cross_weight(cross_models: int) -> float:
+    return math.sqrt(CROSS_WEIGHT_SQ / cross_models)
+
+
+def noise_std(noise_multiplier: float, cross_models: int = 0) -> dict[str, float]:
+    """Std of the noise in each block's cells, for a release at `noise_multiplier` (σ·Δ / w_b)."""
+    delta = sensitivity(cross_models)
+    out = {b.name: noise_multiplier * delta / b.weight for b in BLOCKS}
+    if cross_models:
+        out[CROSS] = noise_multiplier * delta / cross_weight(cross_models)
+    return out
 
 
 def empty_blocks(k: int) -> dict[str, np.ndarray]:

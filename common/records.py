@@ -21,6 +21,7 @@ METRICS = "metrics"  # numbers only: num-examples, epsilon, ...
 SITE = "site"  # who answered and whether it did the work
 SUMMARY = "summary"  # the noised error summary of an evaluation
 LEDGER = "ledger"  # in context.state: the site's privacy ledger (never sent)
+LOCAL_MODEL = "local-model:"  # + site name: that site's local model, sent for cross-site evaluation (opt-in)
 
 # Keys.
 NUM_EXAMPLES = "num-examples"
@@ -75,6 +76,8 @@ class EvalReply:
     diagnostics_seconds: float = 0.0  # of `seconds`, spent on the summary beyond plain evaluation
     started_at: float = 0.0
     ended_at: float = 0.0
+    cross: np.ndarray | None = None  # noised: how many validation examples each local model got right
+    cross_models: tuple[str, ...] = ()  # whose local models, in the order of `cross`
 
     @property
     def confusion(self) -> np.ndarray | None:
@@ -97,14 +100,25 @@ def unpack_site(content: RecordDict) -> SiteInfo:
 # --- server -> site ----------------------------------------------------------------------------------------------
 
 def pack_instruction(arrays: OrderedDict[str, np.ndarray] | None, server_round: int, num_rounds: int,
-                     thresholds: list[float] | None = None, run_id: str = "") -> RecordDict:
+                     thresholds: list[float] | None = None, run_id: str = "",
+                     local_models: dict[str, OrderedDict[str, np.ndarray]] | None = None) -> RecordDict:
+    """`local_models`: site -> its local model this round, for the sites to score on their validation data (an
+    evaluate instruction of a run with server.cross-site-eval)."""
     cfg = {SERVER_ROUND: server_round, NUM_ROUNDS: num_rounds, RUN_ID: run_id}
     if thresholds is not None:
         cfg[THRESHOLDS] = [float(t) for t in thresholds]
     content = RecordDict({CONFIG: ConfigRecord(cfg)})
     if arrays is not None:
         content[ARRAYS] = _arrays(arrays)
+    for site in sorted(local_models or {}):
+        content[LOCAL_MODEL + site] = _arrays(local_models[site])
     return content
+
+
+def unpack_local_models(content: RecordDict) -> OrderedDict[str, OrderedDict[str, np.ndarray]]:
+    """The local models an instruction carries for cross-site evaluation, by site name (empty when none)."""
+    return OrderedDict((key[len(LOCAL_MODEL):], OrderedDict((k, v.numpy()) for k, v in rec.items()))
+                       for key, rec in sorted(content.array_records.items()) if key.startswith(LOCAL_MODEL))
 
 
 def _arrays(arrays: OrderedDict[str, np.ndarray]) -> ArrayRecord:
@@ -189,6 +203,9 @@ def pack_eval_reply(r: EvalReply) -> RecordDict:
             "num-classes": k, "mechanism": "gaussian", "noise-multiplier": r.noise_multiplier,
             "sensitivity": r.sensitivity, "health-round": r.health_round,
         })
+        if r.cross is not None:
+            content[SUMMARY]["cross-correct"] = [float(x) for x in r.cross]
+            content[SUMMARY]["cross-models"] = list(r.cross_models)
     return content
 
 
@@ -200,7 +217,7 @@ def unpack_eval_reply(content: RecordDict) -> EvalReply:
     """Raises KeyError / ValueError naming the block when a summary is missing a block or has the wrong size."""
     site = unpack_site(content)
     m = content.metric_records[METRICS]
-    blocks, sigma, sens, health_round = None, 0.0, 0.0, 0
+    blocks, sigma, sens, health_round, cross, cross_models = None, 0.0, 0.0, 0, None, ()
     if SUMMARY in content.config_records:
         s = content.config_records[SUMMARY]
         k = int(s["num-classes"])
@@ -214,10 +231,16 @@ def unpack_eval_reply(content: RecordDict) -> EvalReply:
                                  f"expected {int(np.prod(b.shape(k)))} for {k} classes")
             blocks[b.name] = values.reshape(b.shape(k))
         sigma, sens, health_round = float(s["noise-multiplier"]), float(s["sensitivity"]), int(s["health-round"])
+        if "cross-correct" in s:
+            cross = np.asarray(s["cross-correct"], dtype=np.float64)
+            cross_models = tuple(str(x) for x in s.get("cross-models", []))
+            if len(cross_models) != cross.size:
+                raise ValueError(f"site {site.name}: summary has {cross.size} cross-site counts for "
+                                 f"{len(cross_models)} models; expected one per model")
     return EvalReply(site, int(m[NUM_EXAMPLES]), float(m["epsilon"]), blocks, sigma, sens, health_round,
                      float(m.get("epsilon-training", 0.0)), float(m.get("epsilon-diagnostics", 0.0)),
                      float(m.get("seconds", 0.0)), float(m.get("diagnostics-seconds", 0.0)),
-                     float(m.get("started-at", 0.0)), float(m.get("ended-at", 0.0)))
+                     float(m.get("started-at", 0.0)), float(m.get("ended-at", 0.0)), cross, cross_models)
 
 
 def reply(content: RecordDict, to: Message) -> Message:

@@ -46,8 +46,9 @@ def _summary(rng: np.random.Generator, n_val: int, n_train: int, rnd: int) -> di
 
 
 def make_store(path: str | Path, *, sites: int, rounds: int, run_id: str = "synthetic", status: str = "completed",
-               failing: tuple[str, ...] = (), seed: int = 0) -> Path:
-    """A run store with one run shaped like a real one (every column the pages read), written by the real writer."""
+               failing: tuple[str, ...] = (), seed: int = 0, cross_site: bool = False) -> Path:
+    """A run store with one run shaped like a real one (every column the pages read), written by the real writer;
+    `cross_site`: its summaries carry the local models × sites counts of server.cross-site-eval."""
     rng = np.random.default_rng(seed)
     w = RunWriter(path, run_id)
     w.start(scenario="synthetic", rounds_planned=rounds, model="synthetic model", config=CONFIG)
@@ -69,6 +70,11 @@ def make_store(path: str | Path, *, sites: int, rounds: int, run_id: str = "synt
                                             f"{name} failed in train in round {rnd}: data file missing", name))
                 continue
             s = _summary(rng, 30, 120, rnd)
+            if cross_site:  # model j on this site's data: 0.5 + 0.1·j, the last model worst everywhere
+                models = [n for n in names if n not in failing]
+                s["cross_site"] = {"models": models, "noise_std": dg.noise_std(4.8, len(models))[dg.CROSS],
+                                   "accuracy": [0.5 + 0.1 * j if j < len(models) - 1 else 0.1
+                                                for j in range(len(models))]}
             rec.sites.append(SiteRoundRow(name, "train", "ok", num_examples=120, epsilon=eps * 0.95,
                                           epsilon_budget=8.0, delta=1e-5, noise_multiplier=2.1, sample_rate=1.0,
                                           steps=2, seconds=20.0, update_norm=5.0 + rng.normal(0, 0.1),

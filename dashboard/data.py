@@ -185,3 +185,17 @@ def cross_site(site_rounds: pd.DataFrame, rounds: pd.DataFrame, metric: str) -> 
         rows += [{"model": f"round {r.round}", "round": int(r.round), "data": "server test set",
                   "value": getattr(r, test_col)} for r in rounds.itertuples() if pd.notna(getattr(r, test_col))]
     return pd.DataFrame(rows, columns=["model", "round", "data", "value"])
+
+
+def local_cross_site(summaries_: dict[str, dict]) -> tuple[pd.DataFrame, float | None]:
+    """((model, data, value) for each site's local model (rows) on each site's validation data (columns), noised
+    accuracy; the noise std per count), from one round's summaries of a run with server.cross-site-eval."""
+    rows, std = [], None
+    for site, s in summaries_.items():
+        cross = s.get("cross_site")
+        if not cross:
+            continue
+        std = cross.get("noise_std")
+        rows += [{"model": f"{m}'s local model", "data": site, "value": v}
+                 for m, v in zip(cross["models"], cross["accuracy"], strict=False)]
+    return pd.DataFrame(rows, columns=["model", "data", "value"]), std

@@ -143,7 +143,7 @@ class DebugFedAvg(FedAvg):
                  checkpoints: Checkpoints | None = None, max_update_norm: float = 0.0,
                  wait_for_sites: float = 600.0, aggregation: str = "fedavg", trim_fraction: float = 0.2,
                  byzantine: int = 1, exclude: tuple[str, ...] = (), weights: dict[str, float] | None = None,
-                 probe: Probe | None = None) -> None:
+                 probe: Probe | None = None, cross_site_eval: bool = False) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_sites,
                          min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
         self.writer = writer
@@ -158,6 +158,9 @@ class DebugFedAvg(FedAvg):
         # The engineer's fix: sites not asked to train, and multipliers on the others' example counts.
         self.exclude, self.weights = set(exclude), weights or {}
         self.probe = probe
+        # Send each round's accepted local models with the evaluate instruction; every site scores them on its
+        # validation split and releases the counts inside its noised summary (FLARE's cross-site evaluation).
+        self.cross_site_eval = cross_site_eval
         self.wait_for_sites = wait_for_sites
         self.loss_clip = loss_clip
         self.checkpoints = checkpoints
@@ -303,7 +306,10 @@ class DebugFedAvg(FedAvg):
             # --- evaluation at the sites (noised summaries) ----------------------------------------------------
             t_eval = time.time()
             replies = self._exchange(grid, self._wait_for_sites(grid),
-                                     records.pack_instruction(arrays, rnd, num_rounds, self.thresholds, self.run_id),
+                                     records.pack_instruction(
+                                         arrays, rnd, num_rounds, self.thresholds, self.run_id,
+                                         local_models={site: u[0] for site, u in updates.items()}
+                                         if self.cross_site_eval and len(updates) >= 2 else None),
                                      MessageType.EVALUATE)
             rec.metrics["evaluate_wall"] = time.time() - t_eval
             t_diag = time.perf_counter()
@@ -456,9 +462,15 @@ class DebugFedAvg(FedAvg):
             row.clip_fraction, row.grad_norm = h["clip_fraction"], h["mean_grad_norm"]
             row.noise_to_signal = _finite(h["noise_to_signal"])
         row.confusion_json = json.dumps(np.round(confusion, 3).tolist())  # clamped, rescaled
+        std = diagnostics.noise_std(ev.noise_multiplier, len(ev.cross_models))
+        cross = None
+        if ev.cross is not None:
+            n = max(ev.num_examples, 1)
+            cross = {"models": list(ev.cross_models), "correct": _round_floats(ev.cross.tolist()),
+                     "accuracy": _round_floats(np.clip(ev.cross / n, 0.0, 1.0).tolist()),
+                     "noise_std": std.get(diagnostics.CROSS, 0.0)}
         row.summary_json = json.dumps({"round_trained": ev.health_round, "noise_multiplier": ev.noise_multiplier,
-                                       "noise_std": diagnostics.noise_std(ev.noise_multiplier),
-                                       **_round_floats(d),
+                                       "noise_std": std, **_round_floats(d), "cross_site": cross,
                                        # As released (unclamped, unbiased): what later analyses average over rounds.
                                        "released": {k: _round_floats(v.tolist()) for k, v in ev.blocks.items()}},
                                       allow_nan=True)

@@ -120,7 +120,8 @@ def test_no_text_and_no_undocumented_record_leaves_a_site(tiny_cfg):
     allowed = {records.SITE: {"name", "n-train", "n-val", "status", "reason"},
                records.METRICS: None, records.ARRAYS: None,
                records.SUMMARY: {b.name.replace("_", "-") for b in diagnostics.BLOCKS}
-               | {"num-classes", "mechanism", "noise-multiplier", "sensitivity", "health-round"}}
+               | {"num-classes", "mechanism", "noise-multiplier", "sensitivity", "health-round", "cross-correct",
+                  "cross-models"}}
     for m in sent:
         for name, record in m.content.items():
             assert name in allowed, name
@@ -155,3 +156,45 @@ def test_a_zero_diagnostics_share_releases_nothing_and_spends_nothing_on_it(tiny
     ev = records.unpack_eval_reply(_send(client_app.evaluate, ctx, arrays, 1, 2, MessageType.EVALUATE).content)
     assert ev.blocks is None and ev.site.status == records.STATUS_OK and "diagnostics-share = 0" in ev.site.reason
     assert ev.epsilon == 0.0 and ev.epsilon_diagnostics == 0.0
+
+
+def test_cross_site_evaluation_scores_each_local_model_inside_the_one_release(tiny_cfg):
+    from client.summary import predict
+    from common.model import load_trainable_state
+
+    model = build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0)
+    arrays = trainable_state(model)
+    # Two "local models": the global one with its head nudged two ways (the frozen base is shared, as at sites).
+    local = {}
+    for name, shift in (("site-1", 3.0), ("site-2", -3.0)):
+        moved = {k: v.copy() for k, v in arrays.items()}
+        head = next(k for k in moved if k.endswith("bias") and moved[k].shape == (3,))
+        moved[head] = moved[head] + np.array([shift, 0.0, -shift], np.float32)
+        local[name] = moved
+
+    def evaluate(run_config, models):
+        ctx = _context(run_config)
+        msg = _message(records.pack_instruction(arrays, 1, 2, None, local_models=models), MessageType.EVALUATE)
+        return ctx, records.unpack_eval_reply(client_app.evaluate(msg, ctx).content)
+
+    _, exact = evaluate({**TINY, "dp.enabled": False}, local)
+    assert exact.cross_models == ("site-1", "site-2")
+    from client.data import SiteIdentity, load_site_data
+    from common.model import load_tokenizer
+
+    val = load_site_data(tiny_cfg, SiteIdentity("site-0", 0, 3, ""), load_tokenizer(tiny_cfg.model)).val
+    for i, name in enumerate(exact.cross_models):
+        load_trainable_state(model, local[name])
+        probs, _ = predict(model, val)
+        assert exact.cross[i] == (probs.argmax(axis=1) == val.labels.numpy()).sum()
+    assert exact.cross[0] != exact.cross[1]  # the two head shifts favour different classes
+    # The site's own summary is still the global model's: the same as without local models.
+    _, plain = evaluate({**TINY, "dp.enabled": False}, None)
+    assert plain.cross is None and np.array_equal(plain.blocks["confusion"], exact.blocks["confusion"])
+
+    # Under DP: one Gaussian release whose Δ includes the counts' block; ε is what the same σ costs without them.
+    ctx, noised = evaluate({**TINY, "dp.release-noise-multiplier": 4.0}, local)
+    _, alone = evaluate({**TINY, "dp.release-noise-multiplier": 4.0}, None)
+    assert noised.sensitivity == 2.0 and alone.sensitivity == pytest.approx(np.sqrt(3))
+    assert noised.epsilon == pytest.approx(alone.epsilon) and noised.cross.shape == (2,)
+    assert not np.array_equal(noised.cross, exact.cross)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from client.data import Encoded
-from client.summary import Summary, confident_joint_issues, local_summary, release, weighted_vector
+from client.summary import (Summary, confident_joint_issues, cross_site_counts, local_summary, release,
+                            weighted_vector, with_cross_site)
 from client.train import TrainHealth, train_local
 from common import diagnostics as dg
 from common.metrics import accuracy, macro_f1, per_class_f1
@@ -68,6 +69,49 @@ def test_one_example_moves_the_summary_by_at_most_the_sensitivity(model, site_da
     # With the training pass's statistics held fixed, a train example moves its label count; its own loss and
     # gradient norm are one entry each in those blocks (test_train checks one loss per example).
     assert min(train_moves) == pytest.approx(1.0)
+
+
+def test_cross_site_counts_keep_one_example_within_the_larger_sensitivity(tiny_cfg, model, site_data):
+    from common.model import load_trainable_state, trainable_state
+
+    others = {}
+    for i, name in enumerate(("site-a", "site-b", "site-c")):  # three differently initialised "local models"
+        other = build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=10 + i)
+        others[name] = trainable_state(other)
+    mine = trainable_state(model)
+
+    def vec(val):
+        base = local_summary(model, site_data.train, val, num_classes=3, loss_clip=3.0, thresholds=THRESHOLDS)
+        counts = cross_site_counts(model, others, val)
+        load_trainable_state(model, mine)
+        return weighted_vector(with_cross_site(base, tuple(others), counts, 0.0)), counts
+
+    full, counts = vec(site_data.val)
+    assert counts.shape == (3,) and ((0 <= counts) & (counts <= len(site_data.val))).all()
+    # Each local model really is scored (the frozen base is shared, as at real sites): the counts match a direct
+    # evaluation of one of them.
+    from client.summary import predict
+
+    load_trainable_state(model, others["site-b"])
+    probs, _ = predict(model, site_data.val)
+    load_trainable_state(model, mine)
+    assert counts[1] == (probs.argmax(axis=1) == site_data.val.labels.numpy()).sum()
+    moves = [np.linalg.norm(full - vec(_without(site_data.val, i))[0]) for i in range(8)]
+    assert dg.sensitivity(3) == 2.0 and max(moves) <= 2.0 + 1e-9
+    # An example a local model got right moves that model's count: more than the blocks alone can (√3).
+    assert max(moves) > math.sqrt(3)
+
+
+def test_cross_site_counts_are_noised_with_their_own_weight():
+    rng = np.random.default_rng(1)
+    exact = with_cross_site(_exact(), ("a", "b", "c", "d"), np.full(4, 20.0), 0.0)
+    assert exact.sensitivity == 2.0
+    draws = [release(exact, noise_multiplier=2.0, rng=rng) for _ in range(3000)]
+    cross = np.stack([d.cross for d in draws])
+    # std σ·Δ / w with Δ = 2 and w = 1/√4: 2 · 2 · 2 = 8; the other blocks' std grows with Δ too (2·2/1).
+    assert cross.std() == pytest.approx(8.0, rel=0.03) and abs(cross.mean() - 20) < 0.5
+    assert np.stack([d.blocks["confusion"] for d in draws]).std() == pytest.approx(4.0, rel=0.03)
+    assert draws[0].cross_models == ("a", "b", "c", "d")
 
 
 def _exact(k=3, fill=50.0):

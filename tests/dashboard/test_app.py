@@ -144,3 +144,18 @@ def test_an_unknown_run_in_the_address_says_so_and_shows_the_newest(monkeypatch,
     assert not at.exception
     assert "Run 'nope' (from the address) is not in this store" in " ".join(w.value for w in at.sidebar.warning)
     assert "run `only`" in _texts(at)
+
+
+def test_the_local_models_matrix_shows_when_the_run_evaluated_across_sites(monkeypatch, tmp_path):
+    from dashboard.bench import make_store
+
+    store = make_store(tmp_path / "x.db", sites=3, rounds=2, cross_site=True)
+    at = _open(monkeypatch, store, "views/cross_site.py")
+    assert "Local models × sites" in [h.value for h in at.subheader]
+    assert "Round 2, noised: each count carries noise of std 16.6 examples" in _texts(at)  # 4.8 · 2 · √3
+    from dashboard import data
+
+    frame, _ = data.local_cross_site(data.summaries(str(store), "synthetic", 2))
+    assert len(frame) == 9 and frame[frame["model"] == "site-002's local model"]["value"].tolist() == [0.1] * 3
+    off = _open(monkeypatch, make_store(tmp_path / "y.db", sites=3, rounds=2), "views/cross_site.py")
+    assert "Off for this run" in _texts(off)

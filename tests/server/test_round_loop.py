@@ -223,3 +223,50 @@ def test_excluded_sites_are_not_asked_to_train_and_weights_scale_the_average(tmp
     rows = load_run(tmp_path / "s.db", "r")["site_rounds"]
     assert {r["site"] for r in rows if r["phase"] == "train"} == {"a", "b"}
     assert {r["site"] for r in rows if r["phase"] == "evaluate"} == {"a", "b", "c"}  # c is still evaluated
+
+
+def test_cross_site_evaluation_sends_the_accepted_local_models_and_stores_the_matrix(tmp_path):
+    seen = {}
+
+    def scoring(name, value):
+        inner = site(name, arrays=OrderedDict(w=np.full((2, 2), value, np.float32)))
+
+        def handle(msg):
+            if msg.metadata.message_type.startswith("train") or msg.metadata.message_type == "query":
+                return inner(msg)
+            models = records.unpack_local_models(msg.content)
+            seen[name] = list(models)
+            blocks = diagnostics.empty_blocks(K)
+            blocks["confusion"] = np.eye(K) * 2
+            # "correct" = the model's weight value: s1 -> 1, s2 -> 2 (of 5 validation examples), noised to 7 once
+            cross = np.array([float(m["w"][0, 0]) for m in models.values()])
+            if models and name == "s3":
+                cross[-1] += 5.0
+            return records.pack_eval_reply(records.EvalReply(records.SiteInfo(name, 10, 5), 5, 2.5, blocks, 3.0,
+                                                             2.0, 1, 1.5, 1.0, cross=cross if models else None,
+                                                             cross_models=tuple(models)))
+        return handle
+
+    behaviour = {1: scoring("s1", 1.0), 2: scoring("s2", 2.0), 3: scoring("s3", 2.0),
+                 4: site("bad", arrays=OrderedDict(w=np.full((2, 2), np.nan, np.float32)))}
+    writer = RunWriter(tmp_path / "s.db", "r")
+    writer.start(scenario="t", rounds_planned=1, model="m", config={})
+    DebugFedAvg(writer=writer, min_sites=2, fraction_train=1.0, timeout=0.5, cross_site_eval=True).run(
+        FakeGrid(behaviour), GLOBAL, 1)
+    # Every site is sent the accepted local models (not the rejected NaN one), in site order.
+    assert seen == {s: ["s1", "s2", "s3"] for s in ("s1", "s2", "s3")}
+    from common.run_store import load_summaries
+
+    rows = load_summaries(tmp_path / "s.db", "r")
+    assert rows["s1"]["cross_site"]["models"] == ["s1", "s2", "s3"]
+    assert rows["s1"]["cross_site"]["accuracy"] == [0.2, 0.4, 0.4]
+    assert rows["s3"]["cross_site"]["correct"] == [1.0, 2.0, 7.0] and rows["s3"]["cross_site"]["accuracy"][2] == 1.0
+    # Three models: each count's noise std is σ·Δ·√3 with Δ = 2.
+    assert rows["s1"]["cross_site"]["noise_std"] == pytest.approx(3.0 * 2.0 * 3 ** 0.5)
+    assert rows["s1"]["noise_std"]["confusion"] == pytest.approx(6.0)
+    # Off (the default): evaluate instructions carry no local model.
+    seen.clear()
+    writer = RunWriter(tmp_path / "t.db", "r")
+    writer.start(scenario="t", rounds_planned=1, model="m", config={})
+    DebugFedAvg(writer=writer, min_sites=2, fraction_train=1.0, timeout=0.5).run(FakeGrid(behaviour), GLOBAL, 1)
+    assert seen == {s: [] for s in ("s1", "s2", "s3")}
