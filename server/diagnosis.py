@@ -50,6 +50,9 @@ MIN_NOISE_RATE = 0.35  # estimated share of randomised labels below which label 
 MIN_LOSS_EXCESS = 0.15  # mean first-use training loss above the others' median (nats) for a data shift
 STEPS_OUTLIER = 4.0  # × the median local DP steps per round
 MIN_SITES = 3
+# Releases a site's label histogram must have before it is tested: one release's noise (std ~7 per count) turns a
+# small class into an apparent gap in ~1 of 50 clean runs; two halve its variance (measured on synthetic releases).
+MIN_LABEL_RELEASES = 2
 SKEW_DEPARTURE = 16.0  # χ²/dof of a site's label counts against the others' shares that counts as a departure
 SKEW_SHARE = 1 / 3  # more than this share of sites departing (and at least 2) = label skew, not faults
 PROBE_TV = 0.3  # total-variation distance of a site model's predictions on public texts from the others' median
@@ -109,7 +112,7 @@ class Diagnosis:
             ev = self.sites.setdefault(row.site, SiteEvidence())
             if row.phase == "train" and row.status == "ok" and row.steps:
                 ev.steps.append(int(row.steps))
-                ev.n_train = int(row.num_examples or ev.n_train)
+                ev.n_train = ev.n_train or int(row.num_examples or 0)  # the summary's split size wins (below)
             if row.phase == "train" and row.probe_json:
                 v = np.asarray(json.loads(row.probe_json), dtype=np.float64)
                 ev.probe = v if ev.probe is None else ev.probe + v
@@ -120,6 +123,9 @@ class Diagnosis:
             released, std = summary.get("released"), summary.get("noise_std") or {}
             if not released or "train_labels" not in released:
                 continue
+            # The histogram covers the site's whole train split (public size), whatever share of it the site
+            # trained on this round (an overfitting site trains on a few examples).
+            ev.n_train = int(summary.get("n_train") or ev.n_train)
             labels = np.asarray(released["train_labels"], dtype=np.float64)
             ev.labels = labels if ev.labels is None else ev.labels + labels
             ev.label_rounds += 1
@@ -133,7 +139,7 @@ class Diagnosis:
 
     def findings(self) -> dict[tuple[str | None, str], Finding]:
         out: dict[tuple[str | None, str], Finding] = {}
-        labelled = {s: e for s, e in self.sites.items() if e.label_rounds and e.n_train}
+        labelled = {s: e for s, e in self.sites.items() if e.label_rounds >= MIN_LABEL_RELEASES and e.n_train}
         if len(labelled) >= MIN_SITES:
             departure = {s: self._departure(ev, [e for o, e in labelled.items() if o != s])
                          for s, ev in labelled.items()}

@@ -470,7 +470,8 @@ class DebugFedAvg(FedAvg):
                      "accuracy": _round_floats(np.clip(ev.cross / n, 0.0, 1.0).tolist()),
                      "noise_std": std.get(diagnostics.CROSS, 0.0)}
         row.summary_json = json.dumps({"round_trained": ev.health_round, "noise_multiplier": ev.noise_multiplier,
-                                       "noise_std": std, **_round_floats(d), "cross_site": cross,
+                                       "noise_std": std, "n_train": ev.site.n_train, **_round_floats(d),
+                                       "cross_site": cross,
                                        # As released (unclamped, unbiased): what later analyses average over rounds.
                                        "released": {k: _round_floats(v.tolist()) for k, v in ev.blocks.items()}},
                                       allow_nan=True)

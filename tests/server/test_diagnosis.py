@@ -25,7 +25,7 @@ def _histogram(rng, n, fault, p=P):
     return np.bincount(labels, minlength=3).astype(float)
 
 
-def _run(faults, rounds=4, n=96, seed=0, loss=None, shares=None):
+def _run(faults, rounds=4, n=96, seed=0, loss=None, shares=None, trained_on=None):
     rng = np.random.default_rng(seed)
     truth = {f"site-{i}": _histogram(rng, n, faults.get(f"site-{i}"), P if shares is None else shares[i])
              for i in range(5)}
@@ -36,9 +36,10 @@ def _run(faults, rounds=4, n=96, seed=0, loss=None, shares=None):
             released = {"train_labels": (h + rng.normal(0, STD, 3)).tolist()}
             if loss:
                 released["train_loss_sum"] = [loss.get(site, 1.0) * h.sum() / 3.0 + rng.normal(0, STD)]
-            rec.sites.append(SiteRoundRow(site=site, phase="train", status="ok", num_examples=int(h.sum()), steps=2))
+            claimed = (trained_on or {}).get(site, int(h.sum()))  # examples the site trained on this round
+            rec.sites.append(SiteRoundRow(site=site, phase="train", status="ok", num_examples=claimed, steps=2))
             rec.sites.append(SiteRoundRow(site=site, phase="evaluate", status="ok", summary_json=json.dumps(
-                {"round_trained": r, "released": released,
+                {"round_trained": r, "released": released, "n_train": int(h.sum()),
                  "noise_std": {"train_labels": STD, "train_loss_sum": STD}})))
         diag.add(rec)
         now = diag.findings()
@@ -121,3 +122,9 @@ def test_label_skew_between_sites_withholds_the_label_and_loss_tests(monkeypatch
     # One faulty site among sites that share one mix departs alone: no skew note, the fault is named.
     found = _run({"site-1": "label_flip"}, n=150)
     assert (None, "label_skew") not in found and {k[0] for k in found} == {"site-1"}
+
+
+def test_a_site_that_trains_on_a_few_examples_is_judged_on_its_whole_train_split():
+    # An overfitting site trains on 16 of its ~150 examples each round; its label histogram still covers all of
+    # them (the summary carries the split's public size), so its labels read as ordinary.
+    assert _run({}, n=150, trained_on={"site-0": 16}) == {}
