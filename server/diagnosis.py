@@ -27,6 +27,7 @@ leave-one-out pool so a faulty site does not mask itself):
   ε): a model that predicts near-uniformly where the others are confident (label noise), or confidently another
   class (a flip), when the label histogram did not already name the cause.
 
+The label and loss tests wait for a site's second release (one release's noise alone raised most false alarms).
 Thresholds are a z-score plus an effect size, so that a clean run stays quiet; confidence is Φ(z − 2),
 a heuristic, not a calibrated probability.
 """
