@@ -21,7 +21,7 @@ NOISE_DOMINATED = 10.0  # ‖DP noise‖ / ‖Σ clipped gradients‖ per step a
 MIN_SITES = 3  # cross-site comparisons need a median of at least this many sites
 ZERO_NORM = 1e-6  # × median update norm: the site sent back what it received
 NORM_OUTLIER = 5.0  # × median update norm
-STRAGGLER = 3.0  # × median training seconds (and at least STRAGGLER_MIN_S more)
+STRAGGLER = 3.0  # × median training seconds (and at least STRAGGLER_MIN_S more), and × the median seconds per example
 STRAGGLER_MIN_S = 5.0
 # Trends of the global model over rounds (run-level).
 TREND_ROUNDS = 3  # rounds a trend must span
@@ -99,10 +99,17 @@ def _cross_site(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
     # The site's whole handler span (what the round waits for), else its reported compute seconds.
     seconds = {s: (r.ended_at - r.started_at) if r.started_at and r.ended_at else r.seconds
                for s, r in trained.items() if r.seconds is not None or r.started_at}
+    # Examples each site processed (steps × q × n, from the public DP-SGD schedule): a site holding 10× the data
+    # honestly takes ~10× as long, so a straggler must also be slow per example.
+    work = {s: r.steps * r.sample_rate * r.num_examples for s, r in trained.items()
+            if r.steps and r.sample_rate and r.num_examples}
+    per_example = {s: seconds[s] / work[s] for s in seconds if s in work} if set(work) >= set(seconds) else {}
     if len(seconds) >= MIN_SITES:
         typical = statistics.median(seconds.values())
+        typical_rate = statistics.median(per_example.values()) if per_example else 0.0
         for site, sec in seconds.items():
-            if sec >= STRAGGLER * typical and sec >= typical + STRAGGLER_MIN_S:
+            slow_per_example = not per_example or per_example[site] >= STRAGGLER * typical_rate
+            if sec >= STRAGGLER * typical and sec >= typical + STRAGGLER_MIN_S and slow_per_example:
                 out[(site, "dropout")] = Finding(
                     "dropout", "warning", f"{site} took {sec:.0f} s to train in round {rec.round}, {sec / typical:.0f}× "
                     f"the median {typical:.1f} s over {len(seconds)} sites: a straggler that every round waits for "

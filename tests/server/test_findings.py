@@ -37,11 +37,12 @@ def test_a_finding_is_recorded_when_it_appears_and_again_only_after_it_cleared()
     assert [(f.site, f.kind) for f in tracker.update(_round(4, fail=True))] == [("e", "site-failed")]
 
 
-def _sites(norms, seconds=None, measured=None):
+def _sites(norms, seconds=None, measured=None, examples=None):
     rows = []
     for i, n in enumerate(norms):
         site = f"s{i}"
-        rows.append(SiteRoundRow(site, "train", "ok", update_norm=n, seconds=(seconds or [10.0] * len(norms))[i]))
+        rows.append(SiteRoundRow(site, "train", "ok", update_norm=n, seconds=(seconds or [10.0] * len(norms))[i],
+                                 num_examples=(examples or [96] * len(norms))[i], steps=2, sample_rate=1.0))
         loss = None if measured is not None and site not in measured else 0.9
         rows.append(SiteRoundRow(site, "evaluate", "ok", train_loss=loss))
     return RoundRecord(2, 1.0, {}, rows)
@@ -65,6 +66,12 @@ def test_gross_update_and_timing_departures_name_the_site_and_cause():
             r.started_at, r.ended_at = 100.0, 100.0 + (30.0 if r.site == "s4" else 1.0)
     assert set(current(rec)) == {("s4", "dropout")}
     assert current(_sites([0.0, 5.0])) == {}  # two sites: no median to compare against
+    # A site with 10× the data (a skewed partition) takes ~10× as long, at the same speed per example: not a
+    # straggler. A small site slow per example but quicker than the median is not one either.
+    big = _sites([*honest, 5.2], seconds=[10.0, 11.0, 9.0, 2.0, 95.0], examples=[96, 96, 96, 14, 900])
+    assert current(big) == {}
+    f = current(_sites([*honest, 5.2], seconds=[10.0, 11.0, 9.0, 2.0, 130.0], examples=[96, 96, 96, 14, 300]))
+    assert set(f) == {("s4", "dropout")}  # 3× the data but 13× the time
 
 
 def test_trends_of_the_global_model_become_run_level_findings():
