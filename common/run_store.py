@@ -403,6 +403,28 @@ def load_summaries(path: str | Path, run_id: str, round_: int | None = None) -> 
         conn.close()
 
 
+def load_round_records(path: str | Path, run_id: str) -> list[RoundRecord]:
+    """A run's committed rounds as the server built them (metrics and per-site rows, summaries included; no events,
+    ledger or findings): what `fedlens diagnose` feeds to the current diagnosis code."""
+    conn = connect(path, readonly=True)
+    try:
+        conn.execute("BEGIN")
+        have = set(_columns(conn, "site_rounds"))
+        cols = [c for c in SITE_ROUND_COLUMNS if c in have]
+        rows: dict[int, list[SiteRoundRow]] = {}
+        for r in _rows(conn, f"SELECT round, {', '.join(cols)} FROM site_rounds WHERE run_id = ? "
+                             "ORDER BY round, site, phase", (run_id,)):
+            rows.setdefault(r.pop("round"), []).append(SiteRoundRow(**r))
+        metrics = [c for c in ROUND_METRICS if c in set(_columns(conn, "rounds"))]
+        out = [RoundRecord(r["round"], r["seconds"], {k: r[k] for k in metrics}, rows.get(r["round"], []))
+               for r in _rows(conn, f"SELECT round, seconds, {', '.join(metrics)} FROM rounds WHERE run_id = ? "
+                                    "ORDER BY round", (run_id,))]
+        conn.execute("COMMIT")
+        return out
+    finally:
+        conn.close()
+
+
 def _has_schema(conn: sqlite3.Connection) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='runs'").fetchone() is not None
 

@@ -3,6 +3,7 @@
 Run as:  fedlens simulate --scenario simulations/smoke.toml
          fedlens report --json
          fedlens whatif --round 3 --exclude site-2
+         fedlens diagnose                      # this version's diagnosis over the newest stored run
          fedlens replay --round 2 --exclude site-2
          fedlens bench --only dp_overhead,bytes_per_round --json
          fedlens bench diagnosis --suite simulations/faults --json
@@ -156,6 +157,48 @@ def report(
             typer.echo(dumps({"success": False, "error": str(e)}))
         _fail(str(e))
     typer.echo(dumps(rep) if json_ else format_text(rep))
+
+
+@app.command()
+def diagnose(
+    store: Annotated[Path, typer.Option(help="run store file")] = Path(DEFAULT_STORE),
+    run: Annotated[str | None, typer.Option(help="run id (default: the newest run)")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Run this version's diagnosis again over a stored run's rounds and compare with the findings it recorded
+    (writes nothing; no site is contacted)."""
+    import json
+
+    from common.run_store import load_round_records, load_run
+    from server.findings import rediagnose
+
+    try:
+        stored = load_run(store, run)
+    except (LookupError, FileNotFoundError) as e:
+        if json_:
+            typer.echo(json.dumps({"success": False, "error": str(e)}))
+        _fail(str(e))
+    labels = tuple(x.strip() for x in str(stored["config"].get("data.labels", "")).split(",") if x.strip())
+    found = rediagnose(load_round_records(store, stored["run_id"]),
+                       loss_clip=float(stored["config"].get("dp.loss-clip", 3.0)), class_names=labels or None)
+    now = {(f.site, f.kind) for _, f in found}
+    before = {(f["site"], f["kind"]) for f in stored["findings"]}
+    out = {"run_id": stored["run_id"],
+           "findings": [{"site": f.site, "kind": f.kind, "round": r, "severity": f.severity,
+                         "confidence": f.confidence, "evidence": f.message} for r, f in found],
+           "new": sorted([list(k) for k in now - before], key=str),
+           "gone": sorted([list(k) for k in before - now], key=str)}
+    if json_:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    typer.echo(f"run {out['run_id']}: {len(found)} finding(s) from this version's diagnosis "
+               f"({len(stored['findings'])} recorded during the run)")
+    for f in out["findings"]:
+        typer.echo(f"  round {f['round']}: [{f['severity']}, {f['kind']}, confidence {f['confidence']:.2f}] "
+                   f"{f['evidence']}")
+    for what, keys in (("new since the run", out["new"]), ("recorded, not found now", out["gone"])):
+        if keys:
+            typer.echo(f"{what}: " + ", ".join(f"{site or 'run'}:{kind}" for site, kind in keys))
 
 
 @app.command()

@@ -51,10 +51,11 @@ def current(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
                 f"its privacy budget: {row.reason}", row.site)
     share = rec.metrics.get("test_max_prediction_share")
     if share is not None and share >= COLLAPSE_SHARE:
+        f1 = rec.metrics.get("test_macro_f1")
         out[(None, "majority_collapse")] = Finding(
             "majority_collapse", "warning", f"the global model predicts one class for {share:.0%} of the server's test set "
-            f"(round {rec.round}): it has collapsed onto the majority class; macro-F1 "
-            f"{rec.metrics.get('test_macro_f1', float('nan')):.2f}", None)
+            f"(round {rec.round}): it has collapsed onto the majority class"
+            + (f"; macro-F1 {f1:.2f}" if f1 is not None else ""), None)
     nsr = {r.site: r.noise_to_signal for r in rec.sites
            if r.phase == "evaluate" and r.noise_to_signal is not None}
     if nsr:
@@ -182,3 +183,11 @@ class FindingsTracker:
         new = [f for key, f in now.items() if key not in self.open]
         self.open = set(now)
         return new
+
+
+def rediagnose(records: list[RoundRecord], *, loss_clip: float = 3.0,
+               class_names: tuple[str, ...] | None = None) -> list[tuple[int, Finding]]:
+    """The findings the current code draws from a stored run's rounds, as (round, finding) in the order they would
+    have been recorded: for a run made before a diagnosis change, or to check what was recorded."""
+    tracker = FindingsTracker(Diagnosis(loss_clip=loss_clip, class_names=class_names))
+    return [(rec.round, f) for rec in records for f in tracker.update(rec)]

@@ -141,7 +141,7 @@ def main(grid: Grid, context: Context) -> None:
                                aggregation=cfg.server.aggregation, trim_fraction=cfg.server.trim_fraction,
                                byzantine=cfg.server.byzantine, exclude=cfg.server.exclude,
                                weights=cfg.site_weights(), probe=make_probe(cfg, model, test),
-                               cross_site_eval=cfg.server.cross_site_eval)
+                               cross_site_eval=cfg.server.cross_site_eval, class_names=cfg.data.labels)
         initial, start = trainable_state(model), 1
         if resumed is not None or parent is not None:
             # Resume this run after its last completed round, or replay another from its round R checkpoint.

@@ -20,6 +20,7 @@ from common.checkpoints import Checkpoints
 from common.log import get_logger
 from common.metrics import prediction_share
 from common.run_store import Event, LedgerRow, RoundRecord, RunWriter, SiteRoundRow
+from server.diagnosis import Diagnosis
 from server.findings import FindingsTracker
 
 log = get_logger()
@@ -143,7 +144,8 @@ class DebugFedAvg(FedAvg):
                  checkpoints: Checkpoints | None = None, max_update_norm: float = 0.0,
                  wait_for_sites: float = 600.0, aggregation: str = "fedavg", trim_fraction: float = 0.2,
                  byzantine: int = 1, exclude: tuple[str, ...] = (), weights: dict[str, float] | None = None,
-                 probe: Probe | None = None, cross_site_eval: bool = False) -> None:
+                 probe: Probe | None = None, cross_site_eval: bool = False,
+                 class_names: tuple[str, ...] = ()) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_sites,
                          min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
         self.writer = writer
@@ -164,7 +166,8 @@ class DebugFedAvg(FedAvg):
         self.wait_for_sites = wait_for_sites
         self.loss_clip = loss_clip
         self.checkpoints = checkpoints
-        self.findings = FindingsTracker()
+        # Findings name classes as the engineer configured them (data.labels), not by index.
+        self.findings = FindingsTracker(Diagnosis(loss_clip=loss_clip, class_names=tuple(class_names) or None))
         self.run_id = writer.run_id  # sent with every instruction: sites key their saved ledger by it
         # Confident-learning thresholds sent with each evaluation: from the previous round's noised summaries.
         self.thresholds: list[float] | None = None
