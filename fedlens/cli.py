@@ -277,6 +277,8 @@ def bench(
     repeat: Annotated[int, typer.Option(help="diagnosis: passes over the suite (the spread between passes is the "
                                              "benchmark's own noise)")] = 1,
     keep: Annotated[Path | None, typer.Option(help="diagnosis: keep each scenario's run store in this folder")] = None,
+    rescore: Annotated[Path | None, typer.Option(help="diagnosis: score the run stores an earlier --keep left in "
+                                                      "this folder with this version's diagnosis (no new runs)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="diagnosis: a config key for every scenario, e.g. "
                                                                  "--set model.tiny=false (the real MiniLM)")] = None,
     json_: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
@@ -288,8 +290,10 @@ def bench(
         from fedlens import diagnosis_bench as harness
 
         try:
-            out = harness.run(suite or harness.SUITE, repeat=repeat, keep=keep, overrides=tuple(set_ or ()),
-                              progress=lambda m: typer.echo(m, err=True))
+            echo = lambda m: typer.echo(m, err=True)  # noqa: E731
+            out = (harness.rescore(rescore, progress=echo) if rescore else
+                   harness.run(suite or harness.SUITE, repeat=repeat, keep=keep, overrides=tuple(set_ or ()),
+                               progress=echo))
         except ValueError as e:
             _fail(str(e), code=2)
         typer.echo(json.dumps(out, indent=2, default=float) if json_ else harness.format_table(out))

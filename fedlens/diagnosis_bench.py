@@ -150,6 +150,35 @@ def run(suite: Path = SUITE, *, repeat: int = 1, keep: Path | None = None, overr
     return out
 
 
+def rescore(folder: Path, *, progress=print) -> dict[str, Any]:  # noqa: ANN001
+    """Score run stores kept by an earlier `--keep` with this version's diagnosis (`fedlens diagnose` on each):
+    the same releases, timings and faults, the current rules. Seconds instead of a new run of the suite."""
+    from common.run_store import load_faults, load_round_records, load_run
+    from server.findings import rediagnose
+
+    stores = sorted(Path(folder).glob("*.db"))
+    if not stores:
+        raise ValueError(f"no run stores (*.db) in {folder}; keep some with `fedlens bench diagnosis --keep DIR`")
+    runs = []
+    for store in stores:
+        progress(f"rescoring {store.name}…")
+        run = load_run(store)
+        labels = tuple(x.strip() for x in str(run["config"].get("data.labels", "")).split(",") if x.strip())
+        found = rediagnose(load_round_records(store, run["run_id"]),
+                           loss_clip=float(run["config"].get("dp.loss-clip", 3.0)), class_names=labels or None)
+        runs.append({"scenario": store.stem, "status": run["status"], "seconds": 0.0,
+                     "faults": load_faults(store, run["run_id"]), "rounds": run["rounds"], "ledger": run["ledger"],
+                     "findings": [{"site": f.site, "kind": f.kind, "round": r, "confidence": f.confidence}
+                                  for r, f in found]})
+    out = score(runs)
+    out["scenarios"] = [{"scenario": r["scenario"], "status": r["status"], "seconds": 0.0,
+                         "faults": [f"{f['site']}:{f['kind']}" for f in r["faults"]],
+                         "findings": sorted({f"{f['site']}:{f['kind']}@{f['round']}" for f in r["findings"]
+                                             if f["site"] is not None})} for r in runs]
+    out["suite"], out["targets"], out["rescored"] = str(folder), TARGETS, True
+    return out
+
+
 def format_table(out: dict[str, Any]) -> str:
     def fmt(v: Any) -> str:
         return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)

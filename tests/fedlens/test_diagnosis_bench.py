@@ -31,3 +31,26 @@ def test_scores_count_sites_causes_rounds_and_clean_runs():
     assert out["min_noise_multiplier"] == 0.9
     assert out["per_kind"]["overfit"] == {"sites": 1, "found": 0, "root_cause": 0, "rounds_to_detect": None}
     assert out["per_kind"]["crash"] == {"sites": 1, "found": 1, "root_cause": 1, "rounds_to_detect": 3}
+
+
+def test_rescore_scores_kept_stores_with_the_current_rules(tmp_path):
+    from common.run_store import Finding, RoundRecord, RunWriter, SiteRoundRow
+    from fedlens.diagnosis_bench import rescore
+
+    with pytest.raises(ValueError, match="no run stores"):
+        rescore(tmp_path)
+    w = RunWriter(tmp_path / "crash.db", "r")
+    w.start(scenario="crash", rounds_planned=1, model="m", config={})
+    w.record_faults([("c", "crash", {"round": 1})])
+    sites = [SiteRoundRow(s, "train", "ok", num_examples=96, steps=2, sample_rate=1.0, seconds=5.0,
+                          update_norm=3.0) for s in ("a", "b")]
+    sites.append(SiteRoundRow("c", "train", "failed", reason="injected crash at round 1"))
+    rec = RoundRecord(1, 6.0, {}, sites)
+    rec.findings = [Finding("dropout", "warning", "stale", "a")]  # what an older rule recorded: a false alarm
+    w.write_round(rec)
+    w.finish("completed")
+    w.close()
+    out = rescore(tmp_path, progress=lambda m: None)
+    # Re-derived from the stored rows: the crashed site is found, the stale false alarm is not there.
+    assert out["precision"] == 1.0 and out["recall"] == 1.0 and out["rescored"] is True
+    assert out["scenarios"][0]["findings"] == ["c:site-failed@1"]
