@@ -39,7 +39,10 @@ def body(snap: dict) -> None:
                    else "no DP" if not ui.dp_on(snap) else "—")
     findings = snap["findings"]
     failing = table[table["status"] != "ok"] if not table.empty else table
-    cols[5].metric("Open findings", len(findings), help=f"sites failing now: {len(failing)} / {len(table)}")
+    # Info-level notes (label skew between sites) explain the run; they are not problems to act on.
+    problems = findings[findings["severity"] != "info"] if not findings.empty else findings
+    cols[5].metric("Open findings", len(problems), help=f"sites failing now: {len(failing)} / {len(table)}; "
+                                                        f"notes: {len(findings) - len(problems)}")
 
     if done == 0:
         st.info("Round 1 is in progress: results appear here as soon as it is committed.")
