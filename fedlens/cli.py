@@ -169,18 +169,14 @@ def diagnose(
     (writes nothing; no site is contacted)."""
     import json
 
-    from common.run_store import load_round_records, load_run
-    from server.findings import rediagnose
+    from server.findings import rediagnose_store
 
     try:
-        stored = load_run(store, run)
+        stored, found = rediagnose_store(store, run)
     except (LookupError, FileNotFoundError) as e:
         if json_:
             typer.echo(json.dumps({"success": False, "error": str(e)}))
         _fail(str(e))
-    labels = tuple(x.strip() for x in str(stored["config"].get("data.labels", "")).split(",") if x.strip())
-    found = rediagnose(load_round_records(store, stored["run_id"]),
-                       loss_clip=float(stored["config"].get("dp.loss-clip", 3.0)), class_names=labels or None)
     now = {(f.site, f.kind) for _, f in found}
     before = {(f["site"], f["kind"]) for f in stored["findings"]}
     out = {"run_id": stored["run_id"],

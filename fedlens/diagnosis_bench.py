@@ -153,8 +153,8 @@ def run(suite: Path = SUITE, *, repeat: int = 1, keep: Path | None = None, overr
 def rescore(folder: Path, *, progress=print) -> dict[str, Any]:  # noqa: ANN001
     """Score run stores kept by an earlier `--keep` with this version's diagnosis (`fedlens diagnose` on each):
     the same releases, timings and faults, the current rules. Seconds instead of a new run of the suite."""
-    from common.run_store import load_faults, load_round_records, load_run
-    from server.findings import rediagnose
+    from common.run_store import load_faults
+    from server.findings import rediagnose_store
 
     stores = sorted(Path(folder).glob("*.db"))
     if not stores:
@@ -162,10 +162,7 @@ def rescore(folder: Path, *, progress=print) -> dict[str, Any]:  # noqa: ANN001
     runs = []
     for store in stores:
         progress(f"rescoring {store.name}…")
-        run = load_run(store)
-        labels = tuple(x.strip() for x in str(run["config"].get("data.labels", "")).split(",") if x.strip())
-        found = rediagnose(load_round_records(store, run["run_id"]),
-                           loss_clip=float(run["config"].get("dp.loss-clip", 3.0)), class_names=labels or None)
+        run, found = rediagnose_store(store)
         runs.append({"scenario": store.stem, "status": run["status"], "seconds": 0.0,
                      "faults": load_faults(store, run["run_id"]), "rounds": run["rounds"], "ledger": run["ledger"],
                      "findings": [{"site": f.site, "kind": f.kind, "round": r, "confidence": f.confidence}

@@ -191,3 +191,13 @@ def rediagnose(records: list[RoundRecord], *, loss_clip: float = 3.0,
     have been recorded: for a run made before a diagnosis change, or to check what was recorded."""
     tracker = FindingsTracker(Diagnosis(loss_clip=loss_clip, class_names=class_names))
     return [(rec.round, f) for rec in records for f in tracker.update(rec)]
+
+
+def rediagnose_store(store, run_id: str | None = None) -> tuple[dict, list[tuple[int, Finding]]]:  # noqa: ANN001
+    """(the stored run, the findings this version draws from its rounds), with the run's own labels and loss clip."""
+    from common.run_store import load_round_records, load_run
+
+    run = load_run(store, run_id)
+    labels = tuple(x.strip() for x in str(run["config"].get("data.labels", "")).split(",") if x.strip())
+    return run, rediagnose(load_round_records(store, run["run_id"]),
+                           loss_clip=float(run["config"].get("dp.loss-clip", 3.0)), class_names=labels or None)

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from client.data import Encoded
-from client.summary import (Summary, confident_joint_issues, cross_site_counts, local_summary, release,
-                            weighted_vector, with_cross_site)
+from client.summary import (
+    Summary,
+    confident_joint_issues,
+    cross_site_counts,
+    local_summary,
+    release,
+    weighted_vector,
+    with_cross_site,
+)
 from client.train import TrainHealth, train_local
 from common import diagnostics as dg
 from common.metrics import accuracy, macro_f1, per_class_f1
