@@ -142,10 +142,7 @@ def run(suite: Path = SUITE, *, repeat: int = 1, keep: Path | None = None, overr
     out = score(runs)
     if repeat > 1:
         out["repeats"] = [{k: v for k, v in score(p).items() if k not in ("per_kind", "counts")} for p in passes]
-    out["scenarios"] = [{"scenario": r["scenario"], "status": r["status"], "seconds": round(r["seconds"], 1),
-                         "faults": [f"{f['site']}:{f['kind']}" for f in r["faults"]],
-                         "findings": sorted({f"{f['site']}:{f['kind']}@{f['round']}" for f in r["findings"]
-                                             if f["site"] is not None})} for r in runs]
+    out["scenarios"] = _scenario_rows(runs)
     out["suite"], out["targets"] = str(suite), TARGETS
     return out
 
@@ -168,12 +165,17 @@ def rescore(folder: Path, *, progress=print) -> dict[str, Any]:  # noqa: ANN001
                      "findings": [{"site": f.site, "kind": f.kind, "round": r, "confidence": f.confidence}
                                   for r, f in found]})
     out = score(runs)
-    out["scenarios"] = [{"scenario": r["scenario"], "status": r["status"], "seconds": 0.0,
-                         "faults": [f"{f['site']}:{f['kind']}" for f in r["faults"]],
-                         "findings": sorted({f"{f['site']}:{f['kind']}@{f['round']}" for f in r["findings"]
-                                             if f["site"] is not None})} for r in runs]
+    out["scenarios"] = _scenario_rows(runs)
     out["suite"], out["targets"], out["rescored"] = str(folder), TARGETS, True
     return out
+
+
+def _scenario_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per scenario run for the table: its truth and the site-level findings it raised (site:kind@round)."""
+    return [{"scenario": r["scenario"], "status": r["status"], "seconds": round(r["seconds"], 1),
+             "faults": [f"{f['site']}:{f['kind']}" for f in r["faults"]],
+             "findings": sorted({f"{f['site']}:{f['kind']}@{f['round']}" for f in r["findings"]
+                                 if f["site"] is not None})} for r in runs]
 
 
 def format_table(out: dict[str, Any]) -> str:

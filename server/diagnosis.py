@@ -142,8 +142,10 @@ class Diagnosis:
         out: dict[tuple[str | None, str], Finding] = {}
         labelled = {s: e for s, e in self.sites.items() if e.label_rounds >= MIN_LABEL_RELEASES and e.n_train}
         if len(labelled) >= MIN_SITES:
-            departure = {s: self._departure(ev, [e for o, e in labelled.items() if o != s])
-                         for s, ev in labelled.items()}
+            # Each site against the others' reference (leave-one-out), read by both the skew and the label tests.
+            m = len(labelled) - 1
+            refs = {s: self._reference([e for o, e in labelled.items() if o != s]) for s in labelled}
+            departure = {s: self._departure(ev, refs[s], m) for s, ev in labelled.items()}
             skewed = sorted(s for s, d in departure.items() if d >= SKEW_DEPARTURE)
             if len(skewed) >= 2 and len(skewed) > SKEW_SHARE * len(labelled):
                 # Label faults are the exception and label skew between sites the rule: when many sites' label
@@ -157,7 +159,7 @@ class Diagnosis:
                     "skewed one, and a site's loss and local model follow its label mix", None, confidence=0.8)
             else:
                 for site, ev in labelled.items():
-                    f = self._labels(site, ev, {s: e for s, e in labelled.items() if s != site})
+                    f = self._labels(site, ev, refs[site], m)
                     if f is not None:
                         out[(site, f.kind)] = f
         # Under label skew a site's local model leans to its own label mix and its loss follows that mix: the probe
@@ -204,32 +206,36 @@ class Diagnosis:
         shares = np.clip((each[1:-1] if len(each) >= 4 else each).mean(axis=0), 0.0, None)
         return (shares / shares.sum(), each) if shares.sum() > 0 else None
 
-    def _departure(self, ev: SiteEvidence, others: list[SiteEvidence]) -> float:
-        """χ² per degree of freedom of the site's label counts against the others' shares, with only multinomial
-        sampling and the release noise as the honest spread (~1 when all sites share one label mix)."""
-        ref = self._reference(others)
+    @staticmethod
+    def _sampling_var(ev: SiteEvidence, p: np.ndarray) -> np.ndarray:
+        """Per-cell variance of an honest site's mean label counts if it shared the shares p: multinomial sampling of
+        its n examples plus the release noise (its mean over rounds)."""
+        n = float(ev.n_train)
+        return n * p * (1 - p) + ev.label_var / ev.label_rounds
+
+    def _departure(self, ev: SiteEvidence, ref: tuple[np.ndarray, np.ndarray] | None, n_others: int) -> float:
+        """χ² per degree of freedom of the site's label counts against the others' shares, with only the sampling
+        variance as the honest spread (~1 when all sites share one label mix)."""
         if ref is None:
             return 0.0
-        p, n, m = ref[0], float(ev.n_train), ev.label_mean()
-        var = (n * p * (1 - p) + ev.label_var / ev.label_rounds) * (1 + 1 / len(others))
-        return float(np.sum((m - n * p) ** 2 / np.maximum(var, 1e-9)) / max(1, len(p) - 1))
+        p, m = ref[0], ev.label_mean()
+        var = self._sampling_var(ev, p) * (1 + 1 / n_others)
+        return float(np.sum((m - ev.n_train * p) ** 2 / np.maximum(var, 1e-9)) / max(1, len(p) - 1))
 
-    def _labels(self, site: str, ev: SiteEvidence, others: dict[str, SiteEvidence]) -> Finding | None:
+    def _labels(self, site: str, ev: SiteEvidence, ref: tuple[np.ndarray, np.ndarray] | None,
+                n_others: int) -> Finding | None:
         k = len(ev.labels)
-        ref = self._reference(list(others.values()))
         if ref is None:
             return None
         p, each = ref
         n = float(ev.n_train)
         m = ev.label_mean()
         e = n * p
-        # Per-cell spread of an honest site: at least multinomial sampling of n examples plus the release noise
-        # (its mean over rounds); more where the other sites' shares spread more (label skew between sites, as in
-        # natural or Dirichlet partitions, is not a fault). × (1 + 1/m): the reference is itself estimated from m
-        # noisy sites.
-        theory = n * p * (1 - p) + ev.label_var / ev.label_rounds
+        # Per-cell spread of an honest site: at least its sampling variance; more where the other sites' shares
+        # spread more (label skew between sites, as in natural or Dirichlet partitions, is not a fault).
+        # × (1 + 1/m): the reference is itself estimated from m noisy sites.
         spread = (1.4826 * np.median(np.abs(each - np.median(each, axis=0)), axis=0)) ** 2 * n ** 2
-        var = np.maximum(theory, spread) * (1 + 1 / len(others))
+        var = np.maximum(self._sampling_var(ev, p), spread) * (1 + 1 / n_others)
         z = (e - m) / np.sqrt(var)
         share = lambda v: f"{v / n:.0%}"  # noqa: E731
         absent = [c for c in range(k) if p[c] >= MIN_SHARE and z[c] >= Z_LABELS and m[c] <= 0.25 * e[c]]
@@ -258,7 +264,7 @@ class Diagnosis:
             return Finding(
                 "class_missing", "warning",
                 f"{site} holds no training examples of {self._name(a)} ({share(m[a])} vs {p[a]:.0%} at the other "
-                f"{len(others)} sites; z = {z[a]:.1f} over {ev.label_rounds} noised releases): the model learns "
+                f"{n_others} sites; z = {z[a]:.1f} over {ev.label_rounds} noised releases): the model learns "
                 "nothing about that class there", site, confidence=confidence(float(z[a])))
         u = np.full(k, n / k)
         d = u - e

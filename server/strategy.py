@@ -6,7 +6,7 @@ import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,8 +56,7 @@ def robust_aggregate(updates: dict[str, tuple[Arrays, int]], method: str, *, tri
     if method == "fedavg" or len(sites) < 3:
         return weighted_average(list(updates.values())), {}
     if method == "krum":
-        flat = np.stack([np.concatenate([a.astype(np.float64).ravel() for a in updates[s][0].values()])
-                         for s in sites])
+        flat = np.stack([_flat(updates[s][0]) for s in sites])
         sq = np.square(flat).sum(axis=1)
         dist = np.maximum(sq[:, None] + sq[None, :] - 2 * flat @ flat.T, 0.0)
         near = max(1, len(sites) - byzantine - 2)
@@ -109,14 +108,18 @@ def update_geometry(updates: dict[str, Arrays], reference: Arrays) -> dict[str, 
     sites = list(updates)
     if len(sites) < 3:
         return {}
-    flat = np.stack([np.concatenate([(updates[s][k].astype(np.float64) - reference[k]).ravel() for k in reference])
-                     for s in sites])
+    flat = np.stack([_flat(updates[s], reference) for s in sites]) - _flat(reference)
     total = flat.sum(axis=0)
     out = {}
     for i, site in enumerate(sites):
         others = np.delete(flat, i, axis=0)
         out[site] = (_cosine(flat[i], (total - flat[i]) / len(others)), _cosine(flat[i], np.median(others, axis=0)))
     return out
+
+
+def _flat(arrays: Arrays, keys: Iterable[str] | None = None) -> np.ndarray:
+    """All travelling values of a model as one float64 vector, in `keys`' order (default: its own)."""
+    return np.concatenate([arrays[k].astype(np.float64).ravel() for k in (keys or arrays)])
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
