@@ -20,7 +20,7 @@ from client import privacy
 from client.data import Encoded, SiteData, SiteIdentity, load_site_data
 from client.state import persist
 from client.summary import cross_site_counts, local_summary, release, with_cross_site
-from client.train import TrainHealth, train_local
+from client.train import TrainHealth, prior_from_counts, train_local
 from common import diagnostics, faults, records
 from common.config import AppConfig, TrainConfig
 from common.datasets import SiteDataError
@@ -117,8 +117,9 @@ def _noise_multiplier(context: Context, cfg: AppConfig, train_cfg: TrainConfig, 
         return cfg.dp.noise_multiplier
     if "dp" in context.state.config_records:
         return float(context.state.config_records["dp"]["noise-multiplier"])
-    q, steps = privacy.dpsgd_schedule(n_train=n_train, batch_size=train_cfg.batch_size,
-                                      local_epochs=train_cfg.local_epochs)
+    plan = privacy.dpsgd_schedule(n_public=n_train, batch_size=train_cfg.batch_size,
+                                  local_epochs=train_cfg.local_epochs)
+    q, steps = plan.sample_rate, plan.steps
     release_sigma = _release_noise_multiplier(cfg, num_rounds)
     sigma = privacy.calibrate_noise_multiplier(target_epsilon=cfg.dp.target_epsilon, delta=cfg.dp.target_delta,
                                                sample_rate=q, steps_per_round=steps, rounds=num_rounds,
@@ -219,12 +220,13 @@ def train(msg: Message, context: Context) -> Message:
     # check all follow it, so no fault can make a site overspend.
     injected = faults.at_site(faults.parse(cfg.faults), data.site.name)
     train_cfg, train_data = _faulty_training(injected, cfg, data) if injected else (cfg.train, data.train)
-    sigma, q = 0.0, 0.0
+    sigma, q, schedule = 0.0, 0.0, None
     if cfg.dp.enabled:
         sigma = _noise_multiplier(context, cfg, train_cfg, len(train_data), data.site.name,
                                   _plan_rounds(context, num_rounds or cfg.num_server_rounds))
-        q, steps = privacy.dpsgd_schedule(n_train=len(train_data), batch_size=train_cfg.batch_size,
+        schedule = privacy.dpsgd_schedule(n_public=len(train_data), batch_size=train_cfg.batch_size,
                                           local_epochs=train_cfg.local_epochs)
+        q, steps = schedule.sample_rate, schedule.steps
         planned = privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma, q, steps,
                                       cfg.dp.max_grad_norm)
         problem = privacy.budget_check(ledger, planned, budget=cfg.dp.target_epsilon, delta=delta)
@@ -245,7 +247,8 @@ def train(msg: Message, context: Context) -> Message:
                 sigma, q, 0, 0.0, cfg.dp.max_grad_norm, started_at=started, ended_at=time.time())), msg)
     t0 = time.perf_counter()
     result = train_local(model, train_data, train_cfg=train_cfg, dp_cfg=cfg.dp, noise_multiplier=sigma,
-                         label_counts=data.label_counts(), seed=cfg.train.seed + server_round)
+                         prior=prior_from_counts(data.label_counts()), seed=cfg.train.seed + server_round,
+                         schedule=schedule)
     seconds = time.perf_counter() - t0
     total, eps_train, eps_diag = NOT_PRIVATE, NOT_PRIVATE, NOT_PRIVATE
     _save_health(context, server_round, result.health)

@@ -64,10 +64,31 @@ def budget_check(ledger: list[LedgerEntry], entry: LedgerEntry, *, budget: float
             f"(spent {epsilon(ledger, delta):.3f})")
 
 
-def dpsgd_schedule(*, n_train: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
-    """(sample_rate, steps per round) exactly as Opacus will account them: q = 1 / len(loader)."""
-    batches = math.ceil(n_train / batch_size)
-    return 1.0 / batches, batches * local_epochs
+@dataclass(frozen=True)
+class Schedule:
+    """What DP-SGD runs at a site in a round, fixed by public numbers only (never by the exact size n).
+
+    Under add/remove neighbours the sampling rate, the step count and the mean's denominator must not depend on n
+    (a step count that moves with n would itself reveal whether an example is there, at ε = ∞): they follow the
+    site's *released* size, the noised count of its census (client/census.py).
+    """
+
+    sample_rate: float  # Poisson rate q: each example is in each logical batch with this probability
+    steps_per_epoch: int  # ⌈n_released / batch⌉ = 1 / q logical steps, empty batches included
+    epochs: int
+    expected_batch: float  # q · n_released: what the clipped, noised sum is divided by (a public constant)
+
+    @property
+    def steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+def dpsgd_schedule(*, n_public: float, batch_size: int, local_epochs: int) -> Schedule:
+    """The round's schedule from a public size: q = 1 / ⌈n / batch⌉ (as Opacus derives it from a loader), 1 / q
+    steps an epoch."""
+    batches = max(1, math.ceil(max(n_public, 1.0) / batch_size))
+    q = 1.0 / batches
+    return Schedule(q, batches, local_epochs, max(1.0, q * n_public))
 
 
 def planned_entries(*, noise_multiplier: float, sample_rate: float, steps_per_round: int, rounds: int,

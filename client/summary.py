@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from client.data import Encoded, eval_loader
+from client.noise import Randomness, SiteRandom
 from client.train import TrainHealth, model_inputs
 from common import diagnostics as dg
 from common.metrics import confusion_matrix
@@ -129,16 +130,17 @@ def with_cross_site(summary: Summary, names: tuple[str, ...], counts: np.ndarray
                    seconds=summary.seconds + seconds)
 
 
-def release(summary: Summary, *, noise_multiplier: float, rng: np.random.Generator | None = None) -> Summary:
-    """The Gaussian mechanism on all blocks at once (std σ·Δ / w_b per cell)."""
-    rng = rng or np.random.default_rng()  # seeded from OS entropy: release noise must not be reproducible
+def release(summary: Summary, *, noise_multiplier: float, rng: Randomness | None = None) -> Summary:
+    """The Gaussian mechanism on all blocks at once (std σ·Δ / w_b per cell), noise from a fresh OS-keyed
+    generator (client/noise.py): release noise must never be reproducible from anything the server knows."""
+    rng = rng or SiteRandom()
     std = dg.noise_std(noise_multiplier, len(summary.cross_models))
     noised = {}
     for name, exact in summary.blocks.items():
-        noised[name] = exact + rng.normal(0.0, std[name], size=exact.shape)
+        noised[name] = exact + rng.normal(exact.shape, std[name])
     cross = None
     if summary.cross is not None:
-        cross = summary.cross + rng.normal(0.0, std[dg.CROSS], size=summary.cross.shape)
+        cross = summary.cross + rng.normal(summary.cross.shape, std[dg.CROSS])
     return replace(summary, blocks=noised, noise_multiplier=noise_multiplier, cross=cross)
 
 

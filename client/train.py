@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from client.data import Encoded, train_loader
+from client.noise import PoissonSampler, Randomness, SiteRandom, use_randomness
+from client.privacy import Schedule
 from common.config import DPConfig, TrainConfig
 from common.diagnostics import GRAD_EDGES, loss_blocks
 
@@ -104,23 +107,34 @@ def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[
 
 
 def balanced_loss(logits: torch.Tensor, labels: torch.Tensor, *, mode: str,
-                  label_counts: torch.Tensor | None) -> torch.Tensor:
+                  prior: torch.Tensor | None) -> torch.Tensor:
     """Cross-entropy, countering class imbalance as `mode` says; always a true mean over the batch.
+
+    `prior` is a class distribution that is public or already paid for (the run's released label counts, the
+    server's labelled data, or the config: client/census.py), never this site's exact label counts. Inside every
+    example's loss, exact counts would make one example's presence move all the *others'* clipped gradients, and
+    the sensitivity of the clipped sum would no longer be C (measured: 1.37·C from one rare-class example).
 
     logit-adjust (Menon et al., 2021): train on logits + log(prior), predict with the plain logits. The prior shifts
     the decision boundary towards rare classes by changing each example's gradient *direction*, which survives
-    DP-SGD's per-example clipping. weights: w_y = n / (K · n_y) on each example's loss; under DP, clipping every
+    DP-SGD's per-example clipping. weights: w_y = 1 / (K · prior_y) on each example's loss; under DP, clipping every
     example's gradient to the same norm largely cancels it. Opacus's loss_reduction="mean" assumes a plain mean
     over the batch, hence reduction="none" + .mean() (nn.CrossEntropyLoss(weight=...) would divide by Σw).
     """
-    if mode == "none" or label_counts is None:
+    if mode == "none" or prior is None:
         return nn.functional.cross_entropy(logits, labels)
     k = logits.shape[-1]
     if mode == "logit-adjust":
-        prior = (label_counts + 1.0) / (label_counts.sum() + k)  # smoothed: a missing class is rare, not impossible
         return nn.functional.cross_entropy(logits + prior.log(), labels)
-    weights = (label_counts.sum() / (k * label_counts.clamp(min=1.0))).clamp(max=10.0)
+    weights = (1.0 / (k * prior)).clamp(max=10.0)
     return (nn.functional.cross_entropy(logits, labels, reduction="none") * weights[labels]).mean()
+
+
+def prior_from_counts(counts) -> torch.Tensor:  # noqa: ANN001
+    """A smoothed class distribution from (possibly noised) counts: negative noised cells count as 0, and a class
+    with none is rare, not impossible."""
+    c = torch.as_tensor(counts, dtype=torch.float32).clamp(min=0.0)
+    return (c + 1.0) / (c.sum() + len(c))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -141,12 +155,22 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_cfg: DPConfig,
-                noise_multiplier: float, label_counts: torch.Tensor | None, seed: int) -> TrainResult:
+                noise_multiplier: float, prior: torch.Tensor | None, seed: int, schedule: Schedule | None = None,
+                rng: Randomness | None = None) -> TrainResult:
     """Fine-tune `model` in place on one site's train split for `train_cfg.local_epochs` epochs.
 
-    With dp_cfg.enabled, every step goes through Opacus: Poisson sampling, per-sample clipping at
-    dp_cfg.max_grad_norm and Gaussian noise of std noise_multiplier · max_grad_norm. The caller records the
-    (σ, q, steps) it returns in the site's ledger.
+    With dp_cfg.enabled, every step goes through Opacus: Poisson sampling at `schedule.sample_rate`, per-sample
+    clipping at dp_cfg.max_grad_norm, Gaussian noise of std noise_multiplier · max_grad_norm, and the noised sum
+    divided by `schedule.expected_batch`; exactly `schedule.steps` steps, an empty Poisson batch still being a noised
+    step. The schedule comes from public numbers (the released size), so nothing about the step count or the
+    update's scale depends on the exact data. Noise and sampling draw from `rng` (default: a fresh OS-keyed
+    generator, client/noise.py); `seed` seeds only the non-private parts (the non-DP shuffle, dropout).
+    The caller records (σ, q, steps) in the site's ledger.
+
+    The training-pass summary blocks (TrainHealth) are functions of released iterates only: at q = 1 every step
+    uses every example, so each example's first-use loss is its loss at the received global model, and the gradient
+    statistics describe DP-SGD iterates. At q < 1 they would depend on the secret Poisson mask, so the losses come
+    from a forward pass at the received model and the gradient statistics are not measured.
     """
     from opacus import PrivacyEngine
     from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -155,50 +179,64 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
     torch.manual_seed(seed)
     model.train()
     optimizer = make_optimizer(model, train_cfg)
-    loader = train_loader(data, train_cfg.batch_size, seed)
-    hooks = None
+    first_loss = torch.full((len(data),), float("nan"))  # each example's plain CE at its first use this round
+    hooks, meter = None, None
     if dp_cfg.enabled:
+        if schedule is None:
+            raise ValueError("DP training needs its schedule (privacy.dpsgd_schedule of the released size)")
+        rng = rng or SiteRandom()
+        if schedule.sample_rate < 1.0:
+            _first_losses(model, data, first_loss, train_cfg.max_physical_batch)
+        loader = _poisson_loader(data, schedule, rng)
         with warnings.catch_warnings():
-            # "Secure RNG turned off": Opacus's secure mode needs torchcsprng, which has no build for torch 2.x.
+            # "Secure RNG turned off": Opacus's secure mode needs torchcsprng (no build for torch 2.x); the noise
+            # and the sampling come from client/noise.py instead.
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
             engine = PrivacyEngine(accountant="rdp")
             # wrap_model=False hooks the model itself, so state-dict keys stay plain for the weights that travel.
+            # poisson_sampling=False: the loader already samples (from `rng`, at the public rate).
             hooks, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-                max_grad_norm=dp_cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode=dp_cfg.grad_sample_mode,
+                max_grad_norm=dp_cfg.max_grad_norm, poisson_sampling=False, grad_sample_mode=dp_cfg.grad_sample_mode,
                 wrap_model=False, loss_reduction="mean",
             )
-        sample_rate = 1.0 / len(loader)
-        meter = _HealthMeter(model, dp_cfg.max_grad_norm)
+        optimizer.expected_batch_size = schedule.expected_batch  # Opacus would use int(n · q): the exact size
+        use_randomness(optimizer, rng)
+        if schedule.sample_rate >= 1.0:
+            meter = _HealthMeter(model, dp_cfg.max_grad_norm)
     else:
-        engine, sample_rate, meter = None, 0.0, None
+        loader = train_loader(data, train_cfg.batch_size, seed)
 
     losses: list[float] = []
     step_seconds: list[float] = []
     steps = 0
-    counts = None if label_counts is None else label_counts.to(dev)
-    first_loss = torch.full((len(data),), float("nan"))  # each example's plain CE at its first use this round
+    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         for _ in range(train_cfg.local_epochs):
             # DP: BatchMemoryManager splits a Poisson batch above max_physical_batch, and the DP optimizer only
-            # steps (and the accountant only counts) at the end of each logical batch. Without DP the same cap is
-            # kept by accumulating gradients over chunks of the batch, then stepping once.
+            # steps at the end of each logical batch. Without DP the same cap is kept by accumulating gradients over
+            # chunks of the batch, then stepping once.
             ctx = (BatchMemoryManager(data_loader=loader, max_physical_batch_size=train_cfg.max_physical_batch,
-                                      optimizer=optimizer) if engine else _Plain(loader))
+                                      optimizer=optimizer) if hooks is not None else _Plain(loader))
             with ctx as batches:
                 for input_ids, attention_mask, labels, index in batches:
                     n = labels.numel()
-                    if n == 0:
-                        # An empty Poisson batch (probability (1-q)^n, ~1e-15 here): nothing to learn from.
-                        continue
                     t0 = time.perf_counter()
-                    size = n if engine else train_cfg.max_physical_batch
+                    if n == 0:
+                        if hooks is None:
+                            continue
+                        # An empty Poisson batch is still a step of the mechanism: noise alone, counted.
+                        for p in trainable:
+                            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+                    size = max(n, 1) if hooks is not None else train_cfg.max_physical_batch
                     for start in range(0, n, size):
                         part = slice(start, start + size)
                         ids, mask, y = input_ids[part].to(dev), attention_mask[part].to(dev), labels[part].to(dev)
                         logits = model(**model_inputs(ids, mask)).logits  # [b, K]
-                        _record_first(first_loss, index[part], logits, y)
-                        loss = balanced_loss(logits, y, mode=train_cfg.class_balance, label_counts=counts)
+                        if meter is not None or hooks is None:
+                            _record_first(first_loss, index[part], logits, y)
+                        loss = balanced_loss(logits, y, mode=train_cfg.class_balance,
+                                             prior=None if prior is None else prior.to(dev))
                         # Chunks of one logical batch add up to its mean loss (DP batches come whole: weight 1).
                         (loss * (y.numel() / n)).backward()
                         losses.append(loss.item())
@@ -207,27 +245,47 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
                     optimizer.step()
                     if meter is not None:
                         meter.after_step(optimizer)
+                    if not getattr(optimizer, "_is_last_step_skipped", False):
+                        steps += 1  # a logical step (a physical chunk of a larger batch is not one)
                     optimizer.zero_grad(set_to_none=True)
-                    steps += 1
                     step_seconds.append(time.perf_counter() - t0)
     finally:
         if hooks is not None:
             hooks.cleanup()  # the same model gets hooks again next round
-    unseen = torch.nonzero(first_loss.isnan()).flatten()
-    if len(unseen):
-        # Poisson sampling skipped these examples all round: their loss after local training stands in.
-        with torch.no_grad():
-            for start in range(0, len(unseen), train_cfg.max_physical_batch):
-                idx = unseen[start:start + train_cfg.max_physical_batch]
-                logits = model(**model_inputs(data.input_ids[idx].to(dev), data.attention_mask[idx].to(dev))).logits
-                _record_first(first_loss, idx, logits, data.labels[idx].to(dev))
-    if engine is not None:
-        # The accountant counts only the steps that were noised (not BatchMemoryManager's partial ones): it is the
-        # truth for the ledger, one entry (σ, q, steps) for this round.
-        steps = sum(n for (_, _, n) in engine.accountant.history)
-    return TrainResult(steps=steps, sample_rate=sample_rate, noise_multiplier=noise_multiplier if engine else 0.0,
+    if hooks is not None and steps != schedule.steps:
+        raise RuntimeError(f"DP-SGD took {steps} steps; its schedule (and the ledger) says {schedule.steps}")
+    return TrainResult(steps=steps, sample_rate=schedule.sample_rate if hooks is not None else 0.0,
+                       noise_multiplier=noise_multiplier if hooks is not None else 0.0,
                        mean_loss=float(sum(losses) / max(1, len(losses))), step_seconds=step_seconds,
                        health=_health(meter, first_loss.numpy(), dp_cfg.loss_clip))
+
+
+def _poisson_loader(data: Encoded, schedule: Schedule, rng: Randomness) -> DataLoader:
+    """Batches of (input_ids, attention_mask, labels, row index), Poisson-sampled at the public rate from `rng`;
+    empty batches come as zero-length tensors (Opacus's collate)."""
+    from opacus.data_loader import wrap_collate_with_empty
+    from torch.utils.data._utils.collate import default_collate
+
+    dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels, torch.arange(len(data)))
+    first = dataset[0]
+    collate = wrap_collate_with_empty(collate_fn=default_collate, sample_empty_shapes=[(0, *x.shape) for x in first],
+                                      dtypes=[x.dtype for x in first])
+    sampler = PoissonSampler(num_samples=len(data), sample_rate=schedule.sample_rate,
+                             steps=schedule.steps_per_epoch, rng=rng)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+
+
+@torch.no_grad()
+def _first_losses(model: nn.Module, data: Encoded, first_loss: torch.Tensor, batch: int) -> None:
+    """Every train example's loss at the received model (q < 1: the first use would depend on the Poisson mask)."""
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(data), batch):
+        idx = torch.arange(start, min(start + batch, len(data)))
+        logits = model(**model_inputs(data.input_ids[idx].to(dev), data.attention_mask[idx].to(dev))).logits
+        _record_first(first_loss, idx, logits, data.labels[idx].to(dev))
+    model.train(was_training)
 
 
 @torch.no_grad()

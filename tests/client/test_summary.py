@@ -2,12 +2,15 @@
 with std σ·Δ / w per block, and what is derived from it is pinned on hand-built numbers."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from client.data import Encoded
+from client.noise import SiteRandom
+from client.privacy import dpsgd_schedule
 from client.summary import (
     Summary,
     confident_joint_issues,
@@ -37,8 +40,10 @@ def _without(data: Encoded, i: int) -> Encoded:
 
 def test_local_summary_covers_both_splits(tiny_cfg, model, site_data):
     # The train-split losses and gradient norms come from the round's training pass, not a second forward pass.
-    result = train_local(model, site_data.train, train_cfg=tiny_cfg.train, dp_cfg=tiny_cfg.dp, noise_multiplier=1.0,
-                         label_counts=None, seed=0)
+    full = replace(tiny_cfg.train, batch_size=4096)  # q = 1: gradient statistics are measured
+    result = train_local(model, site_data.train, train_cfg=full, dp_cfg=tiny_cfg.dp, noise_multiplier=1.0,
+                         prior=None, seed=0, schedule=dpsgd_schedule(n_public=len(site_data.train), batch_size=4096,
+                                                                     local_epochs=1))
     s = local_summary(model, site_data.train, site_data.val, num_classes=3, loss_clip=3.0, thresholds=THRESHOLDS,
                       health=result.health, health_round=1)
     b = s.blocks
@@ -110,7 +115,7 @@ def test_cross_site_counts_keep_one_example_within_the_larger_sensitivity(tiny_c
 
 
 def test_cross_site_counts_are_noised_with_their_own_weight():
-    rng = np.random.default_rng(1)
+    rng = SiteRandom()
     exact = with_cross_site(_exact(), ("a", "b", "c", "d"), np.full(4, 20.0), 0.0)
     assert exact.sensitivity == 2.0
     draws = [release(exact, noise_multiplier=2.0, rng=rng) for _ in range(3000)]
@@ -127,7 +132,7 @@ def _exact(k=3, fill=50.0):
 
 
 def test_release_noise_per_block_is_sigma_delta_over_weight_and_unbiased():
-    rng = np.random.default_rng(0)
+    rng = SiteRandom()
     draws = [release(_exact(), noise_multiplier=2.0, rng=rng).blocks for _ in range(3000)]
     conf = np.stack([d["confusion"] for d in draws])
     cal = np.stack([d["calibration"] for d in draws])

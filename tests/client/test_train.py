@@ -5,15 +5,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from client.train import train_local
+from client.privacy import dpsgd_schedule
+from client.train import prior_from_counts, train_local
 from common.model import build_model, load_trainable_state, trainable_state
 
 
 def _train(cfg, data, **dp):
     model = build_model(cfg.model, cfg.data.labels, seed=0)
     before = trainable_state(model)
+    schedule = dpsgd_schedule(n_public=len(data.train), batch_size=cfg.train.batch_size,
+                              local_epochs=cfg.train.local_epochs)
     result = train_local(model, data.train, train_cfg=cfg.train, dp_cfg=replace(cfg.dp, **dp), noise_multiplier=1.0,
-                         label_counts=data.label_counts(), seed=0)
+                         prior=prior_from_counts(data.label_counts()), seed=0, schedule=schedule)
     return before, trainable_state(model), result
 
 
@@ -69,28 +72,42 @@ def test_balanced_losses_pin_numbers():
 
     logits = torch.zeros(2, 3)
     labels = torch.tensor([0, 2])
-    counts = torch.tensor([1.0, 1.0, 2.0])  # smoothed prior (2/7, 2/7, 3/7)
+    prior = prior_from_counts([1.0, 1.0, 2.0])  # smoothed: (2/7, 2/7, 3/7)
+    assert prior.tolist() == pytest.approx([2 / 7, 2 / 7, 3 / 7])
+    assert prior_from_counts([-3.0, 0.0, 1.0]).tolist() == pytest.approx([1 / 4, 1 / 4, 2 / 4])  # noised counts
     # logit-adjust: CE(0 + log prior) = -log prior[y]
     expected = (-np.log(2 / 7) - np.log(3 / 7)) / 2
-    assert balanced_loss(logits, labels, mode="logit-adjust", label_counts=counts).item() == pytest.approx(expected)
-    # weights: w = n / (K n_y) = (4/3, 4/3, 2/3) on CE = ln 3, averaged over the batch
-    assert balanced_loss(logits, labels, mode="weights", label_counts=counts).item() == pytest.approx(
-        np.log(3) * (4 / 3 + 2 / 3) / 2)
-    assert balanced_loss(logits, labels, mode="none", label_counts=counts).item() == pytest.approx(np.log(3))
+    assert balanced_loss(logits, labels, mode="logit-adjust", prior=prior).item() == pytest.approx(expected)
+    # weights: w = 1 / (K prior_y) = (7/6, 7/6, 7/9) on CE = ln 3, averaged over the batch
+    assert balanced_loss(logits, labels, mode="weights", prior=prior).item() == pytest.approx(
+        np.log(3) * (7 / 6 + 7 / 9) / 2)
+    assert balanced_loss(logits, labels, mode="none", prior=prior).item() == pytest.approx(np.log(3))
 
 
 def test_dp_health_reads_the_per_sample_norms_opacus_clips(tiny_cfg, site_data):
-    # With a huge clip nothing is clipped; with a tiny one everything is, and the clipped sum is then at most
-    # (examples per step) · C, i.e. the number of examples in units of C.
-    _, _, loose = _train(tiny_cfg, site_data, max_grad_norm=1e6)
-    _, _, tight = _train(tiny_cfg, site_data, max_grad_norm=1e-6)
-    per_step = len(site_data.train) / loose.steps  # Poisson batches average n·q examples
+    # Full batch (q = 1): every step sees every example. With a huge clip nothing is clipped; with a tiny one
+    # everything is, and the clipped sum is then at most n · C, i.e. the number of examples in units of C.
+    full = replace(tiny_cfg, train=replace(tiny_cfg.train, batch_size=4096))
+    _, _, loose = _train(full, site_data, max_grad_norm=1e6)
+    _, _, tight = _train(full, site_data, max_grad_norm=1e-6)
+    n = len(site_data.train)
     for r in (loose, tight):
-        assert r.health is not None and sum(r.health.grad_norm_hist) == pytest.approx(per_step, rel=0.5)
+        assert r.sample_rate == 1.0 and r.health is not None and sum(r.health.grad_norm_hist) == pytest.approx(n)
     assert sum(loose.health.grad_norm_hist[4:]) == 0  # no norm reaches 1e6
     assert sum(tight.health.grad_norm_hist[:4]) == 0  # every norm exceeds 1e-6 · C-units
-    assert 0 < tight.health.clipped_sum_norm <= sum(tight.health.grad_norm_hist) + 1e-6
+    assert 0 < tight.health.clipped_sum_norm <= n + 1e-6
     _, _, plain = _train(tiny_cfg, site_data, enabled=False)
     assert plain.health.grad_norm_hist == []  # no per-sample gradients without DP
-    assert sum(plain.health.train_loss_hist) == len(site_data.train)  # losses are read off any training pass
-    assert sum(tight.health.train_loss_hist) == len(site_data.train)
+    assert sum(plain.health.train_loss_hist) == n  # losses are read off any training pass
+    assert sum(tight.health.train_loss_hist) == n
+
+
+def test_at_q_below_one_the_training_blocks_do_not_depend_on_the_poisson_mask(tiny_cfg, site_data):
+    # Which examples a Poisson batch drew is secret and never released: at q < 1 the losses are taken at the
+    # received model (the same in every draw) and gradient statistics are not measured.
+    runs = [_train(tiny_cfg, site_data)[2] for _ in range(2)]
+    assert runs[0].sample_rate < 1
+    assert [r.health.grad_norm_hist for r in runs] == [[], []]
+    assert runs[0].health.train_loss_hist == runs[1].health.train_loss_hist
+    assert runs[0].health.train_loss_sum == pytest.approx(runs[1].health.train_loss_sum, rel=1e-6)
+    assert sum(runs[0].health.train_loss_hist) == len(site_data.train)
