@@ -13,16 +13,20 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
-from client import privacy
+from client import census, privacy
+from client.census import Census
 from client.data import Encoded, SiteData, SiteIdentity, load_site_data
-from client.state import persist
-from client.summary import cross_site_counts, local_summary, release, with_cross_site
-from client.train import TrainHealth, prior_from_counts, train_local
+from client.policy import Accounts, load_policy
+from client.state import Lifetime, persist, site_folder
+from client.summary import Summary, cross_site_counts, local_summary, release, with_cross_site
+from client.train import TrainHealth, train_local
 from common import diagnostics, faults, records
-from common.config import AppConfig, TrainConfig
+from common.config import AppConfig
 from common.datasets import SiteDataError
 from common.log import get_logger
 from common.model import build_model, load_tokenizer, load_trainable_state, trainable_state
@@ -49,7 +53,21 @@ def audit(msg: Message, context: Context, call_next: Callable[[Message, Context]
     return reply
 
 
-app = ClientApp(mods=[audit, persist])
+def guard(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Whatever goes wrong at a site, the server gets a short reason with no paths (the exception's type and
+    message, through records.public_reason) and the site's own log keeps the traceback. Flower would otherwise
+    send `str(exception)` as it is."""
+    try:
+        return call_next(msg, context)
+    except Exception as e:  # noqa: BLE001
+        name = SiteIdentity.from_node_config(dict(context.node_config)).name
+        get_logger().exception("site %s: %s failed", name, msg.metadata.message_type)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                             reason=records.public_reason(f"{type(e).__name__}: {getattr(e, 'public', e)}")),
+                       reply_to=msg)
+
+
+app = ClientApp(mods=[audit, guard, persist])
 
 
 @lru_cache(maxsize=2)
@@ -82,18 +100,63 @@ def _setup(context: Context) -> tuple[str, AppConfig, SiteIdentity, SiteData]:
     return key, _config(key), site, _site_data(key, site)
 
 
-def _info(data: SiteData, status: str = records.STATUS_OK, reason: str = "") -> records.SiteInfo:
-    return records.SiteInfo(data.site.name, len(data.train), len(data.val), status, reason)
+def _info(data: SiteData, census_: Census | None, status: str = records.STATUS_OK, reason: str = "",
+          paid_by: str = "") -> records.SiteInfo:
+    """Who this site is and its *released* sizes (the census; exact only in a run without DP)."""
+    if census_ is None:
+        return records.SiteInfo(data.site.name, 0, 0, status, reason)
+    n_train, n_val = census_.sizes()
+    return records.SiteInfo(data.site.name, n_train, n_val, status, reason, census_.train_labels, census_.n_val,
+                            census_.count_std(), paid_by)
 
 
-def _ledger(context: Context) -> list[privacy.LedgerEntry]:
-    if records.LEDGER not in context.state.config_records:
-        return []
-    return privacy.from_state({k: list(v) for k, v in context.state.config_records[records.LEDGER].items()})
+def _accounts(context: Context, cfg: AppConfig, data: SiteData, run_id: str) -> Accounts:
+    """This site's policy and lifetime ledger (from its own disk) against this run's budget."""
+    node_config = dict(context.node_config)
+    folder = site_folder(node_config, data.site.name)
+    return Accounts(load_policy(folder, node_config), Lifetime(folder, data.site.name, data.fingerprint), run_id,
+                    cfg.dp.target_epsilon, cfg.dp.target_delta)
 
 
-def _save_ledger(context: Context, entries: list[privacy.LedgerEntry]) -> None:
-    context.state[records.LEDGER] = ConfigRecord(privacy.to_state(entries))
+def _admit(acc: Accounts, cfg: AppConfig) -> str:
+    """Why this site takes no part in this run at all, by its own policy ("" when it does)."""
+    if not cfg.dp.enabled:
+        return "" if acc.policy.allow_non_dp else ("this site takes part in no run without DP (its policy: "
+                                                   "allow-non-dp = false)")
+    if cfg.dp.target_delta > acc.site_delta():
+        return f"dp.target-delta = {cfg.dp.target_delta:g} is above this site's δ = {acc.site_delta():g} (its policy)"
+    return ""
+
+
+def _census(acc: Accounts, cfg: AppConfig, data: SiteData) -> tuple[Census | None, str]:
+    """The site's census: exact without DP; else the one kept for this data, or released (and charged) now.
+    (None, why) when the site may not release it."""
+    if not cfg.dp.enabled:
+        return census.take(data.train.labels.numpy(), len(data.val), data.num_classes, noise_multiplier=0.0), ""
+    if acc.lifetime.census is not None:
+        return acc.lifetime.census, ""
+    entry = privacy.LedgerEntry(0, privacy.CENSUS, "gaussian", cfg.dp.census_noise_multiplier, 1.0, 1,
+                                census.SENSITIVITY)
+    why = acc.why_not(entry)
+    if why:
+        return None, f"site {data.site.name}: {why}; census withheld"
+    released = census.take(data.train.labels.numpy(), len(data.val), data.num_classes,
+                           noise_multiplier=cfg.dp.census_noise_multiplier)
+    acc.charge(entry, census=released)
+    return released, ""
+
+
+def _open(context: Context, msg: Message) -> tuple[str, AppConfig, SiteData, Accounts, Census | None, str]:
+    """Everything a handler starts from; the last item is why the site refuses this run ("" when it takes part)."""
+    key, cfg, _, data = _setup(context)
+    acc = _accounts(context, cfg, data, records.unpack_run_id(msg.content))
+    why = _admit(acc, cfg)
+    released, why = (None, why) if why else _census(acc, cfg, data)
+    return key, cfg, data, acc, released, why
+
+
+def _epsilons(acc: Accounts, cfg: AppConfig) -> tuple[float, float, float, float]:
+    return acc.epsilons() if cfg.dp.enabled else (NOT_PRIVATE,) * 4
 
 
 def _plan_rounds(context: Context, num_rounds: int) -> int:
@@ -110,20 +173,19 @@ def _release_noise_multiplier(cfg: AppConfig, rounds: int) -> float | None:
                                             rounds=rounds)
 
 
-def _noise_multiplier(context: Context, cfg: AppConfig, train_cfg: TrainConfig, n_train: int, name: str,
+def _noise_multiplier(context: Context, cfg: AppConfig, schedule: privacy.Schedule, acc: Accounts, name: str,
                       num_rounds: int) -> float:
-    """σ of DP-SGD: configured, or calibrated once (then kept in state) for all planned rounds of this site."""
+    """σ of DP-SGD: configured, or calibrated once (then kept in state) for all planned rounds of this site, after
+    what the run already spent (its census)."""
     if cfg.dp.noise_multiplier > 0:
         return cfg.dp.noise_multiplier
     if "dp" in context.state.config_records:
         return float(context.state.config_records["dp"]["noise-multiplier"])
-    plan = privacy.dpsgd_schedule(n_public=n_train, batch_size=train_cfg.batch_size,
-                                  local_epochs=train_cfg.local_epochs)
-    q, steps = plan.sample_rate, plan.steps
     release_sigma = _release_noise_multiplier(cfg, num_rounds)
     sigma = privacy.calibrate_noise_multiplier(target_epsilon=cfg.dp.target_epsilon, delta=cfg.dp.target_delta,
-                                               sample_rate=q, steps_per_round=steps, rounds=num_rounds,
-                                               release_noise_multiplier=release_sigma)
+                                               sample_rate=schedule.sample_rate, steps_per_round=schedule.steps,
+                                               rounds=num_rounds, release_noise_multiplier=release_sigma,
+                                               spent=acc.run_entries())
     context.state["dp"] = ConfigRecord({"noise-multiplier": sigma})
     get_logger().info("site %s: DP-SGD σ = %.4f, summary σ = %s for ε = %s over %d rounds", name, sigma,
                       f"{release_sigma:.3f}" if release_sigma else "none", cfg.dp.target_epsilon, num_rounds)
@@ -193,110 +255,128 @@ def _break_reply(fault: faults.Fault, server_round: int, arrays, num_examples: i
     return out, num_examples
 
 
+def _coarse(seconds: float) -> float:
+    # Timings leave a site rounded to 0.1 s: enough to see a straggler, too coarse to time single examples. (The
+    # server sees when a reply arrives anyway; timing is outside the DP guarantee, README "Privacy".)
+    return round(seconds, 1)
+
+
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
-    """Who this site is and how much data it holds; loading the data here surfaces a bad file before round 1,
-    under the site's name (an error reply would only carry a random node id)."""
+    """Who this site is and its released sizes (the census, released here once per dataset); loading the data
+    here surfaces a bad file before round 1, under the site's name (an error reply would only carry a random node
+    id)."""
+    name = SiteIdentity.from_node_config(dict(context.node_config)).name
     try:
-        _, _, _, data = _setup(context)
-    except SiteDataError as e:
-        name = SiteIdentity.from_node_config(dict(context.node_config)).name
+        _, _, data, acc, released, why = _open(context, msg)
+    except (SiteDataError, ValueError) as e:
+        get_logger().error("site %s: %s", name, getattr(e, "detail", str(e)))
         return records.reply(records.pack_hello(records.SiteInfo(name, 0, 0, records.STATUS_FAILED, str(e))), msg)
-    return records.reply(records.pack_hello(_info(data)), msg)
+    status = records.STATUS_REFUSED if why else records.STATUS_OK
+    return records.reply(records.pack_hello(_info(data, released, status, why, acc.lifetime.census_run())), msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     started = time.time()
-    key, cfg, _, data = _setup(context)
+    key, cfg, data, acc, released, why = _open(context, msg)
     server_round, num_rounds = records.unpack_instruction(msg.content)
     received = records.unpack_arrays(msg.content)
+    prior = records.unpack_class_prior(msg.content, data.num_classes)
     model = _model(key)
     load_trainable_state(model, received)
-    ledger = _ledger(context)
-    delta = cfg.dp.target_delta
 
+    def answer(arrays, status: str = records.STATUS_OK, reason: str = "", sigma: float = 0.0,  # noqa: ANN001
+               q: float = 0.0, steps: int = 0, seconds: float = 0.0, health_seconds: float = 0.0,
+               n_claimed: int | None = None) -> Message:
+        total, eps_train, eps_diag, lifetime = _epsilons(acc, cfg)
+        info = _info(data, released, status, reason, acc.lifetime.census_run())
+        return records.reply(records.pack_train_reply(records.TrainReply(
+            info, arrays, info.n_train if n_claimed is None else n_claimed, total, cfg.dp.target_delta,
+            cfg.dp.target_epsilon, sigma, q, steps, _coarse(seconds), cfg.dp.max_grad_norm, eps_train, eps_diag,
+            _coarse(health_seconds), _coarse(started), _coarse(time.time()), lifetime,
+            acc.policy.epsilon_cap)), msg)
+
+    if why:
+        return answer(None, records.STATUS_REFUSED, why)
     # What this site will actually run (an injected training fault changes it): σ, the schedule and the budget
     # check all follow it, so no fault can make a site overspend.
     injected = faults.at_site(faults.parse(cfg.faults), data.site.name)
     train_cfg, train_data = _faulty_training(injected, cfg, data) if injected else (cfg.train, data.train)
-    sigma, q, schedule = 0.0, 0.0, None
+    sigma, schedule = 0.0, None
     if cfg.dp.enabled:
-        sigma = _noise_multiplier(context, cfg, train_cfg, len(train_data), data.site.name,
-                                  _plan_rounds(context, num_rounds or cfg.num_server_rounds))
-        schedule = privacy.dpsgd_schedule(n_public=len(train_data), batch_size=train_cfg.batch_size,
+        # The schedule follows the released size. (An injected overfit fault trains on a few examples and uses
+        # their true count: a simulation-only shortcut no real site has.)
+        n_public = len(train_data) if "overfit" in injected else released.n_train
+        schedule = privacy.dpsgd_schedule(n_public=n_public, batch_size=train_cfg.batch_size,
                                           local_epochs=train_cfg.local_epochs)
-        q, steps = schedule.sample_rate, schedule.steps
-        planned = privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma, q, steps,
-                                      cfg.dp.max_grad_norm)
-        problem = privacy.budget_check(ledger, planned, budget=cfg.dp.target_epsilon, delta=delta)
+        sigma = _noise_multiplier(context, cfg, schedule, acc, data.site.name,
+                                  _plan_rounds(context, num_rounds or cfg.num_server_rounds))
+        planned = privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma,
+                                      schedule.sample_rate, schedule.steps, cfg.dp.max_grad_norm)
+        problem = acc.why_not(planned)
         if problem:
             # Refuse, and say why: the server records it and goes on with the other sites.
-            reason = f"site {data.site.name}: {problem}; not training"
-            total, eps_train, eps_diag = privacy.epsilon_split(ledger, delta)
-            return records.reply(records.pack_train_reply(records.TrainReply(
-                _info(data, records.STATUS_REFUSED, reason), None, len(data.train), total, delta,
-                cfg.dp.target_epsilon, sigma, q, 0, 0.0, cfg.dp.max_grad_norm, eps_train, eps_diag)), msg)
+            return answer(None, records.STATUS_REFUSED, f"site {data.site.name}: {problem}; not training", sigma,
+                          schedule.sample_rate)
 
     if injected:
         shortcut = _misbehave(injected, server_round, received)
         if shortcut is not None:  # a free rider: sends something without training
-            return records.reply(records.pack_train_reply(records.TrainReply(
-                _info(data), shortcut, len(data.train),
-                privacy.epsilon(ledger, delta) if cfg.dp.enabled else NOT_PRIVATE, delta, cfg.dp.target_epsilon,
-                sigma, q, 0, 0.0, cfg.dp.max_grad_norm, started_at=started, ended_at=time.time())), msg)
+            return answer(shortcut, sigma=sigma, q=schedule.sample_rate if schedule else 0.0)
     t0 = time.perf_counter()
     result = train_local(model, train_data, train_cfg=train_cfg, dp_cfg=cfg.dp, noise_multiplier=sigma,
-                         prior=prior_from_counts(data.label_counts()), seed=cfg.train.seed + server_round,
-                         schedule=schedule)
+                         prior=None if prior is None else torch.tensor(prior),
+                         seed=cfg.train.seed + server_round, schedule=schedule)
     seconds = time.perf_counter() - t0
-    total, eps_train, eps_diag = NOT_PRIVATE, NOT_PRIVATE, NOT_PRIVATE
     _save_health(context, server_round, result.health)
     if cfg.dp.enabled:
-        ledger.append(privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma,
-                                          result.sample_rate, result.steps, cfg.dp.max_grad_norm))
-        _save_ledger(context, ledger)
-        total, eps_train, eps_diag = privacy.epsilon_split(ledger, delta)
-    sent, num_examples = trainable_state(model), len(data.train)
+        # On the site's disk before the reply carrying these weights leaves.
+        acc.charge(privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma,
+                                       result.sample_rate, result.steps, cfg.dp.max_grad_norm))
+    sent, n_claimed = trainable_state(model), None
     if "bad_update" in injected:
-        sent, num_examples = _break_reply(injected["bad_update"], server_round, sent, num_examples)
-    reply = records.TrainReply(_info(data), sent, num_examples, total, delta,
-                               cfg.dp.target_epsilon, sigma, result.sample_rate, result.steps, seconds,
-                               cfg.dp.max_grad_norm, eps_train, eps_diag,
-                               result.health.seconds if result.health else 0.0, started, time.time())
-    return records.reply(records.pack_train_reply(reply), msg)
+        sent, n_claimed = _break_reply(injected["bad_update"], server_round, sent, _info(data, released).n_train)
+    return answer(sent, sigma=sigma, q=result.sample_rate, steps=result.steps, seconds=seconds,
+                  health_seconds=result.health.seconds if result.health else 0.0, n_claimed=n_claimed)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     t0, started = time.perf_counter(), time.time()
-    key, cfg, _, data = _setup(context)
+    key, cfg, data, acc, released, why = _open(context, msg)
     server_round, num_rounds = records.unpack_instruction(msg.content)
     thresholds = records.unpack_thresholds(msg.content) or [diagnostics.DEFAULT_THRESHOLD] * data.num_classes
     model = _model(key)
     global_arrays = records.unpack_arrays(msg.content)
     load_trainable_state(model, global_arrays)
     local_models = records.unpack_local_models(msg.content)  # empty unless the run asks for cross-site evaluation
-    ledger = _ledger(context)
-    delta = cfg.dp.target_delta
 
-    def withheld(status: str, reason: str, sigma: float) -> Message:
-        total, eps_train, eps_diag = privacy.epsilon_split(ledger, delta)
-        out = records.EvalReply(_info(data, status, reason), len(data.val), total, None, sigma, 0.0, 0, eps_train,
-                                eps_diag)
+    def answer(status: str = records.STATUS_OK, reason: str = "", summary: Summary | None = None,
+               sigma: float = 0.0, diag_seconds: float = 0.0) -> Message:
+        total, eps_train, eps_diag, lifetime = _epsilons(acc, cfg)
+        info = _info(data, released, status, reason, acc.lifetime.census_run())
+        out = records.EvalReply(
+            info, info.n_val, total, summary.blocks if summary else None, sigma,
+            summary.sensitivity if summary else 0.0, summary.health_round if summary else 0, eps_train, eps_diag,
+            _coarse(time.perf_counter() - t0), _coarse(diag_seconds), _coarse(started), _coarse(time.time()),
+            summary.cross if summary else None, summary.cross_models if summary else (), lifetime,
+            acc.policy.epsilon_cap)
         return records.reply(records.pack_eval_reply(out), msg)
 
-    sigma = 0.0
+    if why:
+        return answer(records.STATUS_REFUSED, why)
+    sigma, entry = 0.0, None
     if cfg.dp.enabled:
         sigma = _release_noise_multiplier(cfg, _plan_rounds(context, num_rounds or cfg.num_server_rounds)) or 0.0
         if sigma <= 0:
             # Configured, not a problem: the site answers ok and releases nothing.
-            return withheld(records.STATUS_OK, "no summary released (dp.diagnostics-share = 0)", 0.0)
+            return answer(reason="no summary released (dp.diagnostics-share = 0)")
         entry = privacy.LedgerEntry(server_round, privacy.SUMMARY, "gaussian", sigma, 1.0, 1,
                                     diagnostics.sensitivity(len(local_models)))
-        problem = privacy.budget_check(ledger, entry, budget=cfg.dp.target_epsilon, delta=delta)
+        problem = acc.why_not(entry)
         if problem:
-            return withheld(records.STATUS_REFUSED, f"site {data.site.name}: {problem}; summary withheld", sigma)
+            return answer(records.STATUS_REFUSED, f"site {data.site.name}: {problem}; summary withheld", sigma=sigma)
 
     exact = local_summary(model, data.train, data.val, num_classes=data.num_classes, loss_clip=cfg.dp.loss_clip,
                           thresholds=thresholds, health=_health(context, server_round), health_round=server_round)
@@ -306,19 +386,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         load_trainable_state(model, global_arrays)  # the cached model must hold the global weights again
         exact = with_cross_site(exact, tuple(local_models), counts, time.perf_counter() - t_cross)
     if not cfg.dp.enabled:
-        # No privacy asked for: the exact summary goes out (the baseline a DP run is compared with).
-        out = records.EvalReply(_info(data), len(data.val), NOT_PRIVATE, exact.blocks, 0.0, 0.0, exact.health_round,
-                                NOT_PRIVATE, NOT_PRIVATE, time.perf_counter() - t0, exact.seconds, started, time.time(),
-                                exact.cross, exact.cross_models)
-        return records.reply(records.pack_eval_reply(out), msg)
-
+        # No privacy asked for, and the site's policy allows that: the exact summary goes out (the baseline a DP
+        # run is compared with).
+        return answer(summary=exact, diag_seconds=exact.seconds)
     t1 = time.perf_counter()
     noised = release(exact, noise_multiplier=sigma)
-    ledger.append(entry)
-    _save_ledger(context, ledger)
-    total, eps_train, eps_diag = privacy.epsilon_split(ledger, delta)
-    diag_seconds = exact.seconds + time.perf_counter() - t1
-    out = records.EvalReply(_info(data), len(data.val), total, noised.blocks, sigma, noised.sensitivity,
-                            noised.health_round, eps_train, eps_diag, time.perf_counter() - t0, diag_seconds,
-                            started, time.time(), noised.cross, noised.cross_models)
-    return records.reply(records.pack_eval_reply(out), msg)
+    acc.charge(entry)  # on the site's disk before the reply leaves
+    return answer(summary=noised, sigma=sigma, diag_seconds=exact.seconds + time.perf_counter() - t1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -11,6 +12,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.state import site_name
 from common import faults
 from common.config import AppConfig, DataConfig
 from common.datasets import LABEL, TEXT, SiteDataError, load_drugreview, load_file, partition, split_train_val
@@ -29,7 +31,7 @@ class SiteIdentity:
     def from_node_config(cls, node_config: dict[str, Any]) -> SiteIdentity:
         pid = int(node_config.get("partition-id", 0))
         return cls(
-            name=str(node_config.get("site-name") or f"site-{pid}"),
+            name=site_name(node_config),
             partition_id=pid,
             num_partitions=int(node_config.get("num-partitions", 1)),
             data_path=str(node_config.get("data-path", "")),
@@ -57,10 +59,19 @@ class SiteData:
     train: Encoded
     val: Encoded
     num_classes: int
+    fingerprint: str = ""  # of the rows (order-free): keys the site's lifetime ledger (client/state.py)
 
     def label_counts(self) -> torch.Tensor:
-        """Examples per class in the site's own train split: used locally to balance the loss, never released."""
+        """Examples per class in the site's own train split: exact, so never released and never inside a DP loss
+        (non-DP baselines only)."""
         return torch.bincount(self.train.labels, minlength=self.num_classes).float()
+
+
+def fingerprint(texts: list[str], labels: np.ndarray) -> str:
+    """A digest of a site's labelled rows that ignores their order: the same data, the same lifetime ledger."""
+    rows = sorted(hashlib.sha256(f"{label}\x00{text}".encode()).digest() for text, label in zip(texts, labels,
+                                                                                               strict=True))
+    return hashlib.sha256(b"".join(rows)).hexdigest()
 
 
 def site_rows(cfg: DataConfig, site: SiteIdentity) -> pd.DataFrame:
@@ -106,7 +117,7 @@ def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer) -> SiteData:  
                                    seed=cfg.data.seed + sum(map(ord, site.name)),
                                    elsewhere=_drugreview_train(cfg.data.labels) if "domain_shift" in injected else None)
     if len(rows) < 2:
-        raise SiteDataError(f"site {site.name}: only {len(rows)} usable row(s); expected at least 2 labelled examples")
+        raise SiteDataError(f"site {site.name}: fewer than 2 usable rows; expected at least 2 labelled examples")
     seed = cfg.data.seed + sum(map(ord, site.name))
     train_idx, val_idx = split_train_val(rows[TEXT].tolist(), val_fraction=cfg.data.val_fraction, seed=seed)
     texts, labels = rows[TEXT].tolist(), rows[LABEL].to_numpy()
@@ -115,6 +126,7 @@ def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer) -> SiteData:  
         train=encode([texts[i] for i in train_idx], labels[train_idx], tokenizer, cfg.data.max_length),
         val=encode([texts[i] for i in val_idx], labels[val_idx], tokenizer, cfg.data.max_length),
         num_classes=len(cfg.data.labels),
+        fingerprint=fingerprint(texts, labels),
     )
 
 

@@ -1,9 +1,11 @@
-"""Step 2 at a site: its privacy ledger (every DP-SGD segment and every released summary) and its ε.
+"""Step 2 at a site: its privacy ledger (every DP-SGD segment, every released summary, its census) and its ε.
 
-One ledger per site lives across rounds in the ClientApp's `context.state`. Its entries compose under RDP:
-a DP-SGD segment is the Poisson-subsampled Gaussian (σ, q, steps) that Opacus accounts; a released summary is one
-Gaussian mechanism on counts with L2 sensitivity Δ and noise std σ·Δ, i.e. the entry (σ, q=1, steps=1).
-The neighbouring relation is add/remove one example, as Opacus uses.
+Each site keeps one lifetime ledger per dataset on its own disk (client/state.Lifetime); a run's ε is the
+composition of that run's entries, the lifetime ε that of all of them. Entries compose under RDP: a DP-SGD
+segment is the Poisson-subsampled Gaussian (σ, q, steps) that Opacus accounts; a released summary or the census
+is one Gaussian mechanism with L2 sensitivity Δ and noise std σ·Δ, i.e. the entry (σ, q=1, steps=1).
+The neighbouring relation is add/remove one example (NEIGHBOURING_RELATION), as Opacus and dp-accounting's RDP
+accountant use; `noise_multiplier` is always the noise std over the entry's one-example sensitivity.
 """
 
 from __future__ import annotations
@@ -13,22 +15,19 @@ from dataclasses import asdict, dataclass
 
 from opacus.accountants import RDPAccountant
 
-DPSGD, SUMMARY = "dpsgd", "summary"
+DPSGD, SUMMARY, CENSUS = "dpsgd", "summary", "census"
+NEIGHBOURING_RELATION = "add_remove"  # what every entry is accounted under (report --json states it)
 
 
 @dataclass(frozen=True)
 class LedgerEntry:
     round: int
-    kind: str  # "dpsgd" | "summary"
+    kind: str  # "dpsgd" | "summary" | "census"
     mechanism: str  # "subsampled-gaussian" | "gaussian"
     noise_multiplier: float
     sample_rate: float
     steps: int
     sensitivity: float  # L2 sensitivity the noise was scaled to (max_grad_norm for DP-SGD)
-
-
-class BudgetExceeded(RuntimeError):
-    """The next step would take a site past its ε budget; the site refuses it and says so."""
 
 
 # RDP orders of dp-accounting's RdpAccountant. Opacus's default stops at α = 63, which overstates a small ε badly
@@ -134,10 +133,13 @@ def release_noise_multiplier(*, configured: float, diagnostics_share: float, tar
 
 
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps_per_round: int,
-                               rounds: int, release_noise_multiplier: float | None, tolerance: float = 0.01) -> float:
-    """The smallest DP-SGD σ whose plan (all rounds, with their releases) stays within `target_epsilon`.
+                               rounds: int, release_noise_multiplier: float | None, tolerance: float = 0.01,
+                               spent: list[LedgerEntry] = ()) -> float:
+    """The smallest DP-SGD σ whose plan (all rounds, with their releases, after `spent`) stays within
+    `target_epsilon`.
 
-    Calibrated once for all planned rounds, not per round: a site then reports its cumulative spend.
+    Calibrated once for all planned rounds, not per round: a site then reports its cumulative spend. `spent` is
+    what the run already released before its first training round (its census).
 
     Raises:
         ValueError: the releases alone already exceed the budget (names the keys to change).
@@ -145,18 +147,19 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
     releases = [e for e in planned_entries(noise_multiplier=1.0, sample_rate=sample_rate, steps_per_round=0,
                                            rounds=rounds, release_noise_multiplier=release_noise_multiplier)
                 if e.kind == SUMMARY]
-    floor = epsilon(releases, delta) if releases else 0.0
+    floor = epsilon([*spent, *releases], delta) if releases or spent else 0.0
     if floor >= target_epsilon:
         raise ValueError(
-            f"dp.target-epsilon = {target_epsilon} leaves nothing for training: {rounds} released summaries at "
-            f"dp.release-noise-multiplier = {release_noise_multiplier:.3g} already cost ε = {floor:.2f}; raise the "
+            f"dp.target-epsilon = {target_epsilon} leaves nothing for training: "
+            + (f"{rounds} released summaries at dp.release-noise-multiplier = {release_noise_multiplier:.3g}"
+               if release_noise_multiplier else "the census") + f" already cost ε = {floor:.2f}; raise the "
             "budget or the release noise multiplier, or lower dp.diagnostics-share"
         )
 
     def eps(sigma: float) -> float:
-        return epsilon(planned_entries(noise_multiplier=sigma, sample_rate=sample_rate,
-                                       steps_per_round=steps_per_round, rounds=rounds,
-                                       release_noise_multiplier=release_noise_multiplier), delta)
+        return epsilon([*spent, *planned_entries(noise_multiplier=sigma, sample_rate=sample_rate,
+                                                 steps_per_round=steps_per_round, rounds=rounds,
+                                                 release_noise_multiplier=release_noise_multiplier)], delta)
 
     lo, hi = 0.0, 1.0
     while eps(hi) > target_epsilon:

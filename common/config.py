@@ -13,6 +13,9 @@ from typing import Any
 RunConfig = dict[str, Any]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Where the loss's class prior comes from (never a site's exact counts): the sites' released label counts, the
+# server's own labelled data (server.central-eval), or uniform; or K weights in the config.
+PRIOR_SOURCES = ("released", "server-data", "uniform")
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")  # labelled files the loaders read (common/datasets.py)
 
 
@@ -123,6 +126,7 @@ class TrainConfig:
     lr: float
     head_lr: float
     class_balance: str
+    class_prior: str
     seed: int
 
 
@@ -135,6 +139,7 @@ class DPConfig:
     noise_multiplier: float
     release_noise_multiplier: float
     diagnostics_share: float
+    census_noise_multiplier: float
     loss_clip: float
     grad_sample_mode: str
 
@@ -246,6 +251,21 @@ class AppConfig:
             out[site.strip()] = w
         return out
 
+    def explicit_prior(self) -> list[float]:
+        """train.class-prior given as K weights ("1,1,2"), normalised.
+
+        Raises:
+            ValueError: not one positive number per label.
+        """
+        try:
+            w = [float(x) for x in self.train.class_prior.split(",")]
+        except ValueError:
+            w = []
+        if len(w) != len(self.data.labels) or min(w, default=0.0) <= 0:
+            raise ValueError(f"train.class-prior must be one of {', '.join(PRIOR_SOURCES)} or {len(self.data.labels)} "
+                             f"positive comma-separated weights (one per label), got {self.train.class_prior!r}")
+        return [x / sum(w) for x in w]
+
     def problems(self) -> list[str]:
         """Every problem with this config, each naming key, value and the allowed range."""
         p: list[str] = []
@@ -304,6 +324,11 @@ class AppConfig:
         check(t.class_balance in ("logit-adjust", "weights", "none"), "train.class-balance", t.class_balance,
               'one of "logit-adjust", "weights", "none"')
         check(t.optimizer in ("adamw", "sgd"), "train.optimizer", t.optimizer, 'one of "adamw", "sgd"')
+        if t.class_prior not in PRIOR_SOURCES:
+            try:
+                self.explicit_prior()
+            except ValueError as e:
+                p.append(str(e))
         num("train.lr", t.lr, 0.0, 10.0, lo_open=True)
         num("train.head-lr", t.head_lr, 0.0, 10.0, lo_open=True)
         num("dp.target-epsilon", dp.target_epsilon, 0.0, 1e4, lo_open=True)
@@ -312,6 +337,7 @@ class AppConfig:
         num("dp.noise-multiplier", dp.noise_multiplier, 0.0, 1e4)
         num("dp.release-noise-multiplier", dp.release_noise_multiplier, 0.0, 1e6)
         num("dp.diagnostics-share", dp.diagnostics_share, 0.0, 0.9)
+        num("dp.census-noise-multiplier", dp.census_noise_multiplier, 0.0, 1e6, lo_open=True)
         num("dp.loss-clip", dp.loss_clip, 0.0, 1e4, lo_open=True)
         check(dp.grad_sample_mode in ("hooks", "functorch"), "dp.grad-sample-mode", dp.grad_sample_mode,
               'one of "hooks", "functorch"')

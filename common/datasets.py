@@ -17,7 +17,15 @@ TEXT, LABEL, GROUP = "text", "label", "condition"  # the columns every loader re
 
 
 class SiteDataError(ValueError):
-    """A site's data cannot be used; the message names the site, the file and what was expected."""
+    """A site's data cannot be used; the message names the site, the file and what was expected.
+
+    `str(e)` may leave the site (it is the reason the server records), so it never quotes a data value; `detail`,
+    which may, goes only to the site's own log.
+    """
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail or message
 
 
 def drugreview_zip() -> Path:
@@ -71,9 +79,10 @@ def _normalise(raw: pd.DataFrame, *, text_column: str, label_column: str, labels
     unknown = sorted(set(names) - set(labels))
     if unknown:
         raise SiteDataError(
-            f"site {site}: {where} column {label_column!r} has label(s) {', '.join(unknown[:5])} outside the label "
-            f"set {', '.join(labels)} (data.labels)"
-        )
+            f"site {site}: {where} column {label_column!r} has labels outside the label set {', '.join(labels)} "
+            "(data.labels); the site's log lists them",
+            detail=f"site {site}: {where} column {label_column!r} has label(s) {', '.join(unknown[:5])} outside the "
+                   f"label set {', '.join(labels)} (data.labels)")
     index = {name: i for i, name in enumerate(labels)}
     return pd.DataFrame({
         TEXT: raw[text_column].astype(str).str.replace("&#039;", "'").str.strip('"').to_numpy(),

@@ -6,6 +6,7 @@ info: they travel in their own ConfigRecords, and the server reads them through 
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -29,16 +30,46 @@ SERVER_ROUND = "server-round"
 NUM_ROUNDS = "num-server-rounds"
 RUN_ID = "run-id"  # the fedlens run (stable across a resume; Flower's run id is not): keys a site's saved state
 THRESHOLDS = "cl-thresholds"  # per-class confident-learning thresholds (public: from earlier noised summaries)
+CLASS_PRIOR = "class-prior"  # the loss's class prior (public: released label counts, the server's data or config)
 STATUS_OK, STATUS_REFUSED, STATUS_FAILED = "ok", "refused", "failed"
+
+# What leaves a site, field by field. Every value a site sends is one of these (tests/client/test_client_app.py
+# walks every record and key of every hello, train and evaluate reply against OUTBOUND; a new field fails it):
+ECHO = "public config echo"  # what the run config, the site's public name or its own public policy says
+WEIGHTS = "DP-SGD weights"  # the trainable weights after noised steps (exact only when the run has no DP)
+NOISED = "noised, charged release"  # a Gaussian release in the site's ledger (census or summary)
+PUBLIC = "public metadata"  # a function of released values and public config only (add/remove: no exact size)
+STATUS = "operational status"  # ok / refused / failed and why: refusals follow public ε; no data values, no paths
+TIMING = "coarse timing"  # compute seconds rounded to 0.1 s; a side channel the server also sees, outside DP
+OUTBOUND: dict[str, dict[str, str] | str] = {
+    SITE: {"name": ECHO, "n-train": PUBLIC, "n-val": PUBLIC, "status": STATUS, "reason": STATUS,
+           "census-labels": NOISED, "census-n-val": NOISED, "census-noise": PUBLIC, "census-run": ECHO},
+    METRICS: {NUM_EXAMPLES: PUBLIC, "epsilon": PUBLIC, "delta": ECHO, "epsilon-budget": ECHO,
+              "noise-multiplier": PUBLIC, "sample-rate": PUBLIC, "steps": PUBLIC, "seconds": TIMING,
+              "sensitivity": ECHO, "epsilon-training": PUBLIC, "epsilon-diagnostics": PUBLIC,
+              "diagnostics-seconds": TIMING, "started-at": TIMING, "ended-at": TIMING, "epsilon-lifetime": PUBLIC,
+              "epsilon-cap": ECHO},
+    ARRAYS: WEIGHTS,  # every key: a trainable weight
+    SUMMARY: {**{b.name.replace("_", "-"): NOISED for b in BLOCKS}, "cross-correct": NOISED, "num-classes": ECHO,
+              "mechanism": ECHO, "noise-multiplier": PUBLIC, "sensitivity": PUBLIC, "health-round": PUBLIC,
+              "cross-models": ECHO},
+}
 
 
 @dataclass(frozen=True)
 class SiteInfo:
+    """Who answered, its released sizes, and whether it did the work. Sizes are the site's census (noised under DP,
+    client/census.py), which every reply repeats so that a site joining late is known from its first reply."""
+
     name: str
-    n_train: int
-    n_val: int
+    n_train: int  # released train size (census, rounded)
+    n_val: int  # released validation size
     status: str = STATUS_OK
     reason: str = ""
+    census_labels: tuple[float, ...] = ()  # released train examples per label (noised cells; empty: none yet)
+    census_n_val: float = 0.0
+    census_noise: float = 0.0  # std of each census value (σ·Δ, Δ = 1); 0 = exact (a run without DP)
+    census_run: str = ""  # the fedlens run that paid for the census (its ledger holds the entry)
 
 
 @dataclass(frozen=True)
@@ -59,6 +90,8 @@ class TrainReply:
     diagnostics_seconds: float = 0.0  # of `seconds`, spent measuring DP health
     started_at: float = 0.0  # wall clock (s since epoch) when the site began / finished handling the message
     ended_at: float = 0.0
+    epsilon_lifetime: float = 0.0  # every release ever made from this site's data, all runs, at the site's δ
+    epsilon_cap: float = 0.0  # the site's own lifetime cap (its policy)
 
 
 @dataclass(frozen=True)
@@ -78,15 +111,15 @@ class EvalReply:
     ended_at: float = 0.0
     cross: np.ndarray | None = None  # noised: how many validation examples each local model got right
     cross_models: tuple[str, ...] = ()  # whose local models, in the order of `cross`
-
-    @property
-    def confusion(self) -> np.ndarray | None:
-        return None if self.blocks is None else self.blocks["confusion"]
+    epsilon_lifetime: float = 0.0
+    epsilon_cap: float = 0.0
 
 
 def _site_record(site: SiteInfo) -> ConfigRecord:
     return ConfigRecord({"name": site.name, "n-train": site.n_train, "n-val": site.n_val, "status": site.status,
-                         "reason": site.reason})
+                         "reason": public_reason(site.reason), "census-labels": [float(x) for x in site.census_labels],
+                         "census-n-val": float(site.census_n_val), "census-noise": float(site.census_noise),
+                         "census-run": site.census_run})
 
 
 def unpack_site(content: RecordDict) -> SiteInfo:
@@ -94,19 +127,35 @@ def unpack_site(content: RecordDict) -> SiteInfo:
     if SITE not in content.config_records:
         raise KeyError(f"reply has no '{SITE}' ConfigRecord (records: {list(content.keys())})")
     r = content.config_records[SITE]
-    return SiteInfo(str(r["name"]), int(r["n-train"]), int(r["n-val"]), str(r["status"]), str(r["reason"]))
+    return SiteInfo(str(r["name"]), int(r["n-train"]), int(r["n-val"]), str(r["status"]), str(r["reason"]),
+                    tuple(float(x) for x in r.get("census-labels", [])), float(r.get("census-n-val", 0.0)),
+                    float(r.get("census-noise", 0.0)), str(r.get("census-run", "")))
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s/'\"]+/)+([^\s/'\"]+)")
+
+
+def public_reason(text: str, limit: int = 400) -> str:
+    """A reason fit to leave a site: absolute paths cut to their file name (the site's log keeps the full text),
+    and bounded in length. Data values must not be in it in the first place (common/datasets.SiteDataError
+    keeps them in its local detail)."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(1), text)[:limit]
 
 
 # --- server -> site ----------------------------------------------------------------------------------------------
 
 def pack_instruction(arrays: OrderedDict[str, np.ndarray] | None, server_round: int, num_rounds: int,
                      thresholds: list[float] | None = None, run_id: str = "",
-                     local_models: dict[str, OrderedDict[str, np.ndarray]] | None = None) -> RecordDict:
+                     local_models: dict[str, OrderedDict[str, np.ndarray]] | None = None,
+                     class_prior: list[float] | None = None) -> RecordDict:
     """`local_models`: site -> its local model this round, for the sites to score on their validation data (an
-    evaluate instruction of a run with server.cross-site-eval)."""
+    evaluate instruction of a run with server.cross-site-eval). `class_prior`: the loss's prior (a train
+    instruction)."""
     cfg = {SERVER_ROUND: server_round, NUM_ROUNDS: num_rounds, RUN_ID: run_id}
     if thresholds is not None:
         cfg[THRESHOLDS] = [float(t) for t in thresholds]
+    if class_prior is not None:
+        cfg[CLASS_PRIOR] = [float(t) for t in class_prior]
     content = RecordDict({CONFIG: ConfigRecord(cfg)})
     if arrays is not None:
         content[ARRAYS] = _arrays(arrays)
@@ -145,6 +194,21 @@ def unpack_run_id(content: RecordDict) -> str:
     return str(cfg.get(RUN_ID, "")) if cfg is not None else ""
 
 
+def unpack_class_prior(content: RecordDict, num_classes: int) -> list[float] | None:
+    """The class prior an instruction carries (None when it carries none).
+
+    Raises:
+        ValueError: not num_classes positive finite numbers summing to 1.
+    """
+    cfg = content.config_records[CONFIG]
+    if CLASS_PRIOR not in cfg:
+        return None
+    prior = [float(t) for t in cfg[CLASS_PRIOR]]
+    if len(prior) != num_classes or not all(np.isfinite(prior)) or min(prior) <= 0 or abs(sum(prior) - 1) > 1e-3:
+        raise ValueError(f"instruction's {CLASS_PRIOR} {prior} is not a distribution over {num_classes} classes")
+    return prior
+
+
 def unpack_thresholds(content: RecordDict) -> list[float] | None:
     cfg = content.config_records[CONFIG]
     return [float(t) for t in cfg[THRESHOLDS]] if THRESHOLDS in cfg else None
@@ -165,7 +229,8 @@ def pack_train_reply(r: TrainReply) -> RecordDict:
                                "sensitivity": r.sensitivity, "epsilon-training": r.epsilon_training,
                                "epsilon-diagnostics": r.epsilon_diagnostics,
                                "diagnostics-seconds": r.diagnostics_seconds, "started-at": r.started_at,
-                               "ended-at": r.ended_at}),
+                               "ended-at": r.ended_at, "epsilon-lifetime": r.epsilon_lifetime,
+                               "epsilon-cap": r.epsilon_cap}),
     })
     if r.arrays is not None:
         content[ARRAYS] = _arrays(r.arrays)
@@ -183,7 +248,8 @@ def unpack_train_reply(content: RecordDict) -> TrainReply:
                       int(m["steps"]), float(m["seconds"]), float(m.get("sensitivity", 1.0)),
                       float(m.get("epsilon-training", 0.0)), float(m.get("epsilon-diagnostics", 0.0)),
                       float(m.get("diagnostics-seconds", 0.0)), float(m.get("started-at", 0.0)),
-                      float(m.get("ended-at", 0.0)))
+                      float(m.get("ended-at", 0.0)), float(m.get("epsilon-lifetime", 0.0)),
+                      float(m.get("epsilon-cap", 0.0)))
 
 
 def pack_eval_reply(r: EvalReply) -> RecordDict:
@@ -193,7 +259,8 @@ def pack_eval_reply(r: EvalReply) -> RecordDict:
                                "epsilon-training": r.epsilon_training,
                                "epsilon-diagnostics": r.epsilon_diagnostics, "seconds": r.seconds,
                                "diagnostics-seconds": r.diagnostics_seconds, "started-at": r.started_at,
-                               "ended-at": r.ended_at}),
+                               "ended-at": r.ended_at, "epsilon-lifetime": r.epsilon_lifetime,
+                               "epsilon-cap": r.epsilon_cap}),
     })
     if r.blocks is not None:
         # One flat list of floats per block (ConfigRecord lists hold one scalar type); shapes follow from K.
@@ -240,7 +307,8 @@ def unpack_eval_reply(content: RecordDict) -> EvalReply:
     return EvalReply(site, int(m[NUM_EXAMPLES]), float(m["epsilon"]), blocks, sigma, sens, health_round,
                      float(m.get("epsilon-training", 0.0)), float(m.get("epsilon-diagnostics", 0.0)),
                      float(m.get("seconds", 0.0)), float(m.get("diagnostics-seconds", 0.0)),
-                     float(m.get("started-at", 0.0)), float(m.get("ended-at", 0.0)), cross, cross_models)
+                     float(m.get("started-at", 0.0)), float(m.get("ended-at", 0.0)), cross, cross_models,
+                     float(m.get("epsilon-lifetime", 0.0)), float(m.get("epsilon-cap", 0.0)))
 
 
 def reply(content: RecordDict, to: Message) -> Message:

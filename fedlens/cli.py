@@ -7,6 +7,7 @@ Run as:  fedlens simulate --scenario simulations/smoke.toml
          fedlens replay --round 2 --exclude site-2
          fedlens bench --only dp_overhead,bytes_per_round --json
          fedlens bench diagnosis --suite simulations/faults --json
+         fedlens audit privacy --json           # one-run empirical ε lower bound of the site's DP-SGD
          fedlens dashboard --port 8501
          fedlens certs --out certs --sites hospital-a,hospital-b --host link.example.org
          fedlens link --certs certs --host 0.0.0.0 --port 8000
@@ -304,6 +305,38 @@ def bench(
     except ValueError as e:
         _fail(str(e), code=2)
     typer.echo(json.dumps(out, indent=2, default=float) if json_ else harness.format_table(out))
+
+
+audit_app = typer.Typer(no_args_is_help=True, help="Empirical checks of the privacy claims.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("privacy")
+def audit_privacy(
+    scenario: Annotated[Path | None, typer.Option(help="a TOML of run-config overrides (default "
+                                                       "simulations/smoke.toml)")] = None,
+    mechanism: Annotated[str, typer.Option(help="fedlens (the product) | scaled-noise | seeded-noise (broken on "
+                                                "purpose: the audit must catch them)")] = "fedlens",
+    canaries: Annotated[int, typer.Option(help="canaries m; one run certifies at most about log m")] = 2000,
+    epsilon: Annotated[float | None, typer.Option(help="the claimed ε σ is calibrated for (default "
+                                                       "dp.target-epsilon of the scenario)")] = None,
+    confidence: Annotated[float, typer.Option(help="confidence of the lower bound")] = 0.95,
+    json_: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """One-run audit of the site's DP-SGD (Steinke et al. 2023): an ε lower bound to compare with the claim.
+    Exit code 1 when the bound exceeds the claimed ε."""
+    import json
+
+    from fedlens import audit
+
+    try:
+        out = audit.audit_privacy(scenario, mechanism=mechanism, canaries=canaries, target_epsilon=epsilon,
+                                  confidence=confidence, progress=lambda m: typer.echo(m, err=True))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e), 2)
+    typer.echo(json.dumps(out, indent=2) if json_ else audit.format_text(out))
+    if out["verdict"] != "consistent":
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -10,6 +10,23 @@ from pathlib import Path
 
 from common.config import PROJECT_ROOT, RunConfig
 
+SIMULATION_POLICY = """\
+# The privacy policy of the simulated sites in this folder (client/policy.py; pyproject [tool.fedlens.site-policy]
+# holds the defaults a real site starts from). A site's lifetime ledger (lifetime-*.json in its folder) spans every
+# run, replay and resume on this store. Edit this file, or give a site its own sites/<site>/policy.toml.
+epsilon-cap = 100.0      # lifetime ε per site over all runs of this store (a real site's default: 10)
+allow-non-dp = true      # simulated sites take non-DP baselines (a real site's default: false)
+"""
+
+
+def prepare_site_state(root: Path) -> Path:
+    """The folder of the simulated sites' own state (one sub-folder each) with their policy, made if missing."""
+    root.mkdir(parents=True, exist_ok=True)
+    policy = root / "policy.toml"
+    if not policy.is_file():
+        policy.write_text(SIMULATION_POLICY)
+    return root
+
 
 def run_simulation(config: RunConfig, *, num_sites: int, client_cpus: float, client_gpus: float,
                    ray_address: str = "") -> None:
@@ -23,6 +40,11 @@ def run_simulation(config: RunConfig, *, num_sites: int, client_cpus: float, cli
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from client.state import STATE_ENV
+
+    # The simulated sites keep their lifetime ledgers and policy next to the store (a real site: its own disk).
+    sites = os.environ.get(STATE_ENV) or str(Path(str(config["store.path"])).resolve().parent / "sites")
+    os.environ[STATE_ENV] = str(prepare_site_state(Path(sites)))
     from flwr.app import Context, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.simulation.run_simulation import _run_simulation  # the entry flwr-simulation itself uses
@@ -39,7 +61,7 @@ def run_simulation(config: RunConfig, *, num_sites: int, client_cpus: float, cli
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(config))
     init_args: dict = {"include_dashboard": False, "num_cpus": os.cpu_count() or 2}
     if ray_address:
-        init_args = {"address": ray_address}
+        init_args = {"address": ray_address, "runtime_env": {"env_vars": {STATE_ENV: os.environ[STATE_ENV]}}}
     backend_config = {"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
                       "init_args": init_args}
     # The project folder is the Flower app: pyproject.toml + the server/ client/ common/ packages.

@@ -70,6 +70,23 @@ def make_central_eval(cfg: AppConfig, model, data: Encoded | None) -> CentralEva
     return evaluate
 
 
+def class_prior(cfg: AppConfig, test: Encoded | None) -> str | list[float] | None:
+    """What the sites' loss is balanced towards (train.class-prior), from public information only."""
+    if cfg.train.class_balance == "none" or cfg.train.class_prior == "uniform":
+        return None
+    if cfg.train.class_prior == "released":
+        return "released"
+    if cfg.train.class_prior == "server-data":
+        if test is None:
+            raise ValueError("train.class-prior = server-data needs the server's labelled data (server.central-eval)")
+        import numpy as np
+
+        from server.prior import fixed_prior
+
+        return fixed_prior(np.bincount(test.labels.numpy(), minlength=len(cfg.data.labels)))
+    return cfg.explicit_prior()
+
+
 def resume_point(cfg: AppConfig, writer: RunWriter, checkpoints: Checkpoints) -> tuple[int, dict] | None:
     """Where an interrupted run picks up: (its last completed round, the server state saved with it); None for a
     new run.
@@ -141,7 +158,8 @@ def main(grid: Grid, context: Context) -> None:
                                aggregation=cfg.server.aggregation, trim_fraction=cfg.server.trim_fraction,
                                byzantine=cfg.server.byzantine, exclude=cfg.server.exclude,
                                weights=cfg.site_weights(), probe=make_probe(cfg, model, test),
-                               cross_site_eval=cfg.server.cross_site_eval, class_names=cfg.data.labels)
+                               cross_site_eval=cfg.server.cross_site_eval, class_names=cfg.data.labels,
+                               class_prior=class_prior(cfg, test))
         initial, start = trainable_state(model), 1
         if resumed is not None or parent is not None:
             # Resume this run after its last completed round, or replay another from its round R checkpoint.
@@ -151,7 +169,8 @@ def main(grid: Grid, context: Context) -> None:
             # safetensors stores keys sorted; the sites and the update checks expect the model's own order.
             initial = type(initial)((k, kept[k]) for k in initial)
             state = source.state(last)
-            strategy.restore(writer.prior()["sites"] if resumed is not None else [], state.get("thresholds"))
+            strategy.restore(writer.prior()["sites"] if resumed is not None else [], state.get("thresholds"),
+                             state.get("label_counts"))
             start = last + 1
         final = strategy.run(grid, initial, cfg.num_server_rounds, start_round=start)
         model_path = None

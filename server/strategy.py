@@ -22,6 +22,7 @@ from common.metrics import prediction_share
 from common.run_store import Event, LedgerRow, RoundRecord, RunWriter, SiteRoundRow
 from server.diagnosis import Diagnosis
 from server.findings import FindingsTracker
+from server.prior import LabelCounts
 
 log = get_logger()
 Arrays = OrderedDict[str, np.ndarray]
@@ -148,7 +149,7 @@ class DebugFedAvg(FedAvg):
                  wait_for_sites: float = 600.0, aggregation: str = "fedavg", trim_fraction: float = 0.2,
                  byzantine: int = 1, exclude: tuple[str, ...] = (), weights: dict[str, float] | None = None,
                  probe: Probe | None = None, cross_site_eval: bool = False,
-                 class_names: tuple[str, ...] = ()) -> None:
+                 class_names: tuple[str, ...] = (), class_prior: str | list[float] | None = "released") -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_sites,
                          min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
         self.writer = writer
@@ -174,6 +175,11 @@ class DebugFedAvg(FedAvg):
         self.run_id = writer.run_id  # sent with every instruction: sites key their saved ledger by it
         # Confident-learning thresholds sent with each evaluation: from the previous round's noised summaries.
         self.thresholds: list[float] | None = None
+        # The loss's class prior sent with each train instruction: "released" (the sites' census and summaries,
+        # pooled: server/prior.py), fixed weights, or None (plain cross-entropy).
+        self.class_prior = class_prior
+        self.label_counts = LabelCounts()
+        self.pending_ledger: list[LedgerRow] = []  # census releases charged to this run, filed with the next round
 
     # --- messaging ---------------------------------------------------------------------------------------------
 
@@ -244,9 +250,16 @@ class DebugFedAvg(FedAvg):
             self._register(r.node_id, info)
 
     def _register(self, node_id: int, info: records.SiteInfo) -> None:
-        """Remember a node's site name; a site seen for the first time (at start or joining later) is recorded."""
+        """Remember a node's site name; a site seen for the first time (at start or joining later) is recorded,
+        with its census (released sizes and train-label counts)."""
         self.site_of[node_id] = info.name
         self.declared.setdefault(info.name, info.n_train)
+        if info.census_labels and info.name not in self.label_counts.precision:
+            self.label_counts.add(info.name, np.asarray(info.census_labels), info.census_noise)
+            if info.census_run == self.run_id and info.census_noise > 0:
+                # This run paid for the census: it is in the run's ledger (report --json recomposes ε from it).
+                self.pending_ledger.append(LedgerRow(info.name, 0, "census", "gaussian", info.census_noise, 1.0, 1,
+                                                     1.0))
         if info.name not in self.known:
             self.known.add(info.name)
             self.writer.add_site(info.name, n_train=info.n_train, n_val=info.n_val)
@@ -262,10 +275,18 @@ class DebugFedAvg(FedAvg):
 
     # --- the round loop ----------------------------------------------------------------------------------------
 
-    def restore(self, sites: list[str], thresholds: list[float] | None) -> None:
-        """Resuming a run: the sites already in the store, and the thresholds the last completed round set."""
+    def restore(self, sites: list[str], thresholds: list[float] | None, label_counts: dict | None = None) -> None:
+        """Resuming a run: the sites already in the store, and the thresholds and label-count estimates the last
+        completed round left."""
         self.known.update(sites)
         self.thresholds = thresholds
+        self.label_counts = LabelCounts.from_state(label_counts)
+
+    def prior(self) -> list[float] | None:
+        """The class prior for this round's training (public: config, server data, or released counts)."""
+        if self.class_prior == "released":
+            return self.label_counts.prior()
+        return self.class_prior if isinstance(self.class_prior, list) else None
 
     def run(self, grid: Grid, initial: Arrays, num_rounds: int, *, start_round: int = 1,
             on_round: Callable[[int, Arrays], None] | None = None) -> Arrays:
@@ -279,10 +300,13 @@ class DebugFedAvg(FedAvg):
             t0 = time.time()
             log.info("[ROUND %d/%d]", rnd, num_rounds)
             rec = RoundRecord(round=rnd, seconds=0.0)
+            rec.ledger.extend(self.pending_ledger)
+            self.pending_ledger = []
 
             # --- training at the sites -------------------------------------------------------------------------
             replies = self._exchange(grid, self._sample(grid),
-                                     records.pack_instruction(arrays, rnd, num_rounds, run_id=self.run_id),
+                                     records.pack_instruction(arrays, rnd, num_rounds, run_id=self.run_id,
+                                                              class_prior=self.prior()),
                                      MessageType.TRAIN)
             rec.metrics["train_wall"] = time.time() - t0
             updates = self._collect_train(replies, arrays, rec)
@@ -331,7 +355,8 @@ class DebugFedAvg(FedAvg):
 
             if self.checkpoints is not None:
                 # Before the commit: a committed round has its weights, and what a resumed run needs to go on.
-                self.checkpoints.save(rnd, arrays, updates, {"thresholds": self.thresholds})
+                self.checkpoints.save(rnd, arrays, updates, {"thresholds": self.thresholds,
+                                                             "label_counts": self.label_counts.to_state()})
             rec.findings = self.findings.update(rec)
             # The server's diagnostics work: deriving every summary, the global view, the findings.
             rec.metrics["diagnostics_seconds"] = time.perf_counter() - t_diag - central_seconds + probe_seconds
@@ -431,10 +456,14 @@ class DebugFedAvg(FedAvg):
             else:
                 train_row = trained.get(ev.site.name)
                 did_train = train_row is not None and ev.health_round == rec.round
+                # Gradient statistics are measured only at q = 1 (client/train.py): at q < 1 there are none.
+                full_batch = train_row is not None and (train_row.sample_rate or 0.0) >= 1.0
                 d = diagnostics.derive(ev.blocks, loss_clip=self.loss_clip, n_val=ev.num_examples,
                                        n_train=ev.site.n_train, trainable_values=trainable_values,
-                                       dpsgd_noise_multiplier=(train_row.noise_multiplier or 0.0) if train_row else 0.0,
-                                       trained=did_train)
+                                       dpsgd_noise_multiplier=(train_row.noise_multiplier or 0.0) if full_batch
+                                       else 0.0, trained=did_train)
+                self.label_counts.add(ev.site.name, ev.blocks["train_labels"],
+                                      diagnostics.noise_std(ev.noise_multiplier, len(ev.cross_models))["train_labels"])
                 self._fill_row(row, d, ev)
                 if ev.noise_multiplier > 0:
                     rec.ledger.append(LedgerRow(ev.site.name, rec.round, "summary", "gaussian", ev.noise_multiplier,

@@ -14,6 +14,18 @@ TINY = {"model.tiny": True, "data.max-length": 32, "simulation.num-sites": 3, "n
         "train.batch-size": 32, "train.local-epochs": 1}  # several Poisson batches per epoch
 
 
+@pytest.fixture(autouse=True)
+def site_state(tmp_path_factory, monkeypatch):
+    """Every test's sites keep their lifetime ledgers in a fresh folder, with the simulated sites' policy (as
+    `fedlens simulate` prepares it): no test inherits another's spent ε."""
+    from client.state import STATE_ENV
+    from fedlens.simulate import prepare_site_state
+
+    root = prepare_site_state(tmp_path_factory.mktemp("sites"))
+    monkeypatch.setenv(STATE_ENV, str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     from common.config import AppConfig

@@ -58,7 +58,8 @@ def test_a_small_budget_stops_training_and_releases_exactly_when_the_next_step_w
     ctx = _context(run_config)
     arrays = trainable_state(build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0))
 
-    spent, outcomes = [], []
+    # The site's census (its released sizes and label counts) is the run's first spend: σ = 10, Δ = 1.
+    spent, outcomes = [(10.0, 1.0, 1)], []
     for rnd in range(1, 9):
         tr = records.unpack_train_reply(_send(client_app.train, ctx, arrays, rnd, 8, MessageType.TRAIN).content)
         ev = records.unpack_eval_reply(_send(client_app.evaluate, ctx, arrays, rnd, 8, MessageType.EVALUATE).content)
@@ -93,7 +94,8 @@ def _windows(text: str, width: int = 16):
 
 
 def test_no_text_and_no_undocumented_record_leaves_a_site(tiny_cfg):
-    from client.data import SiteIdentity, site_rows
+    from client.data import SiteIdentity, load_site_data, site_rows
+    from common.model import load_tokenizer
 
     run_config = {**TINY, "num-server-rounds": 2}
     arrays = trainable_state(build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0))
@@ -116,23 +118,48 @@ def test_no_text_and_no_undocumented_record_leaves_a_site(tiny_cfg):
                           _message(RecordDict(), MessageType.QUERY))
     assert any(w in _printable_runs(message_to_proto(leaky).SerializeToString()) for w in _windows(texts[0][:80]))
 
-    # Only documented records and keys travel; every summary value is a float; no label list, no per-example data.
-    allowed = {records.SITE: {"name", "n-train", "n-val", "status", "reason"},
-               records.METRICS: None, records.ARRAYS: None,
-               records.SUMMARY: {b.name.replace("_", "-") for b in diagnostics.BLOCKS}
-               | {"num-classes", "mechanism", "noise-multiplier", "sensitivity", "health-round", "cross-correct",
-                  "cross-models"}}
+    # Every record and key of every message is classified (records.OUTBOUND): public config echo, DP-SGD
+    # weights, a noised and charged release, public metadata, status or coarse timing. Nothing else travels.
     for m in sent:
         for name, record in m.content.items():
-            assert name in allowed, name
-            if allowed[name] is not None:
-                assert set(record) <= allowed[name], set(record) - allowed[name]
+            assert name in records.OUTBOUND, f"unclassified record {name!r} leaves the site"
+            kinds = records.OUTBOUND[name]
+            if isinstance(kinds, dict):
+                assert set(record) <= set(kinds), f"unclassified keys {set(record) - set(kinds)} in {name!r}"
+        site = m.content.config_records[records.SITE]
+        # Add/remove neighbours: the sizes a site reports are its noised census, rounded; never the exact ones.
+        assert site["n-train"] == max(1, round(sum(site["census-labels"])))
+        assert site["census-noise"] == 10.0 and site["census-n-val"] != round(site["census-n-val"])
+        metrics = m.content.metric_records.get(records.METRICS, {})
+        for key in ("seconds", "diagnostics-seconds", "started-at", "ended-at"):
+            if key in metrics:
+                assert metrics[key] == round(metrics[key], 1)  # timings are coarsened
         if records.SUMMARY in m.content.config_records:
             s = m.content.config_records[records.SUMMARY]
-            n_val = int(m.content.config_records[records.SITE]["n-val"])
             for b in diagnostics.BLOCKS:
                 values = np.asarray(s[b.name.replace("_", "-")])
-                assert values.dtype == np.float64 and values.size < n_val * 4 + 20  # aggregates, not per example
+                assert values.dtype == np.float64 and values.size < 200  # aggregates, not per example
+    exact = [np.bincount(load_site_data(tiny_cfg, SiteIdentity(f"site-{p}", p, 3, ""),
+                                        load_tokenizer(tiny_cfg.model)).train.labels.numpy(), minlength=3)
+             for p in range(2)]
+    for pid in range(2):
+        released = sent[pid * 5].content.config_records[records.SITE]["census-labels"]
+        assert not np.allclose(released, exact[pid], atol=1e-6)  # the counts went out noised
+
+
+def test_error_reasons_that_leave_a_site_carry_no_paths_and_no_data_values(tmp_path):
+    data = tmp_path / "private" / "clinic.csv"
+    data.parent.mkdir()
+    data.write_text("review,rating\nfine,superb\n")  # a label outside data.labels: a data value
+    ctx = Context(run_id=42, node_id=7, node_config={"site-name": "clinic", "data-path": str(data)},
+                  state=RecordDict(), run_config={**TINY, "data.source": "files"})
+    reply = client_app.app(_message(records.pack_instruction(None, 0, 2), MessageType.QUERY), ctx)
+    info = records.unpack_site(reply.content)
+    assert info.status == records.STATUS_FAILED and "clinic.csv" in info.reason
+    assert str(tmp_path) not in info.reason and "superb" not in info.reason
+    # A crash inside a handler: the server gets the exception's type and message without paths, not a traceback.
+    crash = client_app.app(_message(records.pack_instruction({"x": np.zeros(1)}, 1, 2), MessageType.TRAIN), ctx)
+    assert crash.has_error() and str(tmp_path) not in crash.error.reason and "Traceback" not in crash.error.reason
 
 
 def test_noise_makes_every_release_different_and_dp_off_sends_the_exact_summary(tiny_cfg):
@@ -155,7 +182,9 @@ def test_a_zero_diagnostics_share_releases_nothing_and_spends_nothing_on_it(tiny
     ctx = _context({**TINY, "dp.diagnostics-share": 0.0})
     ev = records.unpack_eval_reply(_send(client_app.evaluate, ctx, arrays, 1, 2, MessageType.EVALUATE).content)
     assert ev.blocks is None and ev.site.status == records.STATUS_OK and "diagnostics-share = 0" in ev.site.reason
-    assert ev.epsilon == 0.0 and ev.epsilon_diagnostics == 0.0
+    # Its only spend is the census (σ = 10, Δ = 1): ε ≈ 0.375 at δ = 1e-5.
+    assert ev.epsilon == pytest.approx(_dpa_epsilon([(10.0, 1.0, 1)], 1e-5), rel=1e-3)
+    assert ev.epsilon_diagnostics == 0.0 and ev.epsilon_training == 0.0
 
 
 def test_cross_site_evaluation_scores_each_local_model_inside_the_one_release(tiny_cfg):
@@ -172,8 +201,8 @@ def test_cross_site_evaluation_scores_each_local_model_inside_the_one_release(ti
         moved[head] = moved[head] + np.array([shift, 0.0, -shift], np.float32)
         local[name] = moved
 
-    def evaluate(run_config, models):
-        ctx = _context(run_config)
+    def evaluate(run_config, models, pid=0):
+        ctx = _context(run_config, pid)
         msg = _message(records.pack_instruction(arrays, 1, 2, None, local_models=models), MessageType.EVALUATE)
         return ctx, records.unpack_eval_reply(client_app.evaluate(msg, ctx).content)
 
@@ -194,7 +223,7 @@ def test_cross_site_evaluation_scores_each_local_model_inside_the_one_release(ti
 
     # Under DP: one Gaussian release whose Δ includes the counts' block; ε is what the same σ costs without them.
     ctx, noised = evaluate({**TINY, "dp.release-noise-multiplier": 4.0}, local)
-    _, alone = evaluate({**TINY, "dp.release-noise-multiplier": 4.0}, None)
+    _, alone = evaluate({**TINY, "dp.release-noise-multiplier": 4.0}, None, pid=1)  # a site with a fresh ledger
     assert noised.sensitivity == 2.0 and alone.sensitivity == pytest.approx(np.sqrt(3))
     assert noised.epsilon == pytest.approx(alone.epsilon) and noised.cross.shape == (2,)
     assert not np.array_equal(noised.cross, exact.cross)

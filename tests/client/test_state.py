@@ -52,21 +52,36 @@ def test_a_resumed_run_resends_the_answered_round_and_charges_each_round_once(ti
         np.testing.assert_array_equal(again.arrays[k], r2.arrays[k])
     r3 = _send(resumed, again.arrays, 3, MessageType.TRAIN)
 
-    # The ledger went on from round 2: three DP-SGD rounds in all, as in a run that was never interrupted.
-    straight = _context(run_config, tmp_path / "other", flower_run=3)
-    s1 = _send(straight, arrays, 1, MessageType.TRAIN, run_id="run-b")
-    s2 = _send(straight, s1.arrays, 2, MessageType.TRAIN, run_id="run-b")
-    s3 = _send(straight, s2.arrays, 3, MessageType.TRAIN, run_id="run-b")
-    assert r3.epsilon == pytest.approx(s3.epsilon, rel=1e-12)
-    assert s2.epsilon < s3.epsilon
+    # The ledger went on from round 2: the census and three DP-SGD rounds in all, as in a run never interrupted.
+    from client.privacy import CENSUS, DPSGD, LedgerEntry, epsilon
+
+    assert r3.sample_rate == r1.sample_rate and r3.steps == r1.steps  # the schedule follows the kept census
+    straight = [LedgerEntry(0, CENSUS, "gaussian", 10.0, 1.0, 1, 1.0)] + [
+        LedgerEntry(r, DPSGD, "subsampled-gaussian", 1.0, r1.sample_rate, r1.steps, 1.0) for r in (1, 2, 3)]
+    assert r3.epsilon == pytest.approx(epsilon(straight, 1e-5), rel=1e-12)
+    assert r2.epsilon == pytest.approx(epsilon(straight[:3], 1e-5), rel=1e-12)
 
 
-def test_another_fedlens_run_starts_its_own_ledger(tiny_cfg, tmp_path):
-    run_config = {**TINY, "num-server-rounds": 3, "dp.noise-multiplier": 1.0}
+def test_a_new_run_id_cannot_reset_a_sites_ledger(tiny_cfg, tmp_path):
+    # The attack the review reproduced: a site refused for its budget, asked again under fresh run ids (a new run,
+    # a replay), trained on. Now every run on the same data charges one lifetime ledger, and the site's own cap
+    # (its policy, not the run config) stops it whatever the run id.
+    (tmp_path / "policy.toml").write_text("epsilon-cap = 6.0\n")
+    run_config = {**TINY, "num-server-rounds": 8, "dp.noise-multiplier": 1.0, "dp.target-epsilon": 50.0}
     arrays = trainable_state(build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0))
     ctx = _context(run_config, tmp_path, flower_run=1)
-    a = _send(ctx, arrays, 1, MessageType.TRAIN, run_id="run-a")
-    b = _send(_context(run_config, tmp_path, flower_run=2), arrays, 1, MessageType.TRAIN, run_id="run-b")
-    assert a.epsilon == pytest.approx(b.epsilon)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-a.json", "run-a.train.reply", "run-b.json",
-                                                          "run-b.train.reply"]
+    replies = [_send(ctx, arrays, rnd, MessageType.TRAIN, run_id="run-a") for rnd in range(1, 9)]
+    refused = [r for r in replies if r.site.status == records.STATUS_REFUSED]
+    assert refused and "lifetime ε on this data" in refused[0].site.reason and "cap 6" in refused[0].site.reason
+    spent = max(r.epsilon_lifetime for r in replies)
+    assert spent <= 6.0 and replies[0].epsilon_cap == 6.0
+    for i, run_id in enumerate(("run-b", "replay-of-a", "run-a")):
+        again = _send(_context(run_config, tmp_path, flower_run=2 + i), arrays, 1, MessageType.TRAIN, run_id=run_id)
+        assert again.site.status == records.STATUS_REFUSED and "lifetime ε" in again.site.reason
+        assert again.epsilon_lifetime == pytest.approx(spent)  # nothing more was spent
+    # One file per dataset, keyed by its fingerprint, holding every run's entries and the census.
+    (ledger,) = tmp_path.glob("lifetime-*.json")
+    import json
+
+    saved = json.loads(ledger.read_text())
+    assert saved["census"] is not None and {e["run_id"] for e in saved["entries"]} == {"run-a"}

@@ -78,7 +78,7 @@ def test_generic_loader_reads_csv_jsonl_parquet(tmp_path):
     (None, "clinic-a: data file .*missing.csv does not exist"),
     ("", "clinic-a: data file .*is empty"),
     ("review,stars\nok,3\n", "clinic-a: .* has no column\\(s\\) text, label"),
-    ("text,label\nok,great\n", "clinic-a: .* label\\(s\\) great outside the label set negative, neutral, positive"),
+    ("text,label\nok,great\n", "clinic-a: .* has labels outside the label set negative, neutral, positive"),
     (b"text,label\n\xff\xfe bad,positive\n", "clinic-a: data file .* cannot be read as csv \\(UTF-8 expected\\)"),
 ])
 def test_generic_loader_errors_name_site_path_and_expectation(tmp_path, content, expected):
@@ -86,8 +86,11 @@ def test_generic_loader_errors_name_site_path_and_expectation(tmp_path, content,
     if content is not None:
         path = tmp_path / "d.csv"
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(SiteDataError, match=expected):
+    with pytest.raises(SiteDataError, match=expected) as e:
         _load(path)
+    assert "great" not in str(e.value)  # a data value stays in the site's log (detail), out of the reason it sends
+    if content == "text,label\nok,great\n":
+        assert "label(s) great outside" in e.value.detail
 
 
 def test_a_path_template_gives_each_simulated_site_its_own_file(tmp_path):

@@ -1,0 +1,148 @@
+"""A site's own privacy policy: its lifetime ε cap, its δ, its minimum noise, and whether it takes non-DP runs.
+
+The run config is the coordinator's; a site's policy is not. It comes from the site's side only, in this order:
+the defaults in pyproject `[tool.fedlens.site-policy]`, then `policy.toml` in the site's state folder (or the
+folder above it, which `fedlens simulate` fills for all its simulated sites), then the SuperNode's node config
+(`fedlens site --epsilon-cap ...`). Whatever a run asks, a site refuses any spend that would break it, and says why.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from client.census import Census
+from client.privacy import LedgerEntry, epsilon, epsilon_split
+from client.state import Lifetime
+from common.config import pyproject_path
+
+POLICY_FILE = "policy.toml"
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    epsilon_cap: float  # lifetime ε over everything ever released from this dataset, in all runs
+    delta: float  # the site's δ: lifetime ε is at this δ, and no run may ask for a larger one (0 = auto)
+    min_noise_multiplier: float  # no DP-SGD step or release with less noise (σ = noise std / sensitivity)
+    allow_non_dp: bool  # take part in runs with dp.enabled = false (their weights and summaries are exact)
+    source: str = "defaults"  # where the values came from, for messages at the site
+
+    def site_delta(self, n_released: float) -> float:
+        """The δ this site accounts at. Auto (0): 1e-5, or the power of ten at most 1 / (10 n) for large sites,
+        from the *released* size so that the δ, which is public, says nothing the census did not."""
+        if self.delta > 0:
+            return self.delta
+        return min(1e-5, 10.0 ** math.floor(math.log10(1.0 / (10.0 * max(n_released, 1.0)))))
+
+
+_KEYS = {f.name.replace("_", "-"): f for f in fields(SitePolicy) if f.name != "source"}
+
+
+def _defaults() -> dict[str, Any]:
+    with pyproject_path().open("rb") as f:
+        return dict(tomllib.load(f)["tool"]["fedlens"]["site-policy"])
+
+
+def load_policy(folder: Path, node_config: dict[str, Any]) -> SitePolicy:
+    """The site's policy: defaults, then policy.toml (its folder, else the one above), then node-config keys.
+
+    Raises:
+        ValueError: naming the file or key and the expected type when a value is not usable.
+    """
+    values, source = _defaults(), "defaults"
+    for candidate in (folder / POLICY_FILE, folder.parent / POLICY_FILE):
+        if candidate.is_file():
+            try:
+                with candidate.open("rb") as f:
+                    values.update(tomllib.load(f))
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"site policy {candidate} is not valid TOML: {e}") from e
+            source = str(candidate)
+            break
+    overrides = {k: v for k, v in node_config.items() if k in _KEYS}
+    if overrides:
+        values.update(overrides)
+        source += " + node config"
+    unknown = sorted(set(values) - set(_KEYS))
+    if unknown:
+        raise ValueError(f"site policy ({source}): unknown key(s) {', '.join(unknown)}; known: {', '.join(_KEYS)}")
+    out = {}
+    for key, f in _KEYS.items():
+        v = values[key]
+        try:
+            out[f.name] = _bool(v) if f.type in (bool, "bool") else float(v)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"site policy ({source}): {key} = {v!r} is not a {f.type}") from e
+    policy = SitePolicy(**out, source=source)
+    if policy.epsilon_cap < 0 or policy.delta < 0 or policy.min_noise_multiplier < 0:
+        raise ValueError(f"site policy ({source}): epsilon-cap, delta and min-noise-multiplier must be ≥ 0")
+    return policy
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if str(v).lower() in ("true", "1", "yes"):
+        return True
+    if str(v).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(v)
+
+
+def refusal(policy: SitePolicy, *, lifetime: list[LedgerEntry], entry: LedgerEntry, site_delta: float) -> str:
+    """Why the site's policy forbids spending `entry` ("" when it allows it): too little noise, or a lifetime ε
+    (every entry ever spent on this data, all runs) above the cap."""
+    if entry.noise_multiplier < policy.min_noise_multiplier:
+        return (f"{entry.kind} noise multiplier {entry.noise_multiplier:.3g} is below this site's minimum "
+                f"{policy.min_noise_multiplier:g} (its policy)")
+    projected = epsilon([*lifetime, entry], site_delta)
+    if projected > policy.epsilon_cap + 1e-9:
+        return (f"round {entry.round} {entry.kind} would bring this site's lifetime ε on this data to "
+                f"{projected:.3f} > its cap {policy.epsilon_cap:g} (spent {epsilon(lifetime, site_delta):.3f} "
+                "over all runs so far)")
+    return ""
+
+
+@dataclass
+class Accounts:
+    """One site's privacy position in one run: its policy, its lifetime ledger, and the run's own budget.
+
+    A spend must fit both: the run's target (dp.target-epsilon at dp.target-delta, over this run's entries: the
+    coordinator's plan) and the site's policy (its cap, over every entry ever spent on this data, at its δ).
+    """
+
+    policy: SitePolicy
+    lifetime: Lifetime
+    run_id: str
+    run_budget: float
+    run_delta: float
+
+    def site_delta(self) -> float:
+        c = self.lifetime.census
+        return self.policy.site_delta(c.n_train + c.n_val if c is not None else 0.0)
+
+    def run_entries(self) -> list[LedgerEntry]:
+        return self.lifetime.of_run(self.run_id)
+
+    def why_not(self, entry: LedgerEntry) -> str:
+        """Why `entry` may not be spent ("" when it may): too little noise for the site, the run's budget, the
+        site's lifetime cap."""
+        if entry.noise_multiplier < self.policy.min_noise_multiplier:
+            return refusal(self.policy, lifetime=[], entry=entry, site_delta=1.0)
+        run = self.run_entries()
+        projected = epsilon([*run, entry], self.run_delta)
+        if projected > self.run_budget + 1e-9:
+            return (f"round {entry.round} {entry.kind} would bring ε to {projected:.3f} > budget "
+                    f"{self.run_budget:g} (spent {epsilon(run, self.run_delta):.3f})")
+        return refusal(self.policy, lifetime=self.lifetime.all(), entry=entry, site_delta=self.site_delta())
+
+    def charge(self, entry: LedgerEntry, census: Census | None = None) -> None:
+        self.lifetime.charge(self.run_id, entry, census)
+
+    def epsilons(self) -> tuple[float, float, float, float]:
+        """(this run's total, its training, its diagnostics, the lifetime total at the site's δ)."""
+        total, train, diag = epsilon_split(self.run_entries(), self.run_delta)
+        return total, train, diag, epsilon(self.lifetime.all(), self.site_delta())

@@ -1,0 +1,61 @@
+"""The class prior of the sites' loss, from what they released (never from a site's exact counts).
+
+Logit adjustment needs the label distribution the global model is trained towards. The sites' exact counts must not
+enter the loss (client/train.balanced_loss), so the server estimates it from releases that are already paid for:
+each site's census (once) and the train-label block of each of its noised summaries. A site's train labels do not
+change between rounds, so every release is another noisy look at the same counts. They are combined per site with
+inverse-variance weights and pooled over sites. All of it is post-processing: no ε.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class LabelCounts:
+    """Per site, the inverse-variance mean of its released train-label counts; pooled, the prior."""
+
+    def __init__(self) -> None:
+        self.weighted: dict[str, np.ndarray] = {}  # site -> Σ counts / var
+        self.precision: dict[str, float] = {}  # site -> Σ 1 / var
+
+    def add(self, site: str, counts: np.ndarray, std: float) -> None:
+        """One release of `site`'s train-label counts, each cell with noise std `std` (0: exact, a non-DP run)."""
+        counts = np.asarray(counts, dtype=np.float64)
+        if std <= 0:  # exact counts replace any noisy estimate
+            self.weighted[site], self.precision[site] = counts * 1e12, 1e12
+            return
+        w = 1.0 / std ** 2
+        self.weighted[site] = self.weighted.get(site, np.zeros_like(counts)) + counts * w
+        self.precision[site] = self.precision.get(site, 0.0) + w
+
+    def pooled(self) -> np.ndarray | None:
+        """Estimated train examples per label over all sites that released any (None before the first)."""
+        if not self.weighted:
+            return None
+        return sum(self.weighted[s] / self.precision[s] for s in self.weighted)
+
+    def prior(self) -> list[float] | None:
+        """The smoothed label distribution (negative noised cells count as 0; a class with none is rare, not
+        impossible), as client/train.prior_from_counts computes it."""
+        pooled = self.pooled()
+        if pooled is None:
+            return None
+        c = np.clip(pooled, 0.0, None)
+        return ((c + 1.0) / (c.sum() + len(c))).tolist()
+
+    def to_state(self) -> dict:
+        return {s: {"weighted": self.weighted[s].tolist(), "precision": self.precision[s]} for s in self.weighted}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> LabelCounts:
+        out = cls()
+        for site, v in (state or {}).items():
+            out.weighted[site], out.precision[site] = np.asarray(v["weighted"]), float(v["precision"])
+        return out
+
+
+def fixed_prior(counts: np.ndarray) -> list[float]:
+    """The prior from public counts (the server's own labelled data) or config weights."""
+    c = np.clip(np.asarray(counts, dtype=np.float64), 0.0, None)
+    return ((c + 1.0) / (c.sum() + len(c))).tolist()
