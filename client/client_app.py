@@ -133,17 +133,11 @@ def _census(acc: Accounts, cfg: AppConfig, data: SiteData) -> tuple[Census | Non
     (None, why) when the site may not release it."""
     if not cfg.dp.enabled:
         return census.take(data.train.labels.numpy(), len(data.val), data.num_classes, noise_multiplier=0.0), ""
-    if acc.lifetime.census is not None:
-        return acc.lifetime.census, ""
     entry = privacy.LedgerEntry(0, privacy.CENSUS, "gaussian", cfg.dp.census_noise_multiplier, 1.0, 1,
                                 census.SENSITIVITY)
-    why = acc.why_not(entry)
-    if why:
-        return None, f"site {data.site.name}: {why}; census withheld"
-    released = census.take(data.train.labels.numpy(), len(data.val), data.num_classes,
-                           noise_multiplier=cfg.dp.census_noise_multiplier)
-    acc.charge(entry, census=released)
-    return released, ""
+    released, why = acc.census(entry, lambda: census.take(data.train.labels.numpy(), len(data.val), data.num_classes,
+                                                          noise_multiplier=cfg.dp.census_noise_multiplier))
+    return released, f"site {data.site.name}: {why}; census withheld" if why else ""
 
 
 def _open(context: Context, msg: Message) -> tuple[str, AppConfig, SiteData, Accounts, Census | None, str]:
@@ -303,7 +297,7 @@ def train(msg: Message, context: Context) -> Message:
     # check all follow it, so no fault can make a site overspend.
     injected = faults.at_site(faults.parse(cfg.faults), data.site.name)
     train_cfg, train_data = _faulty_training(injected, cfg, data) if injected else (cfg.train, data.train)
-    sigma, schedule = 0.0, None
+    sigma, schedule, problem = 0.0, None, ""
     if cfg.dp.enabled:
         # The schedule follows the released size. (An injected overfit fault trains on a few examples and uses
         # their true count: a simulation-only shortcut no real site has.)
@@ -314,26 +308,25 @@ def train(msg: Message, context: Context) -> Message:
                                   _plan_rounds(context, num_rounds or cfg.num_server_rounds))
         planned = privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma,
                                       schedule.sample_rate, schedule.steps, cfg.dp.max_grad_norm)
+        # Checked first, then charged on the site's disk before training: the charge re-checks against the ledger
+        # as it is then (another run may be spending too), and training that fails stays charged (the safe side).
         problem = acc.why_not(planned)
+    if injected and not problem:
+        shortcut = _misbehave(injected, server_round, received)
+        if shortcut is not None:  # a free rider: sends something without training, and spends nothing
+            return answer(shortcut, sigma=sigma, q=schedule.sample_rate if schedule else 0.0)
+    if cfg.dp.enabled:
+        problem = problem or acc.spend(planned)
         if problem:
             # Refuse, and say why: the server records it and goes on with the other sites.
             return answer(None, records.STATUS_REFUSED, f"site {data.site.name}: {problem}; not training", sigma,
                           schedule.sample_rate)
-
-    if injected:
-        shortcut = _misbehave(injected, server_round, received)
-        if shortcut is not None:  # a free rider: sends something without training
-            return answer(shortcut, sigma=sigma, q=schedule.sample_rate if schedule else 0.0)
     t0 = time.perf_counter()
     result = train_local(model, train_data, train_cfg=train_cfg, dp_cfg=cfg.dp, noise_multiplier=sigma,
                          prior=None if prior is None else torch.tensor(prior),
                          seed=cfg.train.seed + server_round, schedule=schedule)
     seconds = time.perf_counter() - t0
     _save_health(context, server_round, result.health)
-    if cfg.dp.enabled:
-        # On the site's disk before the reply carrying these weights leaves.
-        acc.charge(privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma,
-                                       result.sample_rate, result.steps, cfg.dp.max_grad_norm))
     sent, n_claimed = trainable_state(model), None
     if "bad_update" in injected:
         sent, n_claimed = _break_reply(injected["bad_update"], server_round, sent, _info(data, released).n_train)
@@ -374,7 +367,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             return answer(reason="no summary released (dp.diagnostics-share = 0)")
         entry = privacy.LedgerEntry(server_round, privacy.SUMMARY, "gaussian", sigma, 1.0, 1,
                                     diagnostics.sensitivity(len(local_models)))
-        problem = acc.why_not(entry)
+        problem = acc.spend(entry)  # charged before it is computed (see train)
         if problem:
             return answer(records.STATUS_REFUSED, f"site {data.site.name}: {problem}; summary withheld", sigma=sigma)
 
@@ -391,5 +384,4 @@ def evaluate(msg: Message, context: Context) -> Message:
         return answer(summary=exact, diag_seconds=exact.seconds)
     t1 = time.perf_counter()
     noised = release(exact, noise_multiplier=sigma)
-    acc.charge(entry)  # on the site's disk before the reply leaves
     return answer(summary=noised, sigma=sigma, diag_seconds=exact.seconds + time.perf_counter() - t1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,27 @@ class Accounts:
                     f"{self.run_budget:g} (spent {epsilon(run, self.run_delta):.3f})")
         return refusal(self.policy, lifetime=self.lifetime.all(), entry=entry, site_delta=self.site_delta())
 
-    def charge(self, entry: LedgerEntry, census: Census | None = None) -> None:
-        self.lifetime.charge(self.run_id, entry, census)
+    def spend(self, entry: LedgerEntry) -> str:
+        """Charge `entry` if the run's budget and the site's policy allow it, checked against the ledger as it is on
+        disk now (another run may have spent since); "" when charged, else why not."""
+        with self.lifetime.locked():
+            why = self.why_not(entry)
+            if not why:
+                self.lifetime.charge(self.run_id, entry)
+            return why
+
+    def census(self, entry: LedgerEntry, take: Callable[[], Census]) -> tuple[Census | None, str]:
+        """This dataset's census: the one kept, else `take()` released now and charged as `entry` (unless that
+        would break the budget or the policy: then (None, why))."""
+        with self.lifetime.locked():
+            if self.lifetime.census is not None:
+                return self.lifetime.census, ""
+            why = self.why_not(entry)
+            if why:
+                return None, why
+            released = take()
+            self.lifetime.charge(self.run_id, entry, census=released)
+            return released, ""
 
     def epsilons(self) -> tuple[float, float, float, float]:
         """(this run's total, its training, its diagnostics, the lifetime total at the site's δ)."""

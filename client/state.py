@@ -5,10 +5,10 @@ Where: node config `state-dir` (`fedlens site` always sets it), else `$FEDLENS_S
 simulate` points it next to the run store), else `~/.fedlens/sites/<site>`. Never anything the run config says:
 the coordinator must not be able to hand a site a fresh ledger.
 
-**The lifetime ledger** (`lifetime-<fingerprint>.json`) holds every DP release ever made from one dataset (keyed by
-a fingerprint of its rows) in every run, run id, replay and resume, and the site's census. A new run id starts a new
-run's *share*, never a new ledger: a site refused for its cap stays refused. It is written (atomically, fsynced)
-before the reply that carries the release leaves.
+**The lifetime ledger** (`lifetime.json`, `Lifetime`) holds every DP release the site ever made, in every run, run
+id, replay and resume, on any version of its data (each entry with its data's fingerprint), and the census of each
+dataset. A new run id starts a new run's *share*, never a new ledger: a site refused for its cap stays refused.
+Every spend is written (atomically, fsynced, under a lock) before the release it pays for is computed.
 
 **Run state**: Flower keeps `context.state` for one Flower run only; a fedlens run that resumes after a server crash
 is a new Flower run. The `persist` mod
@@ -24,12 +24,14 @@ The files stay at the site: `<folder>/<run id>.json` and `<run id>.<train|evalua
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -54,43 +56,71 @@ def site_folder(node_config: dict, site: str) -> Path:
 
 
 class Lifetime:
-    """The lifetime ledger of one site's dataset: every charged release, each with the run that made it."""
+    """A site's lifetime privacy ledger: every charged release, with the run that made it and the fingerprint of
+    the data it was computed on, and the census of each dataset.
+
+    One ledger per site, not per dataset: a site's data changes (new rows, another label column, another partition
+    or split in a simulation), but most rows, most people, stay. A cap keyed by the data's fingerprint would restart
+    at 0 whenever anything about the data changed, the coordinator's choice included. So the lifetime ε composes
+    every entry ever made; the census is kept per fingerprint, because it counts one dataset.
+
+    Reads and writes happen under an exclusive lock on the folder (two runs may reach one site at once): `spend`
+    re-reads the file, checks, appends and writes (atomically, fsynced) in one critical section, before the release
+    is even computed. A release that then fails stays charged, the safe side.
+    """
+
+    FILE, LOCK = "lifetime.json", "lifetime.lock"
 
     def __init__(self, folder: Path, site: str, fingerprint: str) -> None:
-        self.path = folder / f"lifetime-{fingerprint[:16]}.json"
+        self.folder, self.path = folder, folder / self.FILE
         self.site, self.fingerprint = site, fingerprint
-        self.census: Census | None = None
-        self.entries: list[tuple[str, LedgerEntry]] = []
-        if self.path.is_file():
-            saved = json.loads(self.path.read_text())
-            if saved.get("fingerprint") != fingerprint:
-                raise ValueError(f"site {site}: {self.path} belongs to other data (fingerprint mismatch)")
-            self.census = Census.from_dict(saved["census"]) if saved.get("census") else None
-            self.entries = [(e.pop("run_id"), LedgerEntry(**e)) for e in saved["entries"]]
+        self.censuses: dict[str, Census] = {}
+        self.entries: list[tuple[str, str, LedgerEntry]] = []  # (run id, data fingerprint, entry)
+        self._read()
+
+    def _read(self) -> None:
+        if not self.path.is_file():
+            return
+        saved = json.loads(self.path.read_text())
+        self.censuses = {fp: Census.from_dict(c) for fp, c in saved.get("censuses", {}).items()}
+        self.entries = [(e.pop("run_id"), e.pop("fingerprint"), LedgerEntry(**e)) for e in saved["entries"]]
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The ledger as it is on disk now, held exclusively until the block ends."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / self.LOCK, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._read()
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @property
+    def census(self) -> Census | None:
+        """This dataset's census, if it has been released."""
+        return self.censuses.get(self.fingerprint)
 
     def all(self) -> list[LedgerEntry]:
-        return [e for _, e in self.entries]
+        return [e for _, _, e in self.entries]
 
     def of_run(self, run_id: str) -> list[LedgerEntry]:
-        return [e for r, e in self.entries if r == run_id]
+        return [e for r, _, e in self.entries if r == run_id]
 
     def census_run(self) -> str:
-        """The run that paid for the census ("" when none has been released)."""
-        return next((r for r, e in self.entries if e.kind == "census"), "")
-
-    def runs(self) -> list[str]:
-        return list(dict.fromkeys(r for r, _ in self.entries))
+        """The run that paid for this dataset's census ("" when none has been released)."""
+        return next((r for r, fp, e in self.entries if e.kind == "census" and fp == self.fingerprint), "")
 
     def charge(self, run_id: str, entry: LedgerEntry, census: Census | None = None) -> None:
-        """Record a release (and the census it was, if so) on disk before it leaves the site."""
-        self.entries.append((run_id, entry))
+        """Record a release (and the census it is, if so) on disk. Call inside `locked()`."""
+        self.entries.append((run_id, self.fingerprint, entry))
         if census is not None:
-            self.census = census
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.censuses[self.fingerprint] = census
         _write_atomic(self.path, json.dumps({
-            "site": self.site, "fingerprint": self.fingerprint,
-            "census": self.census.to_dict() if self.census else None,
-            "entries": [{"run_id": r, **dataclasses.asdict(e)} for r, e in self.entries]}, indent=1).encode())
+            "site": self.site, "censuses": {fp: c.to_dict() for fp, c in self.censuses.items()},
+            "entries": [{"run_id": r, "fingerprint": fp, **dataclasses.asdict(e)} for r, fp, e in self.entries]},
+            indent=1).encode())
 
 
 def digest(content: RecordDict) -> str:

@@ -180,12 +180,17 @@ def derive(blocks: dict[str, np.ndarray], *, loss_clip: float, n_val: int, n_tra
     if trained and dpsgd_noise_multiplier > 0 and g.sum() > 0:
         mids_g = np.array([(a + b) / 2 if math.isfinite(b) else a for a, b in zip(GRAD_EDGES[:-1], GRAD_EDGES[1:], strict=True)])
         signal = max(float(blocks["clipped_sum_norm"][0]), 0.0)
-        noise = dpsgd_noise_multiplier * math.sqrt(trainable_values)
         out["dp_health"] = {
             "clip_fraction": float(g[4:].sum() / g.sum()),  # bins from 1.0·C up: clipped
             "mean_grad_norm": float(np.sum(mids_g * g) / g.sum()),  # in units of C; the top bin counts as 8·C
             "grad_norm_histogram": g.tolist(), "grad_norm_edges": [e if math.isfinite(e) else None for e in GRAD_EDGES],
-            # Per DP step: ‖noise‖ = σ·C·√d against ‖Σ clipped gradients‖; above ~1 the step is mostly noise.
-            "noise_to_signal": noise / signal if signal > 0 else math.inf,
+            # Per DP step: ‖Σ clipped gradients‖ / (σ·C). The noise is isotropic, so only its component along the
+            # signal's direction (std σ·C) competes with the signal for progress; the rest of its σ·C·√d norm
+            # moves the weights sideways. Below ~1 a step's progress along its own gradient is mostly noise.
+            "signal_to_noise": signal / dpsgd_noise_multiplier,
+            # Deprecated (report schema ≤ 3, kept because report keys are never removed): the whole noise norm
+            # σ·√d over the signal. √d ≈ 274 too pessimistic for learning: the sideways noise does not cancel it.
+            "noise_to_signal": (dpsgd_noise_multiplier * math.sqrt(trainable_values) / signal if signal > 0
+                                else math.inf),
         }
     return out

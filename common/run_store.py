@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS site_rounds (
     epsilon_training REAL, epsilon_diagnostics REAL,
     ece REAL, label_issues REAL, clip_fraction REAL, grad_norm REAL, noise_to_signal REAL,
     summary_json TEXT,
+    signal_to_noise REAL, epsilon_lifetime REAL, epsilon_cap REAL,
     diagnostics_seconds REAL,
     started_at REAL, ended_at REAL,
     aggregation_score REAL,
@@ -85,7 +86,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     site TEXT NOT NULL,
     round INTEGER NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('dpsgd', 'summary')),
+    kind TEXT NOT NULL CHECK (kind IN ('dpsgd', 'summary', 'census')),
     mechanism TEXT NOT NULL,
     noise_multiplier REAL NOT NULL,
     sample_rate REAL NOT NULL,
@@ -123,15 +124,16 @@ CREATE INDEX IF NOT EXISTS site_rounds_by_site ON site_rounds (run_id, site, rou
 SITE_ROUND_COLUMNS = ("site", "phase", "status", "reason", "num_examples", "epsilon", "epsilon_budget", "delta",
                       "noise_multiplier", "sample_rate", "steps", "seconds", "update_norm", "accuracy", "macro_f1",
                       "loss", "train_loss", "max_prediction_share", "confusion_json", "epsilon_training",
-                      "epsilon_diagnostics", "ece", "label_issues", "clip_fraction", "grad_norm", "noise_to_signal",
-                      "summary_json", "diagnostics_seconds", "started_at", "ended_at", "aggregation_score", "probe_json",
+                      "epsilon_diagnostics", "ece", "label_issues", "clip_fraction", "grad_norm", "signal_to_noise",
+                      "epsilon_lifetime", "epsilon_cap", "summary_json", "diagnostics_seconds", "started_at", "ended_at", "aggregation_score", "probe_json",
                       "update_cosine", "update_cosine_median")
 # Columns added after schema version 1: an older store gets them (NULL) when a writer opens it.
 ADDED_COLUMNS = {"site_rounds": ("epsilon_training REAL", "epsilon_diagnostics REAL", "ece REAL", "label_issues REAL",
                                  "clip_fraction REAL", "grad_norm REAL", "noise_to_signal REAL",
                                  "summary_json TEXT", "diagnostics_seconds REAL", "started_at REAL",
                                  "ended_at REAL", "aggregation_score REAL", "probe_json TEXT",
-                                 "update_cosine REAL", "update_cosine_median REAL"),
+                                 "update_cosine REAL", "update_cosine_median REAL", "signal_to_noise REAL",
+                                 "epsilon_lifetime REAL", "epsilon_cap REAL"),
                  "rounds": ("train_wall REAL", "evaluate_wall REAL", "diagnostics_seconds REAL", "test_ece REAL",
                             "test_confidence REAL"),
                  "findings": ("confidence REAL",), "runs": ("parent_run TEXT", "parent_round INTEGER")}
@@ -169,7 +171,11 @@ class SiteRoundRow:
     label_issues: float | None = None  # share of validation examples confidently labelled otherwise (noised)
     clip_fraction: float | None = None  # share of per-sample gradients clipped in the round's DP-SGD (noised)
     grad_norm: float | None = None  # mean per-sample gradient norm / C (noised, binned)
-    noise_to_signal: float | None = None  # ‖DP noise‖ / ‖Σ clipped gradients‖ per step (noised signal)
+    # ‖Σ clipped gradients‖ / (σ·C) per step: the signal against the noise along its own direction (noised
+    # signal; common/diagnostics.derive). Older stores' noise_to_signal (σ·√d over it) is no longer written.
+    signal_to_noise: float | None = None
+    epsilon_lifetime: float | None = None  # the site's lifetime ε on its data (all runs), at its own δ
+    epsilon_cap: float | None = None  # the site's own lifetime cap
     summary_json: str | None = None  # the whole derived summary (common/diagnostics.derive), noised numbers only
     diagnostics_seconds: float | None = None  # of `seconds`, the site's diagnostics work (health, summary)
     started_at: float | None = None  # the site's wall clock around its handler (round-overhead benchmark)
@@ -189,7 +195,7 @@ class LedgerRow:
 
     site: str
     round: int
-    kind: str  # "dpsgd" | "summary"
+    kind: str  # "dpsgd" | "summary" | "census"
     mechanism: str
     noise_multiplier: float
     sample_rate: float
@@ -245,6 +251,18 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def _allow_census_entries(conn: sqlite3.Connection) -> None:
+    """Stores made before the census have a ledger whose kind CHECK lacks it; SQLite cannot alter a CHECK, so the
+    table is rebuilt (inside the caller's transaction)."""
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'ledger'").fetchone()[0]
+    if "'census'" in sql:
+        return
+    conn.execute("ALTER TABLE ledger RENAME TO ledger_old")
+    conn.execute(SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS ledger"):SCHEMA.index("CREATE TABLE IF NOT EXISTS events")])
+    conn.execute("INSERT INTO ledger SELECT * FROM ledger_old")
+    conn.execute("DROP TABLE ledger_old")
+
+
 class RunWriter:
     """The server's handle on one run in the store."""
 
@@ -259,6 +277,7 @@ class RunWriter:
                 for col in columns:
                     if col.split()[0] not in have:
                         self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {col}")
+            _allow_census_entries(self.conn)
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def start(self, *, scenario: str, rounds_planned: int, model: str, config: dict[str, Any],

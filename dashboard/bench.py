@@ -87,7 +87,7 @@ def make_store(path: str | Path, *, sites: int, rounds: int, run_id: str = "synt
                                           label_issues=s["label_issues"]["share"],
                                           clip_fraction=s["dp_health"]["clip_fraction"],
                                           grad_norm=s["dp_health"]["mean_grad_norm"],
-                                          noise_to_signal=s["dp_health"]["noise_to_signal"],
+                                          signal_to_noise=s["dp_health"]["signal_to_noise"],
                                           summary_json=json.dumps(s)))
             rec.ledger += [LedgerRow(name, rnd, "dpsgd", "subsampled-gaussian", 2.1, 1.0, 2, 1.0),
                            LedgerRow(name, rnd, "summary", "gaussian", 4.8, 1.0, 1, dg.SENSITIVITY)]

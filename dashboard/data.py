@@ -83,7 +83,7 @@ def site_table(snapshot: dict) -> pd.DataFrame:
             "ECE": _latest(evals, "ece"),
             "label issues": _latest(evals, "label_issues"),
             "clipped": _latest(evals, "clip_fraction"),
-            "noise / signal": _latest(evals, "noise_to_signal"),
+            "signal / noise": _latest(evals, "signal_to_noise"),
             "update norm": _latest(train, "update_norm"),
             "update cosine": _latest(train, "update_cosine"),
             "reason": bad.iloc[-1]["reason"] if not bad.empty else "",
@@ -170,6 +170,20 @@ def privacy_frame(site_rounds: pd.DataFrame) -> pd.DataFrame:
                               "epsilon_diagnostics": "diagnostics"})
     parts = [c for c in ("total", "training", "diagnostics") if c in per]
     return per.melt(id_vars=["round", "site"], value_vars=parts, var_name="part", value_name="epsilon").dropna()
+
+
+def lifetime_frame(site_rounds: pd.DataFrame) -> pd.DataFrame:
+    """Per site: its lifetime ε on its data (all runs, at its own δ), its own cap, what this run spent (at the
+    run's δ) and what is left to the cap; from each site's newest report."""
+    cols = ["site", "lifetime ε", "cap", "this run", "left to cap"]
+    if site_rounds.empty or "epsilon_lifetime" not in site_rounds or not site_rounds["epsilon_lifetime"].notna().any():
+        return pd.DataFrame(columns=cols)
+    rows = site_rounds.dropna(subset=["epsilon_lifetime"]).sort_values("round")
+    out = rows.groupby("site").agg(lifetime=("epsilon_lifetime", "max"), cap=("epsilon_cap", "last"),
+                                   run=("epsilon", "max")).reset_index()
+    out["left"] = out["cap"] - out["lifetime"]
+    out.columns = cols
+    return out
 
 
 def cross_site(site_rounds: pd.DataFrame, rounds: pd.DataFrame, metric: str) -> pd.DataFrame:

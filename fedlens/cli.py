@@ -421,8 +421,16 @@ def site(
     key: Annotated[Path | None, typer.Option(help="this site's private key (instead of --certs)")] = None,
     port: Annotated[int, typer.Option(help="local port of this SuperNode's own API (one per SuperNode on a "
                                            "machine)")] = 9094,
-    state_dir: Annotated[Path | None, typer.Option(help="where the site keeps its privacy ledger between runs "
-                                                        "(default ~/.fedlens/sites/<name>)")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="where the site keeps its lifetime privacy ledger and its "
+                                                        "policy.toml (default ~/.fedlens/sites/<name>)")] = None,
+    epsilon_cap: Annotated[float | None, typer.Option(help="this site's lifetime ε cap over all runs on its data "
+                                                           "(default: policy.toml, else 10)")] = None,
+    delta: Annotated[float | None, typer.Option(help="this site's δ; no run may ask for more (default 1e-5, "
+                                                     "less above 10,000 examples)")] = None,
+    min_noise_multiplier: Annotated[float | None, typer.Option(help="refuse any DP step or release with less "
+                                                                    "noise (default 0.5)")] = None,
+    allow_non_dp: Annotated[bool | None, typer.Option("--allow-non-dp/--no-non-dp", help="take part in runs "
+                                                      "without DP (default: no)")] = None,
     insecure: Annotated[bool, typer.Option(help="no TLS, no authentication: loopback tests only")] = False,
     max_retries: Annotated[int | None, typer.Option(help="give up after this many failed connection attempts "
                                                          "(default: retry forever)")] = None,
@@ -434,8 +442,12 @@ def site(
     if certs_ is not None:
         ca, key = ca or certs_ / "ca.crt", key or certs_ / "sites" / name
     try:
+        policy = {k: v for k, v in (("epsilon-cap", epsilon_cap), ("delta", delta),
+                                    ("min-noise-multiplier", min_noise_multiplier),
+                                    ("allow-non-dp", allow_non_dp)) if v is not None}
         cmd = site_command(name=name, superlink=superlink, data=data, port=port, ca=ca, key=key, insecure=insecure,
-                           state_dir=state_dir or Path.home() / ".fedlens" / "sites" / name, max_retries=max_retries)
+                           state_dir=state_dir or Path.home() / ".fedlens" / "sites" / name, max_retries=max_retries,
+                           policy=policy)
     except DeployError as e:
         _fail(str(e), 2)
     if insecure:

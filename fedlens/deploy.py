@@ -94,8 +94,9 @@ def link_commands(*, certs: Path | None, host: str, port: int, database: Path, l
 
 def site_command(*, name: str, superlink: str, data: Path | None, state_dir: Path, port: int,
                  ca: Path | None = None, key: Path | None = None, insecure: bool = False,
-                 max_retries: int | None = None) -> list[str]:
-    """flower-supernode ... for one site: TLS to the link, its auth key, and its name, data and state as node config.
+                 max_retries: int | None = None, policy: dict[str, float | bool] | None = None) -> list[str]:
+    """flower-supernode ... for one site: TLS to the link, its auth key, and its name, data, state and privacy
+    policy (client/policy.py keys: epsilon-cap, delta, min-noise-multiplier, allow-non-dp) as node config.
 
     Raises:
         DeployError: a bad site name, a data file that does not exist, or missing key material without --insecure.
@@ -110,6 +111,8 @@ def site_command(*, name: str, superlink: str, data: Path | None, state_dir: Pat
         if '"' in str(data.resolve()):
             raise DeployError(f"site {name}: the data path {data} may not contain a double quote")
         config.append(f'data-path="{data.resolve()}"')
+    for k, v in (policy or {}).items():
+        config.append(f"{k}={'true' if v is True else 'false' if v is False else repr(float(v))}")
     cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port),
            "--node-config", " ".join(config)]
     if max_retries is not None:

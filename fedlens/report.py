@@ -7,12 +7,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+from client.privacy import NEIGHBOURING_RELATION
 from common.run_store import load_run, load_summaries
 
 LEDGER_KEYS = ("round", "kind", "mechanism", "noise_multiplier", "sample_rate", "steps", "sensitivity")
 # 2: per-site ledger, epsilon_training / epsilon_diagnostics, summary; 3: findings as site, kind, round, severity,
-# confidence, evidence (and renamed kinds)
-SCHEMA_VERSION = 3
+# confidence, evidence (and renamed kinds); 4: neighbouring_relation (run and every ledger entry), census entries,
+# epsilon_lifetime / epsilon_cap per site, dp_health.signal_to_noise (noise_to_signal gone)
+SCHEMA_VERSION = 4
 
 
 def _clean(v: Any) -> Any:
@@ -66,7 +68,13 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
             "last_reason": next((r["reason"] for r in reversed(rows) if r["reason"]), ""),
             "epsilon_training": max(eps_train) if eps_train else (0.0 if dp_on else None),
             "epsilon_diagnostics": max(eps_diag) if eps_diag else (0.0 if dp_on else None),
-            "ledger": [{k: e[k] for k in LEDGER_KEYS} for e in run.get("ledger", []) if e["site"] == s["site"]],
+            # Every entry this run charged, with the relation it is accounted under: composing them with
+            # dp-accounting (RDP, add/remove) gives back `epsilon` at `delta`.
+            "ledger": [{**{k: e[k] for k in LEDGER_KEYS}, "neighbouring_relation": NEIGHBOURING_RELATION}
+                       for e in run.get("ledger", []) if e["site"] == s["site"]],
+            # The site's own lifetime ledger (all runs on its data, at its own δ) against its own cap.
+            "epsilon_lifetime": _most(rows, "epsilon_lifetime"),
+            "epsilon_cap": next((r["epsilon_cap"] for r in reversed(rows) if r.get("epsilon_cap") is not None), None),
             "summary": ({"noised": dp_on, **latest_summaries[s["site"]]} if s["site"] in latest_summaries else None),
         })
     failed_events = [e for e in run["events"] if e["kind"] in ("site-failed", "run-failed")]
@@ -76,7 +84,7 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
                           "epsilon_budget": None, "delta": None, "status": "failed", "rounds_trained": 0,
                           "metrics": _metrics(None) | {"train_loss": None}, "noise_multiplier": None,
                           "last_reason": e["message"], "epsilon_training": None, "epsilon_diagnostics": None,
-                          "ledger": [], "summary": None})
+                          "ledger": [], "summary": None, "epsilon_lifetime": None, "epsilon_cap": None})
 
     return {
         "schema_version": SCHEMA_VERSION,
@@ -90,6 +98,7 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
         "rounds_planned": run["rounds_planned"],
         "rounds_completed": len(rounds),
         "dp": dp_on,
+        "neighbouring_relation": NEIGHBOURING_RELATION if dp_on else None,
         "diagnostics_share": cfg.get("dp.diagnostics-share") if dp_on else None,
         "global": {**_metrics(last), "train_loss": _clean(last["train_loss"]) if last else None,
                    "noised": dp_on},
@@ -105,6 +114,11 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
                       "message": f["message"]} for f in run["findings"]],  # message: schema 2's name, kept
         "model_path": run["model_path"],
     }
+
+
+def _most(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return max(values) if values else None
 
 
 def format_text(rep: dict[str, Any]) -> str:

@@ -61,7 +61,10 @@ def run_simulation(config: RunConfig, *, num_sites: int, client_cpus: float, cli
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(config))
     init_args: dict = {"include_dashboard": False, "num_cpus": os.cpu_count() or 2}
     if ray_address:
-        init_args = {"address": ray_address, "runtime_env": {"env_vars": {STATE_ENV: os.environ[STATE_ENV]}}}
+        # The cluster's workers read FEDLENS_SITE_STATE from their own environment (set it where `ray start` runs;
+        # README "Simulate"): a job-level runtime_env would need Ray's runtime-env agent, which a minimal cluster
+        # does not run.
+        init_args = {"address": ray_address}
     backend_config = {"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
                       "init_args": init_args}
     # The project folder is the Flower app: pyproject.toml + the server/ client/ common/ packages.

@@ -14,7 +14,10 @@ from common.run_store import Finding, RoundRecord
 from server.diagnosis import Diagnosis
 
 COLLAPSE_SHARE = 0.9  # one class taking this share of the test predictions
-NOISE_DOMINATED = 10.0  # ‖DP noise‖ / ‖Σ clipped gradients‖ per step above which a step is essentially noise
+# A round's signal-to-noise √T · ‖Σ clipped gradients‖ / (σ·C) below which its progress along the gradient is
+# mostly noise: the noise's component along the signal's direction has std σ·C a step (√T·σ·C over T steps),
+# against T·‖Σ‖ of signal if the direction holds. At 1 the two are equal.
+NOISE_DOMINATED = 1.0
 # Update geometry across sites. Under DP every honest update is mostly noise of the same scale (norms within a few
 # % of each other, measured), so only gross departures are evidence: an update of norm ~0 (nothing trained) or many
 # times the median (diverging, or not a trained update at all).
@@ -56,16 +59,17 @@ def current(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
             "majority_collapse", "warning", f"the global model predicts one class for {share:.0%} of the server's test set "
             f"(round {rec.round}): it has collapsed onto the majority class"
             + (f"; macro-F1 {f1:.2f}" if f1 is not None else ""), None)
-    nsr = {r.site: r.noise_to_signal for r in rec.sites
-           if r.phase == "evaluate" and r.noise_to_signal is not None}
-    if nsr:
-        median = statistics.median(nsr.values())
-        if median >= NOISE_DOMINATED:
+    steps = {r.site: r.steps for r in rec.sites if r.phase == "train" and r.status == "ok" and r.steps}
+    snr = {r.site: r.signal_to_noise * steps[r.site] ** 0.5 for r in rec.sites
+           if r.phase == "evaluate" and r.signal_to_noise is not None and r.site in steps}
+    if snr:
+        median = statistics.median(snr.values())
+        if median < NOISE_DOMINATED:
             out[(None, "dp_noise_dominates")] = Finding(
-                "dp_noise_dominates", "warning", f"DP noise dominates every site's steps: median ‖noise‖ / ‖Σ clipped "
-                f"gradients‖ = {median:.0f} across {len(nsr)} sites in round {rec.round} (1 = as much noise as "
-                "signal). More examples per site, a larger ε, fewer trainable values or fewer steps per round help.",
-                None)
+                "dp_noise_dominates", "warning", f"DP noise dominates the sites' training: the median round "
+                f"signal-to-noise √steps · ‖Σ clipped gradients‖ / (σ·C) is {median:.2f} over the {len(snr)} "
+                f"sites that trained in round {rec.round} (below 1, the noise along the gradient outweighs the "
+                "gradient). More examples per site, a larger ε or more steps per round help.", None)
     out.update(_cross_site(rec))
     return out
 

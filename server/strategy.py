@@ -396,7 +396,8 @@ class DebugFedAvg(FedAvg):
                                seconds=tr.seconds, epsilon_training=_eps(tr.epsilon_training),
                                epsilon_diagnostics=_eps(tr.epsilon_diagnostics),
                                diagnostics_seconds=tr.diagnostics_seconds, started_at=tr.started_at or None,
-                               ended_at=tr.ended_at or None)
+                               ended_at=tr.ended_at or None, epsilon_lifetime=_eps(tr.epsilon_lifetime),
+                               epsilon_cap=tr.epsilon_cap if tr.epsilon_lifetime >= 0 else None)
             if tr.site.status != records.STATUS_OK or tr.arrays is None:
                 rec.events.append(Event("site-refused", tr.site.reason, tr.site.name))
             else:
@@ -449,7 +450,8 @@ class DebugFedAvg(FedAvg):
                                noise_multiplier=ev.noise_multiplier, epsilon_training=_eps(ev.epsilon_training),
                                epsilon_diagnostics=_eps(ev.epsilon_diagnostics), seconds=ev.seconds,
                                diagnostics_seconds=ev.diagnostics_seconds, started_at=ev.started_at or None,
-                               ended_at=ev.ended_at or None)
+                               ended_at=ev.ended_at or None, epsilon_lifetime=_eps(ev.epsilon_lifetime),
+                               epsilon_cap=ev.epsilon_cap if ev.epsilon_lifetime >= 0 else None)
             if ev.blocks is None:
                 if ev.site.status != records.STATUS_OK:  # ok without a summary: dp.diagnostics-share = 0
                     rec.events.append(Event("site-refused", ev.site.reason, ev.site.name))
@@ -495,7 +497,7 @@ class DebugFedAvg(FedAvg):
         if d["dp_health"] is not None:
             h = d["dp_health"]
             row.clip_fraction, row.grad_norm = h["clip_fraction"], h["mean_grad_norm"]
-            row.noise_to_signal = _finite(h["noise_to_signal"])
+            row.signal_to_noise = _finite(h["signal_to_noise"])
         row.confusion_json = json.dumps(np.round(confusion, 3).tolist())  # clamped, rescaled
         std = diagnostics.noise_std(ev.noise_multiplier, len(ev.cross_models))
         cross = None

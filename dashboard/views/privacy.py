@@ -14,8 +14,11 @@ def body(snap: dict) -> None:
         return
     budget = float(snap["config"].get("dp.target-epsilon", 0.0))
     share = snap["config"].get("dp.diagnostics-share")
-    st.caption(f"Budget per site ε = {budget:g} at δ = {snap['config'].get('dp.target-delta', '—')}"
-               + (f"; summaries may spend {share:.0%} of it." if share is not None else "."))
+    st.caption(f"This run's budget per site: ε = {budget:g} at δ = {snap['config'].get('dp.target-delta', '—')}"
+               + (f"; summaries may spend {share:.0%} of it." if share is not None else ".")
+               + " Sample-level DP, **add/remove one example** (one row: a person with many rows is protected as a "
+               "group, with an ε that grows with their rows). No exact size leaves a site: sizes, FedAvg weights and "
+               "the DP-SGD schedule follow each site's noised census.")
     eps = data.privacy_frame(snap["site_rounds"])
     if eps.empty:
         st.info("No site has spent any ε yet.")
@@ -35,6 +38,17 @@ def body(snap: dict) -> None:
     st.altair_chart(lines + rule, width="stretch")
     st.caption("total = everything composed (RDP), less than training + diagnostics; the red line is the budget.")
 
+    lifetime = data.lifetime_frame(snap["site_rounds"])
+    if not lifetime.empty:
+        st.subheader("Lifetime ε against each site's own cap")
+        st.caption("Every release ever made from a site's data, in every run, replay and resume (the site's own "
+                   "ledger, at its own δ), against the cap its policy sets, beside what this run spent (at the run's "
+                   "δ). A site refuses whatever would take it past its cap, whatever the run asks.")
+        st.dataframe(lifetime, hide_index=True, width="stretch", column_config={
+            "lifetime ε": st.column_config.ProgressColumn(format="%.2f", min_value=0.0,
+                                                          max_value=float(lifetime["cap"].max() or 1.0)),
+            **{c: st.column_config.NumberColumn(format="%.2f") for c in ("this run", "left to cap", "cap")}})
+
     rows = snap["site_rounds"]
     train = rows[(rows["phase"] == "train") & (rows["status"] == "ok")]
     ev = rows[(rows["phase"] == "evaluate") & (rows["status"] == "ok")]
@@ -44,11 +58,17 @@ def body(snap: dict) -> None:
         left.altair_chart(alt.Chart(ev.dropna(subset=["clip_fraction"])).mark_line(point=True).encode(
             x="round:O", y=alt.Y("clip_fraction:Q", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
             color="site:N", tooltip=["round", "site", alt.Tooltip("clip_fraction", format=".0%")]), width="stretch")
-    if "noise_to_signal" in ev and ev["noise_to_signal"].notna().any():
-        right.subheader("Noise / signal per DP step")
-        right.altair_chart(alt.Chart(ev.dropna(subset=["noise_to_signal"])).mark_line(point=True).encode(
-            x="round:O", y=alt.Y("noise_to_signal:Q", scale=alt.Scale(type="log"), title="‖noise‖ / ‖Σ clipped‖"),
-            color="site:N", tooltip=["round", "site", alt.Tooltip("noise_to_signal", format=".1f")]), width="stretch")
+    if "signal_to_noise" in ev and ev["signal_to_noise"].notna().any():
+        right.subheader("Signal / noise per DP step")
+        snr = ev.dropna(subset=["signal_to_noise"]).assign(signal_to_noise=lambda f: f["signal_to_noise"].clip(lower=1e-2))
+        one = alt.Chart(pd.DataFrame({"y": [1.0]})).mark_rule(color="grey", strokeDash=[4, 4]).encode(y="y:Q")
+        right.altair_chart(alt.Chart(snr).mark_line(point=True).encode(
+            x="round:O", y=alt.Y("signal_to_noise:Q", scale=alt.Scale(type="log"), title="‖Σ clipped‖ / (σ·C)"),
+            color="site:N", tooltip=["round", "site", alt.Tooltip("signal_to_noise", format=".2f")]) + one,
+            width="stretch")
+        right.caption("The sum of clipped gradients against the noise along its own direction (std σ·C): below "
+                      "the dashed line a step's progress is mostly noise. The rest of the noise moves the weights "
+                      "sideways. Read from each site's noised summary, so it is noisy itself.")
 
     st.subheader("Per site")
     wide = latest.pivot(index="site", columns="part", values="epsilon")

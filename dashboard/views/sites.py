@@ -38,14 +38,15 @@ def body(snap: dict) -> None:
                                    "(Cleanlab's confident joint, noised)"),
         "clipped": st.column_config.NumberColumn(
             format="percent", help="share of per-sample gradients clipped in the last DP-SGD round"),
-        "noise / signal": st.column_config.NumberColumn(
-            format="%.2f", help="‖DP noise‖ / ‖Σ clipped gradients‖ per step; above 1 the step is mostly noise"),
+        "signal / noise": st.column_config.NumberColumn(
+            format="%.2f", help="‖Σ clipped gradients‖ / (σ·C) per DP step: the gradient against the noise along "
+                                "its own direction; below 1 a step's progress is mostly noise (noised value)"),
     })
     ui.noised_note(snap)
 
     st.subheader("Per-site curves")
     metric = st.radio("Metric", ["accuracy", "macro_f1", "loss", "train_loss", "update_norm", "update_cosine",
-                                "noise_to_signal"],
+                                "signal_to_noise"],
                       horizontal=True, key="site-metric")
     curves = site_vs_global(snap, metric)
     if curves.empty:

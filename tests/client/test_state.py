@@ -79,9 +79,13 @@ def test_a_new_run_id_cannot_reset_a_sites_ledger(tiny_cfg, tmp_path):
         again = _send(_context(run_config, tmp_path, flower_run=2 + i), arrays, 1, MessageType.TRAIN, run_id=run_id)
         assert again.site.status == records.STATUS_REFUSED and "lifetime ε" in again.site.reason
         assert again.epsilon_lifetime == pytest.approx(spent)  # nothing more was spent
-    # One file per dataset, keyed by its fingerprint, holding every run's entries and the census.
-    (ledger,) = tmp_path.glob("lifetime-*.json")
+    # One file per site, every entry with its run and its data's fingerprint, and the census of that data.
     import json
 
-    saved = json.loads(ledger.read_text())
-    assert saved["census"] is not None and {e["run_id"] for e in saved["entries"]} == {"run-a"}
+    saved = json.loads((tmp_path / "lifetime.json").read_text())
+    assert len(saved["censuses"]) == 1 and {e["run_id"] for e in saved["entries"]} == {"run-a"}
+    # Other data at the same site (here: another partitioning the run config chose) does not start a fresh cap:
+    # most rows, most people, are in both. It gets its own census, and stays refused.
+    other = _send(_context({**run_config, "data.partitioner": "iid"}, tmp_path, flower_run=9), arrays, 1,
+                  MessageType.TRAIN, run_id="run-c")
+    assert other.site.status == records.STATUS_REFUSED and "lifetime ε" in other.site.reason

@@ -203,7 +203,8 @@ def test_derived_numbers_on_a_hand_built_summary():
     h = d["dp_health"]
     assert h["clip_fraction"] == 0.8
     assert h["mean_grad_norm"] == pytest.approx((2 * 0.875 + 6 * 1.25 + 2 * 1.75) / 10)
-    assert h["noise_to_signal"] == pytest.approx(1.0 * 10 / 5.0)  # σ·√d / ‖Σ clipped‖
+    assert h["signal_to_noise"] == pytest.approx(5.0 / 1.0)  # ‖Σ clipped‖ / (σ·C), C-units: 5 / σ
+    assert h["noise_to_signal"] == pytest.approx(1.0 * 10 / 5.0)  # deprecated: σ·√d / ‖Σ clipped‖
     assert dg.derive(b, loss_clip=3.0, n_val=20, n_train=60, trained=False)["dp_health"] is None
 
 

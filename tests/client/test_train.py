@@ -111,3 +111,51 @@ def test_at_q_below_one_the_training_blocks_do_not_depend_on_the_poisson_mask(ti
     assert runs[0].health.train_loss_hist == runs[1].health.train_loss_hist
     assert runs[0].health.train_loss_sum == pytest.approx(runs[1].health.train_loss_sum, rel=1e-6)
     assert sum(runs[0].health.train_loss_hist) == len(site_data.train)
+
+
+def _clipped_per_sample(model, batch, labels, prior, c=1.0):
+    """Each example's clipped gradient (Opacus's per-sample gradients, flattened), as DP-SGD sums them."""
+    import torch
+    from opacus import GradSampleModule
+
+    from client.train import balanced_loss, model_inputs
+
+    gsm = GradSampleModule(model)
+    torch.manual_seed(0)  # the same dropout masks in every call
+    logits = gsm(**model_inputs(batch.input_ids, batch.attention_mask)).logits
+    balanced_loss(logits, labels, mode="logit-adjust", prior=prior).backward()
+    grads = torch.cat([p.grad_sample.reshape(len(labels), -1) for p in gsm.parameters() if p.requires_grad], dim=1)
+    for p in gsm.parameters():
+        p.grad, p.grad_sample = None, None
+    gsm.to_standard_module()
+    norms = grads.norm(dim=1, keepdim=True)
+    return grads * (c / (norms + 1e-6)).clamp(max=1.0)
+
+
+def test_one_example_moves_no_other_examples_clipped_gradient(tiny_cfg, site_data):
+    # The sensitivity of DP-SGD's clipped sum is C only if each example's gradient depends on that example alone.
+    # With a public prior (released counts, the server's data, config) it does: changing one example's label
+    # leaves every other clipped gradient as it was. With the site's exact label counts in the loss (the old
+    # logit adjustment) every other example moves, because the prior moved.
+    import torch
+
+    from client.data import Encoded
+
+    model = build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0)
+    model.train()
+    n = 24
+    batch = Encoded(site_data.train.input_ids[:n], site_data.train.attention_mask[:n], site_data.train.labels[:n])
+    flipped = batch.labels.clone()
+    rare = int(torch.bincount(batch.labels, minlength=3).argmin())
+    i = int(torch.nonzero(batch.labels != rare)[0])
+    flipped[i] = rare  # one example becomes the rarest class
+    public = prior_from_counts([30.0, 15.0, 80.0])  # e.g. the pooled noised census
+    a = _clipped_per_sample(model, batch, batch.labels, public)
+    b = _clipped_per_sample(model, batch, flipped, public)
+    others = torch.arange(n) != i
+    assert (a[others] - b[others]).norm() < 1e-5 * a[others].norm()
+    assert (a[i] - b[i]).norm() > 0.1  # the changed example itself does move
+    # The exact counts inside the loss: every other example's clipped gradient moves with them.
+    own = _clipped_per_sample(model, batch, batch.labels, prior_from_counts(torch.bincount(batch.labels, minlength=3)))
+    own_flipped = _clipped_per_sample(model, batch, flipped, prior_from_counts(torch.bincount(flipped, minlength=3)))
+    assert (own[others] - own_flipped[others]).norm() > 1e-2

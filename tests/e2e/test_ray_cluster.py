@@ -29,7 +29,8 @@ def ray_head():
     port = _free_port()
     # Ray puts unix sockets under its temp dir, whose path must stay short (pytest's tmp_path is too long).
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # The cluster's workers are the simulated sites: they keep their lifetime ledgers where this points.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "FEDLENS_SITE_STATE": str(Path(temp) / "sites")}
     # --block keeps `ray start` in the foreground: stopping it stops this head only. (`ray stop` would stop every Ray
     # process on the machine, other simulations included.)
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
@@ -61,8 +62,12 @@ def test_a_simulation_runs_on_an_existing_ray_cluster(ray_head, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fedlens.cli", "simulate", "--scenario", "simulations/smoke.toml",
                            "--store", str(store), "--ray-address", ray_head[0], "--set", "server.save-model=false"],
                           capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+                               "FEDLENS_SITE_STATE": str(Path(ray_head[1]) / "sites")})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The sites' lifetime ledgers are where the cluster's environment said, one folder per site.
+    assert sorted(p.parent.name for p in (Path(ray_head[1]) / "sites").glob("*/lifetime.json")) == [
+        "site-0", "site-1", "site-2"]
     run = load_run(store)
     assert run["status"] == "completed" and len(run["rounds"]) == 2
     assert {r["site"] for r in run["site_rounds"]} == {"site-0", "site-1", "site-2"}

@@ -13,12 +13,18 @@ from common.config import PROJECT_ROOT
 pytestmark = pytest.mark.slow
 
 
+def _without_site_state(env):
+    return {k: v for k, v in env.items() if k != "FEDLENS_SITE_STATE"}
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke")
     store, audit = root / "fedlens.db", root / "audit"
     # Every site keeps a copy of each message it sends (the ClientApp's audit mod), for the leak scan below.
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "FEDLENS_AUDIT_DIR": str(audit)}
+    # The simulated sites keep their ledgers next to the store, as `fedlens simulate` puts them by default.
+    env = {**_without_site_state(os.environ), "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+           "FEDLENS_AUDIT_DIR": str(audit)}
     proc = subprocess.run([sys.executable, "-m", "fedlens.cli", "simulate", "--scenario", "simulations/smoke.toml",
                            "--store", str(store)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -47,6 +53,23 @@ def test_no_message_any_site_sent_contains_its_text(smoke_run):
     assert [w for w in windows if w in strings] == []
 
 
+def _dp_accounting_epsilon(ledger, delta):
+    """ε of a report's ledger composed by dp-accounting's RDP accountant under add/remove neighbours (its default),
+    each entry a Poisson-subsampled Gaussian (q < 1) or a Gaussian, `steps` times."""
+    import logging
+
+    import dp_accounting as dpa
+    from dp_accounting import rdp
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    events = [dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(e["sample_rate"], dpa.GaussianDpEvent(
+        e["noise_multiplier"])) if e["sample_rate"] < 1 else dpa.GaussianDpEvent(e["noise_multiplier"]), e["steps"])
+        for e in ledger]
+    acc = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    acc.compose(dpa.ComposedDpEvent(events))
+    return acc.get_epsilon(delta)
+
+
 def test_smoke_run_report(smoke_store):
     proc = subprocess.run([sys.executable, "-m", "fedlens.cli", "report", "--store", str(smoke_store), "--json"],
                           capture_output=True, text=True, timeout=120)
@@ -64,16 +87,22 @@ def test_smoke_run_report(smoke_store):
         assert rep["global"][key] is not None and rep["test"][key] is not None
     # Findings the tiny model may earn (DP noise dominating, collapse); never a site failure in a clean run.
     assert {f["kind"] for f in rep["findings"]} <= {"dp_noise_dominates", "majority_collapse"}
-    assert rep["schema_version"] == 3 and 0 < rep["diagnostics_share"] < 1
+    assert rep["schema_version"] == 4 and 0 < rep["diagnostics_share"] < 1
+    assert rep["neighbouring_relation"] == "add_remove"
     for s in rep["sites"]:
-        # The ledger: one DP-SGD segment and one released summary per round, as the site spent them.
-        assert [(e["round"], e["kind"]) for e in s["ledger"]] == [(1, "dpsgd"), (1, "summary"),
+        # The ledger: the census, then one DP-SGD segment and one released summary per round, as the site spent
+        # them; recomposed with dp-accounting under the stated relation, it gives back the site's ε (±1 %).
+        assert [(e["round"], e["kind"]) for e in s["ledger"]] == [(0, "census"), (1, "dpsgd"), (1, "summary"),
                                                                    (2, "dpsgd"), (2, "summary")]
+        assert {e["neighbouring_relation"] for e in s["ledger"]} == {"add_remove"}
+        assert _dp_accounting_epsilon(s["ledger"], s["delta"]) == pytest.approx(s["epsilon"], rel=0.01)
         assert 0 < s["epsilon_diagnostics"] < s["epsilon"] and 0 < s["epsilon_training"] < s["epsilon"]
+        # The site's own lifetime ledger (one run so far, at its own δ = 1e-5 here) against its own cap.
+        assert s["epsilon_lifetime"] == pytest.approx(s["epsilon"], rel=1e-6) and s["epsilon_cap"] == 100.0
         summary = s["summary"]
         assert summary["round"] == 2 and summary["noised"] is True and summary["round_trained"] == 2
         assert len(summary["per_class"]["f1"]) == 3 and summary["calibration"]["ece"] is not None
-        assert 0 <= summary["dp_health"]["clip_fraction"] <= 1 and summary["dp_health"]["noise_to_signal"] > 0
+        assert 0 <= summary["dp_health"]["clip_fraction"] <= 1 and summary["dp_health"]["signal_to_noise"] > 0
         assert len(summary["released"]["confusion"]) == 3 and set(summary["released"]) == {
             "confusion", "val_loss_sum", "val_loss_hist", "calibration", "self_confidence", "label_issues",
             "train_labels", "train_loss_sum", "train_loss_hist", "grad_norm_hist", "clipped_sum_norm"}
@@ -107,11 +136,13 @@ def test_dashboard_renders_the_real_run(smoke_store, monkeypatch):
 def test_fix_and_replay_starts_from_a_checkpoint_without_the_excluded_site(smoke_store):
     # Last in this file: it adds a run to the smoke store, which the tests above read as "the newest run".
     from common.run_store import list_runs, load_run
+    from fedlens.report import build_report
 
     original = load_run(smoke_store)["run_id"]
     proc = subprocess.run([sys.executable, "-m", "fedlens.cli", "replay", "--store", str(smoke_store), "--run",
                            original, "--round", "1", "--exclude", "site-0"], capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
+                          timeout=900, env={**_without_site_state(os.environ), "FLWR_TELEMETRY_ENABLED": "0",
+                                            "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     replayed = load_run(smoke_store)
     assert replayed["run_id"].startswith(f"{original}-replay-r1-") and replayed["status"] == "completed"
@@ -125,3 +156,8 @@ def test_fix_and_replay_starts_from_a_checkpoint_without_the_excluded_site(smoke
     assert conn.execute("SELECT parent_run, parent_round FROM runs WHERE run_id = ?",
                         (replayed["run_id"],)).fetchone() == (original, 1)
     assert len(list_runs(smoke_store)) == 2
+    # A replay charges the same lifetime ledgers as the run it replays (the census is reused, not re-released).
+    rep = {s["site"]: s for s in build_report(smoke_store, replayed["run_id"])["sites"]}
+    first = {s["site"]: s for s in build_report(smoke_store, original)["sites"]}
+    assert rep["site-1"]["epsilon_lifetime"] > first["site-1"]["epsilon_lifetime"]
+    assert [e["kind"] for e in rep["site-1"]["ledger"]] == ["dpsgd", "summary"]

@@ -93,3 +93,20 @@ def test_the_cli_prints_the_commands_and_warns_when_insecure(tmp_path):
     res = runner.invoke(app, ["site", "b", "--certs", str(tmp_path / "c"), "--dry-run", "--state-dir",
                               str(tmp_path / "s")])
     assert res.exit_code == 0 and str((tmp_path / "c" / "sites" / "b").resolve()) in res.output
+
+
+def test_a_sites_own_policy_travels_in_its_node_config_and_flower_parses_it(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    from client.policy import load_policy
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["site", "a", "--insecure", "--dry-run", "--state-dir", str(tmp_path / "s"),
+                              "--epsilon-cap", "4", "--min-noise-multiplier", "0.8", "--allow-non-dp"])
+    assert res.exit_code == 0, res.output
+    cmd = res.output.strip().splitlines()[-1]
+    node_config = cmd[cmd.index("--node-config") + len("--node-config "):cmd.index(" --insecure")]
+    parsed = parse_config_args([node_config.strip("'")])
+    assert parsed["epsilon-cap"] == 4.0 and parsed["allow-non-dp"] is True
+    policy = load_policy(tmp_path / "s", parsed)
+    assert (policy.epsilon_cap, policy.min_noise_multiplier, policy.allow_non_dp) == (4.0, 0.8, True)

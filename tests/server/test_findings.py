@@ -6,9 +6,11 @@ from common.run_store import RoundRecord, SiteRoundRow
 from server.findings import FindingsTracker, current
 
 
-def _round(rnd, *, share=0.5, nsr=(2.0, 3.0), fail=False):
-    sites = [SiteRoundRow("a", "evaluate", "ok", noise_to_signal=nsr[0]),
-             SiteRoundRow("b", "evaluate", "ok", noise_to_signal=nsr[1]),
+def _round(rnd, *, share=0.5, snr=(2.0, 3.0), fail=False):
+    # Sites a and b trained 4 steps: their round's signal-to-noise is √4 · the per-step value.
+    sites = [SiteRoundRow("a", "train", "ok", steps=4), SiteRoundRow("b", "train", "ok", steps=4),
+             SiteRoundRow("a", "evaluate", "ok", signal_to_noise=snr[0]),
+             SiteRoundRow("b", "evaluate", "ok", signal_to_noise=snr[1]),
              SiteRoundRow("c", "train", "refused", reason="c: round 2 dpsgd would bring ε to 8.4 > budget 8"),
              SiteRoundRow("d", "train", "failed", reason="update rejected: weight w contains NaN or Inf")]
     if fail:
@@ -17,14 +19,15 @@ def _round(rnd, *, share=0.5, nsr=(2.0, 3.0), fail=False):
 
 
 def test_each_rule_fires_on_its_evidence_with_a_sentence():
-    found = current(_round(3, share=0.97, nsr=(25.0, 40.0), fail=True))
+    found = current(_round(3, share=0.97, snr=(0.2, 0.4), fail=True))
     assert set(found) == {("c", "budget_exhausted"), ("d", "update-rejected"), ("e", "site-failed"), (None, "majority_collapse"),
                           (None, "dp_noise_dominates")}
     assert found[("e", "site-failed")].severity == "critical"
     assert found[("e", "site-failed")].message == "e failed in train in round 3: no reply before the timeout"
     assert found[("d", "update-rejected")].message.endswith("weight w contains NaN or Inf")
     assert "97%" in found[(None, "majority_collapse")].message
-    assert "median ‖noise‖ / ‖Σ clipped gradients‖ = 32" in found[(None, "dp_noise_dominates")].message
+    assert "signal-to-noise √steps · ‖Σ clipped gradients‖ / (σ·C) is 0.60 over the 2 sites" in (
+        found[(None, "dp_noise_dominates")].message)  # median of 2·0.2 and 2·0.4
     assert set(current(_round(3))) == {("c", "budget_exhausted"), ("d", "update-rejected")}  # healthy otherwise
 
 
