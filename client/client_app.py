@@ -21,7 +21,7 @@ from flwr.common.constant import ErrorCode
 from client import census, privacy
 from client.census import Census
 from client.data import Encoded, SiteData, SiteIdentity, load_site_data
-from client.policy import Accounts, load_policy
+from client.policy import Accounts, SitePolicy, load_policy
 from client.state import Lifetime, persist, site_folder
 from client.summary import Summary, cross_site_counts, local_summary, release, with_cross_site
 from client.train import TrainHealth, train_local
@@ -47,9 +47,12 @@ def audit(msg: Message, context: Context, call_next: Callable[[Message, Context]
 
         site = re.sub(r"[^A-Za-z0-9._-]", "_", SiteIdentity.from_node_config(dict(context.node_config)).name)
         out = Path(folder) / site
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{time.time_ns()}-{msg.metadata.message_type}.pb").write_bytes(
-            message_to_proto(reply).SerializeToString())
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{time.time_ns()}-{msg.metadata.message_type}.pb").write_bytes(
+                message_to_proto(reply).SerializeToString())
+        except OSError:  # outside `guard`: a copy that cannot be kept must not send the site's paths off-site
+            get_logger().exception("site %s: the audit copy of a reply could not be written to %s", site, out)
     return reply
 
 
@@ -76,10 +79,10 @@ def _config(run_config_json: str) -> AppConfig:
 
 
 @lru_cache(maxsize=8)
-def _site_data(run_config_json: str, site: SiteIdentity) -> SiteData:
+def _site_data(run_config_json: str, site: SiteIdentity, faults_allowed: bool) -> SiteData:
     # A simulation actor hosts many sites in turn; loading and tokenising once per site spares every round.
     cfg = _config(run_config_json)
-    return load_site_data(cfg, site, _tokenizer(run_config_json))
+    return load_site_data(cfg, site, _tokenizer(run_config_json), faults_allowed=faults_allowed)
 
 
 @lru_cache(maxsize=2)
@@ -94,10 +97,13 @@ def _model(run_config_json: str):  # noqa: ANN202
     return build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
 
 
-def _setup(context: Context) -> tuple[str, AppConfig, SiteIdentity, SiteData]:
+def _setup(context: Context) -> tuple[str, AppConfig, SitePolicy, SiteData]:
+    """The run's config, this site's own policy (from its side only) and its data."""
     key = json.dumps(dict(context.run_config), sort_keys=True)
-    site = SiteIdentity.from_node_config(dict(context.node_config))
-    return key, _config(key), site, _site_data(key, site)
+    node_config = dict(context.node_config)
+    site = SiteIdentity.from_node_config(node_config)
+    policy = load_policy(site_folder(node_config, site.name), node_config)
+    return key, _config(key), policy, _site_data(key, site, policy.allow_injected_faults)
 
 
 def _info(data: SiteData, census_: Census | None, status: str = records.STATUS_OK, reason: str = "",
@@ -110,16 +116,18 @@ def _info(data: SiteData, census_: Census | None, status: str = records.STATUS_O
                             census_.count_std(), paid_by)
 
 
-def _accounts(context: Context, cfg: AppConfig, data: SiteData, run_id: str) -> Accounts:
+def _accounts(context: Context, cfg: AppConfig, policy: SitePolicy, data: SiteData, run_id: str) -> Accounts:
     """This site's policy and lifetime ledger (from its own disk) against this run's budget."""
-    node_config = dict(context.node_config)
-    folder = site_folder(node_config, data.site.name)
-    return Accounts(load_policy(folder, node_config), Lifetime(folder, data.site.name, data.fingerprint), run_id,
-                    cfg.dp.target_epsilon, cfg.dp.target_delta)
+    folder = site_folder(dict(context.node_config), data.site.name)
+    return Accounts(policy, Lifetime(folder, data.site.name, data.fingerprint), run_id, cfg.dp.target_epsilon,
+                    cfg.dp.target_delta)
 
 
 def _admit(acc: Accounts, cfg: AppConfig) -> str:
     """Why this site takes no part in this run at all, by its own policy ("" when it does)."""
+    if faults.at_site(faults.parse(cfg.faults), acc.lifetime.site) and not acc.policy.allow_injected_faults:
+        return ("the run injects faults at this site, which its policy does not allow (allow-injected-faults = false: "
+                "only simulated sites change their data for a scenario)")
     if not cfg.dp.enabled:
         return "" if acc.policy.allow_non_dp else ("this site takes part in no run without DP (its policy: "
                                                    "allow-non-dp = false)")
@@ -132,6 +140,7 @@ def _census(acc: Accounts, cfg: AppConfig, data: SiteData) -> tuple[Census | Non
     """The site's census: exact without DP; else the one kept for this data, or released (and charged) now.
     (None, why) when the site may not release it."""
     if not cfg.dp.enabled:
+        acc.expose()  # exact sizes, weights and summaries leave from here: recorded before the first reply
         return census.take(data.train.labels.numpy(), len(data.val), data.num_classes, noise_multiplier=0.0), ""
     entry = privacy.LedgerEntry(0, privacy.CENSUS, "gaussian", cfg.dp.census_noise_multiplier, 1.0, 1,
                                 census.SENSITIVITY)
@@ -142,8 +151,8 @@ def _census(acc: Accounts, cfg: AppConfig, data: SiteData) -> tuple[Census | Non
 
 def _open(context: Context, msg: Message) -> tuple[str, AppConfig, SiteData, Accounts, Census | None, str]:
     """Everything a handler starts from; the last item is why the site refuses this run ("" when it takes part)."""
-    key, cfg, _, data = _setup(context)
-    acc = _accounts(context, cfg, data, records.unpack_run_id(msg.content))
+    key, cfg, policy, data = _setup(context)
+    acc = _accounts(context, cfg, policy, data, records.unpack_run_id(msg.content))
     why = _admit(acc, cfg)
     released, why = (None, why) if why else _census(acc, cfg, data)
     return key, cfg, data, acc, released, why
@@ -295,13 +304,14 @@ def train(msg: Message, context: Context) -> Message:
         return answer(None, records.STATUS_REFUSED, why)
     # What this site will actually run (an injected training fault changes it): σ, the schedule and the budget
     # check all follow it, so no fault can make a site overspend.
-    injected = faults.at_site(faults.parse(cfg.faults), data.site.name)
+    injected = faults.at_site(faults.parse(cfg.faults), data.site.name) if acc.policy.allow_injected_faults else {}
     train_cfg, train_data = _faulty_training(injected, cfg, data) if injected else (cfg.train, data.train)
     sigma, schedule, problem = 0.0, None, ""
     if cfg.dp.enabled:
-        # The schedule follows the released size. (An injected overfit fault trains on a few examples and uses
-        # their true count: a simulation-only shortcut no real site has.)
-        n_public = len(train_data) if "overfit" in injected else released.n_train
+        # The schedule follows the released size (an injected overfit fault's, on its few examples: the smaller of
+        # their configured count and the released size, public both).
+        n_public = (min(float(injected["overfit"]["examples"]), released.n_train) if "overfit" in injected
+                    else released.n_train)
         schedule = privacy.dpsgd_schedule(n_public=n_public, batch_size=train_cfg.batch_size,
                                           local_epochs=train_cfg.local_epochs)
         sigma = _noise_multiplier(context, cfg, schedule, acc, data.site.name,

@@ -108,11 +108,15 @@ def encode(texts: list[str], labels: np.ndarray, tokenizer, max_length: int) -> 
     return Encoded(tok["input_ids"], tok["attention_mask"], torch.tensor(np.asarray(labels), dtype=torch.long))
 
 
-def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer) -> SiteData:  # noqa: ANN001
-    """The site's rows, split (seeded by data.seed and the site's name) and tokenised."""
+def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer, *, faults_allowed: bool = True) -> SiteData:  # noqa: ANN001
+    """The site's rows, split (seeded by data.seed and the site's name) and tokenised.
+
+    `faults_allowed`: whether this site applies the run's injected faults (its policy: only simulated sites do; the
+    run config is the coordinator's, and a real site's data must not be changed by it).
+    """
     rows = site_rows(cfg.data, site)
-    injected = faults.at_site(faults.parse(cfg.faults), site.name)
-    if injected:  # a simulated faulty site (scenario ground truth); real sites never set `faults`
+    injected = faults.at_site(faults.parse(cfg.faults), site.name) if faults_allowed else {}
+    if injected:  # a simulated faulty site (scenario ground truth)
         rows = faults.corrupt_rows(rows, injected, num_classes=len(cfg.data.labels),
                                    seed=cfg.data.seed + sum(map(ord, site.name)),
                                    elsewhere=_drugreview_train(cfg.data.labels) if "domain_shift" in injected else None)

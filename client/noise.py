@@ -73,8 +73,11 @@ def use_randomness(optimizer: DPOptimizer, rng: Randomness) -> None:
     """Make an Opacus DPOptimizer draw its noise from `rng` instead of torch's seeded generator.
 
     Opacus's own `add_noise`, with the noise source replaced (same std σ·C per coordinate of the clipped sum, same
-    processed-flag bookkeeping).
+    processed-flag bookkeeping). Only the flat-clipping DPOptimizer is known to draw noise nowhere else.
     """
+    if type(optimizer) is not DPOptimizer:
+        raise TypeError(f"{type(optimizer).__name__}: only Opacus's flat-clipping DPOptimizer is supported")
+
     def add_noise(self: DPOptimizer) -> None:
         for p in self.params:
             _check_processed_flag(p.summed_grad)

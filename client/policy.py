@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from client.census import Census
-from client.privacy import LedgerEntry, epsilon, epsilon_split
+from client.privacy import EXACT, ORDERS, LedgerEntry, epsilon, epsilon_split
 from client.state import Lifetime
 from common.config import pyproject_path
 
@@ -29,6 +29,7 @@ class SitePolicy:
     delta: float  # the site's δ: lifetime ε is at this δ, and no run may ask for a larger one (0 = auto)
     min_noise_multiplier: float  # no DP-SGD step or release with less noise (σ = noise std / sensitivity)
     allow_non_dp: bool  # take part in runs with dp.enabled = false (their weights and summaries are exact)
+    allow_injected_faults: bool  # apply the run config's `faults` (simulated sites only: they change the data)
     source: str = "defaults"  # where the values came from, for messages at the site
 
     def site_delta(self, n_released: float) -> float:
@@ -96,6 +97,9 @@ def _bool(v: Any) -> bool:
 def refusal(policy: SitePolicy, *, lifetime: list[LedgerEntry], entry: LedgerEntry, site_delta: float) -> str:
     """Why the site's policy forbids spending `entry` ("" when it allows it): too little noise, or a lifetime ε
     (every entry ever spent on this data, all runs) above the cap."""
+    if any(e.kind == EXACT for e in lifetime):
+        return ("this site took part in a run without DP on its data: exact values left it, so no DP guarantee is "
+                "left to spend (lifetime ε = ∞)")
     if entry.noise_multiplier < policy.min_noise_multiplier:
         return (f"{entry.kind} noise multiplier {entry.noise_multiplier:.3g} is below this site's minimum "
                 f"{policy.min_noise_multiplier:g} (its policy)")
@@ -125,6 +129,13 @@ class Accounts:
         c = self.lifetime.census
         return self.policy.site_delta(c.n_train + c.n_val if c is not None else 0.0)
 
+    def lifetime_delta(self) -> float:
+        """The δ the lifetime cap is checked at: the site's δ over the number of RDP orders. Runs come one after
+        another, each chosen after seeing the last one's outputs, and the cap stops them at whichever order gives
+        the smallest ε; a Rényi filter is sound per fixed order (Feldman & Zrnic 2021), so the union over the
+        orders costs this factor (about 13 % more ε than at the site's δ)."""
+        return self.site_delta() / len(ORDERS)
+
     def run_entries(self) -> list[LedgerEntry]:
         return self.lifetime.of_run(self.run_id)
 
@@ -138,7 +149,7 @@ class Accounts:
         if projected > self.run_budget + 1e-9:
             return (f"round {entry.round} {entry.kind} would bring ε to {projected:.3f} > budget "
                     f"{self.run_budget:g} (spent {epsilon(run, self.run_delta):.3f})")
-        return refusal(self.policy, lifetime=self.lifetime.all(), entry=entry, site_delta=self.site_delta())
+        return refusal(self.policy, lifetime=self.lifetime.all(), entry=entry, site_delta=self.lifetime_delta())
 
     def spend(self, entry: LedgerEntry) -> str:
         """Charge `entry` if the run's budget and the site's policy allow it, checked against the ledger as it is on
@@ -148,6 +159,13 @@ class Accounts:
             if not why:
                 self.lifetime.charge(self.run_id, entry)
             return why
+
+    def expose(self) -> None:
+        """Record that this run releases exact values (no DP): the lifetime ε of the site's data is ∞ from now on,
+        and the site will refuse every DP spend after it (its policy's allow-non-dp let this happen)."""
+        with self.lifetime.locked():
+            if not any(e.kind == EXACT for e in self.run_entries()):
+                self.lifetime.charge(self.run_id, LedgerEntry(0, EXACT, "none", 0.0, 1.0, 1, 0.0))
 
     def census(self, entry: LedgerEntry, take: Callable[[], Census]) -> tuple[Census | None, str]:
         """This dataset's census: the one kept, else `take()` released now and charged as `entry` (unless that
@@ -163,6 +181,6 @@ class Accounts:
             return released, ""
 
     def epsilons(self) -> tuple[float, float, float, float]:
-        """(this run's total, its training, its diagnostics, the lifetime total at the site's δ)."""
+        """(this run's total, its training, its diagnostics, the lifetime total at the cap's δ)."""
         total, train, diag = epsilon_split(self.run_entries(), self.run_delta)
-        return total, train, diag, epsilon(self.lifetime.all(), self.site_delta())
+        return total, train, diag, epsilon(self.lifetime.all(), self.lifetime_delta())

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from opacus.accountants import RDPAccountant
 
 DPSGD, SUMMARY, CENSUS = "dpsgd", "summary", "census"
+EXACT = "exact"  # a run without DP: exact weights, sizes and summaries left the site (ε = ∞ on that data)
 NEIGHBOURING_RELATION = "add_remove"  # what every entry is accounted under (report --json states it)
 
 
@@ -36,7 +37,10 @@ ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256
 
 
 def epsilon(entries: list[LedgerEntry], delta: float) -> float:
-    """Total ε at `delta` of everything in the ledger (RDP composition, Opacus's accountant)."""
+    """Total ε at `delta` of everything in the ledger (RDP composition, Opacus's accountant); ∞ once anything left
+    exactly (an EXACT entry)."""
+    if any(e.kind == EXACT for e in entries):
+        return math.inf
     steps: dict[tuple[float, float], int] = {}
     for e in entries:
         if e.steps > 0:  # RDP is linear in steps: equal (σ, q) segments are computed once

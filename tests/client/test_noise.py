@@ -48,6 +48,9 @@ def test_poisson_batches_include_each_example_at_rate_q_and_always_yield_every_s
 def _sgd_step(cfg, data, *, sigma, rng=None, received=None):
     """One full-batch SGD step (q = 1, lr 1 on every weight): sent = received − (Σ clip g + noise) / n."""
     model = build_model(cfg.model, cfg.data.labels, seed=0)
+    for m in model.modules():  # dropout masks are secret under DP too: switched off to isolate the noise
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
     if received is not None:
         load_trainable_state(model, received)
     before = trainable_state(model)
@@ -96,3 +99,19 @@ def test_an_honest_but_curious_server_cannot_strip_the_noise_off_an_update(tiny_
         assert np.linalg.norm(_flat(sent, again, n)) > 0.9 * noise_norm
     else:  # the mechanism as it was: the attack recovers the clipped sum to float error
         assert error < 1e-3 * np.linalg.norm(truth)
+
+
+def test_dropout_masks_under_dp_are_not_the_public_seeds(tiny_cfg, site_data):
+    # With σ = 0 the only randomness left in a DP step is dropout: two trainings with the same config, seed and
+    # round must still differ (a public seed would make one more example shift every other example's mask).
+    model = build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0)
+    received = trainable_state(model)
+    outs = []
+    for _ in range(2):
+        load_trainable_state(model, received)
+        train_cfg = replace(tiny_cfg.train, batch_size=10_000, local_epochs=1)
+        schedule = dpsgd_schedule(n_public=len(site_data.train), batch_size=10_000, local_epochs=1)
+        train_local(model, site_data.train, train_cfg=train_cfg, dp_cfg=tiny_cfg.dp, noise_multiplier=0.0,
+                    prior=None, seed=0, schedule=schedule)
+        outs.append(trainable_state(model))
+    assert any(not np.array_equal(outs[0][k], outs[1][k]) for k in outs[0])

@@ -45,7 +45,7 @@ def test_the_sites_delta_is_1e_5_or_a_power_of_ten_below_one_over_ten_n_of_its_r
     assert load_policy(tmp_path, {"delta": 1e-7}).site_delta(150.0) == 1e-7
 
 
-def _train(run_config, state_dir, node_config=None):
+def _train(run_config, state_dir, node_config=None, run_id="r"):
     from common.config import AppConfig
 
     cfg = AppConfig.from_run_config(TINY)
@@ -53,7 +53,7 @@ def _train(run_config, state_dir, node_config=None):
     ctx = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 3,
                                                       "state-dir": str(state_dir), **(node_config or {})},
                   state=RecordDict(), run_config=run_config)
-    msg = Message(content=records.pack_instruction(arrays, 1, 2, run_id="r"), message_type=MessageType.TRAIN,
+    msg = Message(content=records.pack_instruction(arrays, 1, 2, run_id=run_id), message_type=MessageType.TRAIN,
                   dst_node_id=1)
     msg.metadata.__dict__["_message_id"] = uuid4().hex
     return records.unpack_train_reply(client_app.app(msg, ctx).content)
@@ -64,7 +64,7 @@ def _train(run_config, state_dir, node_config=None):
     ({"dp.target-delta": 1e-3}, {}, "dp.target-delta = 0.001 is above this site's δ = 1e-05 (its policy)"),
     ({"dp.noise-multiplier": 0.3}, {}, "dpsgd noise multiplier 0.3 is below this site's minimum 0.5"),
     ({"dp.census-noise-multiplier": 0.2}, {}, "census noise multiplier 0.2 is below this site's minimum 0.5"),
-    ({"dp.target-epsilon": 8.0}, {"epsilon-cap": 0.1}, "lifetime ε on this data to 0.375 > its cap 0.1"),
+    ({"dp.target-epsilon": 8.0}, {"epsilon-cap": 0.1}, "lifetime ε on this data to 0.4"),  # the census, at δ / 156
 ])
 def test_whatever_the_run_asks_a_site_refuses_what_breaks_its_policy(tmp_path, run_config, node_config, reason):
     reply = _train({**TINY, **run_config}, tmp_path / "site", node_config)
@@ -72,7 +72,10 @@ def test_whatever_the_run_asks_a_site_refuses_what_breaks_its_policy(tmp_path, r
     assert reply.arrays is None
 
 
-def test_a_site_that_allows_it_takes_a_non_dp_run_and_then_sends_exact_sizes(tmp_path, site_data):
+def test_a_site_that_allows_it_takes_a_non_dp_run_and_then_has_no_dp_guarantee_left(tmp_path, site_data):
     reply = _train({**TINY, "dp.enabled": False}, tmp_path / "site", {"allow-non-dp": True})
     assert reply.site.status == records.STATUS_OK and reply.epsilon == client_app.NOT_PRIVATE
     assert reply.num_examples == len(site_data.train) and reply.site.census_noise == 0.0
+    # Exact values left the site: its ledger says so, and no later DP run can claim a finite ε on that data.
+    later = _train(TINY, tmp_path / "site", {"allow-non-dp": True}, run_id="a-later-run")
+    assert later.site.status == records.STATUS_REFUSED and "no DP guarantee is left" in later.site.reason

@@ -2,6 +2,7 @@
 ledger, re-sends a reply for an instruction it already answered without charging again, and trains on for new
 rounds from the restored ledger."""
 
+import json
 from uuid import uuid4
 
 import numpy as np
@@ -80,7 +81,6 @@ def test_a_new_run_id_cannot_reset_a_sites_ledger(tiny_cfg, tmp_path):
         assert again.site.status == records.STATUS_REFUSED and "lifetime ε" in again.site.reason
         assert again.epsilon_lifetime == pytest.approx(spent)  # nothing more was spent
     # One file per site, every entry with its run and its data's fingerprint, and the census of that data.
-    import json
 
     saved = json.loads((tmp_path / "lifetime.json").read_text())
     assert len(saved["censuses"]) == 1 and {e["run_id"] for e in saved["entries"]} == {"run-a"}
@@ -89,3 +89,26 @@ def test_a_new_run_id_cannot_reset_a_sites_ledger(tiny_cfg, tmp_path):
     other = _send(_context({**run_config, "data.partitioner": "iid"}, tmp_path, flower_run=9), arrays, 1,
                   MessageType.TRAIN, run_id="run-c")
     assert other.site.status == records.STATUS_REFUSED and "lifetime ε" in other.site.reason
+
+
+def test_a_site_upgrading_from_per_run_ledgers_keeps_what_it_spent(tmp_path):
+    from client.privacy import DPSGD, LedgerEntry, to_state
+    from client.state import Lifetime
+
+    old = [LedgerEntry(1, DPSGD, "subsampled-gaussian", 2.0, 0.1, 10, 1.0)]  # a small spend: the cap (10) allows more
+    (tmp_path / "run-2025.json").write_text(json.dumps({"ledger": to_state(old), "plan": {"rounds": 5}}))
+    lifetime = Lifetime(tmp_path, "site-0", "f" * 64)
+    assert lifetime.all() == old and lifetime.of_run("run-2025") == old
+    # A run named like the ledger file cannot overwrite it: run state lives under a digest of the run id.
+    run_config = {**TINY, "dp.noise-multiplier": 1.0}
+    ctx = Context(run_id=5, node_id=100, node_config={"partition-id": 0, "num-partitions": 3,
+                                                      "state-dir": str(tmp_path)}, state=RecordDict(),
+                  run_config=run_config)
+    from common.config import AppConfig
+
+    cfg = AppConfig.from_run_config(TINY)
+    arrays = trainable_state(build_model(cfg.model, cfg.data.labels, seed=0))
+    reply = _send(ctx, arrays, 1, MessageType.TRAIN, run_id="lifetime")
+    assert reply.site.status == records.STATUS_OK
+    saved = json.loads((tmp_path / "lifetime.json").read_text())
+    assert {e["run_id"] for e in saved["entries"]} == {"run-2025", "lifetime"}

@@ -78,7 +78,8 @@ def test_generic_loader_reads_csv_jsonl_parquet(tmp_path):
     (None, "clinic-a: data file .*missing.csv does not exist"),
     ("", "clinic-a: data file .*is empty"),
     ("review,stars\nok,3\n", "clinic-a: .* has no column\\(s\\) text, label"),
-    ("text,label\nok,great\n", "clinic-a: .* has labels outside the label set negative, neutral, positive"),
+    ("text,label\nok,great\n", "clinic-a: .* has no usable rows; expected a text and a label from negative, "
+                              "neutral, positive"),
     (b"text,label\n\xff\xfe bad,positive\n", "clinic-a: data file .* cannot be read as csv \\(UTF-8 expected\\)"),
 ])
 def test_generic_loader_errors_name_site_path_and_expectation(tmp_path, content, expected):
@@ -89,8 +90,16 @@ def test_generic_loader_errors_name_site_path_and_expectation(tmp_path, content,
     with pytest.raises(SiteDataError, match=expected) as e:
         _load(path)
     assert "great" not in str(e.value)  # a data value stays in the site's log (detail), out of the reason it sends
-    if content == "text,label\nok,great\n":
-        assert "label(s) great outside" in e.value.detail
+
+
+def test_one_unusable_row_is_dropped_at_the_site_not_a_reason_to_fail(tmp_path, caplog):
+    # Failing on one row's label would tell the coordinator whether any row has it: the row is dropped instead,
+    # and only the site's own log says so.
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\nfine,positive\nmeh,superb\nbad,3\n,negative\nok,7.5\n")
+    rows = _load(path)
+    assert rows["text"].tolist() == ["fine", "bad", "ok"] and rows["label"].tolist() == [2, 0, 2]
+    assert "2 row(s) without text or with a label outside" in caplog.text and "superb" not in caplog.text
 
 
 def test_a_path_template_gives_each_simulated_site_its_own_file(tmp_path):

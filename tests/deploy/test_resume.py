@@ -14,8 +14,11 @@ SITES = ("a", "b", "c")
 
 
 def _site_ledger(d, site):
-    path = d.root / "state" / site / "resume.json"
-    return privacy.from_state(json.loads(path.read_text())["ledger"]) if path.is_file() else []
+    """This run's entries in the site's own lifetime ledger (on its disk, across the crash)."""
+    path = d.root / "state" / site / "lifetime.json"
+    saved = json.loads(path.read_text())["entries"] if path.is_file() else []
+    return [privacy.LedgerEntry(**{k: v for k, v in e.items() if k not in ("run_id", "fingerprint")})
+            for e in saved if e["run_id"] == "resume"]
 
 
 def test_a_killed_server_resumes_from_the_last_completed_round_with_exact_epsilon(deployment):
@@ -45,14 +48,16 @@ def test_a_killed_server_resumes_from_the_last_completed_round_with_exact_epsilo
     assert events == [("run-resumed", 1, "resumed after round 1 from its checkpoint")]
     for site in SITES:
         ledger = _site_ledger(d, site)
-        # One DP-SGD segment and one summary per round: round 2 was answered again from the site's saved reply.
-        assert sorted((e.round, e.kind) for e in ledger) == [(r, k) for r in (1, 2, 3) for k in ("dpsgd", "summary")]
+        # The census once, then one DP-SGD segment and one summary per round: round 2 was answered again from the
+        # site's saved reply, and the resumed run's hello reused the census.
+        assert sorted((e.round, e.kind) for e in ledger) == [(0, "census")] + [
+            (r, k) for r in (1, 2, 3) for k in ("dpsgd", "summary")]
         reported = d.query("SELECT epsilon FROM site_rounds WHERE run_id = 'resume' AND site = ? AND round = 3 "
                            "AND phase = 'evaluate'", (site,))[0][0]
         # The server's ledger of the run (one row per round and kind) gives the same ε as the site reports.
         rows = d.query("SELECT round, kind, mechanism, noise_multiplier, sample_rate, steps, sensitivity FROM ledger "
                        "WHERE run_id = 'resume' AND site = ?", (site,))
-        assert len(rows) == 6
+        assert len(rows) == 7
         straight = privacy.epsilon([privacy.LedgerEntry(*r) for r in rows], 1e-5)
         assert reported == pytest.approx(straight, rel=1e-9)
         assert reported == pytest.approx(privacy.epsilon(ledger, 1e-5), rel=1e-12)

@@ -97,8 +97,13 @@ def test_smoke_run_report(smoke_store):
         assert {e["neighbouring_relation"] for e in s["ledger"]} == {"add_remove"}
         assert _dp_accounting_epsilon(s["ledger"], s["delta"]) == pytest.approx(s["epsilon"], rel=0.01)
         assert 0 < s["epsilon_diagnostics"] < s["epsilon"] and 0 < s["epsilon_training"] < s["epsilon"]
-        # The site's own lifetime ledger (one run so far, at its own δ = 1e-5 here) against its own cap.
-        assert s["epsilon_lifetime"] == pytest.approx(s["epsilon"], rel=1e-6) and s["epsilon_cap"] == 100.0
+        # The site's own lifetime ledger (one run so far) against its own cap, at the cap's δ: the site's δ over
+        # the number of RDP orders (client/policy.Accounts.lifetime_delta).
+        from client.privacy import ORDERS
+
+        lifetime_delta = s["delta"] / len(ORDERS)
+        assert s["epsilon_lifetime"] == pytest.approx(_dp_accounting_epsilon(s["ledger"], lifetime_delta), rel=0.01)
+        assert s["epsilon"] < s["epsilon_lifetime"] <= s["epsilon_cap"] == 100.0
         summary = s["summary"]
         assert summary["round"] == 2 and summary["noised"] is True and summary["round_trained"] == 2
         assert len(summary["per_class"]["f1"]) == 3 and summary["calibration"]["ece"] is not None

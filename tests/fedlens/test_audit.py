@@ -76,7 +76,8 @@ def test_at_epsilon_one_the_product_passes_and_each_broken_mechanism_is_caught(t
 
 
 def test_the_default_command_audits_the_smoke_scenario_in_seconds():
-    # Execute: no argument but --json (simulations/smoke.toml: q = 1, 2 rounds × 2 epochs, ε = 8).
+    # Execute: no argument but --json (simulations/smoke.toml: q = 1, 2 rounds × 2 epochs; claimed ε = 1, which
+    # 2000 canaries can test: a claim above what they can certify would read "inconclusive").
     res = CliRunner().invoke(app, ["audit", "privacy", "--json"])
     # Assert
     assert res.exit_code == 0, res.output
@@ -85,6 +86,7 @@ def test_the_default_command_audits_the_smoke_scenario_in_seconds():
             "delta", "mechanism", "schedule"} <= set(out)
     assert out["scenario"] == "smoke" and out["mechanism"] == "fedlens" and out["confidence"] == 0.95
     assert out["epsilon_lower_bound"] <= out["epsilon_claimed"] and out["verdict"] == "consistent"
+    assert abs(out["epsilon_claimed"] - 1.0) < 0.01 and out["epsilon_claimed"] < out["epsilon_reachable"]
     assert out["schedule"]["sample_rate"] == 1.0 and out["schedule"]["steps"] == 4 and out["seconds"] < 60
 
 
@@ -114,3 +116,13 @@ def test_a_canary_row_moves_one_clipped_gradient_per_step_that_samples_it(tiny_c
     np.testing.assert_allclose(inside, np.round(inside), atol=2e-3)
     assert inside.max() <= 16 and inside.mean() == pytest.approx(16 * 0.125, abs=0.6)
     np.testing.assert_allclose(scores[~canaries.included], 0.0, atol=1e-3)
+
+
+def test_a_claim_beyond_what_the_canaries_can_certify_is_inconclusive_even_for_a_broken_mechanism():
+    # 1000 canaries certify at most ~4.4 here: at a claimed ε = 8 even seeded noise (every guess right) cannot be
+    # shown violated, and the audit must not call that "consistent".
+    res = CliRunner().invoke(app, ["audit", "privacy", "--json", "--epsilon", "8", "--canaries", "1000",
+                                   "--mechanism", "seeded-noise"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["verdict"] == "inconclusive" and out["epsilon_lower_bound"] <= out["epsilon_reachable"] < 8

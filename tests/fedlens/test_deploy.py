@@ -108,5 +108,7 @@ def test_a_sites_own_policy_travels_in_its_node_config_and_flower_parses_it(tmp_
     node_config = cmd[cmd.index("--node-config") + len("--node-config "):cmd.index(" --insecure")]
     parsed = parse_config_args([node_config.strip("'")])
     assert parsed["epsilon-cap"] == 4.0 and parsed["allow-non-dp"] is True
+    # The whole policy travels, resolved from this machine's install: a run's own pyproject cannot fill a gap.
+    assert parsed["delta"] == 0.0 and parsed["min-noise-multiplier"] == 0.8 and parsed["allow-injected-faults"] is False
     policy = load_policy(tmp_path / "s", parsed)
     assert (policy.epsilon_cap, policy.min_noise_multiplier, policy.allow_non_dp) == (4.0, 0.8, True)
