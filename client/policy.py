@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from client.census import Census
-from client.privacy import EXACT, ORDERS, LedgerEntry, epsilon, epsilon_split
+from client.privacy import EXACT, LedgerEntry, epsilon, epsilon_split, lifetime_epsilon
 from client.state import Lifetime
 from common.config import pyproject_path
 
@@ -103,10 +103,10 @@ def refusal(policy: SitePolicy, *, lifetime: list[LedgerEntry], entry: LedgerEnt
     if entry.noise_multiplier < policy.min_noise_multiplier:
         return (f"{entry.kind} noise multiplier {entry.noise_multiplier:.3g} is below this site's minimum "
                 f"{policy.min_noise_multiplier:g} (its policy)")
-    projected = epsilon([*lifetime, entry], site_delta)
+    projected = lifetime_epsilon([*lifetime, entry], site_delta)
     if projected > policy.epsilon_cap + 1e-9:
         return (f"round {entry.round} {entry.kind} would bring this site's lifetime ε on this data to "
-                f"{projected:.3f} > its cap {policy.epsilon_cap:g} (spent {epsilon(lifetime, site_delta):.3f} "
+                f"{projected:.3f} > its cap {policy.epsilon_cap:g} (spent {lifetime_epsilon(lifetime, site_delta):.3f} "
                 "over all runs so far)")
     return ""
 
@@ -129,13 +129,6 @@ class Accounts:
         c = self.lifetime.census
         return self.policy.site_delta(c.n_train + c.n_val if c is not None else 0.0)
 
-    def lifetime_delta(self) -> float:
-        """The δ the lifetime cap is checked at: the site's δ over the number of RDP orders. Runs come one after
-        another, each chosen after seeing the last one's outputs, and the cap stops them at whichever order gives
-        the smallest ε; a Rényi filter is sound per fixed order (Feldman & Zrnic 2021), so the union over the
-        orders costs this factor (about 13 % more ε than at the site's δ)."""
-        return self.site_delta() / len(ORDERS)
-
     def run_entries(self) -> list[LedgerEntry]:
         return self.lifetime.of_run(self.run_id)
 
@@ -149,7 +142,7 @@ class Accounts:
         if projected > self.run_budget + 1e-9:
             return (f"round {entry.round} {entry.kind} would bring ε to {projected:.3f} > budget "
                     f"{self.run_budget:g} (spent {epsilon(run, self.run_delta):.3f})")
-        return refusal(self.policy, lifetime=self.lifetime.all(), entry=entry, site_delta=self.lifetime_delta())
+        return refusal(self.policy, lifetime=self.lifetime.all(), entry=entry, site_delta=self.site_delta())
 
     def spend(self, entry: LedgerEntry) -> str:
         """Charge `entry` if the run's budget and the site's policy allow it, checked against the ledger as it is on
@@ -181,6 +174,6 @@ class Accounts:
             return released, ""
 
     def epsilons(self) -> tuple[float, float, float, float]:
-        """(this run's total, its training, its diagnostics, the lifetime total at the cap's δ)."""
+        """(this run's total, its training, its diagnostics, the lifetime total at the site's δ)."""
         total, train, diag = epsilon_split(self.run_entries(), self.run_delta)
-        return total, train, diag, epsilon(self.lifetime.all(), self.lifetime_delta())
+        return total, train, diag, lifetime_epsilon(self.lifetime.all(), self.site_delta())

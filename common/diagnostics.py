@@ -127,7 +127,8 @@ def clamp_to_total(x: np.ndarray, total: float) -> np.ndarray:
 
 
 def derive(blocks: dict[str, np.ndarray], *, loss_clip: float, n_val: int, n_train: int,
-           dpsgd_noise_multiplier: float = 0.0, trainable_values: int = 0, trained: bool = True) -> dict:
+           dpsgd_noise_multiplier: float = 0.0, trainable_values: int = 0, trained: bool = True,
+           release_noise_multiplier: float = 0.0, cross_models: int = 0) -> dict:
     """Everything an engineer reads from a (noised) summary. Pure post-processing: no data, no ε.
 
     Sites send the noised blocks unclamped (unbiased: sums over cells stay unbiased). Here histograms over one split
@@ -188,6 +189,9 @@ def derive(blocks: dict[str, np.ndarray], *, loss_clip: float, n_val: int, n_tra
             # signal's direction (std σ·C) competes with the signal for progress; the rest of its σ·C·√d norm
             # moves the weights sideways. Below ~1 a step's progress along its own gradient is mostly noise.
             "signal_to_noise": signal / dpsgd_noise_multiplier,
+            # That reading is itself released with noise (the clipped-sum block's std, public): its std here.
+            "signal_to_noise_std": (noise_std(release_noise_multiplier, cross_models)["clipped_sum_norm"]
+                                    / dpsgd_noise_multiplier),
             # Deprecated (report schema ≤ 3, kept because report keys are never removed): the whole noise norm
             # σ·√d over the signal. √d ≈ 274 too pessimistic for learning: the sideways noise does not cancel it.
             "noise_to_signal": (dpsgd_noise_multiplier * math.sqrt(trainable_values) / signal if signal > 0

@@ -74,7 +74,7 @@ CREATE TABLE IF NOT EXISTS site_rounds (
     epsilon_training REAL, epsilon_diagnostics REAL,
     ece REAL, label_issues REAL, clip_fraction REAL, grad_norm REAL, noise_to_signal REAL,
     summary_json TEXT,
-    signal_to_noise REAL, epsilon_lifetime REAL, epsilon_cap REAL,
+    signal_to_noise REAL, epsilon_lifetime REAL, epsilon_cap REAL, signal_to_noise_std REAL,
     diagnostics_seconds REAL,
     started_at REAL, ended_at REAL,
     aggregation_score REAL,
@@ -125,7 +125,7 @@ SITE_ROUND_COLUMNS = ("site", "phase", "status", "reason", "num_examples", "epsi
                       "noise_multiplier", "sample_rate", "steps", "seconds", "update_norm", "accuracy", "macro_f1",
                       "loss", "train_loss", "max_prediction_share", "confusion_json", "epsilon_training",
                       "epsilon_diagnostics", "ece", "label_issues", "clip_fraction", "grad_norm", "signal_to_noise",
-                      "epsilon_lifetime", "epsilon_cap", "summary_json", "diagnostics_seconds", "started_at", "ended_at", "aggregation_score", "probe_json",
+                      "signal_to_noise_std", "epsilon_lifetime", "epsilon_cap", "summary_json", "diagnostics_seconds", "started_at", "ended_at", "aggregation_score", "probe_json",
                       "update_cosine", "update_cosine_median")
 # Columns added after schema version 1: an older store gets them (NULL) when a writer opens it.
 ADDED_COLUMNS = {"site_rounds": ("epsilon_training REAL", "epsilon_diagnostics REAL", "ece REAL", "label_issues REAL",
@@ -133,7 +133,7 @@ ADDED_COLUMNS = {"site_rounds": ("epsilon_training REAL", "epsilon_diagnostics R
                                  "summary_json TEXT", "diagnostics_seconds REAL", "started_at REAL",
                                  "ended_at REAL", "aggregation_score REAL", "probe_json TEXT",
                                  "update_cosine REAL", "update_cosine_median REAL", "signal_to_noise REAL",
-                                 "epsilon_lifetime REAL", "epsilon_cap REAL"),
+                                 "epsilon_lifetime REAL", "epsilon_cap REAL", "signal_to_noise_std REAL"),
                  "rounds": ("train_wall REAL", "evaluate_wall REAL", "diagnostics_seconds REAL", "test_ece REAL",
                             "test_confidence REAL"),
                  "findings": ("confidence REAL",), "runs": ("parent_run TEXT", "parent_round INTEGER")}
@@ -174,6 +174,7 @@ class SiteRoundRow:
     # ‖Σ clipped gradients‖ / (σ·C) per step: the signal against the noise along its own direction (noised
     # signal; common/diagnostics.derive). Older stores' noise_to_signal (σ·√d over it) is no longer written.
     signal_to_noise: float | None = None
+    signal_to_noise_std: float | None = None  # the std of that reading (release noise on the clipped-sum block / σ)
     epsilon_lifetime: float | None = None  # the site's lifetime ε on its data (all runs), at its own δ
     epsilon_cap: float | None = None  # the site's own lifetime cap
     summary_json: str | None = None  # the whole derived summary (common/diagnostics.derive), noised numbers only

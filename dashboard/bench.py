@@ -88,6 +88,7 @@ def make_store(path: str | Path, *, sites: int, rounds: int, run_id: str = "synt
                                           clip_fraction=s["dp_health"]["clip_fraction"],
                                           grad_norm=s["dp_health"]["mean_grad_norm"],
                                           signal_to_noise=s["dp_health"]["signal_to_noise"],
+                                          epsilon_lifetime=eps + 1.5, epsilon_cap=10.0,  # an earlier run spent 1.5
                                           summary_json=json.dumps(s)))
             rec.ledger += [LedgerRow(name, rnd, "dpsgd", "subsampled-gaussian", 2.1, 1.0, 2, 1.0),
                            LedgerRow(name, rnd, "summary", "gaussian", 4.8, 1.0, 1, dg.SENSITIVITY)]

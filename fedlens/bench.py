@@ -75,7 +75,9 @@ def _simulate(overrides: dict[str, Any], store: Path, *, sample_memory: bool = F
 
     scenario = store.parent / "scenario.toml"
     scenario.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in overrides.items()) + "\n")
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "1"}
+    # A fresh simulated world per run: its sites' lifetime ledgers beside its store, never a caller's.
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "1",
+           "FEDLENS_SITE_STATE": str(store.parent / f"{store.stem}-sites")}
     launch = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "fedlens.cli", "simulate", "--scenario", str(scenario), "--store",
                              str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)

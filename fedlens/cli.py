@@ -432,6 +432,9 @@ def site(
                                                                     "noise (default 0.5)")] = None,
     allow_non_dp: Annotated[bool | None, typer.Option("--allow-non-dp/--no-non-dp", help="take part in runs "
                                                       "without DP (default: no)")] = None,
+    allow_injected_faults: Annotated[bool | None, typer.Option(
+        "--allow-injected-faults/--no-injected-faults", help="apply a run's injected faults to this site's data "
+        "and training: fault drills on test deployments only (default: no)")] = None,
     insecure: Annotated[bool, typer.Option(help="no TLS, no authentication: loopback tests only")] = False,
     max_retries: Annotated[int | None, typer.Option(help="give up after this many failed connection attempts "
                                                          "(default: retry forever)")] = None,
@@ -445,7 +448,8 @@ def site(
     try:
         chosen = {k: v for k, v in (("epsilon-cap", epsilon_cap), ("delta", delta),
                                     ("min-noise-multiplier", min_noise_multiplier),
-                                    ("allow-non-dp", allow_non_dp)) if v is not None}
+                                    ("allow-non-dp", allow_non_dp), ("allow-injected-faults", allow_injected_faults))
+                  if v is not None}
         policy = _site_policy(state_dir or Path.home() / ".fedlens" / "sites" / name, chosen)
         cmd = site_command(name=name, superlink=superlink, data=data, port=port, ca=ca, key=key, insecure=insecure,
                            state_dir=state_dir or Path.home() / ".fedlens" / "sites" / name, max_retries=max_retries,

@@ -16,6 +16,7 @@ budget_exhausted (an honest site at the end of its budget is not faulty). Scores
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,12 @@ def run_scenario(path: Path, store: Path, overrides: tuple[str, ...] = ()) -> di
     returns its faults, findings, rounds and ledger."""
     from common.run_store import load_faults, load_run
 
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "1"}
+    # Each scenario is its own simulated world: its sites' lifetime ledgers start with it (beside its store), or
+    # the scenarios run before it would use up their budgets.
+    sites = store.with_name(f"{store.stem}-sites")
+    shutil.rmtree(sites, ignore_errors=True)
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "1",
+           "FEDLENS_SITE_STATE": str(sites)}
     t0 = time.time()
     sets = [a for item in overrides for a in ("--set", item)]
     proc = subprocess.run([sys.executable, "-m", "fedlens.cli", "simulate", "--scenario", str(path), "--store",

@@ -59,17 +59,20 @@ def current(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
             "majority_collapse", "warning", f"the global model predicts one class for {share:.0%} of the server's test set "
             f"(round {rec.round}): it has collapsed onto the majority class"
             + (f"; macro-F1 {f1:.2f}" if f1 is not None else ""), None)
+    # Each site's reading is itself noised (its std is public): a site counts with the upper end of its reading,
+    # + 2 std, so that release noise alone cannot make the finding fire.
     steps = {r.site: r.steps for r in rec.sites if r.phase == "train" and r.status == "ok" and r.steps}
-    snr = {r.site: r.signal_to_noise * steps[r.site] ** 0.5 for r in rec.sites
+    snr = {r.site: (r.signal_to_noise + 2 * (r.signal_to_noise_std or 0.0)) * steps[r.site] ** 0.5 for r in rec.sites
            if r.phase == "evaluate" and r.signal_to_noise is not None and r.site in steps}
     if snr:
         median = statistics.median(snr.values())
         if median < NOISE_DOMINATED:
             out[(None, "dp_noise_dominates")] = Finding(
                 "dp_noise_dominates", "warning", f"DP noise dominates the sites' training: the median round "
-                f"signal-to-noise √steps · ‖Σ clipped gradients‖ / (σ·C) is {median:.2f} over the {len(snr)} "
-                f"sites that trained in round {rec.round} (below 1, the noise along the gradient outweighs the "
-                "gradient). More examples per site, a larger ε or more steps per round help.", None)
+                f"signal-to-noise √steps · ‖Σ clipped gradients‖ / (σ·C), at the top of its noise (+2 std), is "
+                f"{median:.2f} over the {len(snr)} sites that trained in round {rec.round} (below 1, the noise along "
+                "the gradient outweighs the gradient). More examples per site, a larger ε or more steps per round "
+                "help.", None)
     out.update(_cross_site(rec))
     return out
 

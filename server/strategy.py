@@ -248,6 +248,8 @@ class DebugFedAvg(FedAvg):
                 self.writer.event(Event("site-failed", f"{info.name} failed to start: {info.reason}", info.name))
                 continue
             self._register(r.node_id, info)
+            if info.status == records.STATUS_REFUSED:  # its own policy: it will refuse every round, and says why
+                self.writer.event(Event("site-refused", f"{info.name} refuses this run: {info.reason}", info.name))
 
     def _register(self, node_id: int, info: records.SiteInfo) -> None:
         """Remember a node's site name; a site seen for the first time (at start or joining later) is recorded,
@@ -463,7 +465,9 @@ class DebugFedAvg(FedAvg):
                 d = diagnostics.derive(ev.blocks, loss_clip=self.loss_clip, n_val=ev.num_examples,
                                        n_train=ev.site.n_train, trainable_values=trainable_values,
                                        dpsgd_noise_multiplier=(train_row.noise_multiplier or 0.0) if full_batch
-                                       else 0.0, trained=did_train)
+                                       else 0.0, trained=did_train,
+                                       release_noise_multiplier=ev.noise_multiplier,
+                                       cross_models=len(ev.cross_models))
                 self.label_counts.add(ev.site.name, ev.blocks["train_labels"],
                                       diagnostics.noise_std(ev.noise_multiplier, len(ev.cross_models))["train_labels"])
                 self._fill_row(row, d, ev)
@@ -498,6 +502,7 @@ class DebugFedAvg(FedAvg):
             h = d["dp_health"]
             row.clip_fraction, row.grad_norm = h["clip_fraction"], h["mean_grad_norm"]
             row.signal_to_noise = _finite(h["signal_to_noise"])
+            row.signal_to_noise_std = _finite(h["signal_to_noise_std"])
         row.confusion_json = json.dumps(np.round(confusion, 3).tolist())  # clamped, rescaled
         std = diagnostics.noise_std(ev.noise_multiplier, len(ev.cross_models))
         cross = None

@@ -23,7 +23,7 @@ def test_defaults_then_the_sites_policy_file_then_its_node_config(tmp_path):
     site = tmp_path / "hospital-a"
     site.mkdir()
     p = load_policy(site, {})
-    assert (p.epsilon_cap, p.delta, p.min_noise_multiplier, p.allow_non_dp) == (10.0, 0.0, 0.5, False)
+    assert (p.epsilon_cap, p.delta, p.min_noise_multiplier, p.allow_non_dp) == (16.0, 0.0, 0.5, False)
     (tmp_path / "policy.toml").write_text("epsilon-cap = 20.0\nallow-non-dp = true\n")  # shared by simulated sites
     assert load_policy(site, {}).epsilon_cap == 20.0 and load_policy(site, {}).allow_non_dp
     (site / "policy.toml").write_text("epsilon-cap = 3.0\n")  # the site's own file wins over the shared one
@@ -64,7 +64,7 @@ def _train(run_config, state_dir, node_config=None, run_id="r"):
     ({"dp.target-delta": 1e-3}, {}, "dp.target-delta = 0.001 is above this site's δ = 1e-05 (its policy)"),
     ({"dp.noise-multiplier": 0.3}, {}, "dpsgd noise multiplier 0.3 is below this site's minimum 0.5"),
     ({"dp.census-noise-multiplier": 0.2}, {}, "census noise multiplier 0.2 is below this site's minimum 0.5"),
-    ({"dp.target-epsilon": 8.0}, {"epsilon-cap": 0.1}, "lifetime ε on this data to 0.4"),  # the census, at δ / 156
+    ({"dp.target-epsilon": 8.0}, {"epsilon-cap": 0.1}, "lifetime ε on this data to 0.538"),  # the census
 ])
 def test_whatever_the_run_asks_a_site_refuses_what_breaks_its_policy(tmp_path, run_config, node_config, reason):
     reply = _train({**TINY, **run_config}, tmp_path / "site", node_config)

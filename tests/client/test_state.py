@@ -95,7 +95,7 @@ def test_a_site_upgrading_from_per_run_ledgers_keeps_what_it_spent(tmp_path):
     from client.privacy import DPSGD, LedgerEntry, to_state
     from client.state import Lifetime
 
-    old = [LedgerEntry(1, DPSGD, "subsampled-gaussian", 2.0, 0.1, 10, 1.0)]  # a small spend: the cap (10) allows more
+    old = [LedgerEntry(1, DPSGD, "subsampled-gaussian", 2.0, 0.1, 10, 1.0)]  # a small spend: the cap (16) allows more
     (tmp_path / "run-2025.json").write_text(json.dumps({"ledger": to_state(old), "plan": {"rounds": 5}}))
     lifetime = Lifetime(tmp_path, "site-0", "f" * 64)
     assert lifetime.all() == old and lifetime.of_run("run-2025") == old

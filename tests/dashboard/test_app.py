@@ -114,6 +114,10 @@ def test_every_page_of_a_full_run_shows_its_numbers(monkeypatch, full_store):
     at.switch_page("views/privacy.py").run()
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Most spent"] == "8.00 / 8" and metrics["Sites over 90 % of budget"] == "5"
+    assert "add/remove one example" in _texts(at)  # the neighbour relation, stated on the page
+    lifetime = next(d.value for d in at.dataframe if "lifetime ε" in d.value.columns)
+    assert lifetime["lifetime ε"].max() == 9.5 and (lifetime["cap"] == 10.0).all()
+    assert lifetime["left to cap"].min() == 0.5 and lifetime["this run"].max() == 8.0
     ledger_rows = at.dataframe[-1].value
     assert len(ledger_rows) == 6 * 4 * 2 - 2  # a DP-SGD segment and a summary per site and round; site-002 failed once
 

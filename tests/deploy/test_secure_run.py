@@ -41,6 +41,9 @@ def test_a_secure_three_site_deployment_survives_intruders_and_broken_files(depl
     assert report["rounds_completed"] == 2
     sites = {s["site"]: s for s in report["sites"]}
     assert {"a", "b", "c"} <= set(sites) and "intruder" not in sites
+    for name in "abc":  # each site's own lifetime ledger, under the default policy `fedlens site` wrote for it
+        assert sites[name]["epsilon"] <= sites[name]["epsilon_lifetime"] <= sites[name]["epsilon_cap"] == 16.0
+        assert {e["kind"] for e in sites[name]["ledger"]} == {"census", "dpsgd", "summary"}
     rows = d.query("SELECT site, round, phase, status, reason FROM site_rounds WHERE run_id = 'secure'")
     ok = {(s, r) for s, r, phase, status, _ in rows if phase == "train" and status == "ok"}
     assert ok == {(s, r) for s in "abc" for r in (1, 2)}

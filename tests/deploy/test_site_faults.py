@@ -22,7 +22,8 @@ def test_a_killed_site_is_recorded_by_name_and_rejoins_and_a_nan_site_is_rejecte
     for i, site in enumerate(sites):
         d.register(site)
         data[site] = write_site_csv(d.root / f"{site}.csv", seed=i)
-        d.start_site(site, data[site])
+        # Site d is the drill's faulty site: a real site applies a run's injected faults only if its operator said so.
+        d.start_site(site, data[site], extra=["--allow-injected-faults"] if site == "d" else None)
 
     d.run("faults", rounds=3, **{"server.min-sites": 3, "server.round-timeout": 300.0,
                                  "faults": json.dumps([{"site": "d", "kind": "bad_update", "mode": "nan"}])})

@@ -26,8 +26,14 @@ def test_each_rule_fires_on_its_evidence_with_a_sentence():
     assert found[("e", "site-failed")].message == "e failed in train in round 3: no reply before the timeout"
     assert found[("d", "update-rejected")].message.endswith("weight w contains NaN or Inf")
     assert "97%" in found[(None, "majority_collapse")].message
-    assert "signal-to-noise √steps · ‖Σ clipped gradients‖ / (σ·C) is 0.60 over the 2 sites" in (
-        found[(None, "dp_noise_dominates")].message)  # median of 2·0.2 and 2·0.4
+    assert "at the top of its noise (+2 std), is 0.60 over the 2 sites" in (
+        found[(None, "dp_noise_dominates")].message)  # median of 2·0.2 and 2·0.4 (no noise on these readings)
+    # A reading whose own release noise could explain it does not fire the finding.
+    noisy = _round(3, snr=(0.2, 0.4))
+    for r in noisy.sites:
+        if r.phase == "evaluate" and r.signal_to_noise is not None:
+            r.signal_to_noise_std = 0.5
+    assert (None, "dp_noise_dominates") not in current(noisy)
     assert set(current(_round(3))) == {("c", "budget_exhausted"), ("d", "update-rejected")}  # healthy otherwise
 
 
