@@ -25,7 +25,7 @@ PAGES = {
     "findings": ["site-002 failed in train in round 5: data file missing"],
     "errors": ["Confusion matrices", "Per-class F1", "Label issues", "Calibration", "Noised values"],
     "cross_site": ["Cross-site", "server test set column is exact"],
-    "privacy": ["ε over rounds", "Most spent", "Noise / signal per DP step"],
+    "privacy": ["ε over rounds", "Most spent", "Signal / noise per DP step", "Lifetime ε against each site's own cap"],
     "whatif": ["kept no per-round updates"],
     "runs": ["Compare runs", "Pick two runs to overlay their global curves"],
 }
