@@ -43,6 +43,7 @@ MAX_SITES_MEMORY_GB = 8.0
 def dp_overhead(mode: str, *, batch: int = 32, steps: int = 6, extra: dict | None = None) -> dict[str, Any]:
     """Median seconds per optimizer step with and without Opacus, steps alternating so noise hits both alike."""
     from client.data import Encoded, SiteIdentity, load_site_data
+    from client.privacy import dpsgd_schedule
     from client.train import train_local
     from common.model import build_model, device, load_tokenizer
 
@@ -52,12 +53,14 @@ def dp_overhead(mode: str, *, batch: int = 32, steps: int = 6, extra: dict | Non
     one_batch = Encoded(site.train.input_ids[:batch], site.train.attention_mask[:batch], site.train.labels[:batch])
     models = {"dp": build_model(cfg.model, cfg.data.labels, seed=0), "plain": build_model(cfg.model, cfg.data.labels,
                                                                                           seed=0)}
+    schedule = dpsgd_schedule(n_public=len(one_batch), batch_size=batch, local_epochs=1)  # q = 1, one step
     times: dict[str, list[float]] = {"dp": [], "plain": []}
     for i in range(steps + 1):  # the first of each is warm-up
         for name, dp_on in (("dp", True), ("plain", False)):
             # One logical batch = the whole set (q = 1): each call is exactly one optimizer step at batch B.
             r = train_local(models[name], one_batch, train_cfg=replace(cfg.train, local_epochs=1),
-                            dp_cfg=replace(cfg.dp, enabled=dp_on), noise_multiplier=1.0, label_counts=None, seed=i)
+                            dp_cfg=replace(cfg.dp, enabled=dp_on), noise_multiplier=1.0, prior=None, seed=i,
+                            schedule=schedule)
             if i:
                 times[name].append(sum(r.step_seconds))
     dp_s, plain_s = statistics.median(times["dp"]), statistics.median(times["plain"])

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from client.data import Encoded, SiteIdentity, load_site_data
-from client.train import train_local
+from client.privacy import dpsgd_schedule
+from client.train import prior_from_counts, train_local
 from common.config import AppConfig, load_overrides, resolve_run_config
 from common.model import build_model, load_tokenizer, trainable_state
 from fedlens.cli import _parse_value
@@ -41,6 +42,8 @@ def main() -> None:
     train = Encoded(torch.cat([p.input_ids for p in parts]), torch.cat([p.attention_mask for p in parts]),
                     torch.cat([p.labels for p in parts]))
     counts = torch.bincount(train.labels, minlength=len(cfg.data.labels)).float()
+    # A centralised, non-private baseline: its exact counts and size are its own to use (no site, no release).
+    schedule = dpsgd_schedule(n_public=len(train), batch_size=cfg.train.batch_size, local_epochs=1)
 
     model = build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
     evaluate = make_central_eval(cfg, build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed),
@@ -49,7 +52,7 @@ def main() -> None:
         t0 = time.time()
         # One pass per printed epoch, whatever train.local-epochs says (that key is per federated round).
         r = train_local(model, train, train_cfg=replace(cfg.train, local_epochs=1), dp_cfg=cfg.dp, noise_multiplier=0.0,
-                        label_counts=counts, seed=cfg.train.seed + epoch)
+                        prior=prior_from_counts(counts), schedule=schedule, seed=cfg.train.seed + epoch)
         m = evaluate(trainable_state(model))
         print(json.dumps({"epoch": epoch, "train_examples": len(train), "train_loss": round(r.mean_loss, 4),
                           "median_step_s": round(float(np.median(r.step_seconds)), 3),
