@@ -21,13 +21,12 @@ from flwr.common.constant import ErrorCode
 from client import census, privacy
 from client.census import Census
 from client.data import Encoded, SiteData, SiteIdentity, load_site_data
-from client.policy import Accounts, SitePolicy, load_policy
+from client.policy import Accounts, load_policy
 from client.state import Lifetime, persist, site_folder
 from client.summary import Summary, cross_site_counts, local_summary, release, with_cross_site
 from client.train import TrainHealth, train_local
 from common import diagnostics, faults, records
 from common.config import AppConfig
-from common.datasets import SiteDataError
 from common.log import get_logger
 from common.model import build_model, load_tokenizer, load_trainable_state, trainable_state
 
@@ -97,15 +96,6 @@ def _model(run_config_json: str):  # noqa: ANN202
     return build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
 
 
-def _setup(context: Context) -> tuple[str, AppConfig, SitePolicy, SiteData]:
-    """The run's config, this site's own policy (from its side only) and its data."""
-    key = json.dumps(dict(context.run_config), sort_keys=True)
-    node_config = dict(context.node_config)
-    site = SiteIdentity.from_node_config(node_config)
-    policy = load_policy(site_folder(node_config, site.name), node_config)
-    return key, _config(key), policy, _site_data(key, site, policy.allow_injected_faults)
-
-
 def _info(data: SiteData, census_: Census | None, status: str = records.STATUS_OK, reason: str = "",
           paid_by: str = "") -> records.SiteInfo:
     """Who this site is and its *released* sizes (the census; exact only in a run without DP)."""
@@ -114,13 +104,6 @@ def _info(data: SiteData, census_: Census | None, status: str = records.STATUS_O
     n_train, n_val = census_.sizes()
     return records.SiteInfo(data.site.name, n_train, n_val, status, reason, census_.train_labels, census_.n_val,
                             census_.count_std(), paid_by)
-
-
-def _accounts(context: Context, cfg: AppConfig, policy: SitePolicy, data: SiteData, run_id: str) -> Accounts:
-    """This site's policy and lifetime ledger (from its own disk) against this run's budget."""
-    folder = site_folder(dict(context.node_config), data.site.name)
-    return Accounts(policy, Lifetime(folder, data.site.name, data.fingerprint), run_id, cfg.dp.target_epsilon,
-                    cfg.dp.target_delta)
 
 
 def _admit(acc: Accounts, cfg: AppConfig) -> str:
@@ -150,9 +133,17 @@ def _census(acc: Accounts, cfg: AppConfig, data: SiteData) -> tuple[Census | Non
 
 
 def _open(context: Context, msg: Message) -> tuple[str, AppConfig, SiteData, Accounts, Census | None, str]:
-    """Everything a handler starts from; the last item is why the site refuses this run ("" when it takes part)."""
-    key, cfg, policy, data = _setup(context)
-    acc = _accounts(context, cfg, policy, data, records.unpack_run_id(msg.content))
+    """Everything a handler starts from: the run's config, this site's data, and its own policy and lifetime
+    ledger (from its own folder, never the run config's) against this run's budget. The last item is why the site
+    refuses this run ("" when it takes part)."""
+    key = json.dumps(dict(context.run_config), sort_keys=True)
+    cfg, node_config = _config(key), dict(context.node_config)
+    site = SiteIdentity.from_node_config(node_config)
+    folder = site_folder(node_config, site.name)
+    policy = load_policy(folder, node_config)
+    data = _site_data(key, site, policy.allow_injected_faults)
+    acc = Accounts(policy, Lifetime(folder, site.name, data.fingerprint), records.unpack_run_id(msg.content),
+                   cfg.dp.target_epsilon, cfg.dp.target_delta)
     why = _admit(acc, cfg)
     released, why = (None, why) if why else _census(acc, cfg, data)
     return key, cfg, data, acc, released, why
@@ -272,7 +263,7 @@ def hello(msg: Message, context: Context) -> Message:
     name = SiteIdentity.from_node_config(dict(context.node_config)).name
     try:
         _, _, data, acc, released, why = _open(context, msg)
-    except (SiteDataError, ValueError) as e:
+    except ValueError as e:  # a SiteDataError, or a policy file the site must fix
         get_logger().error("site %s: %s", name, getattr(e, "detail", str(e)))
         return records.reply(records.pack_hello(records.SiteInfo(name, 0, 0, records.STATUS_FAILED, str(e))), msg)
     status = records.STATUS_REFUSED if why else records.STATUS_OK

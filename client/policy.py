@@ -12,11 +12,12 @@ import math
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from client.census import Census
-from client.privacy import EXACT, LedgerEntry, epsilon, epsilon_split, lifetime_epsilon
+from client.privacy import EXACT, LedgerEntry, budget_check, epsilon_split, lifetime_epsilon
 from client.state import Lifetime
 from common.config import pyproject_path
 
@@ -44,6 +45,12 @@ _KEYS = {f.name.replace("_", "-"): f for f in fields(SitePolicy) if f.name != "s
 
 
 def _defaults() -> dict[str, Any]:
+    return dict(_installed_defaults())
+
+
+@lru_cache(maxsize=1)
+def _installed_defaults() -> dict[str, Any]:
+    # Read once per process: every message loads the policy, and the installed package does not change under it.
     with pyproject_path().open("rb") as f:
         return dict(tomllib.load(f)["tool"]["fedlens"]["site-policy"])
 
@@ -94,15 +101,20 @@ def _bool(v: Any) -> bool:
     raise ValueError(v)
 
 
-def refusal(policy: SitePolicy, *, lifetime: list[LedgerEntry], entry: LedgerEntry, site_delta: float) -> str:
-    """Why the site's policy forbids spending `entry` ("" when it allows it): too little noise, or a lifetime ε
-    (every entry ever spent on this data, all runs) above the cap."""
-    if any(e.kind == EXACT for e in lifetime):
-        return ("this site took part in a run without DP on its data: exact values left it, so no DP guarantee is "
-                "left to spend (lifetime ε = ∞)")
+def too_little_noise(policy: SitePolicy, entry: LedgerEntry) -> str:
+    """Why `entry` has less noise than the site accepts ("" when it has enough)."""
     if entry.noise_multiplier < policy.min_noise_multiplier:
         return (f"{entry.kind} noise multiplier {entry.noise_multiplier:.3g} is below this site's minimum "
                 f"{policy.min_noise_multiplier:g} (its policy)")
+    return ""
+
+
+def refusal(policy: SitePolicy, *, lifetime: list[LedgerEntry], entry: LedgerEntry, site_delta: float) -> str:
+    """Why the site's lifetime ledger forbids spending `entry` ("" when it allows it): exact values already left
+    (a run without DP), or a lifetime ε (every entry ever spent on this data, all runs) above the cap."""
+    if any(e.kind == EXACT for e in lifetime):
+        return ("this site took part in a run without DP on its data: exact values left it, so no DP guarantee is "
+                "left to spend (lifetime ε = ∞)")
     projected = lifetime_epsilon([*lifetime, entry], site_delta)
     if projected > policy.epsilon_cap + 1e-9:
         return (f"round {entry.round} {entry.kind} would bring this site's lifetime ε on this data to "
@@ -135,14 +147,9 @@ class Accounts:
     def why_not(self, entry: LedgerEntry) -> str:
         """Why `entry` may not be spent ("" when it may): too little noise for the site, the run's budget, the
         site's lifetime cap."""
-        if entry.noise_multiplier < self.policy.min_noise_multiplier:
-            return refusal(self.policy, lifetime=[], entry=entry, site_delta=1.0)
-        run = self.run_entries()
-        projected = epsilon([*run, entry], self.run_delta)
-        if projected > self.run_budget + 1e-9:
-            return (f"round {entry.round} {entry.kind} would bring ε to {projected:.3f} > budget "
-                    f"{self.run_budget:g} (spent {epsilon(run, self.run_delta):.3f})")
-        return refusal(self.policy, lifetime=self.lifetime.all(), entry=entry, site_delta=self.site_delta())
+        return (too_little_noise(self.policy, entry)
+                or budget_check(self.run_entries(), entry, budget=self.run_budget, delta=self.run_delta)
+                or refusal(self.policy, lifetime=self.lifetime.all(), entry=entry, site_delta=self.site_delta()))
 
     def spend(self, entry: LedgerEntry) -> str:
         """Charge `entry` if the run's budget and the site's policy allow it, checked against the ledger as it is on

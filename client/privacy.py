@@ -1,7 +1,7 @@
 """Step 2 at a site: its privacy ledger (every DP-SGD segment, every released summary, its census) and its ε.
 
-Each site keeps one lifetime ledger per dataset on its own disk (client/state.Lifetime); a run's ε is the
-composition of that run's entries, the lifetime ε that of all of them. Entries compose under RDP: a DP-SGD
+Each site keeps one lifetime ledger on its own disk (client/state.Lifetime); a run's ε is the composition of that
+run's entries, the lifetime ε that of all of them (`lifetime_epsilon`). Entries compose under RDP: a DP-SGD
 segment is the Poisson-subsampled Gaussian (σ, q, steps) that Opacus accounts; a released summary or the census
 is one Gaussian mechanism with L2 sensitivity Δ and noise std σ·Δ, i.e. the entry (σ, q=1, steps=1).
 The neighbouring relation is add/remove one example (NEIGHBOURING_RELATION), as Opacus and dp-accounting's RDP
@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp
 
 DPSGD, SUMMARY, CENSUS = "dpsgd", "summary", "census"
 EXACT = "exact"  # a run without DP: exact weights, sizes and summaries left the site (ε = ∞ on that data)
@@ -66,8 +67,6 @@ def lifetime_epsilon(entries: list[LedgerEntry], delta: float) -> float:
     ∞ once anything left exactly. One demo run (ε = 8 at 1e-5 by `epsilon`) reads about 9.5 here."""
     if any(e.kind == EXACT for e in entries):
         return math.inf
-    from opacus.accountants.analysis.rdp import compute_rdp
-
     orders = np.asarray(LIFETIME_ORDERS)
     rdp = sum((compute_rdp(q=e.sample_rate, noise_multiplier=e.noise_multiplier, steps=e.steps, orders=orders)
                for e in entries if e.steps > 0), np.zeros(len(orders)))

@@ -38,7 +38,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.census import Census
-from client.privacy import LedgerEntry, from_state
+from client.privacy import CENSUS, LedgerEntry, from_state
 from common import records
 
 STATE_DIR = "state-dir"  # node-config key
@@ -81,22 +81,24 @@ class Lifetime:
 
     def _read(self) -> None:
         if not self.path.is_file():
-            self._legacy()
+            self.censuses, self.entries = {}, self._legacy()
             return
         saved = json.loads(self.path.read_text())
         self.censuses = {fp: Census.from_dict(c) for fp, c in saved.get("censuses", {}).items()}
         self.entries = [(e.pop("run_id"), e.pop("fingerprint"), LedgerEntry(**e)) for e in saved["entries"]]
 
-    def _legacy(self) -> None:
+    def _legacy(self) -> list[tuple[str, str, LedgerEntry]]:
         """Ledgers of fedlens before the lifetime ledger (`<run id>.json` with a "ledger" record, one per run) count
         too: a site that upgrades must not start again from 0."""
+        out = []
         for old in sorted(self.folder.glob("*.json")) if self.folder.is_dir() else []:
             try:
                 cols = json.loads(old.read_text()).get("ledger")
             except (ValueError, AttributeError):
                 continue
             if isinstance(cols, dict):
-                self.entries += [(old.stem, "before-lifetime-ledger", e) for e in from_state(cols)]
+                out += [(old.stem, "before-lifetime-ledger", e) for e in from_state(cols)]
+        return out
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -123,7 +125,7 @@ class Lifetime:
 
     def census_run(self) -> str:
         """The run that paid for this dataset's census ("" when none has been released)."""
-        return next((r for r, fp, e in self.entries if e.kind == "census" and fp == self.fingerprint), "")
+        return next((r for r, fp, e in self.entries if e.kind == CENSUS and fp == self.fingerprint), "")
 
     def charge(self, run_id: str, entry: LedgerEntry, census: Census | None = None) -> None:
         """Record a release (and the census it is, if so) on disk. Call inside `locked()`."""

@@ -215,6 +215,7 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
     step_seconds: list[float] = []
     steps = 0
     trainable = [p for p in model.parameters() if p.requires_grad]
+    prior = None if prior is None else prior.to(dev)
     try:
         for _ in range(train_cfg.local_epochs):
             # DP: BatchMemoryManager splits a Poisson batch above max_physical_batch, and the DP optimizer only
@@ -239,8 +240,7 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
                         logits = model(**model_inputs(ids, mask)).logits  # [b, K]
                         if meter is not None or hooks is None:
                             _record_first(first_loss, index[part], logits, y)
-                        loss = balanced_loss(logits, y, mode=train_cfg.class_balance,
-                                             prior=None if prior is None else prior.to(dev))
+                        loss = balanced_loss(logits, y, mode=train_cfg.class_balance, prior=prior)
                         # Chunks of one logical batch add up to its mean loss (DP batches come whole: weight 1).
                         (loss * (y.numel() / n)).backward()
                         losses.append(loss.item())

@@ -21,7 +21,6 @@ CONFIG = "config"  # server -> site instructions
 METRICS = "metrics"  # numbers only: num-examples, epsilon, ...
 SITE = "site"  # who answered and whether it did the work
 SUMMARY = "summary"  # the noised error summary of an evaluation
-LEDGER = "ledger"  # in context.state: the site's privacy ledger (never sent)
 LOCAL_MODEL = "local-model:"  # + site name: that site's local model, sent for cross-site evaluation (opt-in)
 
 # Keys.

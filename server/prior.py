@@ -39,10 +39,7 @@ class LabelCounts:
         """The smoothed label distribution (negative noised cells count as 0; a class with none is rare, not
         impossible), as client/train.prior_from_counts computes it."""
         pooled = self.pooled()
-        if pooled is None:
-            return None
-        c = np.clip(pooled, 0.0, None)
-        return ((c + 1.0) / (c.sum() + len(c))).tolist()
+        return None if pooled is None else fixed_prior(pooled)
 
     def to_state(self) -> dict:
         return {s: {"weighted": self.weighted[s].tolist(), "precision": self.precision[s]} for s in self.weighted}
@@ -56,6 +53,7 @@ class LabelCounts:
 
 
 def fixed_prior(counts: np.ndarray) -> list[float]:
-    """The prior from public counts (the server's own labelled data) or config weights."""
+    """The smoothed prior of counts (released, or the server's own labelled data): negative noised cells count as
+    0, and a class with none is rare, not impossible."""
     c = np.clip(np.asarray(counts, dtype=np.float64), 0.0, None)
     return ((c + 1.0) / (c.sum() + len(c))).tolist()

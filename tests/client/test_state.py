@@ -112,3 +112,4 @@ def test_a_site_upgrading_from_per_run_ledgers_keeps_what_it_spent(tmp_path):
     assert reply.site.status == records.STATUS_OK
     saved = json.loads((tmp_path / "lifetime.json").read_text())
     assert {e["run_id"] for e in saved["entries"]} == {"run-2025", "lifetime"}
+    assert sum(e["run_id"] == "run-2025" for e in saved["entries"]) == 1  # imported once, not once per re-read
