@@ -20,7 +20,7 @@ from flwr.common.constant import ErrorCode
 
 from client import census, privacy
 from client.census import Census
-from client.data import Encoded, SiteData, SiteIdentity, load_site_data
+from client.data import SiteData, SiteIdentity, load_site_data
 from client.policy import Accounts, load_policy
 from client.state import Lifetime, persist, site_folder
 from client.summary import Summary, cross_site_counts, local_summary, release, with_cross_site
@@ -28,7 +28,7 @@ from client.train import TrainHealth, train_local
 from common import diagnostics, faults, records
 from common.config import AppConfig
 from common.log import get_logger
-from common.model import build_model, load_tokenizer, load_trainable_state, trainable_state
+from common.model import Encoded, build_model, load_tokenizer, load_trainable_state, trainable_state
 
 NOT_PRIVATE = -1.0  # the ε a site reports when dp.enabled is false
 AUDIT_ENV = "FEDLENS_AUDIT_DIR"

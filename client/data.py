@@ -16,6 +16,7 @@ from client.state import site_name
 from common import faults
 from common.config import AppConfig, DataConfig
 from common.datasets import LABEL, TEXT, SiteDataError, load_drugreview, load_file, partition, split_train_val
+from common.model import Encoded, encode
 
 
 @dataclass(frozen=True)
@@ -36,21 +37,6 @@ class SiteIdentity:
             num_partitions=int(node_config.get("num-partitions", 1)),
             data_path=str(node_config.get("data-path", "")),
         )
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """Token tensors of one split: input_ids / attention_mask [N, L], labels [N]."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def dataset(self) -> TensorDataset:
-        return TensorDataset(self.input_ids, self.attention_mask, self.labels)
 
 
 @dataclass(frozen=True)
@@ -102,12 +88,6 @@ def _partitions(labels: tuple[str, ...], num_sites: int, how: str, alpha: float,
     return partition(_drugreview_train(labels), num_sites=num_sites, how=how, alpha=alpha, seed=seed)
 
 
-def encode(texts: list[str], labels: np.ndarray, tokenizer, max_length: int) -> Encoded:  # noqa: ANN001
-    # Tokenise once, padded to max_length: the DP step then only indexes tensors.
-    tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    return Encoded(tok["input_ids"], tok["attention_mask"], torch.tensor(np.asarray(labels), dtype=torch.long))
-
-
 def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer, *, faults_allowed: bool = True) -> SiteData:  # noqa: ANN001
     """The site's rows, split (seeded by data.seed and the site's name) and tokenised.
 
@@ -140,7 +120,3 @@ def train_loader(data: Encoded, batch_size: int, seed: int) -> DataLoader:
     size (sample_rate = 1 / len(loader))."""
     dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels, torch.arange(len(data)))
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-
-
-def eval_loader(data: Encoded, batch_size: int) -> DataLoader:
-    return DataLoader(data.dataset(), batch_size=batch_size, shuffle=False)

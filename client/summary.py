@@ -15,14 +15,13 @@ import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 from torch import nn
 
-from client.data import Encoded, eval_loader
 from client.noise import Randomness, SiteRandom
-from client.train import TrainHealth, model_inputs
+from client.train import TrainHealth
 from common import diagnostics as dg
 from common.metrics import confusion_matrix
+from common.model import Encoded, predict
 
 
 @dataclass(frozen=True)
@@ -37,23 +36,6 @@ class Summary:
     # the order of cross_models); released in the same Gaussian mechanism, Δ then includes its block.
     cross: np.ndarray | None = None
     cross_models: tuple[str, ...] = ()
-
-
-@torch.no_grad()
-def predict(model: nn.Module, data: Encoded, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities [N, K] and per-example cross-entropy [N] of the model on one split."""
-    dev = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    probs, losses = [], []
-    for input_ids, attention_mask, labels in eval_loader(data, batch_size):
-        logits = model(**model_inputs(input_ids.to(dev), attention_mask.to(dev))).logits.float()  # [B, K]
-        probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
-        losses.append(nn.functional.cross_entropy(logits, labels.to(dev), reduction="none").cpu().numpy())
-    model.train(was_training)
-    if not probs:
-        return np.zeros((0, 1)), np.zeros(0)
-    return np.concatenate(probs).astype(np.float64), np.concatenate(losses).astype(np.float64)
 
 
 def confident_joint_issues(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:

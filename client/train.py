@@ -11,11 +11,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.data import Encoded, train_loader
+from client.data import train_loader
 from client.noise import PoissonSampler, Randomness, SiteRandom, use_randomness
 from client.privacy import Schedule
 from common.config import DPConfig, TrainConfig
 from common.diagnostics import GRAD_EDGES, loss_blocks
+from common.model import Encoded, model_inputs
 
 # Opacus's hooks fire on frozen embeddings whose inputs need no gradient; PyTorch warns each step, harmlessly.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -90,21 +91,6 @@ class TrainResult:
     mean_loss: float  # local only: never released as such (it is not noised)
     step_seconds: list[float] = field(default_factory=list)
     health: TrainHealth | None = None
-
-
-def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Forward kwargs with position and token-type ids expanded to [B, L].
-
-    HF builds position_ids as a [1, L] buffer; Opacus then sees batch size 1 for the embedding's per-sample
-    gradient and fails at the optimizer step in full fine-tuning ("stack expects each tensor to be equal size").
-    """
-    b, length = input_ids.shape
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "token_type_ids": torch.zeros_like(input_ids),
-        "position_ids": torch.arange(length, device=input_ids.device).expand(b, length),
-    }
 
 
 def balanced_loss(logits: torch.Tensor, labels: torch.Tensor, *, mode: str,

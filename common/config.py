@@ -64,6 +64,32 @@ def load_overrides(path: str | Path) -> RunConfig:
         raise ValueError(f"scenario file {path} is not valid TOML: {e}") from e
 
 
+def parse_overrides(items: list[str]) -> RunConfig:
+    """`key=value` strings (the CLI's --set) as run-config values: true/false, int, float, else the string.
+
+    Raises:
+        ValueError: an item without '=' (names it).
+    """
+    out: RunConfig = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        k, v = (x.strip() for x in item.split("=", 1))
+        out[k] = _scalar(v)
+    return out
+
+
+def _scalar(v: str) -> bool | int | float | str:
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v.strip('"').strip("'")
+
+
 def resolve_run_config(*overrides: RunConfig) -> RunConfig:
     """Defaults from pyproject, then each override in turn. Unknown keys are an error that names them."""
     config = default_run_config()

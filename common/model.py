@@ -1,15 +1,18 @@
-"""The model every site fine-tunes: a local pre-trained encoder + head, LoRA or full, and the weights that travel."""
+"""Shared by steps 1-4: the model every site fine-tunes (a local pre-trained encoder + head, LoRA or full), the
+weights that travel, and how text reaches it (encode, model_inputs, predict): sites and the server use the same."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import ModelConfig
 
@@ -114,8 +117,61 @@ def load_trainable_state(model: nn.Module, state: dict[str, np.ndarray]) -> None
             p.copy_(value.to(p.dtype))
 
 
-def count_values(state: dict[str, np.ndarray]) -> int:
-    return int(sum(a.size for a in state.values()))
+@dataclass(frozen=True)
+class Encoded:
+    """Token tensors of one split: input_ids / attention_mask [N, L], labels [N]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def dataset(self) -> TensorDataset:
+        return TensorDataset(self.input_ids, self.attention_mask, self.labels)
+
+
+def encode(texts: list[str], labels: np.ndarray, tokenizer, max_length: int) -> Encoded:  # noqa: ANN001
+    # Tokenise once, padded to max_length: the DP step then only indexes tensors.
+    tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return Encoded(tok["input_ids"], tok["attention_mask"], torch.tensor(np.asarray(labels), dtype=torch.long))
+
+
+def eval_loader(data: Encoded, batch_size: int) -> DataLoader:
+    return DataLoader(data.dataset(), batch_size=batch_size, shuffle=False)
+
+
+def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward kwargs with position and token-type ids expanded to [B, L].
+
+    HF builds position_ids as a [1, L] buffer; Opacus then sees batch size 1 for the embedding's per-sample
+    gradient and fails at the optimizer step in full fine-tuning ("stack expects each tensor to be equal size").
+    """
+    b, length = input_ids.shape
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": torch.zeros_like(input_ids),
+        "position_ids": torch.arange(length, device=input_ids.device).expand(b, length),
+    }
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Encoded, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities [N, K] and per-example cross-entropy [N] of the model on one split."""
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    probs, losses = [], []
+    for input_ids, attention_mask, labels in eval_loader(data, batch_size):
+        logits = model(**model_inputs(input_ids.to(dev), attention_mask.to(dev))).logits.float()  # [B, K]
+        probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
+        losses.append(nn.functional.cross_entropy(logits, labels.to(dev), reduction="none").cpu().numpy())
+    model.train(was_training)
+    if not probs:
+        return np.zeros((0, 1)), np.zeros(0)
+    return np.concatenate(probs).astype(np.float64), np.concatenate(losses).astype(np.float64)
 
 
 def save_final_model(model: nn.Module, tokenizer, out_dir: Path) -> Path:  # noqa: ANN001

@@ -44,11 +44,11 @@ import torch
 from scipy import stats
 from torch import nn
 
-from client.data import Encoded
 from client.noise import Randomness, SiteRandom
 from client.privacy import DPSGD, LedgerEntry, Schedule, calibrate_noise_multiplier, dpsgd_schedule, epsilon
 from client.train import train_local
 from common.config import PROJECT_ROOT, AppConfig
+from common.model import Encoded
 
 MECHANISMS = ("fedlens", "scaled-noise", "seeded-noise")
 ATTACKS = ("white-box", "seed-replay")  # every audit tries both: the auditor does not know which bug to expect

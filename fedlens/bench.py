@@ -42,10 +42,10 @@ MAX_SITES_MEMORY_GB = 8.0
 
 def dp_overhead(mode: str, *, batch: int = 32, steps: int = 6, extra: dict | None = None) -> dict[str, Any]:
     """Median seconds per optimizer step with and without Opacus, steps alternating so noise hits both alike."""
-    from client.data import Encoded, SiteIdentity, load_site_data
+    from client.data import SiteIdentity, load_site_data
     from client.privacy import dpsgd_schedule
     from client.train import train_local
-    from common.model import build_model, device, load_tokenizer
+    from common.model import Encoded, build_model, device, load_tokenizer
 
     cfg = AppConfig.from_run_config(resolve_run_config({"train.batch-size": batch, "train.max-physical-batch": batch,
                                                         "model.mode": mode}, extra or {}))

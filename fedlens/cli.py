@@ -46,16 +46,11 @@ def simulate(
     ray_address: Annotated[str, typer.Option(help="connect to an existing Ray cluster (e.g. auto or host:6379)")] = "",
 ) -> None:
     """Run a scenario on Flower's simulation engine and follow it round by round."""
-    from common.config import AppConfig, load_overrides, resolve_run_config
+    from common.config import AppConfig, load_overrides, parse_overrides, resolve_run_config
 
     try:
         overrides = load_overrides(scenario) if scenario else {}
-        extra: dict = {}
-        for item in set_ or []:
-            if "=" not in item:
-                _fail(f"--set expects key=value, got {item!r}", 2)
-            k, v = item.split("=", 1)
-            extra[k.strip()] = _parse_value(v.strip())
+        extra = parse_overrides(set_ or [])
         if rounds is not None:
             extra["num-server-rounds"] = rounds
         if sites is not None:
@@ -90,17 +85,6 @@ def _simulate_and_report(config: dict, cfg, ray_address: str) -> None:  # noqa: 
                f"dashboard: fedlens dashboard --store {store_path}", err=True)
     if rep["status"] != "completed":
         raise typer.Exit(1)
-
-
-def _parse_value(v: str) -> bool | int | float | str:
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v.strip('"').strip("'")
 
 
 def _run_with_progress(config: dict, cfg, store_path: Path, ray_address: str) -> None:  # noqa: ANN001

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -14,13 +13,10 @@ from common.checkpoints import Checkpoints
 from common.config import AppConfig
 from common.faults import parse as parse_faults
 from common.log import get_logger
-from common.metrics import calibration, confusion_matrix, summary_metrics
 from common.model import build_model, load_tokenizer, load_trainable_state, save_final_model, trainable_state
 from common.run_store import Event, RunWriter
-from server.strategy import Arrays, CentralEval, DebugFedAvg, Probe
-
-if TYPE_CHECKING:
-    from client.data import Encoded
+from server.central_eval import class_prior, make_central_eval, make_probe, server_test_set
+from server.strategy import DebugFedAvg
 
 app = ServerApp()
 log = get_logger()
@@ -35,56 +31,6 @@ def model_description(cfg: AppConfig) -> str:
     mode = f"LoRA r={cfg.model.lora_r}" if cfg.model.mode == "lora" else "full fine-tuning"
     privacy = f"DP ε={cfg.dp.target_epsilon:g}" if cfg.dp.enabled else "no DP"
     return f"{name} ({mode}, {cfg.model.pooling} pooling, {privacy})"
-
-
-def server_test_set(cfg: AppConfig, tokenizer) -> Encoded | None:  # noqa: ANN001
-    """The server's own held-out set, tokenised once (public to the server; no ε spent): None when
-    server.central-eval is off."""
-    if not cfg.server.central_eval:
-        return None
-    from client.data import encode
-    from common.datasets import LABEL, TEXT, load_drugreview, load_file
-
-    d = cfg.data
-    test = (load_drugreview("test", d.labels) if cfg.server.central_eval == "drugreview-test" else
-            load_file(cfg.server.central_eval, text_column=d.text_column, label_column=d.label_column,
-                      labels=d.labels, site="server (server.central-eval)"))
-    return encode(test[TEXT].tolist(), test[LABEL].to_numpy(), tokenizer, cfg.data.max_length)
-
-
-def make_central_eval(cfg: AppConfig, model, data: Encoded | None) -> CentralEval | None:  # noqa: ANN001
-    """Evaluation of the global model on the server's held-out set."""
-    if data is None:
-        return None
-    from client.summary import predict
-
-    k = len(cfg.data.labels)
-
-    def evaluate(arrays: Arrays) -> dict[str, float]:
-        load_trainable_state(model, arrays)
-        probs, losses = predict(model, data)
-        labels = data.labels.numpy()
-        return {**summary_metrics(confusion_matrix(labels, probs.argmax(axis=1), k), float(losses.sum())),
-                **calibration(probs, labels)}
-
-    return evaluate
-
-
-def class_prior(cfg: AppConfig, test: Encoded | None) -> str | list[float] | None:
-    """What the sites' loss is balanced towards (train.class-prior), from public information only."""
-    if cfg.train.class_balance == "none" or cfg.train.class_prior == "uniform":
-        return None
-    if cfg.train.class_prior == "released":
-        return "released"
-    if cfg.train.class_prior == "server-data":
-        if test is None:
-            raise ValueError("train.class-prior = server-data needs the server's labelled data (server.central-eval)")
-        import numpy as np
-
-        from server.prior import fixed_prior
-
-        return fixed_prior(np.bincount(test.labels.numpy(), minlength=len(cfg.data.labels)))
-    return cfg.explicit_prior()
 
 
 def resume_point(cfg: AppConfig, writer: RunWriter, checkpoints: Checkpoints) -> tuple[int, dict] | None:
@@ -113,25 +59,6 @@ def resume_point(cfg: AppConfig, writer: RunWriter, checkpoints: Checkpoints) ->
     writer.resume(last)
     log.info("fedlens run %s resumes after round %d of %d", writer.run_id, last, cfg.num_server_rounds)
     return last, state
-
-
-def make_probe(cfg: AppConfig, model, data: Encoded | None) -> Probe | None:  # noqa: ANN001
-    """Each site's local model on public texts (the first server.probe-inputs reviews of the server's held-out
-    set, text only): its mean predicted class distribution. Post-processing of released weights; no ε."""
-    if data is None or cfg.server.probe_inputs <= 0:
-        return None
-    from client.data import Encoded
-    from client.summary import predict
-
-    n = cfg.server.probe_inputs
-    texts = Encoded(data.input_ids[:n], data.attention_mask[:n], data.labels[:n])  # labels unused
-
-    def probe(arrays: Arrays) -> list[float]:
-        load_trainable_state(model, arrays)
-        probs, _ = predict(model, texts)
-        return probs.mean(axis=0).tolist()
-
-    return probe
 
 
 @app.main()

@@ -22,7 +22,7 @@ from server.strategy import update_norm, weighted_average
 def _evaluator(config_items: tuple):  # noqa: ANN202
     # Building the model and tokenising the test set takes seconds: once per run configuration.
     from common.model import build_model, load_tokenizer
-    from server.server_app import make_central_eval, server_test_set
+    from server.central_eval import make_central_eval, server_test_set
 
     cfg = AppConfig.from_run_config(dict(config_items))
     model = build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)

@@ -15,13 +15,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from client.data import Encoded, SiteIdentity, load_site_data
+from client.data import SiteIdentity, load_site_data
 from client.privacy import dpsgd_schedule
 from client.train import prior_from_counts, train_local
-from common.config import AppConfig, load_overrides, resolve_run_config
-from common.model import build_model, load_tokenizer, trainable_state
-from fedlens.cli import _parse_value
-from server.server_app import make_central_eval, server_test_set
+from common.config import AppConfig, load_overrides, parse_overrides, resolve_run_config
+from common.model import Encoded, build_model, load_tokenizer, trainable_state
+from server.central_eval import make_central_eval, server_test_set
 
 
 def main() -> None:
@@ -30,7 +29,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--set", action="append", default=[], help="config key=value")
     args = ap.parse_args()
-    extra = {k: _parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    extra = parse_overrides(args.set)
     raw = resolve_run_config(load_overrides(args.scenario), extra, {"dp.enabled": False})
     cfg = AppConfig.from_run_config(raw)
     torch.manual_seed(cfg.train.seed)

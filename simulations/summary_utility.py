@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from client import privacy
-from client.data import Encoded, SiteIdentity, load_site_data
+from client.data import SiteIdentity, load_site_data
 from client.privacy import dpsgd_schedule
 from client.summary import Summary, local_summary, release
 from client.train import prior_from_counts, train_local
 from common import diagnostics as dg
 from common.config import AppConfig, load_overrides, resolve_run_config
-from common.model import build_model, load_tokenizer
+from common.model import Encoded, build_model, load_tokenizer
 from fedlens.audit import SeededNoise
 
 

@@ -188,8 +188,7 @@ def test_a_zero_diagnostics_share_releases_nothing_and_spends_nothing_on_it(tiny
 
 
 def test_cross_site_evaluation_scores_each_local_model_inside_the_one_release(tiny_cfg):
-    from client.summary import predict
-    from common.model import load_trainable_state
+    from common.model import load_trainable_state, predict
 
     model = build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0)
     arrays = trainable_state(model)

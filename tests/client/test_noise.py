@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.data import Encoded
 from client.noise import PoissonSampler, SiteRandom
 from client.privacy import dpsgd_schedule
 from client.train import train_local
-from common.model import build_model, load_trainable_state, trainable_state
+from common.model import Encoded, build_model, load_trainable_state, trainable_state
 
 
 class SeededRandom:

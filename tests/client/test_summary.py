@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from client.data import Encoded
 from client.noise import SiteRandom
 from client.privacy import dpsgd_schedule
 from client.summary import (
@@ -23,7 +22,7 @@ from client.summary import (
 from client.train import TrainHealth, train_local
 from common import diagnostics as dg
 from common.metrics import accuracy, macro_f1, per_class_f1
-from common.model import build_model
+from common.model import Encoded, build_model
 
 THRESHOLDS = np.array([0.4, 0.4, 0.4])
 
@@ -102,7 +101,7 @@ def test_cross_site_counts_keep_one_example_within_the_larger_sensitivity(tiny_c
     assert counts.shape == (3,) and ((0 <= counts) & (counts <= len(site_data.val))).all()
     # Each local model really is scored (the frozen base is shared, as at real sites): the counts match a direct
     # evaluation of one of them.
-    from client.summary import predict
+    from common.model import predict
 
     load_trainable_state(model, others["site-b"])
     probs, _ = predict(model, site_data.val)

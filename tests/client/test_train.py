@@ -118,7 +118,8 @@ def _clipped_per_sample(model, batch, labels, prior, c=1.0):
     import torch
     from opacus import GradSampleModule
 
-    from client.train import balanced_loss, model_inputs
+    from client.train import balanced_loss
+    from common.model import model_inputs
 
     gsm = GradSampleModule(model)
     torch.manual_seed(0)  # the same dropout masks in every call
@@ -139,7 +140,7 @@ def test_one_example_moves_no_other_examples_clipped_gradient(tiny_cfg, site_dat
     # logit adjustment) every other example moves, because the prior moved.
     import torch
 
-    from client.data import Encoded
+    from common.model import Encoded
 
     model = build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0)
     model.train()

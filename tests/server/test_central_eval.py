@@ -10,7 +10,7 @@ from tests.conftest import TINY
 def test_the_server_can_hold_its_own_labelled_file(tmp_path, tokenizer):
     from common.datasets import SiteDataError
     from common.model import build_model, trainable_state
-    from server.server_app import make_central_eval, server_test_set
+    from server.central_eval import make_central_eval, server_test_set
 
     held = tmp_path / "held-out.csv"
     held.write_text("review,rating\nworked well,9\nterrible side effects,1\nit was fine i guess,6\n")
