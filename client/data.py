@@ -1,4 +1,5 @@
-"""Step 1 at a site: its labelled rows -> a seeded train / validation split -> token tensors (tokenised once)."""
+"""Step 1 at a site: its labelled rows (its partition of the embedded set, or its own file) -> a seeded train /
+validation split -> token tensors (tokenised once)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.faults import corrupt_rows
 from client.state import site_name
-from common import faults
 from common.config import AppConfig, DataConfig
-from common.datasets import LABEL, TEXT, SiteDataError, load_drugreview, load_file, partition, split_train_val
+from common.datasets import GROUP, LABEL, TEXT, SiteDataError, load_drugreview, load_file
 from common.model import Encoded, encode
 
 
@@ -82,6 +83,60 @@ def _drugreview_train(labels: tuple[str, ...]) -> pd.DataFrame:
     return load_drugreview("train", labels)
 
 
+def partition(frame: pd.DataFrame, *, num_sites: int, how: str, alpha: float, seed: int) -> list[np.ndarray]:
+    """Row indices of each site, using Flower Datasets' partitioners on an in-memory `datasets.Dataset`.
+
+    natural: sites are groups of whole conditions (clinics that treat different patients, non-IID);
+    iid: uniform random; dirichlet: label proportions per site drawn from Dir(alpha).
+    """
+    # Imported here: datasets pulls in pyarrow and friends, which the server and the dashboard do not need.
+    from datasets import Dataset, disable_progress_bars
+    from flwr_datasets.partitioner import DirichletPartitioner, GroupedNaturalIdPartitioner, IidPartitioner
+
+    disable_progress_bars()
+
+    ds = Dataset.from_dict({"row": np.arange(len(frame)), LABEL: frame[LABEL].to_numpy(),
+                            GROUP: [str(g) for g in frame[GROUP]]})
+    if how == "iid":
+        partitioner = IidPartitioner(num_partitions=num_sites)
+    elif how == "dirichlet":
+        partitioner = DirichletPartitioner(num_partitions=num_sites, partition_by=LABEL, alpha=alpha, seed=seed,
+                                           min_partition_size=max(2, len(frame) // (num_sites * 10)))
+    elif how == "natural":
+        # Sorted conditions, grouped into num_sites groups of whole conditions; conditions are shuffled with the
+        # seed first so that the very large "Birth Control" group does not always land on site 0.
+        conditions = sorted(set(ds[GROUP]))
+        if len(conditions) < num_sites:
+            raise ValueError(f"natural partitioning needs at least {num_sites} conditions, the data has {len(conditions)}")
+        order = np.random.default_rng(seed).permutation(len(conditions))
+        rank = {conditions[i]: r for r, i in enumerate(order)}
+        ds = ds.map(lambda row: {GROUP: f"{rank[row[GROUP]]:05d}"})
+        partitioner = GroupedNaturalIdPartitioner(partition_by=GROUP, group_size=len(conditions) // num_sites,
+                                                  mode="allow-bigger", sort_unique_ids=True)
+    else:
+        raise ValueError(f"data.partitioner must be natural, iid or dirichlet, got {how!r}")
+    partitioner.dataset = ds
+    return [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(num_sites)]
+
+
+def split_train_val(texts: list[str], *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train / validation row indices of one site (at least one row in each).
+
+    Each row's side is decided by a keyed hash of its own text, not by a permutation of all rows: adding or removing
+    one example then never moves another between the splits. DP-SGD (train split) and the released summaries
+    (both splits) are accounted for add/remove-one-example neighbours, and that only holds if the splits are stable.
+    """
+    key = str(seed).encode()
+    u = np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8, key=key).digest(), "big") / 2**64
+                  for t in texts])
+    is_val = u < val_fraction
+    if len(texts) >= 2 and (is_val.all() or not is_val.any()):
+        # A tiny site: keep one row on each side (the lowest hash goes to validation).
+        is_val = np.zeros(len(texts), dtype=bool)
+        is_val[int(np.argmin(u))] = True
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
 @lru_cache(maxsize=16)
 def _partitions(labels: tuple[str, ...], num_sites: int, how: str, alpha: float, seed: int) -> list[np.ndarray]:
     # Every site computes the same partitioning from the same seed; caching spares it when a process hosts several.
@@ -95,11 +150,11 @@ def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer, *, faults_allo
     run config is the coordinator's, and a real site's data must not be changed by it).
     """
     rows = site_rows(cfg.data, site)
-    injected = faults.at_site(faults.parse(cfg.faults), site.name) if faults_allowed else {}
+    injected = cfg.faults_at(site.name) if faults_allowed else {}
     if injected:  # a simulated faulty site (scenario ground truth)
-        rows = faults.corrupt_rows(rows, injected, num_classes=len(cfg.data.labels),
-                                   seed=cfg.data.seed + sum(map(ord, site.name)),
-                                   elsewhere=_drugreview_train(cfg.data.labels) if "domain_shift" in injected else None)
+        rows = corrupt_rows(rows, injected, num_classes=len(cfg.data.labels),
+                            seed=cfg.data.seed + sum(map(ord, site.name)),
+                            elsewhere=_drugreview_train(cfg.data.labels) if "domain_shift" in injected else None)
     if len(rows) < 2:
         raise SiteDataError(f"site {site.name}: fewer than 2 usable rows; expected at least 2 labelled examples")
     seed = cfg.data.seed + sum(map(ord, site.name))

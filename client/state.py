@@ -43,8 +43,6 @@ from common import records
 
 STATE_DIR = "state-dir"  # node-config key
 STATE_ENV = "FEDLENS_SITE_STATE"  # the folder holding one sub-folder per site (simulation)
-SAVED = ("plan", "dp", "health")  # the context.state records that make up a site's run state
-RUN_MARK = "fedlens-run"  # in context.state: which fedlens run the restored records belong to
 
 
 def site_folder(node_config: dict, site: str) -> Path:
@@ -178,20 +176,20 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _restore(context: Context, folder: Path, run_id: str) -> None:
-    if context.state.config_records.get(RUN_MARK, {}).get("run-id") == run_id:
+    if context.state.config_records.get(records.RUN_MARK, {}).get("run-id") == run_id:
         return  # already this run's state (the SuperNode kept it between messages)
-    for name in SAVED:
+    for name in records.SAVED:
         if name in context.state:
             del context.state[name]
     path = _run_file(folder, run_id, "json")
     if path.is_file():
         for name, values in json.loads(path.read_text()).items():
             context.state[name] = ConfigRecord(values)
-    context.state[RUN_MARK] = ConfigRecord({"run-id": run_id})
+    context.state[records.RUN_MARK] = ConfigRecord({"run-id": run_id})
 
 
 def _save(context: Context, folder: Path, run_id: str) -> None:
-    saved = {name: dict(context.state.config_records[name].items()) for name in SAVED
+    saved = {name: dict(context.state.config_records[name].items()) for name in records.SAVED
              if name in context.state.config_records}
     _write_atomic(_run_file(folder, run_id, "json"), json.dumps(saved).encode())
 

@@ -1,4 +1,16 @@
-"""The one frozen config tree of a run: defaults from pyproject, overrides from a scenario, checked once."""
+"""The one frozen config tree of a run: defaults from pyproject, overrides from a scenario, checked once.
+
+Injected faults (simulation only) are parsed here too: the run config key `faults` holds a JSON list of
+{"site", "kind", ...parameters}; each site applies its own (client/faults.py) and the server records them as the
+run's ground truth (run store table `faults`); no diagnosis code reads them. Kinds and their parameters
+(docs/scenarios.md):
+
+  data       label_noise (rate), label_flip (from, to), class_missing (class), text_corruption (rate),
+             domain_shift (rate): that share of the site's rows replaced by reviews of conditions it does not hold
+  training   lr_blowup (factor), overfit (epochs, examples)
+  behaviour  free_rider (mode: "echo" | "random"), crash (round), straggler (seconds),
+             bad_update (mode: "nan" | "inf" | "shape" | "scale" | "examples"; from round): a broken or hostile reply
+"""
 
 from __future__ import annotations
 
@@ -6,6 +18,7 @@ import dataclasses
 import json
 import tomllib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +128,73 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Injected faults (module docstring).
+
+KINDS: dict[str, dict[str, Any]] = {  # kind -> parameters with their defaults
+    "label_noise": {"rate": 0.5},
+    "label_flip": {"from": 2, "to": 0},
+    "class_missing": {"class": 0},
+    "text_corruption": {"rate": 0.3},
+    "domain_shift": {"rate": 1.0},
+    "lr_blowup": {"factor": 50.0},
+    "overfit": {"epochs": 20, "examples": 16},
+    "free_rider": {"mode": "echo"},
+    "crash": {"round": 2},
+    "straggler": {"seconds": 30.0},
+    "bad_update": {"mode": "nan", "round": 1},
+}
+BAD_UPDATE_MODES = ("nan", "inf", "shape", "scale", "examples")
+
+
+@dataclass(frozen=True)
+class Fault:
+    site: str
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.params.get(key, KINDS[self.kind][key])
+
+
+def parse_faults(text: str) -> list[Fault]:
+    """The faults of a run config.
+
+    Raises:
+        ValueError: not a JSON list of objects, an unknown kind or parameter (names the entry and what is allowed).
+    """
+    if not text:
+        return []
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"faults must be a JSON list of {{'site', 'kind', ...}} objects: {e}") from e
+    if not isinstance(items, list):
+        raise ValueError(f"faults must be a JSON list, got {type(items).__name__}")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "site" not in item or "kind" not in item:
+            raise ValueError(f"faults[{i}] must be an object with 'site' and 'kind', got {item!r}")
+        kind = item["kind"]
+        if kind not in KINDS:
+            raise ValueError(f"faults[{i}]: unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
+        params = {k: v for k, v in item.items() if k not in ("site", "kind")}
+        unknown = sorted(set(params) - set(KINDS[kind]))
+        if unknown:
+            raise ValueError(f"faults[{i}] ({kind}): unknown parameter(s) {', '.join(unknown)}; "
+                             f"{kind} takes {', '.join(KINDS[kind])}")
+        if kind == "bad_update" and params.get("mode", "nan") not in BAD_UPDATE_MODES:
+            raise ValueError(f"faults[{i}] (bad_update): mode must be one of {', '.join(BAD_UPDATE_MODES)}, "
+                             f"got {params['mode']!r}")
+        out.append(Fault(str(item["site"]), kind, params))
+    return out
+
+
+def at_site(faults: list[Fault], site: str) -> dict[str, Fault]:
+    """The faults injected at `site`, by kind."""
+    return {f.kind: f for f in faults if f.site == site}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The tree. Field names are the config keys with "-" -> "_"; every default lives in pyproject, not here.
 
 
@@ -208,7 +288,7 @@ class StoreConfig:
 class AppConfig:
     num_server_rounds: int
     scenario: str
-    faults: str
+    faults: str  # JSON, as the run config holds it (the server stores it); parsed once: `injected`
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
@@ -258,6 +338,19 @@ class AppConfig:
         if problems:
             raise ValueError("invalid fedlens config:\n  - " + "\n  - ".join(problems))
         return cfg
+
+    @cached_property
+    def injected(self) -> tuple[Fault, ...]:
+        """The run's injected faults, parsed once (validation parses them first; a bad list is a config problem).
+
+        Raises:
+            ValueError: as `parse_faults`.
+        """
+        return tuple(parse_faults(self.faults))
+
+    def faults_at(self, site: str) -> dict[str, Fault]:
+        """The faults injected at `site`, by kind (a site applies them only if its policy allows it)."""
+        return at_site(list(self.injected), site)
 
     def site_weights(self) -> dict[str, float]:
         """server.weights "site-a=0.5,site-b=0" -> {site: multiplier of its example count in the average}.
@@ -317,10 +410,8 @@ class AppConfig:
             check(ok, key, value, f"in {bracket}{lo}, {hi}]")
 
         num("num-server-rounds", self.num_server_rounds, 1, 10_000, integer=True)
-        from common.faults import parse
-
         try:
-            parse(self.faults)
+            _ = self.injected  # parsed here first, then kept
         except ValueError as e:
             p.append(str(e))
         d, m, t, dp, s = self.data, self.model, self.train, self.dp, self.server

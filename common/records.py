@@ -1,4 +1,5 @@
-"""The message format between server and sites: every record key, and pack / unpack of each message.
+"""The message format between server and sites: every record key, and pack / unpack of each message; and the name
+of every record a site keeps in its `context.state` (which never leaves it).
 
 This is the only module in common/ that imports Flower. FedAvg-style averaging never sees the summary or the site
 info: they travel in their own ConfigRecords, and the server reads them through `unpack_*`.
@@ -31,6 +32,13 @@ RUN_ID = "run-id"  # the fedlens run (stable across a resume; Flower's run id is
 THRESHOLDS = "cl-thresholds"  # per-class confident-learning thresholds (public: from earlier noised summaries)
 CLASS_PRIOR = "class-prior"  # the loss's class prior (public: released label counts, the server's data or config)
 STATUS_OK, STATUS_REFUSED, STATUS_FAILED = "ok", "refused", "failed"
+
+# ConfigRecords in a site's context.state (client/site.py, client/state.py): they stay at the site.
+PLAN = "plan"  # {"rounds"}: the rounds the run's budget is planned for, fixed at the site's first message
+DP = "dp"  # {"noise-multiplier"}: DP-SGD σ, calibrated once for all planned rounds
+HEALTH = "health"  # what the round's training measured, for the evaluation's summary (client/train.TrainHealth)
+SAVED = (PLAN, DP, HEALTH)  # the site's run state: saved to its disk after every message, restored on a resume
+RUN_MARK = "fedlens-run"  # {"run-id"}: which fedlens run the restored records belong to
 
 # What leaves a site, field by field. Every value a site sends is one of these (tests/client/test_client_app.py
 # walks every record and key of every hello, train and evaluate reply against OUTBOUND; a new field fails it):
@@ -312,3 +320,15 @@ def unpack_eval_reply(content: RecordDict) -> EvalReply:
 
 def reply(content: RecordDict, to: Message) -> Message:
     return Message(content=content, reply_to=to)
+
+
+# --- a site's context.state --------------------------------------------------------------------------------------
+
+def read_state(state: RecordDict, name: str) -> dict | None:
+    """The values of state record `name` (PLAN, DP, HEALTH), None when the site has not kept it."""
+    rec = state.config_records.get(name)
+    return None if rec is None else dict(rec.items())
+
+
+def write_state(state: RecordDict, name: str, values: dict) -> None:
+    state[name] = ConfigRecord(values)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common.rounds import Event, FindingKind, RoundRecord, SiteRoundRow, SiteSummary
 
 SCHEMA_VERSION = 2
 
@@ -144,93 +145,51 @@ ROUND_METRICS = ("accuracy", "macro_f1", "loss", "train_loss", "test_accuracy", 
                  "train_wall", "evaluate_wall", "diagnostics_seconds")
 
 
-@dataclass
-class SiteRoundRow:
-    site: str
-    phase: str  # "train" | "evaluate"
-    status: str  # "ok" | "refused" | "failed"
-    reason: str = ""
-    num_examples: int | None = None
-    epsilon: float | None = None
-    epsilon_budget: float | None = None
-    delta: float | None = None
-    noise_multiplier: float | None = None
-    sample_rate: float | None = None
-    steps: int | None = None
-    seconds: float | None = None
-    update_norm: float | None = None
-    accuracy: float | None = None
-    macro_f1: float | None = None
-    loss: float | None = None
-    train_loss: float | None = None
-    max_prediction_share: float | None = None
-    confusion_json: str | None = None
-    epsilon_training: float | None = None
-    epsilon_diagnostics: float | None = None
-    ece: float | None = None  # expected calibration error, from the noised calibration bins
-    label_issues: float | None = None  # share of validation examples confidently labelled otherwise (noised)
-    clip_fraction: float | None = None  # share of per-sample gradients clipped in the round's DP-SGD (noised)
-    grad_norm: float | None = None  # mean per-sample gradient norm / C (noised, binned)
-    # ‖Σ clipped gradients‖ / (σ·C) per step: the signal against the noise along its own direction (noised
-    # signal; common/diagnostics.derive). Older stores' noise_to_signal (σ·√d over it) is no longer written.
-    signal_to_noise: float | None = None
-    signal_to_noise_std: float | None = None  # the std of that reading (release noise on the clipped-sum block / σ)
-    epsilon_lifetime: float | None = None  # the site's lifetime ε on its data (all runs), at its own δ
-    epsilon_cap: float | None = None  # the site's own lifetime cap
-    summary_json: str | None = None  # the whole derived summary (common/diagnostics.derive), noised numbers only
-    diagnostics_seconds: float | None = None  # of `seconds`, the site's diagnostics work (health, summary)
-    started_at: float | None = None  # the site's wall clock around its handler (round-overhead benchmark)
-    ended_at: float | None = None
-    # Robust aggregation's view of the update: Krum's score (Σ squared distances to its nearest updates), or the
-    # share of its values the trimmed mean / median kept; None under plain FedAvg.
-    aggregation_score: float | None = None
-    # The site's local model on the server's public probe texts: its mean predicted class distribution (JSON list).
-    probe_json: str | None = None
-    update_cosine: float | None = None  # of its update to the mean of the other sites' updates
-    update_cosine_median: float | None = None  # ... to their coordinate-wise median
+def summary_to_json(summary: SiteSummary | None) -> str | None:
+    """A released summary as its column holds it: one flat object (the derived numbers at the top level)."""
+    if summary is None:
+        return None
+    return json.dumps({"round_trained": summary.round_trained, "noise_multiplier": summary.noise_multiplier,
+                       "noise_std": summary.noise_std, "n_train": summary.n_train, **summary.derived,
+                       "cross_site": summary.cross_site, "released": summary.released}, allow_nan=True)
 
 
-@dataclass
-class LedgerRow:
-    """One entry of a site's privacy ledger, as the site reported spending it."""
-
-    site: str
-    round: int
-    kind: str  # "dpsgd" | "summary" | "census"
-    mechanism: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    sensitivity: float
+def summary_from_json(text: str | None) -> SiteSummary | None:
+    if not text:
+        return None
+    d = json.loads(text)
+    return SiteSummary(round_trained=int(d.pop("round_trained", 0) or 0),
+                       noise_multiplier=float(d.pop("noise_multiplier", 0.0) or 0.0),
+                       noise_std=d.pop("noise_std", None) or {}, n_train=int(d.pop("n_train", 0) or 0),
+                       cross_site=d.pop("cross_site", None), released=d.pop("released", None) or {}, derived=d)
 
 
-@dataclass
-class Event:
-    kind: str  # "site-failed" | "site-refused" | "site-joined" | "run-failed" | ...
-    message: str
-    site: str | None = None
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
-@dataclass
-class Finding:
-    kind: str  # "site-failed" | "update-rejected" | "budget_exhausted" | "label_noise" | ... (docs/findings)
-    severity: str  # "critical" | "warning" | "info"
-    message: str  # the evidence, as a sentence with the numbers behind it
-    site: str | None = None  # None: about the whole run
-    confidence: float = 1.0  # 1 for what was observed directly; statistical findings: a heuristic in (0, 1)
+def _loads_or_none(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
 
 
-@dataclass
-class RoundRecord:
-    """Everything one round produced; written in one transaction."""
+# Typed fields of a SiteRoundRow and the JSON column each is stored in.
+JSON_FIELDS = {"confusion_json": ("confusion", _json_or_none, _loads_or_none),
+               "summary_json": ("summary", summary_to_json, summary_from_json),
+               "probe_json": ("probe", _json_or_none, _loads_or_none)}
 
-    round: int
-    seconds: float
-    metrics: dict[str, float | None] = field(default_factory=dict)  # keys from ROUND_METRICS
-    sites: list[SiteRoundRow] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-    ledger: list[LedgerRow] = field(default_factory=list)
-    findings: list[Finding] = field(default_factory=list)
+
+def _column_value(row: SiteRoundRow, column: str) -> Any:
+    if column in JSON_FIELDS:
+        name, dump, _ = JSON_FIELDS[column]
+        return dump(getattr(row, name))
+    return getattr(row, column)
+
+
+def _site_row(values: dict[str, Any]) -> SiteRoundRow:
+    for column, (name, _, load) in JSON_FIELDS.items():
+        if column in values:
+            values[name] = load(values.pop(column))
+    return SiteRoundRow(**values)
 
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -342,7 +301,7 @@ class RunWriter:
                 self.conn.execute(
                     f"INSERT INTO site_rounds (run_id, round, {', '.join(SITE_ROUND_COLUMNS)}) "
                     f"VALUES (?, ?, {', '.join('?' * len(SITE_ROUND_COLUMNS))})",
-                    (self.run_id, rec.round, *(getattr(s, c) for c in SITE_ROUND_COLUMNS)))
+                    (self.run_id, rec.round, *(_column_value(s, c) for c in SITE_ROUND_COLUMNS)))
             for e in rec.ledger:
                 self.conn.execute(
                     f"INSERT OR REPLACE INTO ledger (run_id, {', '.join(LEDGER_COLUMNS)}) "
@@ -434,7 +393,7 @@ def load_round_records(path: str | Path, run_id: str) -> list[RoundRecord]:
         rows: dict[int, list[SiteRoundRow]] = {}
         for r in _rows(conn, f"SELECT round, {', '.join(cols)} FROM site_rounds WHERE run_id = ? "
                              "ORDER BY round, site, phase", (run_id,)):
-            rows.setdefault(r.pop("round"), []).append(SiteRoundRow(**r))
+            rows.setdefault(r.pop("round"), []).append(_site_row(r))
         metrics = [c for c in ROUND_METRICS if c in set(_columns(conn, "rounds"))]
         out = [RoundRecord(r["round"], r["seconds"], {k: r[k] for k in metrics}, rows.get(r["round"], []))
                for r in _rows(conn, f"SELECT round, seconds, {', '.join(metrics)} FROM rounds WHERE run_id = ? "
@@ -489,6 +448,8 @@ def load_run(path: str | Path, run_id: str | None = None) -> dict[str, Any]:
         confidence = "confidence" if "confidence" in _columns(conn, "findings") else "1.0 AS confidence"
         run["findings"] = _rows(conn, f"SELECT round, site, kind, severity, {confidence}, message FROM findings "
                                       "WHERE run_id = ? ORDER BY id", (run_id,))
+        for f in run["findings"]:
+            f["kind"] = str(FindingKind.read(f["kind"]))  # older stores' names read as today's
         has_ledger = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='ledger'").fetchone()
         run["ledger"] = _rows(conn, f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger WHERE run_id = ? "
                                     "ORDER BY site, round, kind", (run_id,)) if has_ledger else []

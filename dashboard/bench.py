@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from common import diagnostics as dg
-from common.run_store import Event, Finding, LedgerRow, RoundRecord, RunWriter, SiteRoundRow
+from common.rounds import Event, Finding, FindingKind, LedgerRow, RoundRecord, SiteRoundRow, SiteSummary
+from common.run_store import RunWriter
 
 PAGES = ("views/overview.py", "views/sites.py", "views/findings.py", "views/errors.py", "views/cross_site.py",
          "views/privacy.py", "views/whatif.py", "views/runs.py")
@@ -24,7 +25,7 @@ CONFIG = {"dp.enabled": True, "dp.target-epsilon": 8.0, "dp.target-delta": 1e-5,
           "data.labels": "negative,neutral,positive"}
 
 
-def _summary(rng: np.random.Generator, n_val: int, n_train: int, rnd: int) -> dict:
+def _summary(rng: np.random.Generator, n_val: int, n_train: int, rnd: int) -> SiteSummary:
     k = 3
     blocks = dg.empty_blocks(k)
     blocks["confusion"] = rng.multinomial(n_val, [0.1, 0.03, 0.07, 0.03, 0.05, 0.07, 0.05, 0.05, 0.55]) \
@@ -41,8 +42,8 @@ def _summary(rng: np.random.Generator, n_val: int, n_train: int, rnd: int) -> di
     blocks["clipped_sum_norm"][0] = n_train / 4
     d = dg.derive(blocks, loss_clip=3.0, n_val=n_val, n_train=n_train, dpsgd_noise_multiplier=2.0,
                   trainable_values=74_883)
-    return {"round_trained": rnd, "noise_multiplier": 4.8, "noise_std": dg.noise_std(4.8), **d,
-            "released": {key: v.tolist() for key, v in blocks.items()}}
+    return SiteSummary(round_trained=rnd, noise_multiplier=4.8, noise_std=dg.noise_std(4.8), n_train=n_train,
+                       derived=d, released={key: v.tolist() for key, v in blocks.items()})
 
 
 def make_store(path: str | Path, *, sites: int, rounds: int, run_id: str = "synthetic", status: str = "completed",
@@ -66,13 +67,14 @@ def make_store(path: str | Path, *, sites: int, rounds: int, run_id: str = "synt
             if name in failing and rnd == rounds:
                 rec.sites.append(SiteRoundRow(name, "train", "failed", reason=f"site {name}: data file missing"))
                 rec.events.append(Event("site-failed", f"{name} failed in train: data file missing", name))
-                rec.findings.append(Finding("site-failed", "critical",
+                rec.findings.append(Finding(FindingKind.SITE_FAILED, "critical",
                                             f"{name} failed in train in round {rnd}: data file missing", name))
                 continue
             s = _summary(rng, 30, 120, rnd)
+            d = s.derived
             if cross_site:  # model j on this site's data: 0.5 + 0.1·j, the last model worst everywhere
                 models = [n for n in names if n not in failing]
-                s["cross_site"] = {"models": models, "noise_std": dg.noise_std(4.8, len(models))[dg.CROSS],
+                s.cross_site = {"models": models, "noise_std": dg.noise_std(4.8, len(models))[dg.CROSS],
                                    "accuracy": [0.5 + 0.1 * j if j < len(models) - 1 else 0.1
                                                 for j in range(len(models))]}
             rec.sites.append(SiteRoundRow(name, "train", "ok", num_examples=120, epsilon=eps * 0.95,
@@ -81,15 +83,15 @@ def make_store(path: str | Path, *, sites: int, rounds: int, run_id: str = "synt
                                           update_cosine=0.001 * rnd, update_cosine_median=0.002 * rnd,
                                           epsilon_training=eps * 0.9, epsilon_diagnostics=eps * 0.25))
             rec.sites.append(SiteRoundRow(name, "evaluate", "ok", num_examples=30, epsilon=eps, noise_multiplier=4.8,
-                                          accuracy=s["accuracy"], macro_f1=s["macro_f1"], loss=s["loss"]["val"],
-                                          train_loss=s["loss"]["train"], epsilon_training=eps * 0.9,
-                                          epsilon_diagnostics=eps * 0.25, ece=s["calibration"]["ece"],
-                                          label_issues=s["label_issues"]["share"],
-                                          clip_fraction=s["dp_health"]["clip_fraction"],
-                                          grad_norm=s["dp_health"]["mean_grad_norm"],
-                                          signal_to_noise=s["dp_health"]["signal_to_noise"],
+                                          accuracy=d["accuracy"], macro_f1=d["macro_f1"], loss=d["loss"]["val"],
+                                          train_loss=d["loss"]["train"], epsilon_training=eps * 0.9,
+                                          epsilon_diagnostics=eps * 0.25, ece=d["calibration"]["ece"],
+                                          label_issues=d["label_issues"]["share"],
+                                          clip_fraction=d["dp_health"]["clip_fraction"],
+                                          grad_norm=d["dp_health"]["mean_grad_norm"],
+                                          signal_to_noise=d["dp_health"]["signal_to_noise"],
                                           epsilon_lifetime=eps + 1.5, epsilon_cap=10.0,  # an earlier run spent 1.5
-                                          summary_json=json.dumps(s)))
+                                          summary=s))
             rec.ledger += [LedgerRow(name, rnd, "dpsgd", "subsampled-gaussian", 2.1, 1.0, 2, 1.0),
                            LedgerRow(name, rnd, "summary", "gaussian", 4.8, 1.0, 1, dg.SENSITIVITY)]
         w.write_round(rec)

@@ -24,16 +24,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.rounds import FindingKind as K
 from fedlens.bench import PROJECT_ROOT
 
 SUITE = PROJECT_ROOT / "simulations" / "faults"
-EXPECTED: dict[str, set[str]] = {
-    "label_noise": {"label_noise"}, "label_flip": {"label_flip"}, "class_missing": {"class_missing"},
-    "text_corruption": {"data_shift"}, "domain_shift": {"data_shift"}, "lr_blowup": {"divergence"},
-    "overfit": {"overfitting"}, "free_rider": {"free_rider"}, "crash": {"dropout", "site-failed"},
-    "straggler": {"dropout"}, "bad_update": {"update-rejected"},
+EXPECTED: dict[str, set[str]] = {  # injected fault kind -> the finding kinds that name it
+    "label_noise": {K.LABEL_NOISE}, "label_flip": {K.LABEL_FLIP}, "class_missing": {K.CLASS_MISSING},
+    "text_corruption": {K.DATA_SHIFT}, "domain_shift": {K.DATA_SHIFT}, "lr_blowup": {K.DIVERGENCE},
+    "overfit": {K.OVERFITTING}, "free_rider": {K.FREE_RIDER}, "crash": {K.STRAGGLER, K.SITE_FAILED},
+    "straggler": {K.STRAGGLER}, "bad_update": {K.UPDATE_REJECTED},
 }
-NOT_A_FAULT = {"budget_exhausted"}
+NOT_A_FAULT = {K.BUDGET_EXHAUSTED}
 TARGETS = {"precision": 0.95, "recall": 0.95, "root_cause_accuracy": 0.90, "rounds_to_detect": 5,
            "clean_silent_rate": 0.95, "diagnostics_share": 0.02, "min_noise_multiplier": 0.8}
 

@@ -34,14 +34,14 @@ a heuristic, not a calibrated probability.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.run_store import Finding, RoundRecord
+from common.rounds import Finding, RoundRecord
+from common.rounds import FindingKind as K
 
 Z_ALARM = 4.0  # z-score a loss departure must reach (noise + the honest sites' spread) before it is reported
 Z_LABELS = 3.0  # the same for a label-histogram departure (its honest spread is known exactly: multinomial)
@@ -114,25 +114,25 @@ class Diagnosis:
             if row.phase == "train" and row.status == "ok" and row.steps:
                 ev.steps.append(int(row.steps))
                 ev.n_train = ev.n_train or int(row.num_examples or 0)  # the summary's split size wins (below)
-            if row.phase == "train" and row.probe_json:
-                v = np.asarray(json.loads(row.probe_json), dtype=np.float64)
+            if row.phase == "train" and row.probe:
+                v = np.asarray(row.probe, dtype=np.float64)
                 ev.probe = v if ev.probe is None else ev.probe + v
                 ev.probe_rounds += 1
-            if row.phase != "evaluate" or row.status != "ok" or not row.summary_json:
+            if row.phase != "evaluate" or row.status != "ok" or row.summary is None:
                 continue
-            summary = json.loads(row.summary_json)
-            released, std = summary.get("released"), summary.get("noise_std") or {}
+            summary = row.summary
+            released, std = summary.released, summary.noise_std
             if not released or "train_labels" not in released:
                 continue
             # The histogram covers the site's whole train split (public size), whatever share of it the site
             # trained on this round (an overfitting site trains on a few examples).
-            ev.n_train = int(summary.get("n_train") or ev.n_train)
+            ev.n_train = int(summary.n_train or ev.n_train)
             labels = np.asarray(released["train_labels"], dtype=np.float64)
             ev.labels = labels if ev.labels is None else ev.labels + labels
             ev.label_rounds += 1
             ev.label_var = float(std.get("train_labels", 0.0)) ** 2
             n = ev.n_train or max(float(labels.sum()), 1.0)
-            if summary.get("round_trained") == rec.round and released.get("train_loss_sum") is not None:
+            if summary.round_trained == rec.round and released.get("train_loss_sum") is not None:
                 # Σ min(loss, L) / L over the train split -> mean loss in nats, and its noise variance.
                 ev.loss_sum += float(released["train_loss_sum"][0]) * self.loss_clip / n
                 ev.loss_var_sum += (float(std.get("train_loss_sum", 0.0)) * self.loss_clip / n) ** 2
@@ -150,8 +150,8 @@ class Diagnosis:
             if len(skewed) >= 2 and len(skewed) > SKEW_SHARE * len(labelled):
                 # Label faults are the exception and label skew between sites the rule: when many sites' label
                 # mixes depart, a histogram cannot tell a faulty site from a skewed one, so it names none.
-                out[(None, "label_skew")] = Finding(
-                    "label_skew", "info",
+                out[(None, K.LABEL_SKEW)] = Finding(
+                    K.LABEL_SKEW, "info",
                     f"{len(skewed)} of {len(labelled)} sites' label mixes differ from the others' far beyond sampling "
                     f"and release noise ({', '.join(f'{s} χ²/dof {departure[s]:.0f}' for s in skewed)}; honest "
                     "sites with one shared mix read ~1): the sites' label mixes are skewed (non-IID), so the "
@@ -164,7 +164,7 @@ class Diagnosis:
                         out[(site, f.kind)] = f
         # Under label skew a site's local model leans to its own label mix and its loss follows that mix: the probe
         # and the loss test would read the skew as a fault, so they wait for a partition without it.
-        skew = (None, "label_skew") in out
+        skew = (None, K.LABEL_SKEW) in out
         probed = {s: e.probe / e.probe_rounds for s, e in self.sites.items() if e.probe_rounds}
         if len(probed) >= MIN_SITES and not skew:
             for site, v in probed.items():
@@ -177,7 +177,7 @@ class Diagnosis:
         lossy = {s: e for s, e in self.sites.items() if e.loss_rounds >= 2}  # one round is too noisy to call
         if len(lossy) >= MIN_SITES and not skew:
             for site, ev in lossy.items():
-                if any((site, kind) in out for kind in ("label_noise", "label_flip", "class_missing")):
+                if any((site, kind) in out for kind in (K.LABEL_NOISE, K.LABEL_FLIP, K.CLASS_MISSING)):
                     continue  # the labels already explain a high loss
                 f = self._loss(site, ev, [e.loss_mean() for s, e in lossy.items() if s != site])
                 if f is not None:
@@ -187,8 +187,8 @@ class Diagnosis:
             for site, steps in stepped.items():
                 others = statistics.median(v for s, v in stepped.items() if s != site)
                 if others > 0 and steps >= STEPS_OUTLIER * others:
-                    out[(site, "overfitting")] = Finding(
-                        "overfitting", "warning",
+                    out[(site, K.OVERFITTING)] = Finding(
+                        K.OVERFITTING, "warning",
                         f"{site} runs {steps:.0f} local DP steps per round, {steps / others:.0f}× the others' median "
                         f"{others:.0f} (public ledger): many local epochs on its data overfit it and pull the "
                         "average toward it", site, confidence=0.9)
@@ -256,13 +256,13 @@ class Diagnosis:
             b = min(fits, key=fits.get)
             if fits[b] + FLIP_MARGIN <= chi_missing:
                 return Finding(
-                    "label_flip", "critical",
+                    K.LABEL_FLIP, "critical",
                     f"{site}: no training examples labelled {self._name(a)} ({share(m[a])}, others {p[a]:.0%}) and "
                     f"{share(m[b])} labelled {self._name(b)} (others {p[b]:.0%}): {self._name(a)} looks relabelled "
                     f"as {self._name(b)} (z = {z[a]:.1f}; χ² {fits[b]:.1f} as a flip vs {chi_missing:.1f} as a "
                     f"missing class, {ev.label_rounds} noised releases)", site, confidence=confidence(float(z[a])))
             return Finding(
-                "class_missing", "warning",
+                K.CLASS_MISSING, "warning",
                 f"{site} holds no training examples of {self._name(a)} ({share(m[a])} vs {p[a]:.0%} at the other "
                 f"{n_others} sites; z = {z[a]:.1f} over {ev.label_rounds} noised releases): the model learns "
                 "nothing about that class there", site, confidence=confidence(float(z[a])))
@@ -276,7 +276,7 @@ class Diagnosis:
         zr = rate / rate_sd if rate_sd > 0 else 0.0
         if rate >= MIN_NOISE_RATE and zr >= Z_ALARM:
             return Finding(
-                "label_noise", "critical",
+                K.LABEL_NOISE, "critical",
                 f"{site}'s training labels are spread toward uniform ({', '.join(share(v) for v in m)} vs the others' "
                 f"{', '.join(f'{v:.0%}' for v in p)}): about {min(rate, 1.0):.0%} of its labels look randomised "
                 f"(z = {zr:.1f}, {ev.label_rounds} noised releases)", site, confidence=confidence(zr))
@@ -299,14 +299,14 @@ class Diagnosis:
         usual = ", ".join(f"{x:.0%}" for x in ref)
         if entropy(v) >= PROBE_UNIFORM and entropy(ref) <= 0.7:
             return Finding(
-                "label_noise", "warning",
+                K.LABEL_NOISE, "warning",
                 f"{site}'s local model spreads its predictions on public texts almost evenly ({mix}) where the other "
                 f"sites' models are confident ({usual}; distance {tv:.2f}, z = {z:.1f} over {rounds} rounds): it "
                 "learned from labels that carry little signal (noisy labels)", site, confidence=confidence(z))
         a, b = int(np.argmax(ref)), int(np.argmax(v))
         if a != b and v[b] >= 0.6:
             return Finding(
-                "label_flip", "warning",
+                K.LABEL_FLIP, "warning",
                 f"{site}'s local model predicts {self._name(b)} for {v[b]:.0%} of public texts where the other sites' "
                 f"models predict {self._name(a)} ({mix} vs {usual}; z = {z:.1f} over {rounds} rounds): its labels "
                 f"look flipped from {self._name(a)} to {self._name(b)}", site, confidence=confidence(z))
@@ -322,7 +322,7 @@ class Diagnosis:
         z = (mine - typical) / scale if scale > 0 else 0.0
         if mine - typical >= MIN_LOSS_EXCESS and z >= Z_ALARM:
             return Finding(
-                "data_shift", "warning",
+                K.DATA_SHIFT, "warning",
                 f"{site}'s training loss stays at {mine:.2f} while the other sites' median is {typical:.2f} "
                 f"(z = {z:.1f} over {ev.loss_rounds} rounds) and its label mix is ordinary: its inputs differ from "
                 "the others' (another domain, corrupted or differently prepared text)", site, confidence=confidence(z))

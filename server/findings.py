@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import statistics
 
-from common.run_store import Finding, RoundRecord
+from common.rounds import Finding, RoundRecord
+from common.rounds import FindingKind as K
 from server.diagnosis import Diagnosis
 
 COLLAPSE_SHARE = 0.9  # one class taking this share of the test predictions
@@ -41,22 +42,22 @@ def current(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
     out: dict[tuple[str | None, str], Finding] = {}
     for row in rec.sites:
         if row.status == "failed" and row.reason.startswith("update rejected"):
-            out[(row.site, "update-rejected")] = Finding(
-                "update-rejected", "critical", f"{row.site}'s update was not averaged in round {rec.round}: "
+            out[(row.site, K.UPDATE_REJECTED)] = Finding(
+                K.UPDATE_REJECTED, "critical", f"{row.site}'s update was not averaged in round {rec.round}: "
                 f"{row.reason.removeprefix('update rejected: ')}", row.site)
         elif row.status == "failed":
-            out[(row.site, "site-failed")] = Finding(
-                "site-failed", "critical", f"{row.site} failed in {row.phase} in round {rec.round}: {row.reason}",
+            out[(row.site, K.SITE_FAILED)] = Finding(
+                K.SITE_FAILED, "critical", f"{row.site} failed in {row.phase} in round {rec.round}: {row.reason}",
                 row.site)
         elif row.status == "refused":
-            out[(row.site, "budget_exhausted")] = Finding(
-                "budget_exhausted", "warning", f"{row.site} refused to {row.phase} in round {rec.round} to stay within "
+            out[(row.site, K.BUDGET_EXHAUSTED)] = Finding(
+                K.BUDGET_EXHAUSTED, "warning", f"{row.site} refused to {row.phase} in round {rec.round} to stay within "
                 f"its privacy budget: {row.reason}", row.site)
     share = rec.metrics.get("test_max_prediction_share")
     if share is not None and share >= COLLAPSE_SHARE:
         f1 = rec.metrics.get("test_macro_f1")
-        out[(None, "majority_collapse")] = Finding(
-            "majority_collapse", "warning", f"the global model predicts one class for {share:.0%} of the server's test set "
+        out[(None, K.MAJORITY_COLLAPSE)] = Finding(
+            K.MAJORITY_COLLAPSE, "warning", f"the global model predicts one class for {share:.0%} of the server's test set "
             f"(round {rec.round}): it has collapsed onto the majority class"
             + (f"; macro-F1 {f1:.2f}" if f1 is not None else ""), None)
     # Each site's reading is itself noised (its std is public): a site counts with the upper end of its reading,
@@ -67,8 +68,8 @@ def current(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
     if snr:
         median = statistics.median(snr.values())
         if median < NOISE_DOMINATED:
-            out[(None, "dp_noise_dominates")] = Finding(
-                "dp_noise_dominates", "warning", f"DP noise dominates the sites' training: the median round "
+            out[(None, K.DP_NOISE_DOMINATES)] = Finding(
+                K.DP_NOISE_DOMINATES, "warning", f"DP noise dominates the sites' training: the median round "
                 f"signal-to-noise √steps · ‖Σ clipped gradients‖ / (σ·C), at the top of its noise (+2 std), is "
                 f"{median:.2f} over the {len(snr)} sites that trained in round {rec.round} (below 1, the noise along "
                 "the gradient outweighs the gradient). More examples per site, a larger ε or more steps per round "
@@ -89,19 +90,19 @@ def _cross_site(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
         if median <= 0:
             break
         if r.update_norm <= ZERO_NORM * median:
-            out[(site, "free_rider")] = Finding(
-                "free_rider", "critical", f"{site}'s update in round {rec.round} equals the global model it received "
+            out[(site, K.FREE_RIDER)] = Finding(
+                K.FREE_RIDER, "critical", f"{site}'s update in round {rec.round} equals the global model it received "
                 f"(update norm {r.update_norm:.2g} vs median {median:.3g} over {len(trained)} sites): it did not "
                 "train, yet its weight counted in the average", site)
         elif r.update_norm >= NORM_OUTLIER * median:
             if site in measured:
-                out[(site, "divergence")] = Finding(
-                    "divergence", "critical", f"{site}'s update in round {rec.round} is {r.update_norm / median:.0f}× "
+                out[(site, K.DIVERGENCE)] = Finding(
+                    K.DIVERGENCE, "critical", f"{site}'s update in round {rec.round} is {r.update_norm / median:.0f}× "
                     f"the median norm ({r.update_norm:.3g} vs {median:.3g} over {len(trained)} sites): its local "
                     "training diverges (learning rate too high, or far too many local steps)", site)
             else:
-                out[(site, "free_rider")] = Finding(
-                    "free_rider", "critical", f"{site}'s update in round {rec.round} is {r.update_norm / median:.0f}× "
+                out[(site, K.FREE_RIDER)] = Finding(
+                    K.FREE_RIDER, "critical", f"{site}'s update in round {rec.round} is {r.update_norm / median:.0f}× "
                     f"the median norm and it measured no training losses this round: it sent weights it did not "
                     "train", site)
     # The site's whole handler span (what the round waits for), else its reported compute seconds.
@@ -118,8 +119,8 @@ def _cross_site(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
         for site, sec in seconds.items():
             slow_per_example = not per_example or per_example[site] >= STRAGGLER * typical_rate
             if sec >= STRAGGLER * typical and sec >= typical + STRAGGLER_MIN_S and slow_per_example:
-                out[(site, "dropout")] = Finding(
-                    "dropout", "warning", f"{site} took {sec:.0f} s to train in round {rec.round}, {sec / typical:.0f}× "
+                out[(site, K.STRAGGLER)] = Finding(
+                    K.STRAGGLER, "warning", f"{site} took {sec:.0f} s to train in round {rec.round}, {sec / typical:.0f}× "
                     f"the median {typical:.1f} s over {len(seconds)} sites: a straggler that every round waits for "
                     "(server.round-timeout drops it)", site)
     return out
@@ -135,8 +136,8 @@ def trends(history: list[dict[str, float | None]], round_: int) -> dict[tuple[st
     if all(v is not None for v in train[-TREND_ROUNDS:]) and train[0] is not None and train[0] > 0:
         drop = (train[0] - train[-1]) / train[0]
         if drop < UNDERFIT_DROP:
-            out[(None, "underfitting")] = Finding(
-                "underfitting", "warning", f"the sites' training loss went from {train[0]:.3f} in round 1 to "
+            out[(None, K.UNDERFITTING)] = Finding(
+                K.UNDERFITTING, "warning", f"the sites' training loss went from {train[0]:.3f} in round 1 to "
                 f"{train[-1]:.3f} in round {round_} ({drop:+.1%}): the model is not learning the sites' data (too "
                 "much DP noise per step, too low a learning rate, or too few trainable values)", None, confidence=0.8)
     recent = test[-TREND_ROUNDS:]
@@ -145,8 +146,8 @@ def trends(history: list[dict[str, float | None]], round_: int) -> dict[tuple[st
         rising = all(b > a for a, b in zip(recent, recent[1:], strict=False))
         falling = train[-1] < train[-TREND_ROUNDS]
         if rising and falling and recent[-1] >= best * (1 + OVERFIT_RISE):
-            out[(None, "global_overfitting")] = Finding(
-                "global_overfitting", "warning", f"the server's test loss rose for {TREND_ROUNDS - 1} rounds to "
+            out[(None, K.GLOBAL_OVERFITTING)] = Finding(
+                K.GLOBAL_OVERFITTING, "warning", f"the server's test loss rose for {TREND_ROUNDS - 1} rounds to "
                 f"{recent[-1]:.3f} (best {best:.3f}) while the sites' training loss fell to {train[-1]:.3f}: the "
                 "global model is overfitting the sites; an earlier round's checkpoint generalises better", None,
                 confidence=0.8)
@@ -167,8 +168,8 @@ def _miscalibration(history: list[dict[str, float | None]], round_: int) -> dict
            "underconfident: it is right more often than its probabilities say; thresholds on them discard good "
            "predictions")
     ece = f", ECE {m['test_ece']:.2f}" if m.get("test_ece") is not None else ""
-    return {(None, "miscalibration"): Finding(
-        "miscalibration", "warning", f"on the server's test set the global model's mean confidence is "
+    return {(None, K.MISCALIBRATION): Finding(
+        K.MISCALIBRATION, "warning", f"on the server's test set the global model's mean confidence is "
         f"{m['test_confidence']:.2f} but its accuracy {m['test_accuracy']:.2f} in round {round_} (gap "
         f"{gaps[-1]:+.2f} for {len(gaps)} rounds{ece}): it is {how}. Temperature scaling on held-out data fixes it "
         "without retraining", None, confidence=0.8)}

@@ -10,11 +10,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.checkpoints import Checkpoints
-from common.config import AppConfig
-from common.faults import parse as parse_faults
+from common.config import AppConfig, parse_faults
 from common.log import get_logger
 from common.model import build_model, load_tokenizer, load_trainable_state, save_final_model, trainable_state
-from common.run_store import Event, RunWriter
+from common.rounds import Event
+from common.run_store import RunWriter
 from server.central_eval import class_prior, make_central_eval, make_probe, server_test_set
 from server.strategy import DebugFedAvg
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import OrderedDict
@@ -19,7 +18,8 @@ from common import diagnostics, records
 from common.checkpoints import Checkpoints
 from common.log import get_logger
 from common.metrics import prediction_share
-from common.run_store import Event, LedgerRow, RoundRecord, RunWriter, SiteRoundRow
+from common.rounds import Event, LedgerRow, RoundRecord, SiteRoundRow, SiteSummary
+from common.run_store import RunWriter
 from server.diagnosis import Diagnosis
 from server.findings import FindingsTracker
 from server.prior import LabelCounts
@@ -318,7 +318,7 @@ class DebugFedAvg(FedAvg):
             if self.probe is not None:
                 for row in rec.sites:
                     if row.phase == "train" and row.site in updates:
-                        row.probe_json = json.dumps([round(v, 4) for v in self.probe(updates[row.site][0])])
+                        row.probe = [round(v, 4) for v in self.probe(updates[row.site][0])]
             geometry = update_geometry({site: u[0] for site, u in updates.items()}, arrays)
             for row in rec.sites:
                 if row.phase == "train" and row.site in geometry:
@@ -503,7 +503,7 @@ class DebugFedAvg(FedAvg):
             row.clip_fraction, row.grad_norm = h["clip_fraction"], h["mean_grad_norm"]
             row.signal_to_noise = _finite(h["signal_to_noise"])
             row.signal_to_noise_std = _finite(h["signal_to_noise_std"])
-        row.confusion_json = json.dumps(np.round(confusion, 3).tolist())  # clamped, rescaled
+        row.confusion = np.round(confusion, 3).tolist()  # clamped, rescaled
         std = diagnostics.noise_std(ev.noise_multiplier, len(ev.cross_models))
         cross = None
         if ev.cross is not None:
@@ -511,12 +511,10 @@ class DebugFedAvg(FedAvg):
             cross = {"models": list(ev.cross_models), "correct": _round_floats(ev.cross.tolist()),
                      "accuracy": _round_floats(np.clip(ev.cross / n, 0.0, 1.0).tolist()),
                      "noise_std": std.get(diagnostics.CROSS, 0.0)}
-        row.summary_json = json.dumps({"round_trained": ev.health_round, "noise_multiplier": ev.noise_multiplier,
-                                       "noise_std": std, "n_train": ev.site.n_train, **_round_floats(d),
-                                       "cross_site": cross,
-                                       # As released (unclamped, unbiased): what later analyses average over rounds.
-                                       "released": {k: _round_floats(v.tolist()) for k, v in ev.blocks.items()}},
-                                      allow_nan=True)
+        row.summary = SiteSummary(round_trained=ev.health_round, noise_multiplier=ev.noise_multiplier, noise_std=std,
+                                  n_train=ev.site.n_train, derived=_round_floats(d), cross_site=cross,
+                                  # As released (unclamped, unbiased): what later analyses average over rounds.
+                                  released={k: _round_floats(v.tolist()) for k, v in ev.blocks.items()})
 
 
 def _finite(v: float | None) -> float | None:

@@ -2,17 +2,18 @@
 
 import streamlit as st
 
+from common.rounds import FindingKind as K
 from dashboard import ui
 
 ICON = {"critical": ":red[:material/error:]", "warning": ":orange[:material/warning:]",
         "info": ":blue[:material/info:]"}
 # Which page holds the charts behind each kind of finding.
-EVIDENCE = {"site-failed": "views/sites.py", "budget_exhausted": "views/privacy.py",
-            "dp_noise_dominates": "views/privacy.py", "majority_collapse": "views/overview.py",
-            "update-rejected": "views/sites.py", "free_rider": "views/sites.py", "divergence": "views/sites.py",
-            "dropout": "views/sites.py", "label_noise": "views/errors.py", "label_flip": "views/errors.py",
-            "class_missing": "views/errors.py", "data_shift": "views/errors.py", "overfitting": "views/sites.py",
-            "underfitting": "views/overview.py", "global_overfitting": "views/overview.py"}
+EVIDENCE = {K.SITE_FAILED: "views/sites.py", K.BUDGET_EXHAUSTED: "views/privacy.py",
+            K.DP_NOISE_DOMINATES: "views/privacy.py", K.MAJORITY_COLLAPSE: "views/overview.py",
+            K.UPDATE_REJECTED: "views/sites.py", K.FREE_RIDER: "views/sites.py", K.DIVERGENCE: "views/sites.py",
+            K.STRAGGLER: "views/sites.py", K.LABEL_NOISE: "views/errors.py", K.LABEL_FLIP: "views/errors.py",
+            K.CLASS_MISSING: "views/errors.py", K.DATA_SHIFT: "views/errors.py", K.OVERFITTING: "views/sites.py",
+            K.UNDERFITTING: "views/overview.py", K.GLOBAL_OVERFITTING: "views/overview.py"}
 
 
 def body(snap: dict) -> None:

@@ -4,7 +4,8 @@ import sqlite3
 
 import pytest
 
-from common.run_store import Event, RoundRecord, RunWriter, SiteRoundRow, list_runs, load_run
+from common.rounds import Event, RoundRecord, SiteRoundRow
+from common.run_store import RunWriter, list_runs, load_run
 
 
 def _writer(tmp_path, run_id="r1"):

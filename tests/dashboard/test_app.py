@@ -4,7 +4,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from common.config import PROJECT_ROOT
-from common.run_store import Event, RoundRecord, RunWriter, SiteRoundRow
+from common.rounds import Event, RoundRecord, SiteRoundRow
+from common.run_store import RunWriter
 from dashboard.bench import PAGES, make_store
 
 APP = str(PROJECT_ROOT / "dashboard" / "streamlit_app.py")

@@ -46,6 +46,6 @@ def test_a_killed_site_is_recorded_by_name_and_rejoins_and_a_nan_site_is_rejecte
     for r in (1, 2, 3):
         assert by[("d", r)][0] == "failed" and "update rejected" in by[("d", r)][1] and "NaN" in by[("d", r)][1]
     findings = {(s, k) for s, k in d.query("SELECT site, kind FROM findings WHERE run_id = 'faults'")}
-    assert ("d", "update-rejected") in findings and ("c", "site-failed") in findings
+    assert ("d", "update_rejected") in findings and ("c", "site_failed") in findings
     final, _ = Checkpoints(d.store, "faults", keep=20).load(3)
     assert all(np.all(np.isfinite(v)) for v in final.values())

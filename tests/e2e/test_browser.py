@@ -12,7 +12,8 @@ import urllib.request
 import pytest
 
 from common.config import PROJECT_ROOT
-from common.run_store import RoundRecord, RunWriter
+from common.rounds import RoundRecord
+from common.run_store import RunWriter
 from dashboard.bench import make_store
 
 pytestmark = pytest.mark.slow

@@ -25,7 +25,7 @@ def test_the_crash_scenario_is_survived_recorded_and_its_ground_truth_kept(tmp_p
     failed = [r for r in run["site_rounds"] if r["status"] == "failed"]
     assert {(r["round"], r["site"], r["phase"]) for r in failed} == {(2, "site-2", "train")}
     assert "injected crash at round 2" in failed[0]["reason"]
-    assert ("site-2", "site-failed", 2) in {(f["site"], f["kind"], f["round"]) for f in run["findings"]}
+    assert ("site-2", "site_failed", 2) in {(f["site"], f["kind"], f["round"]) for f in run["findings"]}
     # The ground truth is in the store, but not in what load_run (report, dashboard, diagnosis) returns.
     assert load_faults(store, run["run_id"]) == [{"site": "site-2", "kind": "crash", "round": 2}]
     assert "faults" not in run

@@ -17,7 +17,7 @@ def test_scores_count_sites_causes_rounds_and_clean_runs():
          "rounds": [{"seconds": 10.0, "diagnostics_seconds": 0.1}], "ledger": [
              {"kind": "dpsgd", "noise_multiplier": 0.9}, {"kind": "summary", "noise_multiplier": 0.1}]},
         {"faults": [{"site": "s2", "kind": "crash"}, {"site": "s3", "kind": "overfit"}],  # one found, one missed
-         "findings": [_finding("s2", "site-failed", 3), _finding("s4", "divergence", 2)],  # s4: a false alarm
+         "findings": [_finding("s2", "site_failed", 3), _finding("s4", "divergence", 2)],  # s4: a false alarm
          "rounds": [{"seconds": 10.0, "diagnostics_seconds": 0.1}], "ledger": []},
         {"faults": [], "findings": [_finding("s0", "budget_exhausted", 4)], "rounds": [], "ledger": []},  # quiet
         {"faults": [], "findings": [_finding("s0", "label_flip", 3)], "rounds": [], "ledger": []},  # false alarm
@@ -34,7 +34,8 @@ def test_scores_count_sites_causes_rounds_and_clean_runs():
 
 
 def test_rescore_scores_kept_stores_with_the_current_rules(tmp_path):
-    from common.run_store import Finding, RoundRecord, RunWriter, SiteRoundRow
+    from common.rounds import Finding, RoundRecord, SiteRoundRow
+    from common.run_store import RunWriter
     from fedlens.diagnosis_bench import rescore
 
     with pytest.raises(ValueError, match="no run stores"):
@@ -53,4 +54,4 @@ def test_rescore_scores_kept_stores_with_the_current_rules(tmp_path):
     out = rescore(tmp_path, progress=lambda m: None)
     # Re-derived from the stored rows: the crashed site is found, the stale false alarm is not there.
     assert out["precision"] == 1.0 and out["recall"] == 1.0 and out["rescored"] is True
-    assert out["scenarios"][0]["findings"] == ["c:site-failed@1"]
+    assert out["scenarios"][0]["findings"] == ["c:site_failed@1"]

@@ -1,12 +1,11 @@
 """The statistical diagnosis on synthetic noised releases: each label fault is found at its site with the right
 root cause, from noise of the size the real releases carry, and clean sites (IID) stay quiet."""
 
-import json
 
 import numpy as np
 import pytest
 
-from common.run_store import RoundRecord, SiteRoundRow
+from common.rounds import RoundRecord, SiteRoundRow, SiteSummary
 from server.diagnosis import Diagnosis
 
 P = np.array([0.25, 0.11, 0.64])  # the drug reviews' label shares (negative, neutral, positive)
@@ -38,9 +37,9 @@ def _run(faults, rounds=4, n=96, seed=0, loss=None, shares=None, trained_on=None
                 released["train_loss_sum"] = [loss.get(site, 1.0) * h.sum() / 3.0 + rng.normal(0, STD)]
             claimed = (trained_on or {}).get(site, int(h.sum()))  # examples the site trained on this round
             rec.sites.append(SiteRoundRow(site=site, phase="train", status="ok", num_examples=claimed, steps=2))
-            rec.sites.append(SiteRoundRow(site=site, phase="evaluate", status="ok", summary_json=json.dumps(
-                {"round_trained": r, "released": released, "n_train": int(h.sum()),
-                 "noise_std": {"train_labels": STD, "train_loss_sum": STD}})))
+            rec.sites.append(SiteRoundRow(site=site, phase="evaluate", status="ok", summary=SiteSummary(
+                round_trained=r, released=released, n_train=int(h.sum()), noise_multiplier=1.0, derived={},
+                noise_std={"train_labels": STD, "train_loss_sum": STD})))
         diag.add(rec)
         now = diag.findings()
         for site, _ in now:
@@ -87,7 +86,7 @@ def _probed(vectors, rounds=2):
         rec = RoundRecord(round=r, seconds=1.0)
         for site, v in vectors.items():
             rec.sites.append(SiteRoundRow(site=site, phase="train", status="ok", num_examples=100, steps=2,
-                                          probe_json=json.dumps(v)))
+                                          probe=list(v)))
         diag.add(rec)
     return diag.findings()
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.run_store import RoundRecord, SiteRoundRow
+from common.rounds import RoundRecord, SiteRoundRow
 from server.findings import FindingsTracker, current
 
 

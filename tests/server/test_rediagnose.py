@@ -4,7 +4,8 @@ import json
 
 from typer.testing import CliRunner
 
-from common.run_store import Finding, RoundRecord, RunWriter, SiteRoundRow, load_round_records
+from common.rounds import Finding, RoundRecord, SiteRoundRow
+from common.run_store import RunWriter, load_round_records
 from fedlens.cli import app
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from common.checkpoints import Checkpoints
 from common.config import AppConfig
-from common.run_store import RoundRecord, RunWriter, load_run
+from common.rounds import RoundRecord
+from common.run_store import RunWriter, load_run
 from server.server_app import resume_point
 from tests.conftest import TINY
 

@@ -131,8 +131,8 @@ def test_one_round_records_every_kind_of_site(tmp_path):
     np.testing.assert_equal(kept_global["w"], final["w"])
     # Findings, committed with the round: the failures, the refusal and the rejected update, by site.
     assert sorted((f["site"], f["kind"]) for f in run["findings"]) == [
-        ("broke", "budget_exhausted"), ("crashy", "site-failed"), ("garbled", "site-failed"),
-        ("poisoned", "update-rejected"), ("silent", "site-failed")]
+        ("broke", "budget_exhausted"), ("crashy", "site_failed"), ("garbled", "site_failed"),
+        ("poisoned", "update_rejected"), ("silent", "site_failed")]
     kinds = [e["kind"] for e in run["events"]]
     assert kinds.count("site-joined") == 6 and "update-rejected" in kinds and "site-refused" in kinds
 
@@ -162,7 +162,7 @@ def test_hostile_weights_and_counts_are_rejected_before_averaging(tmp_path):
     assert "update norm 2e+30 exceeds server.max-update-norm 10000" in reasons["scaled"]
     assert "claims 1000000000 training examples; expected 1..10" in reasons["inflated"]
     assert "claims 0 training examples" in reasons["empty"]
-    assert sorted(f["site"] for f in run["findings"] if f["kind"] == "update-rejected") == [
+    assert sorted(f["site"] for f in run["findings"] if f["kind"] == "update_rejected") == [
         "empty", "inflated", "scaled"]
 
 

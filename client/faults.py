@@ -1,0 +1,120 @@
+"""Simulation only: a site applies the faults a scenario injects at it, to its rows (step 1), its training (step 2)
+and its reply.
+
+What each kind means, and its parameters, is parsed in common/config.py (`Fault`, `KINDS`). A site applies them
+only when its own policy allows it (allow-injected-faults: simulated sites); client/data.py corrupts the rows,
+client/client_app.py the rest. σ, the schedule and the budget check follow the training a fault really runs, so no
+fault can make a site overspend.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from common.config import AppConfig, Fault, TrainConfig
+from common.datasets import GROUP, LABEL, TEXT
+from common.model import Encoded
+
+if TYPE_CHECKING:
+    from client.data import SiteData
+
+
+def corrupt_rows(rows: pd.DataFrame, faults: dict[str, Fault], *, num_classes: int, seed: int,
+                 elsewhere: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The site's rows with its data faults applied (before the train/validation split: the site's data is bad).
+    `elsewhere`: rows a domain shift draws from (the embedded set); those of the site's own conditions are skipped."""
+    rng = np.random.default_rng(seed)
+    rows = rows.copy()
+    if "domain_shift" in faults and elsewhere is not None:
+        pool = elsewhere[~elsewhere[GROUP].isin(set(rows[GROUP]))] if GROUP in rows else elsewhere
+        hit = np.flatnonzero(rng.random(len(rows)) < float(faults["domain_shift"]["rate"]))
+        if len(pool) and len(hit):
+            picked = pool.iloc[rng.choice(len(pool), size=len(hit), replace=len(pool) < len(hit))]
+            rows.iloc[hit, [rows.columns.get_loc(c) for c in (TEXT, LABEL)]] = picked[[TEXT, LABEL]].to_numpy()
+            if GROUP in rows:
+                rows.iloc[hit, rows.columns.get_loc(GROUP)] = picked[GROUP].to_numpy()
+    if "class_missing" in faults:
+        rows = rows[rows[LABEL] != int(faults["class_missing"]["class"])].reset_index(drop=True)
+    if "label_flip" in faults:
+        f = faults["label_flip"]
+        rows.loc[rows[LABEL] == int(f["from"]), LABEL] = int(f["to"])
+    if "label_noise" in faults:
+        hit = rng.random(len(rows)) < float(faults["label_noise"]["rate"])
+        # A random *other* label: the given label is always wrong where noise hits.
+        shift = rng.integers(1, num_classes, size=len(rows))
+        rows.loc[hit, LABEL] = (rows.loc[hit, LABEL].to_numpy() + shift[hit]) % num_classes
+    if "text_corruption" in faults:
+        rate = float(faults["text_corruption"]["rate"])
+        letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+        rows[TEXT] = [_garble(t, rate, rng, letters) for t in rows[TEXT]]
+    return rows
+
+
+def _garble(text: str, rate: float, rng: np.random.Generator, letters: np.ndarray) -> str:
+    chars = np.array(list(text))
+    if not len(chars):
+        return text
+    hit = rng.random(len(chars)) < rate
+    chars[hit] = rng.choice(letters, size=int(hit.sum()))
+    return "".join(chars)
+
+
+def faulty_training(injected: dict[str, Fault], cfg: AppConfig, data: SiteData) -> tuple[TrainConfig, Encoded]:
+    """Injected training faults: a learning rate blown up, or many epochs on a few examples."""
+    train_cfg, train_data = cfg.train, data.train
+    if "lr_blowup" in injected:
+        factor = float(injected["lr_blowup"]["factor"])
+        train_cfg = replace(train_cfg, lr=train_cfg.lr * factor, head_lr=train_cfg.head_lr * factor)
+    if "overfit" in injected:
+        n = int(injected["overfit"]["examples"])
+        train_cfg = replace(train_cfg, local_epochs=int(injected["overfit"]["epochs"]))
+        train_data = Encoded(data.train.input_ids[:n], data.train.attention_mask[:n], data.train.labels[:n])
+    return train_cfg, train_data
+
+
+def scheduled_size(injected: dict[str, Fault], n_released: float) -> float:
+    """The train size DP-SGD's schedule follows: the released one, or an injected overfit fault's, on its few
+    examples (the smaller of their configured count and the released size, public both)."""
+    if "overfit" in injected:
+        return min(float(injected["overfit"]["examples"]), n_released)
+    return n_released
+
+
+def misbehave(injected: dict[str, Fault], server_round: int, received) -> object:  # noqa: ANN001
+    """Injected crash / straggler / free-rider behaviour; returns the weights a free rider sends, else None."""
+    if "crash" in injected and server_round >= int(injected["crash"]["round"]):
+        raise RuntimeError(f"site {injected['crash'].site}: injected crash at round {server_round}")
+    if "straggler" in injected:
+        time.sleep(float(injected["straggler"]["seconds"]))
+    if "free_rider" in injected:
+        if injected["free_rider"]["mode"] == "random":
+            rng = np.random.default_rng(server_round)
+            return OrderedDict((k, rng.normal(0.0, float(v.std()) or 0.02, v.shape).astype(v.dtype))
+                               for k, v in received.items())
+        return received  # echo: the weights it received, unchanged
+    return None
+
+
+def break_reply(fault: Fault, server_round: int, arrays, num_examples: int):  # noqa: ANN001, ANN201
+    """An injected bad_update: the trained weights (and example count) broken the way a buggy or hostile site
+    would break them."""
+    if server_round < int(fault["round"]):
+        return arrays, num_examples
+    mode = fault["mode"]
+    if mode == "examples":
+        return arrays, 10**9
+    out = OrderedDict(arrays)
+    key = next(iter(out))
+    if mode in ("nan", "inf"):
+        out[key] = np.full_like(out[key], np.nan if mode == "nan" else np.inf)
+    elif mode == "shape":
+        out[key] = np.zeros((*out[key].shape, 2), dtype=out[key].dtype)
+    else:  # scale
+        out = OrderedDict((k, (v * np.float32(1e30)).astype(v.dtype)) for k, v in out.items())
+    return out, num_examples
