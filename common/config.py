@@ -268,6 +268,24 @@ class ServerConfig:
     probe_inputs: int
     cross_site_eval: bool
 
+    def site_weights(self) -> dict[str, float]:
+        """server.weights "site-a=0.5,site-b=0" -> {site: multiplier of its example count in the average}.
+
+        Raises:
+            ValueError: an entry that is not site=number with a number in [0, 1].
+        """
+        out = {}
+        for item in filter(None, (x.strip() for x in self.weights.split(","))):
+            site, _, value = item.partition("=")
+            try:
+                w = float(value)
+            except ValueError:
+                w = -1.0
+            if not site.strip() or not 0.0 <= w <= 1.0:
+                raise ValueError(f"server.weights entries must be site=weight with a weight in [0, 1], got {item!r}")
+            out[site.strip()] = w
+        return out
+
 
 @dataclass(frozen=True)
 class SimulationConfig:
@@ -351,24 +369,6 @@ class AppConfig:
     def faults_at(self, site: str) -> dict[str, Fault]:
         """The faults injected at `site`, by kind (a site applies them only if its policy allows it)."""
         return at_site(list(self.injected), site)
-
-    def site_weights(self) -> dict[str, float]:
-        """server.weights "site-a=0.5,site-b=0" -> {site: multiplier of its example count in the average}.
-
-        Raises:
-            ValueError: an entry that is not site=number with a number in [0, 1].
-        """
-        out = {}
-        for item in filter(None, (x.strip() for x in self.server.weights.split(","))):
-            site, _, value = item.partition("=")
-            try:
-                w = float(value)
-            except ValueError:
-                w = -1.0
-            if not site.strip() or not 0.0 <= w <= 1.0:
-                raise ValueError(f"server.weights entries must be site=weight with a weight in [0, 1], got {item!r}")
-            out[site.strip()] = w
-        return out
 
     def explicit_prior(self) -> list[float]:
         """train.class-prior given as K weights ("1,1,2"), normalised.
@@ -470,7 +470,7 @@ class AppConfig:
         num("server.byzantine", s.byzantine, 0, 10_000, integer=True)
         num("server.probe-inputs", s.probe_inputs, 0, 100_000, integer=True)
         try:
-            self.site_weights()
+            s.site_weights()
         except ValueError as e:
             p.append(str(e))
         num("store.replay-round", self.store.replay_round, 0, 10_000, integer=True)

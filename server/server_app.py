@@ -78,15 +78,9 @@ def main(grid: Grid, context: Context) -> None:
         tokenizer = load_tokenizer(cfg.model)
         model = build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
         test = server_test_set(cfg, tokenizer)
-        strategy = DebugFedAvg(writer=writer, min_sites=cfg.server.min_sites, fraction_train=cfg.server.fraction_train,
-                               timeout=cfg.server.round_timeout, central_eval=make_central_eval(cfg, model, test),
-                               loss_clip=cfg.dp.loss_clip, checkpoints=checkpoints,
-                               max_update_norm=cfg.server.max_update_norm, wait_for_sites=cfg.server.wait_for_sites,
-                               aggregation=cfg.server.aggregation, trim_fraction=cfg.server.trim_fraction,
-                               byzantine=cfg.server.byzantine, exclude=cfg.server.exclude,
-                               weights=cfg.site_weights(), probe=make_probe(cfg, model, test),
-                               cross_site_eval=cfg.server.cross_site_eval, class_names=cfg.data.labels,
-                               class_prior=class_prior(cfg, test))
+        strategy = DebugFedAvg(cfg.server, writer=writer, loss_clip=cfg.dp.loss_clip, class_names=cfg.data.labels,
+                               class_prior=class_prior(cfg, test), central_eval=make_central_eval(cfg, model, test),
+                               probe=make_probe(cfg, model, test), checkpoints=checkpoints)
         initial, start = trainable_state(model), 1
         if resumed is not None or parent is not None:
             # Resume this run after its last completed round, or replay another from its round R checkpoint.

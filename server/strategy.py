@@ -4,128 +4,28 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from common import diagnostics, records
 from common.checkpoints import Checkpoints
+from common.config import ServerConfig
 from common.log import get_logger
 from common.metrics import prediction_share
 from common.rounds import Event, LedgerRow, RoundRecord, SiteRoundRow, SiteSummary
 from common.run_store import RunWriter
+from server.aggregate import Arrays, Updates, aggregate, check_update, update_geometry, update_norm
+from server.central_eval import CentralEval, Probe
 from server.diagnosis import Diagnosis
 from server.findings import FindingsTracker
 from server.prior import LabelCounts
 
 log = get_logger()
-Arrays = OrderedDict[str, np.ndarray]
 POLL_MIN = 0.005  # seconds between polls for replies right after one arrived (then doubling up to poll_interval)
-CentralEval = Callable[[Arrays], dict[str, float]]
-Probe = Callable[[Arrays], list[float]]  # a local model -> its mean predicted distribution on public texts
-
-
-def weighted_average(updates: list[tuple[Arrays, int]]) -> Arrays:
-    """FedAvg: the example-weighted mean of each array (float64 accumulation, float32 out)."""
-    total = sum(n for _, n in updates)
-    if not updates or total <= 0:
-        raise ValueError(f"cannot average {len(updates)} update(s) with {total} examples in total")
-    out: Arrays = OrderedDict()
-    for key in updates[0][0]:
-        acc = np.zeros(updates[0][0][key].shape, dtype=np.float64)
-        for arrays, n in updates:
-            acc += arrays[key].astype(np.float64) * (n / total)
-        out[key] = acc.astype(np.float32)
-    return out
-
-
-def robust_aggregate(updates: dict[str, tuple[Arrays, int]], method: str, *, trim_fraction: float = 0.2,
-                     byzantine: int = 1) -> tuple[Arrays, dict[str, float]]:
-    """Aggregate with a rule that bounds what a few bad updates can do; returns (weights, site -> score).
-
-    median / trimmed-mean (Flower's FedMedian / FedTrimmedAvg rule, coordinate-wise, unweighted): the score is the
-    share of a site's values the rule kept. krum (Multi-Krum, as Flower's MultiKrum): each site's score is the sum of
-    squared distances to its n − f − 2 nearest updates; the n − f best are averaged by examples. FedAvg: no scores.
-    """
-    sites = list(updates)
-    if method == "fedavg" or len(sites) < 3:
-        return weighted_average(list(updates.values())), {}
-    if method == "krum":
-        flat = np.stack([_flat(updates[s][0]) for s in sites])
-        sq = np.square(flat).sum(axis=1)
-        dist = np.maximum(sq[:, None] + sq[None, :] - 2 * flat @ flat.T, 0.0)
-        near = max(1, len(sites) - byzantine - 2)
-        scores = {s: float(np.sort(dist[i])[1:near + 1].sum()) for i, s in enumerate(sites)}
-        keep = sorted(sites, key=scores.get)[:max(1, len(sites) - byzantine)]
-        return weighted_average([updates[s] for s in keep]), scores
-    n = len(sites)
-    cut = (n - 1) // 2 if method == "median" else int(trim_fraction * n)
-    out: Arrays = OrderedDict()
-    kept = np.zeros(n)
-    total = 0
-    for key in updates[sites[0]][0]:
-        stacked = np.stack([updates[s][0][key].astype(np.float64) for s in sites])
-        out[key] = (np.median(stacked, axis=0) if method == "median" else trim_mean(stacked, trim_fraction)
-                    ).astype(np.float32)
-        rank = np.argsort(np.argsort(stacked, axis=0, kind="stable"), axis=0)
-        kept += ((rank >= cut) & (rank < n - cut)).reshape(n, -1).sum(axis=1)
-        total += stacked[0].size
-    return out, {s: float(kept[i] / total) for i, s in enumerate(sites)}
-
-
-def check_update(arrays: Arrays, reference: Arrays) -> str:
-    """Why an update cannot be aggregated ("" when it can): keys, shapes and finiteness against the global model."""
-    if list(arrays) != list(reference):
-        missing = sorted(set(reference) - set(arrays))[:3]
-        extra = sorted(set(arrays) - set(reference))[:3]
-        return f"weights do not match the global model (missing {missing}, unexpected {extra})"
-    for key, ref in reference.items():
-        a = arrays[key]
-        if a.shape != ref.shape:
-            return f"weight {key} has shape {a.shape}, expected {ref.shape}"
-        if not np.all(np.isfinite(a)):
-            return f"weight {key} contains NaN or Inf"
-    return ""
-
-
-def update_norm(arrays: Arrays, reference: Arrays) -> float:
-    return float(math.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - reference[k]) ** 2)) for k in reference)))
-
-
-def update_geometry(updates: dict[str, Arrays], reference: Arrays) -> dict[str, tuple[float, float]]:
-    """Per site, the cosine of its update (weights − reference) to the mean and to the coordinate-wise median of the
-    *other* sites' updates (leave-one-out: a site's own update inside the mean would pull its cosine to ~1/√n even
-    when every update is pure noise). Needs 3 sites or more; {} otherwise.
-
-    Under DP an honest update is mostly noise, so honest cosines sit near 0 (|cos| ≤ 0.005 measured on MiniLM
-    LoRA at σ ≈ 1); what stands out is a site that agrees with nobody in a run where the others agree, or one
-    pointing against them."""
-    sites = list(updates)
-    if len(sites) < 3:
-        return {}
-    flat = np.stack([_flat(updates[s], reference) for s in sites]) - _flat(reference)
-    total = flat.sum(axis=0)
-    out = {}
-    for i, site in enumerate(sites):
-        others = np.delete(flat, i, axis=0)
-        out[site] = (_cosine(flat[i], (total - flat[i]) / len(others)), _cosine(flat[i], np.median(others, axis=0)))
-    return out
-
-
-def _flat(arrays: Arrays, keys: Iterable[str] | None = None) -> np.ndarray:
-    """All travelling values of a model as one float64 vector, in `keys`' order (default: its own)."""
-    return np.concatenate([arrays[k].astype(np.float64).ravel() for k in (keys or arrays)])
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
 
 
 @dataclass
@@ -135,39 +35,30 @@ class SiteReply:
     message: Message | None  # None: no reply before the timeout
 
 
-class DebugFedAvg(FedAvg):
-    """FedAvg over the travelling weights, plus the debugging record of every site in every round.
+class DebugFedAvg:
+    """FedAvg (or a robust rule) over the travelling weights, plus the debugging record of every site in every round.
 
     The round loop is written out (as Flower's `Strategy.start` is) so that each round's train results, evaluation
     summaries, failures and central test metrics are committed together, and so that every failed, silent or refused
-    site is recorded under its site name with its reason while the round goes on with the others.
+    site is recorded under its site name with its reason while the round goes on with the others. `cfg` is the
+    run's `server` section; the rest is what the loop needs from the other sections and the server's own data.
     """
 
-    def __init__(self, *, writer: RunWriter, min_sites: int, fraction_train: float, timeout: float,
-                 central_eval: CentralEval | None = None, poll_interval: float = 0.05, loss_clip: float = 3.0,
-                 checkpoints: Checkpoints | None = None, max_update_norm: float = 0.0,
-                 wait_for_sites: float = 600.0, aggregation: str = "fedavg", trim_fraction: float = 0.2,
-                 byzantine: int = 1, exclude: tuple[str, ...] = (), weights: dict[str, float] | None = None,
-                 probe: Probe | None = None, cross_site_eval: bool = False,
-                 class_names: tuple[str, ...] = (), class_prior: str | list[float] | None = "released") -> None:
-        super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_sites,
-                         min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
+    def __init__(self, cfg: ServerConfig, *, writer: RunWriter, loss_clip: float, class_names: tuple[str, ...] = (),
+                 class_prior: str | list[float] | None = "released", central_eval: CentralEval | None = None,
+                 probe: Probe | None = None, checkpoints: Checkpoints | None = None,
+                 poll_interval: float = 0.05) -> None:
+        self.cfg = cfg
         self.writer = writer
-        self.timeout = timeout
         self.central_eval = central_eval
         self.poll_interval = poll_interval
         self.site_of: dict[int, str] = {}  # node id -> site name (node ids are random; names are stable)
         self.known: set[str] = set()  # site names already in the store
         self.declared: dict[str, int] = {}  # site -> train examples it declared when it joined (caps its weight)
-        self.max_update_norm = max_update_norm
-        self.aggregation, self.trim_fraction, self.byzantine = aggregation, trim_fraction, byzantine
-        # The engineer's fix: sites not asked to train, and multipliers on the others' example counts.
-        self.exclude, self.weights = set(exclude), weights or {}
+        # The engineer's fix: sites not asked to train (server.exclude), and multipliers on the others' example
+        # counts (server.weights).
+        self.weights = cfg.site_weights()
         self.probe = probe
-        # Send each round's accepted local models with the evaluate instruction; every site scores them on its
-        # validation split and releases the counts inside its noised summary (FLARE's cross-site evaluation).
-        self.cross_site_eval = cross_site_eval
-        self.wait_for_sites = wait_for_sites
         self.loss_clip = loss_clip
         self.checkpoints = checkpoints
         # Findings name classes as the engineer configured them (data.labels), not by index.
@@ -193,7 +84,7 @@ class DebugFedAvg(FedAvg):
         ids = list(grid.push_messages(messages))
         node_of = dict(zip(ids, node_ids, strict=True))
         got: dict[str, Message] = {}
-        deadline = time.time() + self.timeout
+        deadline = time.time() + self.cfg.round_timeout
         # Poll fast right after a reply, backing off to poll_interval (50 ms) while nothing comes. A fixed 0.2 s
         # sleep made every phase end on a 0.2 s boundary (measured: ~0.2 s of a 1.6 s tiny-model round;
         # docs/PERFORMANCE.md).
@@ -216,21 +107,21 @@ class DebugFedAvg(FedAvg):
         start, announced = time.time(), False
         while True:
             node_ids = sorted(grid.get_node_ids())
-            if len(node_ids) >= self.min_available_nodes:
+            if len(node_ids) >= self.cfg.min_sites:
                 if announced:
                     self.writer.event(Event("sites-connected", f"{len(node_ids)} sites connected after "
                                                                 f"{time.time() - start:.0f} s"))
                 return node_ids
             waited = time.time() - start
-            if waited >= self.wait_for_sites:
+            if waited >= self.cfg.wait_for_sites:
                 raise TimeoutError(f"only {len(node_ids)} site(s) connected after {waited:.0f} s; server.min-sites "
-                                   f"is {self.min_available_nodes} (server.wait-for-sites = {self.wait_for_sites:g} s)")
+                                   f"is {self.cfg.min_sites} (server.wait-for-sites = {self.cfg.wait_for_sites:g} s)")
             if waited >= 10 and not announced:
                 announced = True
                 self.writer.event(Event("waiting-for-sites", f"waiting for sites: {len(node_ids)} connected, "
-                                                              f"server.min-sites = {self.min_available_nodes}"))
+                                                              f"server.min-sites = {self.cfg.min_sites}"))
                 log.info("waiting for sites: %d connected, server.min-sites = %d", len(node_ids),
-                         self.min_available_nodes)
+                         self.cfg.min_sites)
             time.sleep(1.0)
 
     def hello(self, grid: Grid) -> None:
@@ -269,8 +160,8 @@ class DebugFedAvg(FedAvg):
                                                    f"{info.n_val} validation examples", info.name))
 
     def _sample(self, grid: Grid) -> list[int]:
-        node_ids = [n for n in self._wait_for_sites(grid) if self.site_of.get(n) not in self.exclude]
-        k = max(int(len(node_ids) * self.fraction_train), self.min_train_nodes)
+        node_ids = [n for n in self._wait_for_sites(grid) if self.site_of.get(n) not in self.cfg.exclude]
+        k = max(int(len(node_ids) * self.cfg.fraction_train), self.cfg.min_sites)
         if k >= len(node_ids):
             return node_ids
         return sorted(np.random.default_rng().choice(node_ids, size=k, replace=False).tolist())
@@ -325,8 +216,8 @@ class DebugFedAvg(FedAvg):
                     row.update_cosine, row.update_cosine_median = geometry[row.site]
             probe_seconds = time.perf_counter() - t_probe
             if updates:
-                arrays, scores = robust_aggregate(updates, self.aggregation, trim_fraction=self.trim_fraction,
-                                                  byzantine=self.byzantine)
+                arrays, scores = aggregate(updates, self.cfg.aggregation, trim_fraction=self.cfg.trim_fraction,
+                                           byzantine=self.cfg.byzantine)
                 for row in rec.sites:
                     if row.phase == "train" and row.site in scores:
                         row.aggregation_score = scores[row.site]
@@ -341,7 +232,7 @@ class DebugFedAvg(FedAvg):
                                      records.pack_instruction(
                                          arrays, rnd, num_rounds, self.thresholds, self.run_id,
                                          local_models={site: u[0] for site, u in updates.items()}
-                                         if self.cross_site_eval and len(updates) >= 2 else None),
+                                         if self.cfg.cross_site_eval and len(updates) >= 2 else None),
                                      MessageType.EVALUATE)
             rec.metrics["evaluate_wall"] = time.time() - t_eval
             t_diag = time.perf_counter()
@@ -378,9 +269,9 @@ class DebugFedAvg(FedAvg):
         rec.events.append(Event("site-failed", f"{r.site} failed in {phase}: {reason}", r.site))
 
     def _collect_train(self, replies: list[SiteReply], global_arrays: Arrays,
-                       rec: RoundRecord) -> dict[str, tuple[Arrays, int]]:
+                       rec: RoundRecord) -> Updates:
         """site -> (accepted weights, examples); every other reply is recorded with its reason."""
-        updates: dict[str, tuple[Arrays, int]] = {}
+        updates: Updates = {}
         for r in replies:
             if r.message is None or r.message.has_error():
                 self._failed(r, "train", rec)
@@ -409,8 +300,9 @@ class DebugFedAvg(FedAvg):
                                                 tr.noise_multiplier, tr.sample_rate, tr.steps, tr.sensitivity))
                 problem = check_update(tr.arrays, global_arrays) or self._check_weight(tr)
                 norm = update_norm(tr.arrays, global_arrays) if not problem else None
-                if norm is not None and self.max_update_norm > 0 and not norm <= self.max_update_norm:
-                    problem = (f"update norm {norm:.3g} exceeds server.max-update-norm {self.max_update_norm:g} "
+                limit = self.cfg.max_update_norm
+                if norm is not None and limit > 0 and not norm <= limit:
+                    problem = (f"update norm {norm:.3g} exceeds server.max-update-norm {limit:g} "
                                "(a scaled or diverged update would dominate the average)")
                 if problem:
                     row.status, row.reason = "failed", f"update rejected: {problem}"

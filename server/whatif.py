@@ -1,8 +1,10 @@
-"""What if some sites had been left out of a round? Re-run that round's FedAvg without them, from the updates the
-server kept (common/checkpoints.py), and evaluate both global models on the server's held-out test set.
+"""Step 4, replayed: what if some sites had been left out of a round? Re-aggregate that round without them, with the
+run's own rule (server.aggregation), from the updates the server kept (common/checkpoints.py), and evaluate both
+global models on the server's held-out test set.
 
 The same function serves `fedlens whatif` and the dashboard's What-if page. It uses only what the server already
-holds (DP-SGD outputs and its own test set): no site is contacted and no ε is spent.
+holds (DP-SGD outputs and its own test set): no site is contacted and no ε is spent. Importing it is light (NumPy
+and the store); the model and the test set (torch) are built on the first call.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from common.checkpoints import Checkpoints
 from common.config import AppConfig
 from common.run_store import load_run
-from server.strategy import update_norm, weighted_average
+from server.aggregate import aggregate, update_norm
 
 
 @lru_cache(maxsize=2)
@@ -46,9 +48,13 @@ def reaggregate(store: str | Path, run_id: str | None, round_: int, exclude: lis
     kept = {s: u for s, u in updates.items() if s not in exclude}
     if not kept:
         raise ValueError(f"excluding {', '.join(exclude)} leaves no update to average in round {round_}")
-    without = weighted_average(list(kept.values()))
+    server = AppConfig.from_run_config(dict(run["config"])).server
+    # The rule the run used: a median round re-aggregated by FedAvg would show the effect of the rule, not of the
+    # sites left out. Scores are not needed here.
+    without, _ = aggregate(kept, server.aggregation, trim_fraction=server.trim_fraction, byzantine=server.byzantine)
     out: dict[str, Any] = {
         "run_id": run["run_id"], "round": round_, "excluded": sorted(exclude), "sites_used": sorted(kept),
+        "aggregation": server.aggregation,
         "examples_used": sum(n for _, n in kept.values()),
         "distance": update_norm(without, actual),  # ‖re-aggregated − actual‖ over the travelling weights
         "actual": None, "without": None, "change": None,

@@ -1,4 +1,4 @@
-"""What-if re-aggregation: the round's FedAvg without some sites, from the kept updates, on the server's test set."""
+"""What-if re-aggregation: the round without some sites, by the run's own rule, from the kept updates, on the server's test set."""
 
 import json
 from collections import OrderedDict
@@ -11,7 +11,7 @@ from common.checkpoints import Checkpoints
 from common.config import AppConfig
 from common.model import build_model, trainable_state
 from common.run_store import RunWriter
-from server.strategy import update_norm, weighted_average
+from server.aggregate import fedavg, median, update_norm
 from server.whatif import reaggregate
 from tests.conftest import TINY
 
@@ -28,20 +28,42 @@ def kept_run(tmp_path_factory):
                for s, n in (("a", 100), ("b", 50), ("c", 10))}
     ckpt = Checkpoints(store, "r", keep=5)
     ckpt.save(0, base, {})
-    ckpt.save(1, weighted_average(list(updates.values())), updates)
+    ckpt.save(1, fedavg(updates), updates)
     return store, updates
 
 
 def test_leaving_a_site_out_re_averages_the_others_and_evaluates_both(kept_run):
     store, updates = kept_run
     out = reaggregate(store, "r", 1, ["a"])
-    expected = weighted_average([updates["b"], updates["c"]])
-    actual = weighted_average(list(updates.values()))
+    expected = fedavg({s: updates[s] for s in ("b", "c")})
+    actual = fedavg(updates)
     assert out["sites_used"] == ["b", "c"] and out["examples_used"] == 60
     assert out["distance"] == pytest.approx(update_norm(expected, actual), rel=1e-5)
     for model in ("actual", "without"):
         assert 0 <= out[model]["accuracy"] <= 1 and out[model]["loss"] > 0
     assert out["change"]["accuracy"] == pytest.approx(out["without"]["accuracy"] - out["actual"]["accuracy"])
+
+
+def test_a_median_run_is_re_aggregated_by_its_median(tmp_path):
+    # Prepare: a run that aggregated by the coordinate-wise median over four sites, one of them far off.
+    store = tmp_path / "s.db"
+    cfg = AppConfig.from_run_config({**TINY, "server.aggregation": "median"})
+    w = RunWriter(store, "m")
+    w.start(scenario="t", rounds_planned=1, model="m", config=cfg.raw)
+    base = trainable_state(build_model(cfg.model, cfg.data.labels, seed=0))
+    shifts = {"a": 1.0, "b": 2.0, "c": 3.0, "x": 50.0}
+    updates = {s: (OrderedDict((k, v + np.float32(d)) for k, v in base.items()), 10) for s, d in shifts.items()}
+    ckpt = Checkpoints(store, "m", keep=5)
+    ckpt.save(0, base, {})
+    ckpt.save(1, median(updates)[0], updates)
+    # Execute: leave b out; the median of a, c and x is c's update, FedAvg's mean would be pulled toward x.
+    out = reaggregate(store, "m", 1, ["b"])
+    # Assert
+    expected = median({s: updates[s] for s in ("a", "c", "x")})[0]
+    assert out["aggregation"] == "median"
+    assert out["distance"] == pytest.approx(update_norm(expected, median(updates)[0]), rel=1e-5)
+    assert out["distance"] != pytest.approx(update_norm(fedavg({s: updates[s] for s in ("a", "c", "x")}),
+                                                        median(updates)[0]), rel=1e-2)
 
 
 def test_bad_requests_say_what_is_possible(kept_run):
