@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.metrics import accuracy, macro_f1, per_class_f1
+from common.metrics import accuracy, macro_f1, per_class_f1, prediction_share
+from common.rounds import SiteRoundRow, SiteSummary
 
 VAL, TRAIN = "val", "train"
 CONF_BINS = 10  # calibration: confidence of the predicted class in [0, 1], equal bins
@@ -198,3 +199,46 @@ def derive(blocks: dict[str, np.ndarray], *, loss_clip: float, n_val: int, n_tra
                                 else math.inf),
         }
     return out
+
+
+def fill_row(row: SiteRoundRow, d: dict, *, blocks: dict[str, np.ndarray], noise_multiplier: float,
+             round_trained: int, n_train: int, n_val: int, cross: np.ndarray | None = None,
+             cross_models: tuple[str, ...] = ()) -> None:
+    """A site's evaluate row from its released blocks and their `derive`d reading: the headline numbers as columns,
+    the whole summary as a SiteSummary (rounded: noised values carry no meaning beyond a few decimals)."""
+    row.accuracy, row.macro_f1 = d["accuracy"], d["macro_f1"]
+    confusion = np.asarray(d["confusion"])
+    row.max_prediction_share = float(prediction_share(confusion).max()) if confusion.sum() > 0 else None
+    row.loss, row.train_loss = _finite(d["loss"]["val"]), _finite(d["loss"]["train"])
+    row.ece = _finite(d["calibration"]["ece"])
+    row.label_issues = _finite(d["label_issues"]["share"])
+    if d["dp_health"] is not None:
+        h = d["dp_health"]
+        row.clip_fraction, row.grad_norm = h["clip_fraction"], h["mean_grad_norm"]
+        row.signal_to_noise = _finite(h["signal_to_noise"])
+        row.signal_to_noise_std = _finite(h["signal_to_noise_std"])
+    row.confusion = np.round(confusion, 3).tolist()  # clamped, rescaled
+    std = noise_std(noise_multiplier, len(cross_models))
+    cross_site = None
+    if cross is not None:
+        cross_site = {"models": list(cross_models), "correct": _round_floats(cross.tolist()),
+                      "accuracy": _round_floats(np.clip(cross / max(n_val, 1), 0.0, 1.0).tolist()),
+                      "noise_std": std.get(CROSS, 0.0)}
+    row.summary = SiteSummary(round_trained=round_trained, noise_multiplier=noise_multiplier, noise_std=std,
+                              n_train=n_train, derived=_round_floats(d), cross_site=cross_site,
+                              # As released (unclamped, unbiased): what later analyses average over rounds.
+                              released={k: _round_floats(v.tolist()) for k, v in blocks.items()})
+
+
+def _finite(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
+
+
+def _round_floats(x):  # noqa: ANN001, ANN202
+    if isinstance(x, float):
+        return round(x, 4) if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _round_floats(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_round_floats(v) for v in x]
+    return x

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,13 +14,11 @@ from common import diagnostics, records
 from common.checkpoints import Checkpoints
 from common.config import ServerConfig
 from common.log import get_logger
-from common.metrics import prediction_share
-from common.rounds import Event, LedgerRow, RoundRecord, SiteRoundRow, SiteSummary
+from common.rounds import Event, LedgerRow, RoundRecord, SiteRoundRow
 from common.run_store import RunWriter
 from server.aggregate import Arrays, Updates, aggregate, check_update, update_geometry, update_norm
 from server.central_eval import CentralEval, Probe
-from server.diagnosis import Diagnosis
-from server.findings import FindingsTracker
+from server.findings import Diagnosis, FindingsTracker
 from server.prior import LabelCounts
 
 log = get_logger()
@@ -362,7 +359,9 @@ class DebugFedAvg:
                                        cross_models=len(ev.cross_models))
                 self.label_counts.add(ev.site.name, ev.blocks["train_labels"],
                                       diagnostics.noise_std(ev.noise_multiplier, len(ev.cross_models))["train_labels"])
-                self._fill_row(row, d, ev)
+                diagnostics.fill_row(row, d, blocks=ev.blocks, noise_multiplier=ev.noise_multiplier,
+                                     round_trained=ev.health_round, n_train=ev.site.n_train,
+                                     n_val=ev.num_examples, cross=ev.cross, cross_models=ev.cross_models)
                 if ev.noise_multiplier > 0:
                     rec.ledger.append(LedgerRow(ev.site.name, rec.round, "summary", "gaussian", ev.noise_multiplier,
                                                 1.0, 1, ev.sensitivity))
@@ -381,47 +380,6 @@ class DebugFedAvg:
         g = diagnostics.derive(summed, loss_clip=self.loss_clip, n_val=n_val, n_train=n_train, trained=n_train > 0)
         return {"accuracy": g["accuracy"], "macro_f1": g["macro_f1"], "loss": g["loss"]["val"],
                 "train_loss": g["loss"]["train"]}
-
-    @staticmethod
-    def _fill_row(row: SiteRoundRow, d: dict, ev: records.EvalReply) -> None:
-        row.accuracy, row.macro_f1 = d["accuracy"], d["macro_f1"]
-        confusion = np.asarray(d["confusion"])
-        row.max_prediction_share = float(prediction_share(confusion).max()) if confusion.sum() > 0 else None
-        row.loss, row.train_loss = _finite(d["loss"]["val"]), _finite(d["loss"]["train"])
-        row.ece = _finite(d["calibration"]["ece"])
-        row.label_issues = _finite(d["label_issues"]["share"])
-        if d["dp_health"] is not None:
-            h = d["dp_health"]
-            row.clip_fraction, row.grad_norm = h["clip_fraction"], h["mean_grad_norm"]
-            row.signal_to_noise = _finite(h["signal_to_noise"])
-            row.signal_to_noise_std = _finite(h["signal_to_noise_std"])
-        row.confusion = np.round(confusion, 3).tolist()  # clamped, rescaled
-        std = diagnostics.noise_std(ev.noise_multiplier, len(ev.cross_models))
-        cross = None
-        if ev.cross is not None:
-            n = max(ev.num_examples, 1)
-            cross = {"models": list(ev.cross_models), "correct": _round_floats(ev.cross.tolist()),
-                     "accuracy": _round_floats(np.clip(ev.cross / n, 0.0, 1.0).tolist()),
-                     "noise_std": std.get(diagnostics.CROSS, 0.0)}
-        row.summary = SiteSummary(round_trained=ev.health_round, noise_multiplier=ev.noise_multiplier, noise_std=std,
-                                  n_train=ev.site.n_train, derived=_round_floats(d), cross_site=cross,
-                                  # As released (unclamped, unbiased): what later analyses average over rounds.
-                                  released={k: _round_floats(v.tolist()) for k, v in ev.blocks.items()})
-
-
-def _finite(v: float | None) -> float | None:
-    return v if v is not None and math.isfinite(v) else None
-
-
-def _round_floats(x):  # noqa: ANN001, ANN202
-    # Noised values carry no meaning beyond a few decimals; rounding keeps the store small.
-    if isinstance(x, float):
-        return round(x, 4) if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _round_floats(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_round_floats(v) for v in x]
-    return x
 
 
 def _reason(r: SiteReply) -> str:
