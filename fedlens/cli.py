@@ -154,7 +154,7 @@ def diagnose(
     (writes nothing; no site is contacted)."""
     import json
 
-    from server.findings import rediagnose_store
+    from fedlens.diagnose import rediagnose_store
 
     try:
         stored, found = rediagnose_store(store, run)

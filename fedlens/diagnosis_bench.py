@@ -158,7 +158,7 @@ def rescore(folder: Path, *, progress=print) -> dict[str, Any]:  # noqa: ANN001
     """Score run stores kept by an earlier `--keep` with this version's diagnosis (`fedlens diagnose` on each):
     the same releases, timings and faults, the current rules. Seconds instead of a new run of the suite."""
     from common.run_store import load_faults
-    from server.findings import rediagnose_store
+    from fedlens.diagnose import rediagnose_store
 
     stores = sorted(Path(folder).glob("*.db"))
     if not stores:

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from common.rounds import Finding, RoundRecord, SiteRoundRow
 from common.run_store import RunWriter, load_round_records
 from fedlens.cli import app
+from fedlens.diagnose import run_config
 
 
 def _store(path):
@@ -17,7 +19,8 @@ def _store(path):
                               update_norm=5.0 + 0.01 * i) for i, s in enumerate(("a", "b", "c"))]
         sites.append(SiteRoundRow("d", "train", "failed", reason="site d: data file /x.csv does not exist"))
         rec = RoundRecord(rnd, 12.0, {"test_accuracy": 0.65, "test_max_prediction_share": 1.0}, sites)
-        # What an older version recorded: a dropout the current rule no longer sees (a made-up stale finding).
+        # What an older version recorded, under the straggler finding's first name ("dropout", read back as
+        # straggler): a finding the current rules no longer see (a made-up stale finding).
         rec.findings = [Finding("dropout", "warning", "b took long", "b")] if rnd == 1 else []
         w.write_round(rec)
     w.finish("completed")
@@ -36,9 +39,22 @@ def test_diagnose_reruns_the_current_rules_and_names_what_changed(tmp_path):
     out = json.loads(res.output)
     kinds = {(f["site"], f["kind"], f["round"]) for f in out["findings"]}
     # Recorded once, when they appear: the failing site and the collapsed model in round 1, not again in round 2.
-    assert kinds == {("d", "site-failed", 1), (None, "majority_collapse", 1)}
-    assert out["gone"] == [["b", "dropout"]] and [None, "majority_collapse"] in out["new"]
+    assert kinds == {("d", "site_failed", 1), (None, "majority_collapse", 1)}
+    assert out["gone"] == [["b", "straggler"]] and [None, "majority_collapse"] in out["new"]
     text = CliRunner().invoke(app, ["diagnose", "--store", str(store)]).output
-    assert "recorded, not found now: b:dropout" in text and "site d: data file /x.csv does not exist" in text
+    assert "recorded, not found now: b:straggler" in text and "site d: data file /x.csv does not exist" in text
     missing = CliRunner().invoke(app, ["diagnose", "--store", str(tmp_path / "none.db")])
     assert missing.exit_code == 1 and "does not exist" in missing.output
+
+
+def test_a_stored_config_gives_the_runs_labels_and_loss_clip_with_defaults_for_the_rest():
+    cfg = run_config({"data.labels": "neg,neu,pos", "dp.loss-clip": 2.5})
+    assert cfg.data.labels == ("neg", "neu", "pos") and cfg.dp.loss_clip == 2.5
+    assert run_config({}).dp.loss_clip == 3.0  # pyproject's default
+    # An older store: a key this version dropped, and a value its checks now refuse; the run's own labels and
+    # loss clip are still read.
+    old = run_config({"data.labels": "x,y,z", "dp.loss-clip": 2.0, "train.class-weighting": "none",
+                      "dp.max-grad-norm": 0.0})
+    assert old.data.labels == ("x", "y", "z") and old.dp.loss_clip == 2.0
+    with pytest.raises(ValueError, match="data.labels must be at least two"):
+        run_config({"data.labels": "only"})

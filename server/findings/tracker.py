@@ -1,0 +1,113 @@
+"""Findings, recorded: every rule run on each round, a finding recorded in the round it appears.
+
+A finding is recorded again only if it clears and comes back. Each round the tracker merges, in this order, the
+statistical diagnosis across sites and rounds (Diagnosis, below), the global model's trends (trends.py), what the
+round shows directly (direct.py) and the gross cross-site departures of its updates and timing (cross_site.py).
+
+Statistical diagnosis across sites and rounds: which site's data or training is wrong, and how. Tests, per site s
+against the pooled others (never told how many sites are faulty; a site is compared with the leave-one-out pool so a
+faulty site does not mask itself), over the evidence accumulated so far (evidence.py), in this order:
+
+- label skew, else each site's label histogram (labels.py): class_missing, label_flip, label_noise;
+- each site's local model on public texts (probe.py), for a site the labels did not already name;
+- the first-use training loss (loss.py): data_shift, for a site whose labels do not explain it;
+- the public DP-SGD schedule (schedule.py): overfitting.
+
+Under label skew the label, probe and loss tests are withheld (labels.py says why).
+"""
+
+from __future__ import annotations
+
+from common.rounds import Finding, RoundRecord
+from common.rounds import FindingKind as K
+from server.findings.cross_site import cross_site
+from server.findings.direct import observed
+from server.findings.evidence import MIN_SITES, SiteEvidence, accumulate
+from server.findings.labels import MIN_LABEL_RELEASES, label_fault, label_skew, reference
+from server.findings.loss import data_shift
+from server.findings.probe import probe_fault
+from server.findings.schedule import overfitting
+from server.findings.trends import trends
+
+
+def current(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
+    """Every finding that holds in this round, keyed by (site, kind)."""
+    return {**observed(rec), **cross_site(rec)}
+
+
+class Diagnosis:
+    """Accumulates each round's evidence and returns the statistical findings that hold after it."""
+
+    def __init__(self, loss_clip: float = 3.0, class_names: tuple[str, ...] | None = None) -> None:
+        self.loss_clip = loss_clip
+        self.names = class_names
+        self.sites: dict[str, SiteEvidence] = {}
+
+    def add(self, rec: RoundRecord) -> None:
+        accumulate(self.sites, rec, loss_clip=self.loss_clip)
+
+    def findings(self) -> dict[tuple[str | None, str], Finding]:
+        out: dict[tuple[str | None, str], Finding] = {}
+        labelled = {s: e for s, e in self.sites.items() if e.label_rounds >= MIN_LABEL_RELEASES and e.n_train}
+        if len(labelled) >= MIN_SITES:
+            # Each site against the others' reference (leave-one-out), read by both the skew and the label tests.
+            m = len(labelled) - 1
+            refs = {s: reference([e for o, e in labelled.items() if o != s]) for s in labelled}
+            note = label_skew(labelled, refs)
+            if note is not None:
+                # Label faults are the exception and label skew between sites the rule: when many sites' label
+                # mixes depart, a histogram cannot tell a faulty site from a skewed one, so it names none.
+                out[(None, K.LABEL_SKEW)] = note
+            else:
+                for site, ev in labelled.items():
+                    f = label_fault(site, ev, refs[site], m, names=self.names)
+                    if f is not None:
+                        out[(site, f.kind)] = f
+        # Under label skew a site's local model leans to its own label mix and its loss follows that mix: the probe
+        # and the loss test would read the skew as a fault, so they wait for a partition without it.
+        skew = (None, K.LABEL_SKEW) in out
+        probed = {s: e.probe / e.probe_rounds for s, e in self.sites.items() if e.probe_rounds}
+        if len(probed) >= MIN_SITES and not skew:
+            for site, v in probed.items():
+                if any(key[0] == site for key in out):
+                    continue  # the labels already name the cause; the probe adds nothing new
+                f = probe_fault(site, v, {s: w for s, w in probed.items() if s != site},
+                                self.sites[site].probe_rounds, names=self.names)
+                if f is not None:
+                    out[(site, f.kind)] = f
+        lossy = {s: e for s, e in self.sites.items() if e.loss_rounds >= 2}  # one round is too noisy to call
+        if len(lossy) >= MIN_SITES and not skew:
+            for site, ev in lossy.items():
+                if any((site, kind) in out for kind in (K.LABEL_NOISE, K.LABEL_FLIP, K.CLASS_MISSING)):
+                    continue  # the labels already explain a high loss
+                f = data_shift(site, ev, [e.loss_mean() for s, e in lossy.items() if s != site])
+                if f is not None:
+                    out[(site, f.kind)] = f
+        out.update(overfitting(self.sites))
+        return out
+
+
+class FindingsTracker:
+    """Remembers which findings are open, so each is recorded when it appears (or reappears), not every round; the
+    statistical diagnosis (Diagnosis) accumulates its evidence over the rounds here."""
+
+    def __init__(self, diagnosis: Diagnosis | None = None) -> None:
+        self.open: set[tuple[str | None, str]] = set()
+        self.diagnosis = diagnosis or Diagnosis()
+        self.history: list[dict[str, float | None]] = []
+
+    def update(self, rec: RoundRecord) -> list[Finding]:
+        self.diagnosis.add(rec)
+        self.history.append(dict(rec.metrics))
+        now = {**self.diagnosis.findings(), **trends(self.history, rec.round), **current(rec)}
+        new = [f for key, f in now.items() if key not in self.open]
+        self.open = set(now)
+        return new
+
+
+def rediagnose(records: list[RoundRecord], *, loss_clip: float = 3.0,
+               class_names: tuple[str, ...] | None = None) -> list[tuple[int, Finding]]:
+    """The findings the current code draws from a stored run's rounds, as (round, finding) in the order they would
+    have been recorded: for a run made before a diagnosis change, or to check what was recorded."""
+    tracker = FindingsTracker(Diagnosis(loss_clip=loss_clip, class_names=class_names))
+    return [(rec.round, f) for rec in records for f in tracker.update(rec)]
