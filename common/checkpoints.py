@@ -1,4 +1,4 @@
-"""Per-round weights next to the run store: the global model after each round and every site's accepted update.
+"""Step 5, beside the store: per-round weights next to the run store: the global model after each round and every site's accepted update.
 
 Layout: <store dir>/<run id>/rounds/<r>/global.safetensors, <r>/sites/<site>.safetensors, <r>/manifest.json
 (round 0 holds the initial global model). The what-if re-aggregation reads them; only the last `keep` rounds are

@@ -1,4 +1,4 @@
-"""What a site's error summary is made of, how much one example can move it, and what can be read from it.
+"""Step 3's contract, read at step 4: what a site's error summary is made of, how much one example can move it, and what can be read from it.
 
 A summary is a set of named blocks of counts and bounded sums. A site computes them exactly (client/summary.py),
 adds Gaussian noise once to all of them, and sends only the noised blocks (unclamped, so that they stay unbiased). Everything below `derive` is

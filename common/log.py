@@ -1,4 +1,4 @@
-"""The `fedlens` logger: one line per event on stderr, next to Flower's own `flwr` logger."""
+"""Every step: the `fedlens` logger: one line per event on stderr, next to Flower's own `flwr` logger."""
 
 from __future__ import annotations
 

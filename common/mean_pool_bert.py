@@ -1,4 +1,4 @@
-"""A BERT sequence classifier that mean-pools token states, as sentence encoders such as all-MiniLM-L6-v2 were trained.
+"""Step 2's model: a BERT sequence classifier that mean-pools token states, as sentence encoders such as all-MiniLM-L6-v2 were trained.
 
 This file is self-contained on purpose: `save_pretrained` copies it next to a saved model, so that
 `AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)` loads the model anywhere.

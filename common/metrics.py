@@ -1,4 +1,4 @@
-"""Metrics derived from (possibly noised) counts: accuracy, per-class F1, macro-F1, mean loss. Stdlib + NumPy only."""
+"""Steps 3-4: metrics derived from (possibly noised) counts: accuracy, per-class F1, macro-F1, mean loss. Stdlib + NumPy only."""
 
 from __future__ import annotations
 

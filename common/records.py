@@ -1,4 +1,4 @@
-"""The message format between server and sites: every record key, and pack / unpack of each message; and the name
+"""Between the sites (steps 1-3) and the server (step 4): the message format: every record key, and pack / unpack of each message; and the name
 of every record a site keeps in its `context.state` (which never leaves it).
 
 This is the only module in common/ that imports Flower. FedAvg-style averaging never sees the summary or the site

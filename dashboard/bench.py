@@ -1,4 +1,4 @@
-"""How fast the dashboard renders a big run: a synthetic store of N sites × R rounds, each page rendered headless
+"""Step 6, measured: how fast the dashboard renders a big run: a synthetic store of N sites × R rounds, each page rendered headless
 with Streamlit's AppTest, median seconds per page. Also the store builder the dashboard tests use.
 
 Run as:  python -m dashboard.bench [--sites 100] [--rounds 100] [--repeats 3]

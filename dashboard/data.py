@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from common import run_store
+from common import run_store, run_views
 
 TTL_SECONDS = 2  # a new round shows within a couple of seconds; the store is cheap to read
 
@@ -26,10 +26,14 @@ def runs(store: str) -> pd.DataFrame:
 @st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
 def run(store: str, run_id: str) -> dict:
     """One run as a consistent snapshot: run fields + DataFrames of rounds, site rows, sites, events, findings,
-    ledger."""
+    ledger; `site_views` (list[SiteView]) and `cfg` (its AppConfig)."""
     raw = run_store.load_run(store, run_id)
-    # Every list (rounds, site_rounds, sites, events, findings, ledger) becomes a DataFrame.
-    return {k: pd.DataFrame(v) if isinstance(v, list) else v for k, v in raw.items()}
+    # Every list (rounds, site_rounds, sites, events, findings, ledger) becomes a DataFrame; the per-site views and
+    # the config tree are derived from the same snapshot, as `fedlens report` derives them (common/run_views.py).
+    snap = {k: pd.DataFrame(v) if isinstance(v, list) else v for k, v in raw.items()}
+    snap["site_views"] = run_views.site_views(raw)
+    snap["cfg"] = run_views.run_config(raw)
+    return snap
 
 
 def global_curves(rounds: pd.DataFrame) -> pd.DataFrame:
@@ -52,54 +56,37 @@ def global_curves(rounds: pd.DataFrame) -> pd.DataFrame:
 
 def site_table(snapshot: dict) -> pd.DataFrame:
     """One row per site: size, status, latest metrics, ε spent vs budget, update norm."""
-    sites, rows = snapshot["sites"], snapshot["site_rounds"]
-    config = snapshot.get("config", {})
-    budget = float(config.get("dp.target-epsilon", 0.0)) if config.get("dp.enabled", True) else None
-    names = list(sites["site"]) if not sites.empty else []
-    if not rows.empty:
-        names += [s for s in rows["site"].unique() if s not in names]
+    cfg = snapshot["cfg"]
+    budget = float(cfg.dp.target_epsilon) if cfg.dp.enabled else None
     out = []
-    for name in names:
-        mine = rows[rows["site"] == name] if not rows.empty else rows
-        size = sites[sites["site"] == name] if not sites.empty else sites
-        train = mine[mine["phase"] == "train"] if not mine.empty else mine
-        evals = mine[(mine["phase"] == "evaluate") & (mine["status"] == "ok")] if not mine.empty else mine
-        last_round = mine[mine["round"] == mine["round"].max()] if not mine.empty else mine
-        bad = last_round[last_round["status"] != "ok"] if not last_round.empty else last_round
-        latest_eval = evals.iloc[-1] if not evals.empty else None
-        eps = mine["epsilon"].dropna() if not mine.empty else pd.Series(dtype=float)
+    # Sites that joined, then those that answered without joining (not one seen only in a failure event).
+    for v in (v for v in snapshot["site_views"] if v.registered or v.answered):
+        m = v.metrics or {}
         out.append({
-            "site": name,
-            "status": bad.iloc[-1]["status"] if not bad.empty else ("ok" if not mine.empty else "waiting"),
-            "train examples": int(size.iloc[0]["n_train"]) if not size.empty and pd.notna(size.iloc[0]["n_train"]) else None,
-            "ε spent": float(eps.max()) if not eps.empty else None,
-            "ε training": _most(mine, "epsilon_training"),
-            "ε diagnostics": _most(mine, "epsilon_diagnostics"),
+            "site": v.site,
+            "status": v.status,
+            "train examples": int(v.n_train) if v.n_train is not None else None,
+            "ε spent": _float(v.epsilon),
+            "ε training": _float(v.epsilon_training),
+            "ε diagnostics": _float(v.epsilon_diagnostics),
             "ε budget": budget,
-            "accuracy": latest_eval["accuracy"] if latest_eval is not None else None,
-            "macro-F1": latest_eval["macro_f1"] if latest_eval is not None else None,
-            "val loss": latest_eval["loss"] if latest_eval is not None else None,
-            "train loss": latest_eval["train_loss"] if latest_eval is not None else None,
-            "ECE": _latest(evals, "ece"),
-            "label issues": _latest(evals, "label_issues"),
-            "clipped": _latest(evals, "clip_fraction"),
-            "signal / noise": _latest(evals, "signal_to_noise"),
-            "update norm": _latest(train, "update_norm"),
-            "update cosine": _latest(train, "update_cosine"),
-            "reason": bad.iloc[-1]["reason"] if not bad.empty else "",
+            "accuracy": m.get("accuracy"),
+            "macro-F1": m.get("macro_f1"),
+            "val loss": m.get("loss"),
+            "train loss": m.get("train_loss"),
+            "ECE": v.ece,
+            "label issues": v.label_issues,
+            "clipped": v.clip_fraction,
+            "signal / noise": v.signal_to_noise,
+            "update norm": v.update_norm,
+            "update cosine": v.update_cosine,
+            "reason": v.reason,
         })
     return pd.DataFrame(out)
 
 
-def _latest(frame: pd.DataFrame, col: str):  # noqa: ANN202
-    # Stores written before a column existed read as a frame without it: show nothing, not an error.
-    if frame.empty or col not in frame or not frame[col].notna().any():
-        return None
-    return frame[col].dropna().iloc[-1]
-
-
-def _most(frame: pd.DataFrame, col: str) -> float | None:
-    return float(frame[col].max()) if not frame.empty and col in frame and frame[col].notna().any() else None
+def _float(v: float | None) -> float | None:
+    return float(v) if v is not None else None
 
 
 @st.cache_data(ttl=TTL_SECONDS, show_spinner=False)

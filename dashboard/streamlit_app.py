@@ -1,4 +1,4 @@
-"""fedlens dashboard: pick a run in the sidebar; each page answers one question about it, live.
+"""Step 6, the dashboard: pick a run in the sidebar; each page answers one question about it, live.
 
 Run as:  fedlens dashboard --store runs/fedlens.db   (or: streamlit run dashboard/streamlit_app.py -- --store PATH)
 """

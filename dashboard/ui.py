@@ -1,4 +1,4 @@
-"""What every dashboard page shares: the store and run the sidebar picked, live refresh, and the empty states."""
+"""Step 6: what every dashboard page shares: the store and run the sidebar picked, live refresh, and the empty states."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import streamlit as st
 from dashboard import data
 
 REFRESH_SECONDS = 2  # while a run is live
-COLLAPSE_SHARE = 0.9  # one class taking this share of predictions = the model collapsed onto it
 
 
 def store() -> str:
@@ -18,11 +17,11 @@ def store() -> str:
 
 
 def labels(snap: dict) -> list[str]:
-    return [s.strip() for s in str(snap["config"].get("data.labels", "negative,neutral,positive")).split(",")]
+    return list(snap["cfg"].data.labels)
 
 
 def dp_on(snap: dict) -> bool:
-    return bool(snap["config"].get("dp.enabled", True))
+    return snap["cfg"].dp.enabled
 
 
 def live(body: Callable[[dict], None]) -> None:

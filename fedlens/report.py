@@ -9,12 +9,14 @@ from typing import Any
 
 from client.privacy import NEIGHBOURING_RELATION
 from common.run_store import load_run, load_summaries
+from common.run_views import run_config, site_views
 
 LEDGER_KEYS = ("round", "kind", "mechanism", "noise_multiplier", "sample_rate", "steps", "sensitivity")
 # 2: per-site ledger, epsilon_training / epsilon_diagnostics, summary; 3: findings as site, kind, round, severity,
 # confidence, evidence (and renamed kinds); 4: neighbouring_relation (run and every ledger entry), census entries,
-# epsilon_lifetime / epsilon_cap per site, dp_health.signal_to_noise (noise_to_signal gone)
-SCHEMA_VERSION = 4
+# epsilon_lifetime / epsilon_cap per site, dp_health.signal_to_noise (noise_to_signal gone); 5: finding kinds
+# site_failed, update_rejected, straggler (were site-failed, update-rejected, dropout; older stores read as today's)
+SCHEMA_VERSION = 5
 
 
 def _clean(v: Any) -> Any:
@@ -36,55 +38,45 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
     latest_summaries = load_summaries(store, run["run_id"])
     rounds = run["rounds"]
     last = rounds[-1] if rounds else None
-    cfg = run["config"]
-    dp_on = bool(cfg.get("dp.enabled", True))
+    cfg = run_config(run)
+    dp_on = cfg.dp.enabled
+    views = site_views(run)
+
+    def spent(eps: float | None) -> float | None:
+        return eps if eps is not None else (0.0 if dp_on else None)  # with DP on, a site that spent nothing spent 0
 
     sites = []
-    for s in run["sites"]:
-        rows = [r for r in run["site_rounds"] if r["site"] == s["site"]]
-        train = [r for r in rows if r["phase"] == "train"]
-        evals = [r for r in rows if r["phase"] == "evaluate" and r["status"] == "ok"]
-        eps = [r["epsilon"] for r in rows if r["epsilon"] is not None]
-        eps_train = [r.get("epsilon_training") for r in rows if r.get("epsilon_training") is not None]
-        eps_diag = [r.get("epsilon_diagnostics") for r in rows if r.get("epsilon_diagnostics") is not None]
-        latest = rows[-1] if rows else None
-        last_round_rows = [r for r in rows if latest and r["round"] == latest["round"]]
-        status = "ok"
-        for r in last_round_rows:
-            if r["status"] != "ok":
-                status = r["status"]
+    for v in (v for v in views if v.registered):
         sites.append({
-            "site": s["site"],
-            "examples": s["n_train"],
-            "validation_examples": s["n_val"],
-            "epsilon": max(eps) if eps else (0.0 if dp_on else None),
-            "epsilon_budget": float(cfg.get("dp.target-epsilon", 0.0)) if dp_on else None,
-            "delta": float(cfg.get("dp.target-delta", 0.0)) if dp_on else None,
-            "status": status,
-            "rounds_trained": sum(1 for r in train if r["status"] == "ok"),
-            "metrics": {**_metrics(evals[-1] if evals else None),
-                        "train_loss": _clean(evals[-1]["train_loss"]) if evals else None},
-            "noise_multiplier": train[-1]["noise_multiplier"] if train else None,
-            "last_reason": next((r["reason"] for r in reversed(rows) if r["reason"]), ""),
-            "epsilon_training": max(eps_train) if eps_train else (0.0 if dp_on else None),
-            "epsilon_diagnostics": max(eps_diag) if eps_diag else (0.0 if dp_on else None),
+            "site": v.site,
+            "examples": v.n_train,
+            "validation_examples": v.n_val,
+            "epsilon": spent(v.epsilon),
+            "epsilon_budget": float(cfg.dp.target_epsilon) if dp_on else None,
+            "delta": float(cfg.dp.target_delta) if dp_on else None,
+            "status": "ok" if v.status == "waiting" else v.status,  # a site that joined and has no row yet: ok
+            "rounds_trained": v.rounds_trained,
+            "metrics": {**_metrics(v.metrics), "train_loss": _clean(v.metrics["train_loss"]) if v.metrics else None},
+            "noise_multiplier": v.noise_multiplier,
+            "last_reason": v.last_reason,
+            "epsilon_training": spent(v.epsilon_training),
+            "epsilon_diagnostics": spent(v.epsilon_diagnostics),
             # Every entry this run charged, with the relation it is accounted under: composing them with
             # dp-accounting (RDP, add/remove) gives back `epsilon` at `delta`.
             "ledger": [{**{k: e[k] for k in LEDGER_KEYS}, "neighbouring_relation": NEIGHBOURING_RELATION}
-                       for e in run.get("ledger", []) if e["site"] == s["site"]],
+                       for e in run.get("ledger", []) if e["site"] == v.site],
             # The site's own lifetime ledger (all runs on its data, at its own δ) against its own cap.
-            "epsilon_lifetime": _clean(_most(rows, "epsilon_lifetime")),  # null when ∞ (a run without DP)
-            "epsilon_cap": next((r["epsilon_cap"] for r in reversed(rows) if r.get("epsilon_cap") is not None), None),
-            "summary": ({"noised": dp_on, **latest_summaries[s["site"]]} if s["site"] in latest_summaries else None),
+            "epsilon_lifetime": _clean(v.epsilon_lifetime),  # null when ∞ (a run without DP)
+            "epsilon_cap": v.epsilon_cap,
+            "summary": ({"noised": dp_on, **latest_summaries[v.site]} if v.site in latest_summaries else None),
         })
-    failed_events = [e for e in run["events"] if e["kind"] in ("site-failed", "run-failed")]
-    for e in failed_events:
-        if e["site"] and not any(s["site"] == e["site"] for s in sites):
-            sites.append({"site": e["site"], "examples": None, "validation_examples": None, "epsilon": None,
-                          "epsilon_budget": None, "delta": None, "status": "failed", "rounds_trained": 0,
-                          "metrics": _metrics(None) | {"train_loss": None}, "noise_multiplier": None,
-                          "last_reason": e["message"], "epsilon_training": None, "epsilon_diagnostics": None,
-                          "ledger": [], "summary": None, "epsilon_lifetime": None, "epsilon_cap": None})
+    # A site that failed before it joined (no sizes): listed with its first failure, in event order.
+    for v in sorted((v for v in views if not v.registered and v.failure_at is not None), key=lambda v: v.failure_at):
+        sites.append({"site": v.site, "examples": None, "validation_examples": None, "epsilon": None,
+                      "epsilon_budget": None, "delta": None, "status": "failed", "rounds_trained": 0,
+                      "metrics": _metrics(None) | {"train_loss": None}, "noise_multiplier": None,
+                      "last_reason": v.failure, "epsilon_training": None, "epsilon_diagnostics": None,
+                      "ledger": [], "summary": None, "epsilon_lifetime": None, "epsilon_cap": None})
 
     return {
         "schema_version": SCHEMA_VERSION,
@@ -99,7 +91,7 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
         "rounds_completed": len(rounds),
         "dp": dp_on,
         "neighbouring_relation": NEIGHBOURING_RELATION if dp_on else None,
-        "diagnostics_share": cfg.get("dp.diagnostics-share") if dp_on else None,
+        "diagnostics_share": cfg.dp.diagnostics_share if dp_on else None,
         "global": {**_metrics(last), "train_loss": _clean(last["train_loss"]) if last else None,
                    "noised": dp_on},
         "test": _metrics(last, "test_") if last and last["test_accuracy"] is not None else None,
@@ -114,11 +106,6 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
                       "message": f["message"]} for f in run["findings"]],  # message: schema 2's name, kept
         "model_path": run["model_path"],
     }
-
-
-def _most(rows: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    return max(values) if values else None
 
 
 def format_text(rep: dict[str, Any]) -> str:

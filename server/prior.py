@@ -1,4 +1,4 @@
-"""The class prior of the sites' loss, from what they released (never from a site's exact counts).
+"""Step 4 at the server, for step 2: the class prior of the sites' loss, from what they released (never from a site's exact counts).
 
 Logit adjustment needs the label distribution the global model is trained towards. The sites' exact counts must not
 enter the loss (client/train.balanced_loss), so the server estimates it from releases that are already paid for:

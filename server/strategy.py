@@ -1,4 +1,4 @@
-"""Step 4: aggregation. A FedAvg whose round loop records every site's result, in one store transaction per round."""
+"""Step 4: the round loop. Exchange with the sites -> collect their replies -> aggregate (server/aggregate.py) -> one typed RoundRecord per round (common/rounds.py), committed in one store transaction."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cross-site: the global model of every round (rows) on every site's data (columns) and the server's test set; with
+"""Step 6 · Cross-site: the global model of every round (rows) on every site's data (columns) and the server's test set; with
 server.cross-site-eval, also each site's local model on every site's data (NVIDIA FLARE's matrix)."""
 
 import altair as alt

@@ -1,4 +1,4 @@
-"""Errors: where does the model under-perform, and on which site? Everything here is a noised release."""
+"""Step 6 · Errors: where does the model under-perform, and on which site? Everything here is a noised release."""
 
 import altair as alt
 import streamlit as st

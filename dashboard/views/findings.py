@@ -1,4 +1,4 @@
-"""Findings: what fedlens concluded, newest first, grouped by site, each with its evidence."""
+"""Step 6 · Findings: what fedlens concluded, newest first, grouped by site, each with its evidence."""
 
 import streamlit as st
 

@@ -1,10 +1,11 @@
-"""Overview: is the run healthy? KPIs, the collapse warning, and the global curves per round."""
+"""Step 6 · Overview: is the run healthy? KPIs, the collapse warning, and the global curves per round."""
 
 import altair as alt
 import pandas as pd
 import streamlit as st
 
 from dashboard import data, ui
+from server.findings import COLLAPSE_SHARE  # the findings engine's threshold: the warning and the finding agree
 
 
 def body(snap: dict) -> None:
@@ -47,7 +48,7 @@ def body(snap: dict) -> None:
     if done == 0:
         st.info("Round 1 is in progress: results appear here as soon as it is committed.")
     if has_test and last is not None and pd.notna(last.get("test_max_prediction_share")) \
-            and last["test_max_prediction_share"] >= ui.COLLAPSE_SHARE:
+            and last["test_max_prediction_share"] >= COLLAPSE_SHARE:
         st.warning(f"The global model predicts one class for {last['test_max_prediction_share']:.0%} of the test "
                    "set: it has collapsed onto the majority class (accuracy is then the class share, macro-F1 ≈ 1/K).")
     if not failing.empty:

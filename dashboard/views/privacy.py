@@ -1,4 +1,4 @@
-"""Privacy: how much of its ε has each site spent, on what, and how noisy are its DP steps?"""
+"""Step 6 · Privacy: how much of its ε has each site spent, on what, and how noisy are its DP steps?"""
 
 import altair as alt
 import pandas as pd
@@ -12,11 +12,11 @@ def body(snap: dict) -> None:
     if not ui.dp_on(snap):
         st.info("This run has dp.enabled = false: nothing was noised and no ε was spent.")
         return
-    budget = float(snap["config"].get("dp.target-epsilon", 0.0))
-    share = snap["config"].get("dp.diagnostics-share")
-    st.caption(f"This run's budget per site: ε = {budget:g} at δ = {snap['config'].get('dp.target-delta', '—')}"
-               + (f"; summaries may spend {share:.0%} of it." if share is not None else ".")
-               + " Sample-level DP, **add/remove one example** (one row: a person with many rows is protected as a "
+    dp = snap["cfg"].dp
+    budget = float(dp.target_epsilon)
+    st.caption(f"This run's budget per site: ε = {budget:g} at δ = {dp.target_delta}"
+               f"; summaries may spend {dp.diagnostics_share:.0%} of it."
+               " Sample-level DP, **add/remove one example** (one row: a person with many rows is protected as a "
                "group, with an ε that grows with their rows). No exact size leaves a site: sizes, FedAvg weights and "
                "the DP-SGD schedule follow each site's noised census.")
     eps = data.privacy_frame(snap["site_rounds"])

@@ -1,4 +1,4 @@
-"""Runs: every run in the store; pick one (sidebar) or compare two."""
+"""Step 6 · Runs: every run in the store; pick one (sidebar) or compare two."""
 
 import altair as alt
 import pandas as pd
@@ -33,7 +33,7 @@ for run_id in picked:
     kpis.append({"run": run_id, "scenario": snap["scenario"], "status": snap["status"],
                  "rounds": len(snap["rounds"]), "test accuracy": last.get("test_accuracy"),
                  "test macro-F1": last.get("test_macro_f1"), "DP": ui.dp_on(snap),
-                 "ε budget": snap["config"].get("dp.target-epsilon") if ui.dp_on(snap) else None})
+                 "ε budget": snap["cfg"].dp.target_epsilon if ui.dp_on(snap) else None})
 st.dataframe(pd.DataFrame(kpis), hide_index=True, width="stretch")
 both = pd.concat(frames, ignore_index=True)
 test = both[both["source"] == "server test set"]

@@ -1,4 +1,4 @@
-"""Sites: which site is wrong? One row per site, its health, and its curves against the global one."""
+"""Step 6 · Sites: which site is wrong? One row per site, its health, and its curves against the global one."""
 
 import altair as alt
 import pandas as pd

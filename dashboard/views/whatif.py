@@ -1,4 +1,4 @@
-"""What-if: re-aggregate a round without some sites and compare on the server's test set (same code as
+"""Step 6 · What-if: re-aggregate a round without some sites and compare on the server's test set (same code as
 `fedlens whatif`). It uses the updates the server kept; no site is contacted and no ε is spent."""
 
 import pandas as pd

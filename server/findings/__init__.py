@@ -1,4 +1,4 @@
-"""Findings: what the server concludes each round from what it saw, each with the sentence that justifies it.
+"""Step 4 → findings: what the server concludes each round from what it saw, each with the sentence that justifies it.
 
 One rule and its thresholds per function, one module per kind of evidence:
 

@@ -1,4 +1,4 @@
-"""Findings across sites in one round: free riders, diverging sites and stragglers, from update norms and timing.
+"""Step 4 → findings across sites in one round: free riders, diverging sites and stragglers, from update norms and timing.
 
 Update geometry across sites. Under DP every honest update is mostly noise of the same scale (norms within a few
 % of each other, measured), so only gross departures are evidence: an update of norm ~0 (nothing trained) or many

@@ -1,4 +1,4 @@
-"""Findings observed directly in a round: failed, refused and rejected sites, majority collapse, DP noise dominating.
+"""Step 4 → findings observed directly in a round: failed, refused and rejected sites, majority collapse, DP noise dominating.
 
 Each is read from the round alone (the sites' replies and the server's test metrics); the tracker records it in the
 round it appears.

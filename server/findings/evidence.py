@@ -1,4 +1,4 @@
-"""Findings, statistical evidence: each site's released summaries accumulated over rounds, and the shared statistics.
+"""Step 4 → findings, statistical evidence: each site's released summaries accumulated over rounds, and the shared statistics.
 
 Everything in the statistical diagnosis is post-processing of what sites already release (noised summaries, the
 public ledger fields σ, q, steps, the public split sizes): no ε is spent. The noise of each released block is known

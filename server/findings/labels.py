@@ -1,4 +1,4 @@
-"""Findings from the label histograms: label skew between sites, and a site's missing class, flip or noisy labels.
+"""Step 4 → findings from the label histograms: label skew between sites, and a site's missing class, flip or noisy labels.
 
 Label skew first: a site's label counts are compared with the others' shares by χ² per degree of freedom (~1 when
 all sites share one label mix). Label faults are the exception and skew the rule, so when more than a third of the

@@ -1,4 +1,4 @@
-"""Findings from the first-use training loss: a data shift at a site whose loss stays high for no label reason.
+"""Step 4 → findings from the first-use training loss: a data shift at a site whose loss stays high for no label reason.
 
 Each site's first-use training loss (weight-1 block) against the others' median: data_shift when it is high and the
 labels are not the reason (text drawn from elsewhere, corrupted text, a different domain). The test waits for a

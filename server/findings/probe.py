@@ -1,4 +1,4 @@
-"""Findings from the probe: each site's local model (its released update) on public texts at the server.
+"""Step 4 → findings from the probe: each site's local model (its released update) on public texts at the server.
 
 FedDebug's idea, no site data and no ε: a model that predicts near-uniformly where the others are confident (label
 noise), or confidently another class (a flip), when the label histogram did not already name the cause.

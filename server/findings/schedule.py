@@ -1,4 +1,4 @@
-"""Findings from the public DP-SGD schedule: overfitting at a site that runs many times the others' local steps."""
+"""Step 4 → findings from the public DP-SGD schedule: overfitting at a site that runs many times the others' local steps."""
 
 from __future__ import annotations
 

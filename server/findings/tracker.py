@@ -1,4 +1,4 @@
-"""Findings, recorded: every rule run on each round, a finding recorded in the round it appears.
+"""Step 4 → findings, recorded: every rule run on each round, a finding recorded in the round it appears.
 
 A finding is recorded again only if it clears and comes back. Each round the tracker merges, in this order, the
 statistical diagnosis across sites and rounds (Diagnosis, below), the global model's trends (trends.py), what the

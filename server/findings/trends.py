@@ -1,4 +1,4 @@
-"""Findings from the global model's curves over rounds (run-level): underfitting, global overfitting, miscalibration.
+"""Step 4 → findings from the global model's curves over rounds (run-level): underfitting, global overfitting, miscalibration.
 
 history holds each round's metrics, oldest first: the sites' training loss and the server's test loss, accuracy and
 confidence.

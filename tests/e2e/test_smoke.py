@@ -104,7 +104,7 @@ def test_smoke_run_report(smoke_store):
         assert rep["global"][key] is not None and rep["test"][key] is not None
     # Findings the tiny model may earn (DP noise dominating, collapse); never a site failure in a clean run.
     assert {f["kind"] for f in rep["findings"]} <= {"dp_noise_dominates", "majority_collapse"}
-    assert rep["schema_version"] == 4 and 0 < rep["diagnostics_share"] < 1
+    assert rep["schema_version"] == 5 and 0 < rep["diagnostics_share"] < 1
     assert rep["neighbouring_relation"] == "add_remove"
     for s in rep["sites"]:
         # The ledger: the census, then one DP-SGD segment and one released summary per round, as the site spent
