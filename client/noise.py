@@ -1,4 +1,5 @@
-"""DP randomness at a site: Gaussian noise and Poisson sampling drawn from a cryptographic generator keyed by the OS.
+"""Steps 1-3 at a site, their DP randomness: Gaussian noise and Poisson sampling from an OS-keyed cryptographic
+generator.
 
 Nothing here takes a seed. Seeding the noise from the run config (train.seed + round, both public) lets the server
 regenerate the noise a site added and subtract it from the weights it sent: with one SGD step that gives back the

@@ -1,4 +1,5 @@
-"""A site's own privacy policy: its lifetime ε cap, its δ, its minimum noise, and whether it takes non-DP runs.
+"""Steps 1-3 at a site, what it allows: its own privacy policy (its lifetime ε cap, its δ, its minimum noise, and
+whether it takes non-DP runs).
 
 The run config is the coordinator's; a site's policy is not. It comes from the site's side only, in this order:
 the defaults in pyproject `[tool.fedlens.site-policy]`, then `policy.toml` in the site's state folder (or the

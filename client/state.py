@@ -1,5 +1,5 @@
-"""A site's state on its own disk: its lifetime privacy ledger, and what a resumed run needs to neither forget nor
-double-count what the site spent.
+"""Flower glue at a site, its memory: its state on its own disk (its lifetime privacy ledger) and what a resumed run
+needs to neither forget nor double-count what the site spent.
 
 Where: node config `state-dir` (`fedlens site` always sets it), else `$FEDLENS_SITE_STATE/<site>` (`fedlens
 simulate` points it next to the run store), else `~/.fedlens/sites/<site>`. Never anything the run config says:

@@ -112,6 +112,23 @@ def with_cross_site(summary: Summary, names: tuple[str, ...], counts: np.ndarray
                    seconds=summary.seconds + seconds)
 
 
+def exact_summary(model: nn.Module, train: Encoded, val: Encoded, *, num_classes: int, loss_clip: float,
+                  thresholds: list[float], health: TrainHealth | None, health_round: int,
+                  global_arrays: dict[str, np.ndarray], local_models: dict[str, dict[str, np.ndarray]]) -> Summary:
+    """`local_summary` of the model holding `global_arrays`, with the cross-site counts of `local_models` when an
+    instruction carries them (server.cross-site-eval); the model holds the global weights again afterwards."""
+    from common.model import load_trainable_state
+
+    exact = local_summary(model, train, val, num_classes=num_classes, loss_clip=loss_clip, thresholds=thresholds,
+                          health=health, health_round=health_round)
+    if local_models:
+        t_cross = time.perf_counter()
+        counts = cross_site_counts(model, local_models, val)
+        load_trainable_state(model, global_arrays)  # the cached model must hold the global weights again
+        exact = with_cross_site(exact, tuple(local_models), counts, time.perf_counter() - t_cross)
+    return exact
+
+
 def release(summary: Summary, *, noise_multiplier: float, rng: Randomness | None = None) -> Summary:
     """The Gaussian mechanism on all blocks at once (std σ·Δ / w_b per cell), noise from a fresh OS-keyed
     generator (client/noise.py): release noise must never be reproducible from anything the server knows."""

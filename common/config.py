@@ -1,4 +1,4 @@
-"""The one frozen config tree of a run: defaults from pyproject, overrides from a scenario, checked once.
+"""Every step's settings: the one frozen config tree of a run: defaults from pyproject, overrides from a scenario, checked once.
 
 Injected faults (simulation only) are parsed here too: the run config key `faults` holds a JSON list of
 {"site", "kind", ...parameters}; each site applies its own (client/faults.py) and the server records them as the

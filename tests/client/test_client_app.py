@@ -13,6 +13,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.common.serde import message_to_proto
 
 from client import client_app
+from client.site import NOT_PRIVATE
 from common import diagnostics, records
 from common.datasets import TEXT
 from common.model import build_model, trainable_state
@@ -172,7 +173,7 @@ def test_noise_makes_every_release_different_and_dp_off_sends_the_exact_summary(
     a, b = summary({**TINY, "dp.release-noise-multiplier": 1.0}), summary({**TINY, "dp.release-noise-multiplier": 1.0})
     assert not np.array_equal(a.blocks["confusion"], b.blocks["confusion"])
     exact1, exact2 = summary({**TINY, "dp.enabled": False}), summary({**TINY, "dp.enabled": False})
-    assert exact1.noise_multiplier == 0 and exact1.epsilon == client_app.NOT_PRIVATE
+    assert exact1.noise_multiplier == 0 and exact1.epsilon == NOT_PRIVATE
     np.testing.assert_array_equal(exact1.blocks["confusion"], exact2.blocks["confusion"])
     assert exact1.blocks["confusion"].sum() == exact1.num_examples  # exact counts: every validation example
 

@@ -7,6 +7,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 
 from client import client_app
 from client.policy import load_policy
+from client.site import NOT_PRIVATE
 from common import records
 from common.model import build_model, trainable_state
 from tests.conftest import TINY
@@ -74,7 +75,7 @@ def test_whatever_the_run_asks_a_site_refuses_what_breaks_its_policy(tmp_path, r
 
 def test_a_site_that_allows_it_takes_a_non_dp_run_and_then_has_no_dp_guarantee_left(tmp_path, site_data):
     reply = _train({**TINY, "dp.enabled": False}, tmp_path / "site", {"allow-non-dp": True})
-    assert reply.site.status == records.STATUS_OK and reply.epsilon == client_app.NOT_PRIVATE
+    assert reply.site.status == records.STATUS_OK and reply.epsilon == NOT_PRIVATE
     assert reply.num_examples == len(site_data.train) and reply.site.census_noise == 0.0
     # Exact values left the site: its ledger says so, and no later DP run can claim a finite ε on that data.
     later = _train(TINY, tmp_path / "site", {"allow-non-dp": True}, run_id="a-later-run")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.config import AppConfig, default_run_config, load_overrides, resolve_run_config
+from common.config import AppConfig, default_run_config, load_overrides, parse_faults, resolve_run_config
 
 
 def test_defaults_build_a_valid_tree():
@@ -45,3 +45,19 @@ def test_scenario_files_override_defaults(tmp_path):
 def test_shipped_scenarios_are_valid():
     for name in ("smoke", "demo"):
         AppConfig.from_run_config(resolve_run_config(load_overrides(f"simulations/{name}.toml")))
+
+
+def test_scenarios_parse_and_bad_ones_name_the_entry(tmp_path):
+    f = parse_faults('[{"site": "site-1", "kind": "label_noise", "rate": 0.4}, {"site": "site-2", "kind": "crash"}]')
+    assert [(x.site, x.kind) for x in f] == [("site-1", "label_noise"), ("site-2", "crash")]
+    assert f[0]["rate"] == 0.4 and f[1]["round"] == 2  # declared, or the kind's default
+    with pytest.raises(ValueError, match="faults\\[0\\]: unknown kind 'melt'; known kinds: label_noise"):
+        parse_faults('[{"site": "a", "kind": "melt"}]')
+    with pytest.raises(ValueError, match="faults\\[0\\] \\(crash\\): unknown parameter\\(s\\) rate; crash takes round"):
+        parse_faults('[{"site": "a", "kind": "crash", "rate": 1}]')
+    # A scenario file's [[faults]] tables become the one JSON string every node sees.
+    (tmp_path / "s.toml").write_text('[[faults]]\nsite = "site-0"\nkind = "label_flip"\nfrom = 2\nto = 0\n')
+    cfg = AppConfig.from_run_config(load_overrides(tmp_path / "s.toml"))
+    assert parse_faults(cfg.faults)[0].params == {"from": 2, "to": 0}
+    with pytest.raises(ValueError, match="invalid fedlens config"):
+        AppConfig.from_run_config({"faults": "not json"})

@@ -1,10 +1,10 @@
-"""Site data at rest: the embedded set, partitioning, and the generic loader's errors."""
+"""Site data at rest: the embedded set and the generic loader's errors."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from common.datasets import SiteDataError, load_drugreview, load_file, partition, rating_to_label, split_train_val
+from common.datasets import SiteDataError, load_drugreview, load_file, rating_to_label
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -19,46 +19,6 @@ def test_embedded_drug_reviews_have_the_documented_sizes_and_labels():
 def test_ratings_map_negative_below_5_neutral_5_to_6_positive_above():
     assert [rating_to_label(r, LABELS) for r in (1, 4, 5, 6, 7, 10)] == [
         "negative", "negative", "neutral", "neutral", "positive", "positive"]
-
-
-@pytest.mark.parametrize("how", ["iid", "natural", "dirichlet"])
-def test_partitions_cover_rows_once_and_are_seeded(how):
-    frame = load_drugreview("train", LABELS)
-    parts = partition(frame, num_sites=4, how=how, alpha=0.5, seed=42)
-    again = partition(frame, num_sites=4, how=how, alpha=0.5, seed=42)
-    rows = np.concatenate(parts)
-    assert len(parts) == 4 and all(len(p) > 0 for p in parts)
-    assert len(rows) == len(set(rows.tolist())) <= 600
-    assert all((a == b).all() for a, b in zip(parts, again, strict=True))
-    if how != "dirichlet":
-        assert len(rows) == 600
-
-
-def test_natural_sites_hold_disjoint_conditions():
-    frame = load_drugreview("train", LABELS)
-    parts = partition(frame, num_sites=4, how="natural", alpha=0.5, seed=42)
-    conditions = [set(frame.iloc[p]["condition"]) for p in parts]
-    for i in range(4):
-        for j in range(i + 1, 4):
-            assert not conditions[i] & conditions[j]
-
-
-def test_split_is_seeded_disjoint_and_stable_under_add_remove():
-    texts = [f"review number {i}" for i in range(200)]
-    tr, va = split_train_val(texts, val_fraction=0.2, seed=1)
-    tr2, va2 = split_train_val(texts, val_fraction=0.2, seed=1)
-    assert 25 <= len(va) <= 55 and len(tr) + len(va) == 200  # ~20 %, decided row by row
-    assert not set(tr) & set(va)
-    assert (tr == tr2).all() and (va == va2).all()
-    # Neighbouring data sets (one row removed): every other row stays on its side, as DP accounting assumes.
-    drop = int(va[0])
-    rest = texts[:drop] + texts[drop + 1:]
-    tr3, va3 = split_train_val(rest, val_fraction=0.2, seed=1)
-    assert {rest[i] for i in va3} == {texts[i] for i in va} - {texts[drop]}
-    assert {rest[i] for i in tr3} == {texts[i] for i in tr}
-    # A tiny site still gets one row on each side.
-    tr4, va4 = split_train_val(["a", "b"], val_fraction=0.2, seed=1)
-    assert len(tr4) == 1 and len(va4) == 1
 
 
 def _load(path, **kw):
@@ -100,17 +60,3 @@ def test_one_unusable_row_is_dropped_at_the_site_not_a_reason_to_fail(tmp_path, 
     rows = _load(path)
     assert rows["text"].tolist() == ["fine", "bad", "ok"] and rows["label"].tolist() == [2, 0, 2]
     assert "2 row(s) without text or with a label outside" in caplog.text and "superb" not in caplog.text
-
-
-def test_a_path_template_gives_each_simulated_site_its_own_file(tmp_path):
-    from client.data import SiteIdentity, site_rows
-    from common.config import AppConfig
-
-    for pid in (0, 1):
-        pd.DataFrame({"review": [f"text {pid} {i}" for i in range(4)], "rating": [1, 5, 9, 10]}).to_csv(
-            tmp_path / f"site-{pid}.csv", index=False)
-    cfg = AppConfig.from_run_config({"data.source": "files", "data.files": str(tmp_path / "site-{partition}.csv")})
-    rows = site_rows(cfg.data, SiteIdentity("site-1", 1, 2, ""))
-    assert rows["text"].tolist() == [f"text 1 {i}" for i in range(4)]
-    with pytest.raises(ValueError, match="data.files must be a path template using only"):
-        AppConfig.from_run_config({"data.files": "x/{nope}.csv"})

@@ -1,29 +1,14 @@
-"""Fault injection: scenarios parse (or say what is wrong), data faults change a site's rows as declared, and the
-ClientApp misbehaves as told."""
+"""Simulation only: data faults change a site's rows as declared, and the ClientApp misbehaves as told (parsing a
+scenario's faults: tests/common/test_config.py)."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from common.config import AppConfig, load_overrides
+from client.faults import corrupt_rows
+from common.config import at_site
+from common.config import parse_faults as parse
 from common.datasets import LABEL, TEXT
-from common.faults import at_site, corrupt_rows, parse
-
-
-def test_scenarios_parse_and_bad_ones_name_the_entry(tmp_path):
-    f = parse('[{"site": "site-1", "kind": "label_noise", "rate": 0.4}, {"site": "site-2", "kind": "crash"}]')
-    assert [(x.site, x.kind) for x in f] == [("site-1", "label_noise"), ("site-2", "crash")]
-    assert f[0]["rate"] == 0.4 and f[1]["round"] == 2  # declared, or the kind's default
-    with pytest.raises(ValueError, match="faults\\[0\\]: unknown kind 'melt'; known kinds: label_noise"):
-        parse('[{"site": "a", "kind": "melt"}]')
-    with pytest.raises(ValueError, match="faults\\[0\\] \\(crash\\): unknown parameter\\(s\\) rate; crash takes round"):
-        parse('[{"site": "a", "kind": "crash", "rate": 1}]')
-    # A scenario file's [[faults]] tables become the one JSON string every node sees.
-    (tmp_path / "s.toml").write_text('[[faults]]\nsite = "site-0"\nkind = "label_flip"\nfrom = 2\nto = 0\n')
-    cfg = AppConfig.from_run_config(load_overrides(tmp_path / "s.toml"))
-    assert parse(cfg.faults)[0].params == {"from": 2, "to": 0}
-    with pytest.raises(ValueError, match="invalid fedlens config"):
-        AppConfig.from_run_config({"faults": "not json"})
 
 
 def _rows(n=1000):
