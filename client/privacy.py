@@ -17,9 +17,10 @@ import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp
 
+from common.rounds import NEIGHBOURING_RELATION  # noqa: F401 (the relation every entry here is accounted under)
+
 DPSGD, SUMMARY, CENSUS = "dpsgd", "summary", "census"
 EXACT = "exact"  # a run without DP: exact weights, sizes and summaries left the site (ε = ∞ on that data)
-NEIGHBOURING_RELATION = "add_remove"  # what every entry is accounted under (report --json states it)
 
 
 @dataclass(frozen=True)

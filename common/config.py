@@ -317,11 +317,11 @@ class AppConfig:
     raw: RunConfig = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_run_config(cls, run_config: RunConfig) -> AppConfig:
+    def from_run_config(cls, run_config: RunConfig, *, validate: bool = True) -> AppConfig:
         """Build and validate the tree from a flat Flower run config.
 
         Missing keys take the pyproject default (Flower's `run_simulation` passes an empty run config), so a
-        ClientApp and a ServerApp always see the same complete tree.
+        ClientApp and a ServerApp always see the same complete tree. `validate=False` only for `from_stored`.
 
         Raises:
             ValueError: listing every problem at once, each naming the key, its value and what is allowed.
@@ -352,10 +352,22 @@ class AppConfig:
             store=StoreConfig(**sections["store"]),
             raw=flat,
         )
-        problems.extend(cfg.problems())
+        if validate:
+            problems.extend(cfg.problems())
         if problems:
             raise ValueError("invalid fedlens config:\n  - " + "\n  - ".join(problems))
         return cfg
+
+    @classmethod
+    def from_stored(cls, stored: RunConfig) -> AppConfig:
+        """The tree of a stored run's config (validated when its run started), for readers of the store.
+
+        Keys this version does not know (an older or newer version's) are dropped and missing ones take today's
+        defaults; values are not checked again: a model folder may be missing on the reading machine, or a value an
+        older version allowed may be refused today, and neither should stop a report.
+        """
+        known = default_run_config()
+        return cls.from_run_config({k: v for k, v in stored.items() if k in known}, validate=False)
 
     @cached_property
     def injected(self) -> tuple[Fault, ...]:

@@ -105,6 +105,10 @@ class SiteRoundRow:
     update_cosine_median: float | None = None  # ... to their coordinate-wise median
 
 
+# The neighbouring relation every ledger entry is accounted under (client/privacy.py; `fedlens report` states it).
+NEIGHBOURING_RELATION = "add_remove"
+
+
 @dataclass
 class LedgerRow:
     """One entry of a site's privacy ledger, as the site reported spending it."""

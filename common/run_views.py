@@ -11,18 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import AppConfig, default_run_config
+from common.config import AppConfig
 
 # Event kinds (not finding kinds) that name a site which failed; a site that failed before it joined shows only here.
 FAILURE_EVENTS = ("site-failed", "run-failed")
 METRICS = ("accuracy", "macro_f1", "loss", "train_loss")  # of a site's latest evaluation, as both readers show them
-
-
-class _StoredConfig(AppConfig):
-    # A stored config was validated when its run started. Validating it again would refuse a run whose model folder
-    # is not on the machine reading the store (or a value an older version allowed), so a reader skips that step.
-    def problems(self) -> list[str]:
-        return []
 
 
 def run_config(run: dict[str, Any]) -> AppConfig:
@@ -31,8 +24,7 @@ def run_config(run: dict[str, Any]) -> AppConfig:
 
     Keys this version does not know (a later or earlier version's) are left out; the values are not validated again.
     """
-    known = default_run_config()
-    return _StoredConfig.from_run_config({k: v for k, v in run["config"].items() if k in known})
+    return AppConfig.from_stored(run["config"])
 
 
 @dataclass(frozen=True)

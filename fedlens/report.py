@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from client.privacy import NEIGHBOURING_RELATION
+from common.rounds import NEIGHBOURING_RELATION
 from common.run_store import load_run, load_summaries
 from common.run_views import run_config, site_views
 

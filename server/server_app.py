@@ -10,7 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.checkpoints import Checkpoints
-from common.config import AppConfig, parse_faults
+from common.config import AppConfig
 from common.log import get_logger
 from common.model import build_model, load_tokenizer, load_trainable_state, save_final_model, trainable_state
 from common.rounds import Event
@@ -72,7 +72,7 @@ def main(grid: Grid, context: Context) -> None:
     if resumed is None:
         writer.start(scenario=cfg.scenario, rounds_planned=cfg.num_server_rounds, model=model_description(cfg),
                      config=cfg.raw, parent=parent)
-        writer.record_faults([(f.site, f.kind, f.params) for f in parse_faults(cfg.faults)])
+        writer.record_faults([(f.site, f.kind, f.params) for f in cfg.injected])
     log.info("fedlens run %s -> %s", run_id, Path(cfg.store.path).resolve())
     try:
         tokenizer = load_tokenizer(cfg.model)

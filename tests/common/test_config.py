@@ -61,3 +61,16 @@ def test_scenarios_parse_and_bad_ones_name_the_entry(tmp_path):
     assert parse_faults(cfg.faults)[0].params == {"from": 2, "to": 0}
     with pytest.raises(ValueError, match="invalid fedlens config"):
         AppConfig.from_run_config({"faults": "not json"})
+
+
+def test_a_stored_config_is_read_with_todays_defaults_and_without_its_checks():
+    cfg = AppConfig.from_stored({"data.labels": "neg,neu,pos", "dp.loss-clip": 2.5})
+    assert cfg.data.labels == ("neg", "neu", "pos") and cfg.dp.loss_clip == 2.5
+    assert AppConfig.from_stored({}).dp.loss_clip == 3.0  # pyproject's default
+    # An older store: a key this version dropped, a value its checks now refuse, a model folder not on this
+    # machine: a reader still gets the run's own values.
+    old = AppConfig.from_stored({"data.labels": "x,y,z", "train.class-weighting": "none", "dp.max-grad-norm": 0.0,
+                                 "model.path": "/nowhere/model"})
+    assert old.data.labels == ("x", "y", "z") and old.dp.max_grad_norm == 0.0 and old.model.path == "/nowhere/model"
+    with pytest.raises(ValueError, match="dp.max-grad-norm"):
+        AppConfig.from_run_config({"dp.max-grad-norm": 0.0})  # a run about to start is checked

@@ -2,13 +2,11 @@
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from common.rounds import Finding, RoundRecord, SiteRoundRow
 from common.run_store import RunWriter, load_round_records
 from fedlens.cli import app
-from fedlens.diagnose import run_config
 
 
 def _store(path):
@@ -45,16 +43,3 @@ def test_diagnose_reruns_the_current_rules_and_names_what_changed(tmp_path):
     assert "recorded, not found now: b:straggler" in text and "site d: data file /x.csv does not exist" in text
     missing = CliRunner().invoke(app, ["diagnose", "--store", str(tmp_path / "none.db")])
     assert missing.exit_code == 1 and "does not exist" in missing.output
-
-
-def test_a_stored_config_gives_the_runs_labels_and_loss_clip_with_defaults_for_the_rest():
-    cfg = run_config({"data.labels": "neg,neu,pos", "dp.loss-clip": 2.5})
-    assert cfg.data.labels == ("neg", "neu", "pos") and cfg.dp.loss_clip == 2.5
-    assert run_config({}).dp.loss_clip == 3.0  # pyproject's default
-    # An older store: a key this version dropped, and a value its checks now refuse; the run's own labels and
-    # loss clip are still read.
-    old = run_config({"data.labels": "x,y,z", "dp.loss-clip": 2.0, "train.class-weighting": "none",
-                      "dp.max-grad-norm": 0.0})
-    assert old.data.labels == ("x", "y", "z") and old.dp.loss_clip == 2.0
-    with pytest.raises(ValueError, match="data.labels must be at least two"):
-        run_config({"data.labels": "only"})
