@@ -31,6 +31,12 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 DEFAULT_STORE = "runs/fedlens.db"
 
 
+# Options several commands share.
+StoreOption = Annotated[Path, typer.Option(help="run store file")]
+RunOption = Annotated[str | None, typer.Option(help="run id (default: the newest run)")]
+JsonOption = Annotated[bool, typer.Option("--json", help="print one JSON object")]
+
+
 def _fail(message: str, code: int = 1) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -128,8 +134,8 @@ def _run_with_progress(config: dict, cfg, store_path: Path, ray_address: str) ->
 
 @app.command()
 def report(
-    store: Annotated[Path, typer.Option(help="run store file")] = Path(DEFAULT_STORE),
-    run: Annotated[str | None, typer.Option(help="run id (default: the newest run)")] = None,
+    store: StoreOption = Path(DEFAULT_STORE),
+    run: RunOption = None,
     json_: Annotated[bool, typer.Option("--json", help="print the JSON contract of docs/report-schema.md")] = False,
 ) -> None:
     """Print a run: status, global and per-site metrics, ε per site, failures."""
@@ -146,9 +152,9 @@ def report(
 
 @app.command()
 def diagnose(
-    store: Annotated[Path, typer.Option(help="run store file")] = Path(DEFAULT_STORE),
-    run: Annotated[str | None, typer.Option(help="run id (default: the newest run)")] = None,
-    json_: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    store: StoreOption = Path(DEFAULT_STORE),
+    run: RunOption = None,
+    json_: JsonOption = False,
 ) -> None:
     """Run this version's diagnosis again over a stored run's rounds and compare with the findings it recorded
     (writes nothing; no site is contacted)."""
@@ -186,9 +192,9 @@ def diagnose(
 def whatif(
     round_: Annotated[int, typer.Option("--round", help="the round to re-aggregate")],
     exclude: Annotated[str, typer.Option(help="comma-separated site names to leave out")],
-    store: Annotated[Path, typer.Option(help="run store file")] = Path(DEFAULT_STORE),
-    run: Annotated[str | None, typer.Option(help="run id (default: the newest run)")] = None,
-    json_: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    store: StoreOption = Path(DEFAULT_STORE),
+    run: RunOption = None,
+    json_: JsonOption = False,
 ) -> None:
     """Re-aggregate a round without some sites and compare both global models on the server's test set."""
     import json
@@ -220,7 +226,7 @@ def replay(
     round_: Annotated[int, typer.Option("--round", help="start from this round's checkpoint of the run")],
     exclude: Annotated[str, typer.Option(help="comma-separated sites not asked to train in the replay")] = "",
     weight: Annotated[list[str] | None, typer.Option(help="down-weight a site: site=0.5 (repeatable)")] = None,
-    store: Annotated[Path, typer.Option(help="run store file")] = Path(DEFAULT_STORE),
+    store: StoreOption = Path(DEFAULT_STORE),
     run: Annotated[str | None, typer.Option(help="the run to replay (default: the newest run)")] = None,
     ray_address: Annotated[str, typer.Option(help="connect to an existing Ray cluster")] = "",
 ) -> None:
@@ -262,7 +268,7 @@ def bench(
                                                       "this folder with this version's diagnosis (no new runs)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="diagnosis: a config key for every scenario, e.g. "
                                                                  "--set model.tiny=false (the real MiniLM)")] = None,
-    json_: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    json_: JsonOption = False,
 ) -> None:
     """Measure the performance figures, or score the diagnosis on a suite of fault scenarios."""
     import json
@@ -306,7 +312,7 @@ def audit_privacy(
                                                 "certify at most about log m, so a claim above what it can reach "
                                                 "reads 'inconclusive'")] = 1.0,
     confidence: Annotated[float, typer.Option(help="confidence of the lower bound")] = 0.95,
-    json_: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    json_: JsonOption = False,
 ) -> None:
     """One-run audit of the site's DP-SGD (Steinke et al. 2023): an ε lower bound to compare with the claim.
     Exit code 1 when the bound exceeds the claimed ε (violated); 0 when consistent or inconclusive."""
@@ -326,7 +332,7 @@ def audit_privacy(
 
 @app.command()
 def dashboard(
-    store: Annotated[Path, typer.Option(help="run store file")] = Path(DEFAULT_STORE),
+    store: StoreOption = Path(DEFAULT_STORE),
     port: Annotated[int, typer.Option(help="port to serve on")] = 8501,
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
 ) -> None:

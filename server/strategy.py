@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import Message, MessageType, RecordDict
@@ -22,6 +23,7 @@ from server.findings import Diagnosis, FindingsTracker
 from server.prior import LabelCounts
 
 log = get_logger()
+T = TypeVar("T")
 POLL_MIN = 0.005  # seconds between polls for replies right after one arrived (then doubling up to poll_interval)
 
 
@@ -265,29 +267,29 @@ class DebugFedAvg:
         rec.sites.append(SiteRoundRow(site=r.site, phase=phase, status="failed", reason=reason))
         rec.events.append(Event("site-failed", f"{r.site} failed in {phase}: {reason}", r.site))
 
+    def _readable(self, replies: list[SiteReply], phase: str, rec: RoundRecord,
+                  unpack: Callable[[RecordDict], T]) -> Iterator[tuple[SiteReply, T]]:
+        """(reply, its unpacked content) for every site that answered something readable; a silent site, an error
+        or a malformed reply is recorded as failed for the phase, with the reason, and the round goes on."""
+        for r in replies:
+            if r.message is None or r.message.has_error():
+                self._failed(r, phase, rec)
+                continue
+            try:
+                content = unpack(r.message.content)
+            except (KeyError, ValueError, TypeError) as e:
+                self._failed(r, phase, rec, f"malformed reply: {e}")
+                continue
+            yield r, content
+
     def _collect_train(self, replies: list[SiteReply], global_arrays: Arrays,
                        rec: RoundRecord) -> Updates:
         """site -> (accepted weights, examples); every other reply is recorded with its reason."""
         updates: Updates = {}
-        for r in replies:
-            if r.message is None or r.message.has_error():
-                self._failed(r, "train", rec)
-                continue
-            try:
-                tr = records.unpack_train_reply(r.message.content)
-            except (KeyError, ValueError, TypeError) as e:
-                self._failed(r, "train", rec, f"malformed reply: {e}")
-                continue
+        for r, tr in self._readable(replies, "train", rec, records.unpack_train_reply):
             self._register(r.node_id, tr.site)
-            row = SiteRoundRow(site=tr.site.name, phase="train", status=tr.site.status, reason=tr.site.reason,
-                               num_examples=tr.num_examples, epsilon=_eps(tr.epsilon),
-                               epsilon_budget=tr.epsilon_budget if tr.epsilon >= 0 else None, delta=tr.delta,
-                               noise_multiplier=tr.noise_multiplier, sample_rate=tr.sample_rate, steps=tr.steps,
-                               seconds=tr.seconds, epsilon_training=_eps(tr.epsilon_training),
-                               epsilon_diagnostics=_eps(tr.epsilon_diagnostics),
-                               diagnostics_seconds=tr.diagnostics_seconds, started_at=tr.started_at or None,
-                               ended_at=tr.ended_at or None, epsilon_lifetime=_eps(tr.epsilon_lifetime),
-                               epsilon_cap=tr.epsilon_cap if tr.epsilon_lifetime >= 0 else None)
+            row = _row("train", tr, epsilon_budget=tr.epsilon_budget if tr.epsilon >= 0 else None, delta=tr.delta,
+                       sample_rate=tr.sample_rate, steps=tr.steps)
             if tr.site.status != records.STATUS_OK or tr.arrays is None:
                 rec.events.append(Event("site-refused", tr.site.reason, tr.site.name))
             else:
@@ -327,22 +329,8 @@ class DebugFedAvg:
         # Sites that trained this round (a rejected update was still trained): their summaries carry train losses.
         trained = {r.site: r for r in rec.sites if r.phase == "train"
                    and (r.status == "ok" or r.reason.startswith("update rejected"))}
-        for r in replies:
-            if r.message is None or r.message.has_error():
-                self._failed(r, "evaluate", rec)
-                continue
-            try:
-                ev = records.unpack_eval_reply(r.message.content)
-            except (KeyError, ValueError, TypeError) as e:
-                self._failed(r, "evaluate", rec, f"malformed reply: {e}")
-                continue
-            row = SiteRoundRow(site=ev.site.name, phase="evaluate", status=ev.site.status, reason=ev.site.reason,
-                               num_examples=ev.num_examples, epsilon=_eps(ev.epsilon),
-                               noise_multiplier=ev.noise_multiplier, epsilon_training=_eps(ev.epsilon_training),
-                               epsilon_diagnostics=_eps(ev.epsilon_diagnostics), seconds=ev.seconds,
-                               diagnostics_seconds=ev.diagnostics_seconds, started_at=ev.started_at or None,
-                               ended_at=ev.ended_at or None, epsilon_lifetime=_eps(ev.epsilon_lifetime),
-                               epsilon_cap=ev.epsilon_cap if ev.epsilon_lifetime >= 0 else None)
+        for _, ev in self._readable(replies, "evaluate", rec, records.unpack_eval_reply):
+            row = _row("evaluate", ev)
             if ev.blocks is None:
                 if ev.site.status != records.STATUS_OK:  # ok without a summary: dp.diagnostics-share = 0
                     rec.events.append(Event("site-refused", ev.site.reason, ev.site.name))
@@ -380,6 +368,18 @@ class DebugFedAvg:
         g = diagnostics.derive(summed, loss_clip=self.loss_clip, n_val=n_val, n_train=n_train, trained=n_train > 0)
         return {"accuracy": g["accuracy"], "macro_f1": g["macro_f1"], "loss": g["loss"]["val"],
                 "train_loss": g["loss"]["train"]}
+
+
+def _row(phase: str, reply: records.TrainReply | records.EvalReply, **extra: object) -> SiteRoundRow:
+    """The row of a site's reply: what every reply carries (status, size, ε, σ, timings), plus the phase's own."""
+    return SiteRoundRow(site=reply.site.name, phase=phase, status=reply.site.status, reason=reply.site.reason,
+                        num_examples=reply.num_examples, epsilon=_eps(reply.epsilon),
+                        noise_multiplier=reply.noise_multiplier, seconds=reply.seconds,
+                        epsilon_training=_eps(reply.epsilon_training),
+                        epsilon_diagnostics=_eps(reply.epsilon_diagnostics),
+                        diagnostics_seconds=reply.diagnostics_seconds, started_at=reply.started_at or None,
+                        ended_at=reply.ended_at or None, epsilon_lifetime=_eps(reply.epsilon_lifetime),
+                        epsilon_cap=reply.epsilon_cap if reply.epsilon_lifetime >= 0 else None, **extra)
 
 
 def _reason(r: SiteReply) -> str:
