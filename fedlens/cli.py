@@ -211,7 +211,7 @@ def whatif(
         typer.echo(json.dumps(out, indent=2))
         return
     typer.echo(f"run {out['run_id']} round {out['round']}: without {', '.join(out['excluded'])} "
-               f"({len(out['sites_used'])} site(s), {out['examples_used']} examples left); "
+               f"({len(out['sites_used'])} site(s), {out['examples_used']} examples, by {out['aggregation']}); "
                f"weights moved by {out['distance']:.4f}")
     if out["actual"] is None:
         typer.echo(out.get("note", ""))

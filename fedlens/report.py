@@ -91,7 +91,8 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
         "rounds_completed": len(rounds),
         "dp": dp_on,
         "neighbouring_relation": NEIGHBOURING_RELATION if dp_on else None,
-        "diagnostics_share": cfg.dp.diagnostics_share if dp_on else None,
+        # Stores from before the share existed hold no such key: null, not today's default.
+        "diagnostics_share": cfg.dp.diagnostics_share if dp_on and "dp.diagnostics-share" in run["config"] else None,
         "global": {**_metrics(last), "train_loss": _clean(last["train_loss"]) if last else None,
                    "noised": dp_on},
         "test": _metrics(last, "test_") if last and last["test_accuracy"] is not None else None,

@@ -65,8 +65,12 @@ def krum(updates: Updates, *, byzantine: int = 1) -> tuple[Arrays, dict[str, flo
     dist = np.maximum(sq[:, None] + sq[None, :] - 2 * flat @ flat.T, 0.0)
     near = max(1, len(sites) - byzantine - 2)
     scores = {s: float(np.sort(dist[i])[1:near + 1].sum()) for i, s in enumerate(sites)}
-    keep = sorted(sites, key=scores.get)[:max(1, len(sites) - byzantine)]
-    return fedavg({s: updates[s] for s in keep}), scores
+    return fedavg({s: updates[s] for s in krum_selection(scores, byzantine=byzantine)}), scores
+
+
+def krum_selection(scores: dict[str, float], *, byzantine: int) -> list[str]:
+    """The n − f sites with the lowest Krum scores: the ones Multi-Krum averages."""
+    return sorted(scores, key=scores.get)[:max(1, len(scores) - byzantine)]
 
 
 def aggregate(updates: Updates, rule: str, *, trim_fraction: float = 0.2,

@@ -17,7 +17,7 @@ from typing import Any
 from common.checkpoints import Checkpoints
 from common.config import AppConfig
 from common.run_store import load_run
-from server.aggregate import aggregate, update_norm
+from server.aggregate import aggregate, krum_selection, update_norm
 
 
 @lru_cache(maxsize=2)
@@ -51,11 +51,14 @@ def reaggregate(store: str | Path, run_id: str | None, round_: int, exclude: lis
     server = AppConfig.from_run_config(dict(run["config"])).server
     # The rule the run used: a median round re-aggregated by FedAvg would show the effect of the rule, not of the
     # sites left out. Scores are not needed here.
-    without, _ = aggregate(kept, server.aggregation, trim_fraction=server.trim_fraction, byzantine=server.byzantine)
+    without, scores = aggregate(kept, server.aggregation, trim_fraction=server.trim_fraction,
+                                byzantine=server.byzantine)
+    # Multi-Krum averages only the n − f best of what is left; the other rules use every kept update.
+    used = krum_selection(scores, byzantine=server.byzantine) if server.aggregation == "krum" and scores else kept
     out: dict[str, Any] = {
-        "run_id": run["run_id"], "round": round_, "excluded": sorted(exclude), "sites_used": sorted(kept),
+        "run_id": run["run_id"], "round": round_, "excluded": sorted(exclude), "sites_used": sorted(used),
         "aggregation": server.aggregation,
-        "examples_used": sum(n for _, n in kept.values()),
+        "examples_used": sum(kept[s][1] for s in used),
         "distance": update_norm(without, actual),  # ‖re-aggregated − actual‖ over the travelling weights
         "actual": None, "without": None, "change": None,
     }

@@ -38,7 +38,8 @@ def body(snap: dict) -> None:
         st.error(str(e))
         return
     st.write(f"Round {rnd} without **{', '.join(out['excluded'])}**: {len(out['sites_used'])} site(s), "
-             f"{out['examples_used']} examples averaged; the global weights move by {out['distance']:.4f} (L2).")
+             f"{out['examples_used']} examples, aggregated by the run's own rule ({out['aggregation']}); the global "
+             f"weights move by {out['distance']:.4f} (L2).")
     if out["actual"] is None:
         st.info(out.get("note", "No test set to compare on."))
         return

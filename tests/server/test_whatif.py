@@ -66,6 +66,24 @@ def test_a_median_run_is_re_aggregated_by_its_median(tmp_path):
                                                         median(updates)[0]), rel=1e-2)
 
 
+def test_a_krum_run_reports_the_sites_krum_kept(tmp_path):
+    # Prepare: Multi-Krum with f = 1 over five sites, one far off.
+    store = tmp_path / "s.db"
+    cfg = AppConfig.from_run_config({**TINY, "server.aggregation": "krum", "server.byzantine": 1})
+    w = RunWriter(store, "k")
+    w.start(scenario="t", rounds_planned=1, model="m", config=cfg.raw)
+    base = trainable_state(build_model(cfg.model, cfg.data.labels, seed=0))
+    shifts = {"a": 1.0, "b": 1.1, "c": 1.2, "d": 1.3, "x": 50.0}
+    updates = {s: (OrderedDict((k, v + np.float32(d)) for k, v in base.items()), 10) for s, d in shifts.items()}
+    ckpt = Checkpoints(store, "k", keep=5)
+    ckpt.save(0, base, {})
+    ckpt.save(1, fedavg(updates), updates)
+    # Execute: leave a out; Krum drops the worst of the four left (x) and averages b, c, d.
+    out = reaggregate(store, "k", 1, ["a"])
+    # Assert
+    assert out["aggregation"] == "krum" and out["sites_used"] == ["b", "c", "d"] and out["examples_used"] == 30
+
+
 def test_bad_requests_say_what_is_possible(kept_run):
     store, _ = kept_run
     with pytest.raises(ValueError, match="site\\(s\\) zz contributed no update to round 1; its contributors were: a, b, c"):
