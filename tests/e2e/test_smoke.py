@@ -102,8 +102,12 @@ def test_smoke_run_report(smoke_store):
         assert s["metrics"]["accuracy"] is not None
     for key in ("accuracy", "macro_f1", "loss"):
         assert rep["global"][key] is not None and rep["test"][key] is not None
-    # Findings the tiny model may earn (DP noise dominating, collapse); never a site failure in a clean run.
-    assert {f["kind"] for f in rep["findings"]} <= {"dp_noise_dominates", "majority_collapse"}
+    # Never a directly observed site fault in a clean run. (The statistical tests are not pinned here: on 3 tiny
+    # sites over 2 rounds, under fresh DP noise, the loss test raised a data_shift false alarm in 1 of 3 runs
+    # measured on 2026-12-01, with a findings engine checked equal to the one before the layout change; their
+    # false-alarm rate is what `fedlens bench diagnosis` measures.)
+    direct = {"site_failed", "update_rejected", "budget_exhausted", "free_rider", "divergence", "straggler"}
+    assert not direct & {f["kind"] for f in rep["findings"]}
     assert rep["schema_version"] == 5 and 0 < rep["diagnostics_share"] < 1
     assert rep["neighbouring_relation"] == "add_remove"
     for s in rep["sites"]:
