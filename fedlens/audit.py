@@ -51,7 +51,6 @@ from common.config import PROJECT_ROOT, AppConfig
 from common.model import Encoded
 
 MECHANISMS = ("fedlens", "scaled-noise", "seeded-noise")
-ATTACKS = ("white-box", "seed-replay")  # every audit tries both: the auditor does not know which bug to expect
 DEFAULT_SCENARIO = PROJECT_ROOT / "simulations" / "smoke.toml"
 REAL_ROWS = 1024  # embedding rows for the real examples' tokens (token id mod this); canary rows come after
 GRAD_OVER_CLIP = 10.0  # a canary's gradient norm at the start, in units of C: clipping always cuts it to exactly C
