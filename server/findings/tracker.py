@@ -38,7 +38,8 @@ def current(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
 class Diagnosis:
     """Accumulates each round's evidence and returns the statistical findings that hold after it."""
 
-    def __init__(self, loss_clip: float = 3.0, class_names: tuple[str, ...] | None = None) -> None:
+    def __init__(self, *, loss_clip: float, class_names: tuple[str, ...] | None = None) -> None:
+        # loss_clip: the run's dp.loss-clip (the loss blocks are in its units); class_names: data.labels.
         self.loss_clip = loss_clip
         self.names = class_names
         self.sites: dict[str, SiteEvidence] = {}
@@ -91,9 +92,9 @@ class FindingsTracker:
     """Remembers which findings are open, so each is recorded when it appears (or reappears), not every round; the
     statistical diagnosis (Diagnosis) accumulates its evidence over the rounds here."""
 
-    def __init__(self, diagnosis: Diagnosis | None = None) -> None:
+    def __init__(self, diagnosis: Diagnosis) -> None:
         self.open: set[tuple[str | None, str]] = set()
-        self.diagnosis = diagnosis or Diagnosis()
+        self.diagnosis = diagnosis
         self.history: list[dict[str, float | None]] = []
 
     def update(self, rec: RoundRecord) -> list[Finding]:
@@ -105,7 +106,7 @@ class FindingsTracker:
         return new
 
 
-def rediagnose(records: list[RoundRecord], *, loss_clip: float = 3.0,
+def rediagnose(records: list[RoundRecord], *, loss_clip: float,
                class_names: tuple[str, ...] | None = None) -> list[tuple[int, Finding]]:
     """The findings the current code draws from a stored run's rounds, as (round, finding) in the order they would
     have been recorded: for a run made before a diagnosis change, or to check what was recorded."""

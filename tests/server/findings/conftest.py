@@ -42,7 +42,7 @@ def released_run(faults, rounds=4, n=96, seed=0, loss=None, shares=None, trained
     rng = np.random.default_rng(seed)
     truth = {f"site-{i}": _histogram(rng, n, faults.get(f"site-{i}"), P if shares is None else shares[i])
              for i in range(5)}
-    diag, first = Diagnosis(class_names=NAMES), {}
+    diag, first = Diagnosis(loss_clip=3.0, class_names=NAMES), {}
     for r in range(1, rounds + 1):
         rec = RoundRecord(round=r, seconds=1.0)
         for site, h in truth.items():
@@ -65,7 +65,7 @@ def released_run(faults, rounds=4, n=96, seed=0, loss=None, shares=None, trained
 
 def probed_run(vectors, rounds=2):
     """The findings after `rounds` rounds in which each site's local model gave `vectors[site]` on public texts."""
-    diag = Diagnosis(class_names=NAMES)
+    diag = Diagnosis(loss_clip=3.0, class_names=NAMES)
     for r in range(1, rounds + 1):
         rec = RoundRecord(round=r, seconds=1.0)
         for site, v in vectors.items():

@@ -5,12 +5,12 @@ import numpy as np
 
 import server.findings.labels
 from common.rounds import SiteRoundRow
-from server.findings import FindingsTracker, current
+from server.findings import Diagnosis, FindingsTracker, current
 from tests.server.findings.conftest import P, released_run, round_record
 
 
 def test_a_finding_is_recorded_when_it_appears_and_again_only_after_it_cleared():
-    tracker = FindingsTracker()
+    tracker = FindingsTracker(Diagnosis(loss_clip=3.0))
     first = tracker.update(round_record(1, fail=True))
     assert {(f.site, f.kind) for f in first} == {("c", "budget_exhausted"), ("d", "update_rejected"),
                                                  ("e", "site_failed")}
