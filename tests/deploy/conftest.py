@@ -81,9 +81,13 @@ class Deployment:
                        capture_output=True, env=self.env)
 
     def start_link(self) -> None:
+        # The log is appended to across restarts: wait for this start's line, not the previous one's (a restarted
+        # SuperLink found "ready" by the old line was asked for a run before it listened, under load).
+        ready = "Starting Flower SuperExec"
+        before = self.log("link").count(ready)
         self.start("link", self.fedlens("link", "--certs", str(self.certs), "--port", str(self.port), "--database",
                                         str(self.root / "superlink.db")))
-        self.wait_for(lambda: "Starting Flower SuperExec" in self.log("link"), 30, "the SuperLink to start")
+        self.wait_for(lambda: self.log("link").count(ready) > before, 30, "the SuperLink to start")
 
     def register(self, site: str) -> None:
         out = self.flwr("supernode", "register", str(self.certs / "sites" / f"{site}.pub"), "test", "--name", site)
