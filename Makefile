@@ -45,7 +45,7 @@ test: install  ## the suite CI runs, slow end-to-end simulations included (deplo
 test-fast: install  ## without the end-to-end simulation
 	$(BIN)/pytest -q -m "not slow and not deploy"
 
-test-deploy: install  ## real SuperLink + SuperNodes over TLS on loopback: faults, kills, restarts (~10 min)
+test-deploy: install  ## real SuperLink + SuperNodes over TLS on loopback: faults, kills, restarts (~20 min on 2 cores)
 	$(BIN)/pytest -q -m deploy tests/deploy
 
 bench: install  ## the performance figures of docs/PERFORMANCE.md (~20 min on 2 cores)
