@@ -240,6 +240,11 @@ class SiteRun:
     def epsilons(self) -> tuple[float, float, float, float]:
         return self.acc.epsilons() if self.cfg.dp.enabled else (NOT_PRIVATE,) * 4
 
+    def planned_rounds(self, state: RecordDict, num_rounds: int) -> int:
+        """The rounds this run's budget is planned for (the instruction's count, else num-server-rounds), fixed at
+        the site's first message of the run."""
+        return planned_rounds(state, num_rounds or self.cfg.num_server_rounds)
+
     def plan_training(self, state: RecordDict, server_round: int, num_rounds: int) -> TrainPlan:
         """This round's training: its config and data (after injected faults), σ, the schedule, and the charge,
         checked (not yet spent) against the run's budget and the site's policy."""
@@ -250,8 +255,7 @@ class SiteRun:
         # The schedule follows the released size (an injected overfit fault's, on its few examples).
         schedule = privacy.dpsgd_schedule(n_public=scheduled_size(injected, self.census.n_train),
                                           batch_size=train_cfg.batch_size, local_epochs=train_cfg.local_epochs)
-        sigma = noise_multiplier(state, self.cfg, schedule, self.acc, self.name,
-                                 planned_rounds(state, num_rounds or self.cfg.num_server_rounds))
+        sigma = noise_multiplier(state, self.cfg, schedule, self.acc, self.name, self.planned_rounds(state, num_rounds))
         entry = privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma,
                                     schedule.sample_rate, schedule.steps, self.cfg.dp.max_grad_norm)
         # Checked first, then charged on the site's disk before training (`charge`).
@@ -267,8 +271,7 @@ class SiteRun:
         """σ of this round's summary release; 0 without DP, or with nothing to release (dp.diagnostics-share = 0)."""
         if not self.cfg.dp.enabled:
             return 0.0
-        rounds = planned_rounds(state, num_rounds or self.cfg.num_server_rounds)
-        return release_noise_multiplier(self.cfg, rounds) or 0.0
+        return release_noise_multiplier(self.cfg, self.planned_rounds(state, num_rounds)) or 0.0
 
     def summary_entry(self, server_round: int, sigma: float, cross_models: int) -> privacy.LedgerEntry:
         """The charge of a summary release (Δ grows with the local models of a cross-site evaluation)."""

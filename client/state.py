@@ -35,7 +35,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 
 from client.census import Census
 from client.privacy import CENSUS, LedgerEntry, from_state
@@ -176,7 +176,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _restore(context: Context, folder: Path, run_id: str) -> None:
-    if context.state.config_records.get(records.RUN_MARK, {}).get("run-id") == run_id:
+    if (records.read_state(context.state, records.RUN_MARK) or {}).get("run-id") == run_id:
         return  # already this run's state (the SuperNode kept it between messages)
     for name in records.SAVED:
         if name in context.state:
@@ -184,13 +184,12 @@ def _restore(context: Context, folder: Path, run_id: str) -> None:
     path = _run_file(folder, run_id, "json")
     if path.is_file():
         for name, values in json.loads(path.read_text()).items():
-            context.state[name] = ConfigRecord(values)
-    context.state[records.RUN_MARK] = ConfigRecord({"run-id": run_id})
+            records.write_state(context.state, name, values)
+    records.write_state(context.state, records.RUN_MARK, {"run-id": run_id})
 
 
 def _save(context: Context, folder: Path, run_id: str) -> None:
-    saved = {name: dict(context.state.config_records[name].items()) for name in records.SAVED
-             if name in context.state.config_records}
+    saved = {name: values for name in records.SAVED if (values := records.read_state(context.state, name)) is not None}
     _write_atomic(_run_file(folder, run_id, "json"), json.dumps(saved).encode())
 
 

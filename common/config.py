@@ -1,4 +1,5 @@
-"""Every step's settings: the one frozen config tree of a run: defaults from pyproject, overrides from a scenario, checked once.
+"""Every step's settings: the one frozen config tree of a run (defaults from pyproject, overrides from a scenario,
+checked once).
 
 Injected faults (simulation only) are parsed here too: the run config key `faults` holds a JSON list of
 {"site", "kind", ...parameters}; each site applies its own (client/faults.py) and the server records them as the
@@ -327,7 +328,6 @@ class AppConfig:
             ValueError: listing every problem at once, each naming the key, its value and what is allowed.
         """
         flat = resolve_run_config(dict(run_config))
-        problems: list[str] = []
         sections: dict[str, Any] = {}
         for name, sub in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig), ("dp", DPConfig),
                           ("server", ServerConfig), ("simulation", SimulationConfig), ("store", StoreConfig)):
@@ -352,8 +352,7 @@ class AppConfig:
             store=StoreConfig(**sections["store"]),
             raw=flat,
         )
-        if validate:
-            problems.extend(cfg.problems())
+        problems = cfg.problems() if validate else []
         if problems:
             raise ValueError("invalid fedlens config:\n  - " + "\n  - ".join(problems))
         return cfg

@@ -1,5 +1,5 @@
-"""Between the sites (steps 1-3) and the server (step 4): the message format: every record key, and pack / unpack of each message; and the name
-of every record a site keeps in its `context.state` (which never leaves it).
+"""Between the sites (steps 1-3) and the server (step 4): the message format, every record key and pack / unpack
+of each message; and the name of every record a site keeps in its `context.state` (which never leaves it).
 
 This is the only module in common/ that imports Flower. FedAvg-style averaging never sees the summary or the site
 info: they travel in their own ConfigRecords, and the server reads them through `unpack_*`.

@@ -27,6 +27,13 @@ def run_config(run: dict[str, Any]) -> AppConfig:
     return AppConfig.from_stored(run["config"])
 
 
+def diagnostics_share(run: dict[str, Any]) -> float | None:
+    """The share of its budget a DP run let its summaries spend, as the run recorded it; None without DP, or in a
+    store written before the share existed (not today's default: that run had no such share)."""
+    dp = run_config(run).dp
+    return dp.diagnostics_share if dp.enabled and "dp.diagnostics-share" in run["config"] else None
+
+
 @dataclass(frozen=True)
 class SiteView:
     """One site of a stored run, as the readers show it. Each ε is the most any of its rows reports (ε only grows)."""

@@ -33,6 +33,7 @@ def run(store: str, run_id: str) -> dict:
     snap = {k: pd.DataFrame(v) if isinstance(v, list) else v for k, v in raw.items()}
     snap["site_views"] = run_views.site_views(raw)
     snap["cfg"] = run_views.run_config(raw)
+    snap["diagnostics_share"] = run_views.diagnostics_share(raw)
     return snap
 
 

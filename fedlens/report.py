@@ -9,7 +9,7 @@ from typing import Any
 
 from common.rounds import NEIGHBOURING_RELATION
 from common.run_store import load_run, load_summaries
-from common.run_views import run_config, site_views
+from common.run_views import diagnostics_share, run_config, site_views
 
 LEDGER_KEYS = ("round", "kind", "mechanism", "noise_multiplier", "sample_rate", "steps", "sensitivity")
 # 2: per-site ledger, epsilon_training / epsilon_diagnostics, summary; 3: findings as site, kind, round, severity,
@@ -91,8 +91,7 @@ def build_report(store: str | Path, run_id: str | None = None) -> dict[str, Any]
         "rounds_completed": len(rounds),
         "dp": dp_on,
         "neighbouring_relation": NEIGHBOURING_RELATION if dp_on else None,
-        # Stores from before the share existed hold no such key: null, not today's default.
-        "diagnostics_share": cfg.dp.diagnostics_share if dp_on and "dp.diagnostics-share" in run["config"] else None,
+        "diagnostics_share": diagnostics_share(run),
         "global": {**_metrics(last), "train_loss": _clean(last["train_loss"]) if last else None,
                    "noised": dp_on},
         "test": _metrics(last, "test_") if last and last["test_accuracy"] is not None else None,

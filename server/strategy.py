@@ -62,7 +62,7 @@ class DebugFedAvg:
         self.checkpoints = checkpoints
         # Findings name classes as the engineer configured them (data.labels), not by index.
         self.findings = FindingsTracker(Diagnosis(loss_clip=loss_clip, class_names=tuple(class_names) or None))
-        self.run_id = writer.run_id  # sent with every instruction: sites key their saved ledger by it
+        self.run_id = writer.run_id  # sent with every instruction: sites key their run state and charges by it
         # Confident-learning thresholds sent with each evaluation: from the previous round's noised summaries.
         self.thresholds: list[float] | None = None
         # The loss's class prior sent with each train instruction: "released" (the sites' census and summaries,

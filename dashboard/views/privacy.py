@@ -12,10 +12,10 @@ def body(snap: dict) -> None:
     if not ui.dp_on(snap):
         st.info("This run has dp.enabled = false: nothing was noised and no ε was spent.")
         return
-    dp = snap["cfg"].dp
+    dp, share = snap["cfg"].dp, snap["diagnostics_share"]
     budget = float(dp.target_epsilon)
     st.caption(f"This run's budget per site: ε = {budget:g} at δ = {dp.target_delta}"
-               f"; summaries may spend {dp.diagnostics_share:.0%} of it."
+               + (f"; summaries may spend {share:.0%} of it." if share is not None else ".") +
                " Sample-level DP, **add/remove one example** (one row: a person with many rows is protected as a "
                "group, with an ε that grows with their rows). No exact size leaves a site: sizes, FedAvg weights and "
                "the DP-SGD schedule follow each site's noised census.")

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from common.config import PROJECT_ROOT, AppConfig, default_run_config
-from common.run_views import run_config, site_views
+from common.run_views import diagnostics_share, run_config, site_views
 
 
 def _row(site, round_, phase, status="ok", **values):
@@ -137,3 +137,9 @@ def test_run_views_imports_the_standard_library_only():
     assert proc.returncode == 0, proc.stderr
     top = {m.split(".")[0] for m in json.loads(proc.stdout)}
     assert top.isdisjoint({"pandas", "streamlit", "numpy", "torch", "flwr"}), sorted(top)
+
+
+def test_the_diagnostics_share_is_the_runs_own_never_a_default():
+    assert diagnostics_share(_run(config={"dp.enabled": True, "dp.diagnostics-share": 0.1})) == 0.1
+    assert diagnostics_share(_run(config={"dp.enabled": True})) is None  # a store from before the share existed
+    assert diagnostics_share(_run(config={"dp.enabled": False, "dp.diagnostics-share": 0.1})) is None
