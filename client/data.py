@@ -16,8 +16,19 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.faults import corrupt_rows
 from client.state import site_name
 from common.config import AppConfig, DataConfig
-from common.datasets import GROUP, LABEL, TEXT, SiteDataError, load_drugreview, load_file
-from common.model import Encoded, encode
+from common.datasets import (
+    GROUP,
+    HELD_OUT,
+    LABEL,
+    TEXT,
+    SiteDataError,
+    held_out,
+    load_debates,
+    load_drugreview,
+    load_file,
+    load_movies,
+)
+from common.model import Encoded, Split, encode
 
 
 @dataclass(frozen=True)
@@ -71,22 +82,28 @@ def site_rows(cfg: DataConfig, site: SiteIdentity) -> pd.DataFrame:
                                 "--node-config \"data-path='/path/to/data.csv'\"")
         return load_file(path, text_column=cfg.text_column, label_column=cfg.label_column, labels=cfg.labels,
                          site=site.name)
-    frame = _drugreview_train(cfg.labels)
-    parts = _partitions(cfg.labels, site.num_partitions, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed)
+    frame = pool(cfg.source, cfg.labels, cfg.seed)
+    parts = _partitions(cfg.source, cfg.labels, site.num_partitions, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed)
     if not 0 <= site.partition_id < len(parts):
         raise SiteDataError(f"site {site.name}: partition-id {site.partition_id} outside 0..{len(parts) - 1}")
     return frame.iloc[parts[site.partition_id]].reset_index(drop=True)
 
 
 @lru_cache(maxsize=4)
-def _drugreview_train(labels: tuple[str, ...]) -> pd.DataFrame:
+def pool(source: str, labels: tuple[str, ...], seed: int) -> pd.DataFrame:
+    """The rows an embedded workload shares out among its simulated sites: the drug reviews' train file (the test
+    file is the server's), or the movie snippets (debate statements) not held out for the server."""
+    if source in HELD_OUT:
+        frame = (load_movies if source == "movies" else load_debates)(labels)
+        return frame[~held_out(frame, source, seed)].reset_index(drop=True)
     return load_drugreview("train", labels)
 
 
 def partition(frame: pd.DataFrame, *, num_sites: int, how: str, alpha: float, seed: int) -> list[np.ndarray]:
     """Row indices of each site, using Flower Datasets' partitioners on an in-memory `datasets.Dataset`.
 
-    natural: sites are groups of whole conditions (clinics that treat different patients, non-IID);
+    natural: sites are groups of whole conditions or movies (clinics that treat different patients, critics'
+    circles that review different films: non-IID);
     iid: uniform random; dirichlet: label proportions per site drawn from Dir(alpha).
     """
     # Imported here: datasets pulls in pyarrow and friends, which the server and the dashboard do not need.
@@ -138,9 +155,10 @@ def split_train_val(texts: list[str], *, val_fraction: float, seed: int) -> tupl
 
 
 @lru_cache(maxsize=16)
-def _partitions(labels: tuple[str, ...], num_sites: int, how: str, alpha: float, seed: int) -> list[np.ndarray]:
+def _partitions(source: str, labels: tuple[str, ...], num_sites: int, how: str, alpha: float,
+                seed: int) -> list[np.ndarray]:
     # Every site computes the same partitioning from the same seed; caching spares it when a process hosts several.
-    return partition(_drugreview_train(labels), num_sites=num_sites, how=how, alpha=alpha, seed=seed)
+    return partition(pool(source, labels, seed), num_sites=num_sites, how=how, alpha=alpha, seed=seed)
 
 
 def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer, *, faults_allowed: bool = True) -> SiteData:  # noqa: ANN001
@@ -154,7 +172,8 @@ def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer, *, faults_allo
     if injected:  # a simulated faulty site (scenario ground truth)
         rows = corrupt_rows(rows, injected, num_classes=len(cfg.data.labels),
                             seed=cfg.data.seed + sum(map(ord, site.name)),
-                            elsewhere=_drugreview_train(cfg.data.labels) if "domain_shift" in injected else None)
+                            elsewhere=(pool(cfg.data.source if cfg.data.source != "files" else "drugreview",
+                                            cfg.data.labels, cfg.data.seed) if "domain_shift" in injected else None))
     if len(rows) < 2:
         raise SiteDataError(f"site {site.name}: fewer than 2 usable rows; expected at least 2 labelled examples")
     seed = cfg.data.seed + sum(map(ord, site.name))
@@ -169,9 +188,9 @@ def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer, *, faults_allo
     )
 
 
-def train_loader(data: Encoded, batch_size: int, seed: int) -> DataLoader:
-    """Batches of (input_ids, attention_mask, labels, row index); the index lets training record each example's
+def train_loader(data: Split, batch_size: int, seed: int) -> DataLoader:
+    """Batches of (*inputs, labels, row index); the index lets training record each example's
     loss at its first use in a round. Opacus replaces the sampler with Poisson sampling of the same expected batch
     size (sample_rate = 1 / len(loader))."""
-    dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels, torch.arange(len(data)))
+    dataset = TensorDataset(*data.inputs(), data.labels, torch.arange(len(data)))
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))

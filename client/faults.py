@@ -12,17 +12,13 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from common.config import AppConfig, Fault, TrainConfig
 from common.datasets import GROUP, LABEL, TEXT
-from common.model import Encoded
-
-if TYPE_CHECKING:
-    from client.data import SiteData
+from common.model import Split
 
 
 def corrupt_rows(rows: pd.DataFrame, faults: dict[str, Fault], *, num_classes: int, seed: int,
@@ -65,16 +61,17 @@ def _garble(text: str, rate: float, rng: np.random.Generator, letters: np.ndarra
     return "".join(chars)
 
 
-def faulty_training(injected: dict[str, Fault], cfg: AppConfig, data: SiteData) -> tuple[TrainConfig, Encoded]:
-    """Injected training faults: a learning rate blown up, or many epochs on a few examples."""
-    train_cfg, train_data = cfg.train, data.train
+def faulty_training(injected: dict[str, Fault], cfg: AppConfig, train: Split) -> tuple[TrainConfig, Split]:
+    """Injected training faults: a learning rate blown up, or many epochs on a few examples (of the train split,
+    tokens or features)."""
+    train_cfg, train_data = cfg.train, train
     if "lr_blowup" in injected:
         factor = float(injected["lr_blowup"]["factor"])
         train_cfg = replace(train_cfg, lr=train_cfg.lr * factor, head_lr=train_cfg.head_lr * factor)
     if "overfit" in injected:
         n = int(injected["overfit"]["examples"])
         train_cfg = replace(train_cfg, local_epochs=int(injected["overfit"]["epochs"]))
-        train_data = Encoded(data.train.input_ids[:n], data.train.attention_mask[:n], data.train.labels[:n])
+        train_data = train.first(n)
     return train_cfg, train_data
 
 

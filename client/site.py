@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,13 +23,14 @@ from client.census import Census
 from client.data import SiteData, SiteIdentity, load_site_data
 from client.faults import faulty_training, scheduled_size
 from client.policy import Accounts, load_policy
-from client.state import Lifetime, site_folder
+from client.state import Lifetime, features_folder, site_folder
 from client.summary import Summary
 from client.train import TrainHealth
 from common import diagnostics, records
 from common.config import AppConfig, Fault, TrainConfig
+from common.features import cached_features, encoder_identity
 from common.log import get_logger
-from common.model import Encoded, build_model, load_tokenizer
+from common.model import Features, Split, build_model, load_tokenizer
 
 if TYPE_CHECKING:
     from flwr.app import RecordDict
@@ -56,6 +58,17 @@ def _site_data(run_config_json: str, site: SiteIdentity, faults_allowed: bool) -
 @lru_cache(maxsize=2)
 def _tokenizer(run_config_json: str):  # noqa: ANN202
     return load_tokenizer(_config(run_config_json).model)
+
+
+@lru_cache(maxsize=8)
+def _features(run_config_json: str, site: SiteIdentity, faults_allowed: bool, folder: Path) -> tuple[Features, Features]:
+    # Head mode: the frozen encoder's output for the site's train and validation splits, computed once per process
+    # and kept in the site's own folder for later runs (common/features.py); never sent.
+    cfg = _config(run_config_json)
+    data = _site_data(run_config_json, site, faults_allowed)
+    identity = encoder_identity(cfg.model, cfg.train.seed)
+    model = _model(run_config_json)
+    return tuple(cached_features(model, split, identity=identity, folder=folder) for split in (data.train, data.val))
 
 
 @lru_cache(maxsize=2)
@@ -179,7 +192,7 @@ class TrainPlan:
     the budget check all follow it, so no fault can make a site overspend."""
 
     train_cfg: TrainConfig
-    train_data: Encoded
+    train_data: Split
     noise_multiplier: float = 0.0  # 0 without DP
     schedule: privacy.Schedule | None = None  # None without DP
     entry: privacy.LedgerEntry | None = None  # the charge training will cost; None without DP
@@ -201,6 +214,7 @@ class SiteRun:
     acc: Accounts
     census: Census | None  # the released sizes; None when the site may not release them
     refused: str  # why the site refuses this run ("" when it takes part)
+    features: Path  # where the site keeps head mode's features (its own disk: client/state.features_folder)
 
     @classmethod
     def open(cls, run_config: dict, node_config: dict, run_id: str) -> SiteRun:
@@ -219,7 +233,7 @@ class SiteRun:
                        cfg.dp.target_delta)
         why = admit(acc, cfg)
         released, why = (None, why) if why else take_census(acc, cfg, data)
-        return cls(key, cfg, data, acc, released, why)
+        return cls(key, cfg, data, acc, released, why, features_folder(node_config, site.name))
 
     @property
     def name(self) -> str:
@@ -233,6 +247,12 @@ class SiteRun:
     def model(self) -> nn.Module:
         """The process's cached model for this run (the caller loads the received weights into it)."""
         return _model(self.key)
+
+    def splits(self) -> tuple[Split, Split]:
+        """(train, validation) as the model consumes them: token tensors, or in head mode the frozen features."""
+        if self.cfg.model.mode == "head":
+            return _features(self.key, self.data.site, self.acc.policy.allow_injected_faults, self.features)
+        return self.data.train, self.data.val
 
     def info(self, status: str = records.STATUS_OK, reason: str = "") -> records.SiteInfo:
         return site_info(self.data, self.census, status, reason, self.acc.lifetime.census_run())
@@ -249,7 +269,7 @@ class SiteRun:
         """This round's training: its config and data (after injected faults), σ, the schedule, and the charge,
         checked (not yet spent) against the run's budget and the site's policy."""
         injected = self.injected
-        train_cfg, train_data = faulty_training(injected, self.cfg, self.data)  # as configured, without faults
+        train_cfg, train_data = faulty_training(injected, self.cfg, self.splits()[0])  # as configured, without faults
         if not self.cfg.dp.enabled:
             return TrainPlan(train_cfg, train_data)
         # The schedule follows the released size (an injected overfit fault's, on its few examples).

@@ -43,6 +43,7 @@ from common import records
 
 STATE_DIR = "state-dir"  # node-config key
 STATE_ENV = "FEDLENS_SITE_STATE"  # the folder holding one sub-folder per site (simulation)
+FEATURES_ENV = "FEDLENS_FEATURE_CACHE"  # where sites keep head mode's features instead (one sub-folder per site)
 
 
 def site_folder(node_config: dict, site: str) -> Path:
@@ -52,6 +53,13 @@ def site_folder(node_config: dict, site: str) -> Path:
         return Path(configured)
     root = os.environ.get(STATE_ENV) or str(Path.home() / ".fedlens" / "sites")
     return Path(root) / _safe(site)
+
+
+def features_folder(node_config: dict, site: str) -> Path:
+    """Where this site keeps head mode's cached features: its state folder, or $FEDLENS_FEATURE_CACHE/<site> (a
+    benchmark keeps them across the many short-lived worlds it simulates, each with fresh ledgers)."""
+    root = os.environ.get(FEATURES_ENV)
+    return Path(root) / _safe(site) if root else site_folder(node_config, site)
 
 
 class Lifetime:

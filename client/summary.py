@@ -21,7 +21,7 @@ from client.noise import Randomness, SiteRandom
 from client.train import TrainHealth
 from common import diagnostics as dg
 from common.metrics import confusion_matrix
-from common.model import Encoded, predict
+from common.model import Split, predict
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def confident_joint_issues(labels: np.ndarray, probs: np.ndarray, thresholds: np
     return joint
 
 
-def local_summary(model: nn.Module, train: Encoded, val: Encoded, *, num_classes: int, loss_clip: float,
+def local_summary(model: nn.Module, train: Split, val: Split, *, num_classes: int, loss_clip: float,
                   thresholds: np.ndarray, health: TrainHealth | None = None, health_round: int = 0) -> Summary:
     """The exact summary of one site (it stays here; only `release(...)` of it is sent).
 
@@ -92,7 +92,7 @@ def local_summary(model: nn.Module, train: Encoded, val: Encoded, *, num_classes
                    time.perf_counter() - t0)
 
 
-def cross_site_counts(model: nn.Module, local_models: dict[str, dict[str, np.ndarray]], val: Encoded) -> np.ndarray:
+def cross_site_counts(model: nn.Module, local_models: dict[str, dict[str, np.ndarray]], val: Split) -> np.ndarray:
     """How many of the site's validation examples each local model gets right (FLARE's cross-site evaluation).
     Leaves the last local model loaded: the caller reloads the global weights before using the model again."""
     from common.model import load_trainable_state
@@ -112,7 +112,7 @@ def with_cross_site(summary: Summary, names: tuple[str, ...], counts: np.ndarray
                    seconds=summary.seconds + seconds)
 
 
-def exact_summary(model: nn.Module, train: Encoded, val: Encoded, *, num_classes: int, loss_clip: float,
+def exact_summary(model: nn.Module, train: Split, val: Split, *, num_classes: int, loss_clip: float,
                   thresholds: list[float], health: TrainHealth | None, health_round: int,
                   global_arrays: dict[str, np.ndarray], local_models: dict[str, dict[str, np.ndarray]]) -> Summary:
     """`local_summary` of the model holding `global_arrays`, with the cross-site counts of `local_models` when an

@@ -16,10 +16,12 @@ from client.noise import PoissonSampler, Randomness, SiteRandom, use_randomness
 from client.privacy import Schedule
 from common.config import DPConfig, TrainConfig
 from common.diagnostics import GRAD_EDGES, loss_blocks
-from common.model import Encoded, model_inputs
+from common.model import Features, Split, head, logits
 
 # Opacus's hooks fire on frozen embeddings whose inputs need no gradient; PyTorch warns each step, harmlessly.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+FEATURE_BATCH = 8192  # rows of features per forward / backward pass (head mode)
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,9 @@ def prior_from_counts(counts) -> torch.Tensor:  # noqa: ANN001
     return (c + 1.0) / (c.sum() + len(c))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Two learning rates: the classification head learns from scratch, the encoder is only nudged.
+def make_optimizer(model: nn.Module, cfg: TrainConfig, *, head_only: bool = False) -> torch.optim.Optimizer:
+    """Two learning rates: the classification head learns from scratch, the encoder is only nudged (`head_only`:
+    `model` is the head itself, all at train.head-lr).
 
     The optimizer is new each round (its state never leaves the site and is not averaged). AdamW's first steps
     are nearly sign(g), so under DP noise with a few steps per round every coordinate moves a full step in a random
@@ -134,17 +137,18 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     head, body = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (head if "classifier" in name else body).append(p)
+            (head if head_only or "classifier" in name else body).append(p)
     groups = [g for g in ({"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}) if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups)
     return torch.optim.AdamW(groups, weight_decay=0.0)
 
 
-def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_cfg: DPConfig,
+def train_local(model: nn.Module, data: Split, *, train_cfg: TrainConfig, dp_cfg: DPConfig,
                 noise_multiplier: float, prior: torch.Tensor | None, seed: int, schedule: Schedule | None = None,
                 rng: Randomness | None = None) -> TrainResult:
-    """Fine-tune `model` in place on one site's train split for `train_cfg.local_epochs` epochs.
+    """Fine-tune `model` in place on one site's train split for `train_cfg.local_epochs` epochs (`data` as
+    Features: its head alone, on the frozen encoder's cached output; head mode).
 
     With dp_cfg.enabled, every step goes through Opacus: Poisson sampling at `schedule.sample_rate`, per-sample
     clipping at dp_cfg.max_grad_norm, Gaussian noise of std noise_multiplier · max_grad_norm, and the noised sum
@@ -163,12 +167,16 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     dev = next(model.parameters()).device
+    on_features = isinstance(data, Features)
+    module = head(model) if on_features else model  # what the privacy engine hooks and the optimizer steps
+    # A linear head's per-sample gradients are tiny: whole batches of features fit in one pass.
+    physical = max(train_cfg.max_physical_batch, FEATURE_BATCH) if on_features else train_cfg.max_physical_batch
     # Dropout masks are drawn in sequence over the batch, so with a public seed one example more shifts every other
     # example's mask and moves their clipped gradients (measured: the clipped sum by 5·C on MiniLM). Under DP they
     # come from a secret seed: each example's mask is then independent of the others', as DP-SGD's bound needs.
     torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1 if dp_cfg.enabled else seed)
     model.train()
-    optimizer = make_optimizer(model, train_cfg)
+    optimizer = make_optimizer(module, train_cfg, head_only=on_features)
     first_loss = torch.full((len(data),), float("nan"))  # each example's plain CE at its first use this round
     hooks, meter = None, None
     if dp_cfg.enabled:
@@ -176,7 +184,7 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
             raise ValueError("DP training needs its schedule (privacy.dpsgd_schedule of the released size)")
         rng = rng or SiteRandom()
         if schedule.sample_rate < 1.0:
-            _first_losses(model, data, first_loss, train_cfg.max_physical_batch)
+            _first_losses(model, data, first_loss, physical)
         loader = _poisson_loader(data, schedule, rng)
         with warnings.catch_warnings():
             # "Secure RNG turned off": Opacus's secure mode needs torchcsprng (no build for torch 2.x); the noise
@@ -186,31 +194,31 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
             # wrap_model=False hooks the model itself, so state-dict keys stay plain for the weights that travel.
             # poisson_sampling=False: the loader already samples (from `rng`, at the public rate).
             hooks, optimizer, loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+                module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
                 max_grad_norm=dp_cfg.max_grad_norm, poisson_sampling=False, grad_sample_mode=dp_cfg.grad_sample_mode,
                 wrap_model=False, loss_reduction="mean",
             )
         optimizer.expected_batch_size = schedule.expected_batch  # Opacus would use int(n · q): the exact size
         use_randomness(optimizer, rng)
         if schedule.sample_rate >= 1.0:
-            meter = _HealthMeter(model, dp_cfg.max_grad_norm)
+            meter = _HealthMeter(module, dp_cfg.max_grad_norm)
     else:
         loader = train_loader(data, train_cfg.batch_size, seed)
 
     losses: list[float] = []
     step_seconds: list[float] = []
     steps = 0
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in module.parameters() if p.requires_grad]
     prior = None if prior is None else prior.to(dev)
     try:
         for _ in range(train_cfg.local_epochs):
             # DP: BatchMemoryManager splits a Poisson batch above max_physical_batch, and the DP optimizer only
             # steps at the end of each logical batch. Without DP the same cap is kept by accumulating gradients over
             # chunks of the batch, then stepping once.
-            ctx = (BatchMemoryManager(data_loader=loader, max_physical_batch_size=train_cfg.max_physical_batch,
+            ctx = (BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical,
                                       optimizer=optimizer) if hooks is not None else _Plain(loader))
             with ctx as batches:
-                for input_ids, attention_mask, labels, index in batches:
+                for *inputs, labels, index in batches:
                     n = labels.numel()
                     t0 = time.perf_counter()
                     if n == 0:
@@ -219,14 +227,14 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
                         # An empty Poisson batch is still a step of the mechanism: noise alone, counted.
                         for p in trainable:
                             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-                    size = max(n, 1) if hooks is not None else train_cfg.max_physical_batch
+                    size = max(n, 1) if hooks is not None else physical
                     for start in range(0, n, size):
                         part = slice(start, start + size)
-                        ids, mask, y = input_ids[part].to(dev), attention_mask[part].to(dev), labels[part].to(dev)
-                        logits = model(**model_inputs(ids, mask)).logits  # [b, K]
+                        y = labels[part].to(dev)
+                        out = logits(model, tuple(x[part].to(dev) for x in inputs))  # [b, K]
                         if meter is not None or hooks is None:
-                            _record_first(first_loss, index[part], logits, y)
-                        loss = balanced_loss(logits, y, mode=train_cfg.class_balance, prior=prior)
+                            _record_first(first_loss, index[part], out, y)
+                        loss = balanced_loss(out, y, mode=train_cfg.class_balance, prior=prior)
                         # Chunks of one logical batch add up to its mean loss (DP batches come whole: weight 1).
                         (loss * (y.numel() / n)).backward()
                         losses.append(loss.item())
@@ -250,13 +258,13 @@ def train_local(model: nn.Module, data: Encoded, *, train_cfg: TrainConfig, dp_c
                        health=_health(meter, first_loss.numpy(), dp_cfg.loss_clip))
 
 
-def _poisson_loader(data: Encoded, schedule: Schedule, rng: Randomness) -> DataLoader:
-    """Batches of (input_ids, attention_mask, labels, row index), Poisson-sampled at the public rate from `rng`;
+def _poisson_loader(data: Split, schedule: Schedule, rng: Randomness) -> DataLoader:
+    """Batches of (*inputs, labels, row index), Poisson-sampled at the public rate from `rng`;
     empty batches come as zero-length tensors (Opacus's collate)."""
     from opacus.data_loader import wrap_collate_with_empty
     from torch.utils.data._utils.collate import default_collate
 
-    dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels, torch.arange(len(data)))
+    dataset = TensorDataset(*data.inputs(), data.labels, torch.arange(len(data)))
     first = dataset[0]
     collate = wrap_collate_with_empty(collate_fn=default_collate, sample_empty_shapes=[(0, *x.shape) for x in first],
                                       dtypes=[x.dtype for x in first])
@@ -266,21 +274,21 @@ def _poisson_loader(data: Encoded, schedule: Schedule, rng: Randomness) -> DataL
 
 
 @torch.no_grad()
-def _first_losses(model: nn.Module, data: Encoded, first_loss: torch.Tensor, batch: int) -> None:
+def _first_losses(model: nn.Module, data: Split, first_loss: torch.Tensor, batch: int) -> None:
     """Every train example's loss at the received model (q < 1: the first use would depend on the Poisson mask)."""
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
     for start in range(0, len(data), batch):
         idx = torch.arange(start, min(start + batch, len(data)))
-        logits = model(**model_inputs(data.input_ids[idx].to(dev), data.attention_mask[idx].to(dev))).logits
-        _record_first(first_loss, idx, logits, data.labels[idx].to(dev))
+        out = logits(model, tuple(x[idx].to(dev) for x in data.inputs()))
+        _record_first(first_loss, idx, out, data.labels[idx].to(dev))
     model.train(was_training)
 
 
 @torch.no_grad()
-def _record_first(first_loss: torch.Tensor, index: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-    ce = nn.functional.cross_entropy(logits.detach().float(), labels, reduction="none").cpu()
+def _record_first(first_loss: torch.Tensor, index: torch.Tensor, out: torch.Tensor, labels: torch.Tensor) -> None:
+    ce = nn.functional.cross_entropy(out.detach().float(), labels, reduction="none").cpu()
     fresh = first_loss[index].isnan()
     first_loss[index[fresh]] = ce[fresh]
 

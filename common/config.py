@@ -30,6 +30,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Where the loss's class prior comes from (never a site's exact counts): the sites' released label counts, the
 # server's own labelled data (server.central-eval), or uniform; or K weights in the config.
 PRIOR_SOURCES = ("released", "server-data", "uniform")
+SOURCES = ("drugreview", "movies", "debates", "files")  # data.source: the embedded workloads (common/datasets.py), or own files
+# Each embedded workload's own label set, which data.labels = "" takes (own files must name theirs).
+SOURCE_LABELS = {"drugreview": ("negative", "neutral", "positive"), "movies": ("rotten", "fresh"),
+                 "debates": ("TRUMP", "CLINTON", "PENCE", "KAINE", "HOLT", "QUIJANO", "RADDATZ", "COOPER", "WALLACE")}
+# server.central-eval names for the embedded workloads' held-out sets, with the workload they belong to.
+EMBEDDED_TEST_SETS = {"drugreview-test": "drugreview", "movies-test": "movies", "debates-test": "debates"}
+MODES = ("head", "lora", "full")  # what a site trains (common/model.build_model)
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")  # labelled files the loaders read (common/datasets.py)
 
 
@@ -257,6 +264,7 @@ class ServerConfig:
     min_sites: int
     round_timeout: float
     central_eval: str
+    val_fraction: float
     save_model: bool
     keep_rounds: int
     max_update_norm: float
@@ -339,6 +347,8 @@ class AppConfig:
                     value = tuple(s.strip() for s in str(value).split(",") if s.strip())
                 values[f.name] = value
             sections[name] = values
+        if not sections["data"]["labels"]:  # "": the embedded workload's own label set
+            sections["data"]["labels"] = SOURCE_LABELS.get(sections["data"]["source"], ())
         cfg = cls(
             num_server_rounds=flat["num-server-rounds"],
             scenario=flat["scenario"],
@@ -426,7 +436,7 @@ class AppConfig:
         except ValueError as e:
             p.append(str(e))
         d, m, t, dp, s = self.data, self.model, self.train, self.dp, self.server
-        check(d.source in ("drugreview", "files"), "data.source", d.source, 'one of "drugreview", "files"')
+        check(d.source in SOURCES, "data.source", d.source, "one of " + ", ".join(f'"{x}"' for x in SOURCES))
         check(d.partitioner in ("natural", "iid", "dirichlet"), "data.partitioner", d.partitioner,
               'one of "natural", "iid", "dirichlet"')
         try:
@@ -437,9 +447,21 @@ class AppConfig:
         num("data.val-fraction", d.val_fraction, 0.0, 0.9, lo_open=True)
         num("data.seed", d.seed, 0, 2**31, integer=True)
         check(len(d.labels) >= 2 and len(set(d.labels)) == len(d.labels), "data.labels", ",".join(d.labels),
-              "at least two distinct comma-separated names")
+              "at least two distinct comma-separated names (your files' label set"
+              + (")" if d.source == "files" else f"; \"\" = {','.join(SOURCE_LABELS.get(d.source, ()))})"))
+        if d.source in SOURCE_LABELS and len(d.labels) >= 2:
+            # The embedded workloads know their own labels: a set they cannot produce would train a class that
+            # never occurs (ratings map onto exactly 3 labels, the snippets are rotten or fresh).
+            if d.source in ("movies", "debates"):
+                own = SOURCE_LABELS[d.source]
+                check(set(d.labels) == set(own), "data.labels", ",".join(d.labels),
+                      f'"{",".join(own)}" (in any order) or "" with data.source = "{d.source}"')
+            else:
+                check(len(d.labels) == 3, "data.labels", ",".join(d.labels),
+                      'three names (negative < 5 ≤ neutral ≤ 6 < positive on the 1-10 ratings) or "" with '
+                      'data.source = "drugreview"')
         num("data.max-length", d.max_length, 8, 512, integer=True)
-        check(m.mode in ("lora", "full"), "model.mode", m.mode, 'one of "lora", "full"')
+        check(m.mode in MODES, "model.mode", m.mode, "one of " + ", ".join(f'"{x}"' for x in MODES))
         check(m.pooling in ("mean", "cls"), "model.pooling", m.pooling, 'one of "mean", "cls"')
         if m.path:
             check(Path(m.path).is_dir(), "model.path", m.path, "a local model folder (config.json + weights)")
@@ -488,9 +510,18 @@ class AppConfig:
         if self.store.replay_from and self.store.replay_round >= self.num_server_rounds:
             p.append(f"store.replay-round must be below num-server-rounds ({self.num_server_rounds}) to train at all, "
                      f"got {self.store.replay_round}")
-        check(s.central_eval in ("", "drugreview-test") or s.central_eval.lower().endswith(TABLE_SUFFIXES),
+        check(s.central_eval in ("", "auto", *EMBEDDED_TEST_SETS) or s.central_eval.lower().endswith(TABLE_SUFFIXES),
               "server.central-eval", s.central_eval,
-              '"", "drugreview-test", or the path of the server\'s own labelled file (' + ", ".join(TABLE_SUFFIXES) + ")")
+              '"auto", "", ' + ", ".join(f'"{x}"' for x in EMBEDDED_TEST_SETS)
+              + ", or the path of the server's own labelled file (" + ", ".join(TABLE_SUFFIXES) + ")")
+        embedded = EMBEDDED_TEST_SETS.get(s.central_eval)
+        if embedded and set(d.labels) != set(SOURCE_LABELS[embedded]):
+            # Refused before the run: the embedded set's labels could not be read as this label set.
+            p.append(f"server.central-eval = {s.central_eval!r} holds labels {','.join(SOURCE_LABELS[embedded])}, "
+                     f"but data.labels = {','.join(d.labels)!r}; set server.central-eval to the path of the server's own "
+                     "labelled file with those labels, or to \"auto\" (the sites' workload's own held-out set; none "
+                     "for own files) or \"\" (no server-side evaluation)")
+        num("server.val-fraction", s.val_fraction, 0.0, 0.9)
         num("simulation.num-sites", self.simulation.num_sites, 1, 100_000, integer=True)
         num("simulation.client-cpus", self.simulation.client_cpus, 0.0, 1024, lo_open=True)
         num("simulation.client-gpus", self.simulation.client_gpus, 0.0, 64)

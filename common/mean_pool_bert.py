@@ -2,14 +2,26 @@
 
 This file is self-contained on purpose: `save_pretrained` copies it next to a saved model, so that
 `AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)` loads the model anywhere.
+
+A saved model's config.json says `"model_type": "fedlens-mean-pool-bert"`, not "bert". Plain transformers then cannot
+mistake it for a BertForSequenceClassification: a "bert" model type with our class only in `auto_map` loaded, without
+`trust_remote_code`, as a [CLS] classifier with a random pooler and predicted something else, with only a warning.
+Now the config itself is custom code, and transformers refuses it unless `trust_remote_code=True` (or fedlens has
+registered the classes: `common.model.register_mean_pool_bert`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import BertModel, BertPreTrainedModel
+from transformers import BertConfig, BertModel, BertPreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class MeanPoolBertConfig(BertConfig):
+    """A BertConfig under its own model type: the same fields, read by MeanPoolBertForSequenceClassification only."""
+
+    model_type = "fedlens-mean-pool-bert"
 
 
 class MeanPoolBertForSequenceClassification(BertPreTrainedModel):
@@ -19,7 +31,14 @@ class MeanPoolBertForSequenceClassification(BertPreTrainedModel):
     encoder never trained; the mean over tokens is the representation MiniLM was tuned to produce.
     """
 
+    config_class = MeanPoolBertConfig
+
     def __init__(self, config) -> None:  # noqa: ANN001 (a transformers BertConfig)
+        if not isinstance(config, MeanPoolBertConfig):
+            # MiniLM's own config and the tiny test one are plain BertConfigs; adopting ours here means whatever
+            # saves this model writes our model type. The attention choice is not a config field, so carry it over.
+            fields = {k: v for k, v in config.to_dict().items() if k != "model_type"}
+            config = MeanPoolBertConfig.from_dict(fields, attn_implementation=config._attn_implementation)
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=False)
@@ -48,3 +67,8 @@ class MeanPoolBertForSequenceClassification(BertPreTrainedModel):
         if labels is not None:
             loss = nn.functional.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+# save_pretrained writes both classes into config.json's auto_map and copies this file beside the weights.
+MeanPoolBertConfig.register_for_auto_class()
+MeanPoolBertForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")

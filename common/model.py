@@ -1,5 +1,6 @@
-"""Shared by steps 1-4: the model every site fine-tunes (a local pre-trained encoder + head, LoRA or full), the
-weights that travel, and how text reaches it (encode, model_inputs, predict): sites and the server use the same."""
+"""Shared by steps 1-4: the model every site fine-tunes (a local pre-trained encoder + head: the head alone on
+frozen features, LoRA, or full), the weights that travel, and how text reaches it (encode, model_inputs, features,
+predict): sites and the server use the same."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from common.config import ModelConfig
 
@@ -55,11 +56,12 @@ def load_tokenizer(cfg: ModelConfig):  # noqa: ANN201 (a transformers tokenizer)
 def build_model(cfg: ModelConfig, labels: tuple[str, ...], *, seed: int = 0) -> nn.Module:
     """The classifier in train mode, on `device()`, with only the parameters that travel left trainable.
 
-    lora: adapters on `cfg.lora_targets` + the classification head; full: every parameter.
+    head: the classification head alone (the encoder frozen: sites train it on cached features); lora: adapters
+    on `cfg.lora_targets` + the head; full: every parameter.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
 
-    from common.mean_pool_bert import MeanPoolBertForSequenceClassification
+    from common.mean_pool_bert import MeanPoolBertConfig, MeanPoolBertForSequenceClassification
 
     _quiet_transformers()
     torch.manual_seed(seed)
@@ -74,14 +76,18 @@ def build_model(cfg: ModelConfig, labels: tuple[str, ...], *, seed: int = 0) -> 
                  else AutoModelForSequenceClassification.from_config(hf_config))
     else:
         path = cfg.path or str(embedded_minilm_path())
+        register_mean_pool_bert()  # model.path may be a model fedlens saved (its own model type)
         hf_config = AutoConfig.from_pretrained(path, num_labels=len(labels), id2label=id2label, label2id=label2id)
-        if cfg.pooling == "mean" and hf_config.model_type == "bert":
+        if cfg.pooling == "mean" and hf_config.model_type in ("bert", MeanPoolBertConfig.model_type):
             model = MeanPoolBertForSequenceClassification.from_pretrained(path, config=hf_config)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, config=hf_config)
 
     # Move before adapters and privacy hooks are attached (opacus#820: moving afterwards leaves LoRA untrained).
     model = model.to(device())
+    if cfg.mode == "head":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("classifier."))
     if cfg.mode == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -131,15 +137,84 @@ class Encoded:
     def dataset(self) -> TensorDataset:
         return TensorDataset(self.input_ids, self.attention_mask, self.labels)
 
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.input_ids, self.attention_mask
+
+    def first(self, n: int) -> Encoded:
+        return Encoded(self.input_ids[:n], self.attention_mask[:n], self.labels[:n])
+
+
+@dataclass(frozen=True)
+class Features:
+    """The frozen encoder's output for one split, the classification head's input (head mode): x [N, H] float32,
+    labels [N]. Computed once per run where the texts are (`features`), never sent."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return (self.x,)
+
+    def first(self, n: int) -> Features:
+        return Features(self.x[:n], self.labels[:n])
+
+
+Split = Encoded | Features
+
+
+def head(model: nn.Module) -> nn.Module:
+    """The classification head (`classifier`), the only part head mode trains."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_submodule("classifier")
+
+
+def logits(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """[B, K] logits of a batch of either split kind: token tensors through the whole model, features through
+    the head alone."""
+    if len(inputs) == 1:
+        return head(model)(inputs[0])
+    return model(**model_inputs(*_trimmed(*inputs))).logits
+
+
+def _trimmed(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Rows are padded to data.max-length; the batch only needs its longest row. Attention masks the padding, so the
+    # outputs are the same (to float rounding) at a fraction of the cost (movie snippets: ~26 of 64 tokens).
+    keep = int(attention_mask.sum(dim=1).max()) if attention_mask.numel() else 1
+    return input_ids[:, :max(keep, 1)], attention_mask[:, :max(keep, 1)]
+
+
+@torch.no_grad()
+def features(model: nn.Module, data: Encoded, *, batch_size: int = 64) -> Features:
+    """Every example's input to the classification head, in eval mode (no dropout).
+
+    Rows go through in order of length, so that each batch is trimmed to rows of about its size.
+    """
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    captured: list[torch.Tensor] = []
+    hook = head(model).register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().float().cpu()))
+    order = torch.argsort(data.attention_mask.sum(dim=1), stable=True)
+    try:
+        for start in range(0, len(data), batch_size):
+            idx = order[start:start + batch_size]
+            model(**model_inputs(*_trimmed(data.input_ids[idx].to(dev), data.attention_mask[idx].to(dev))))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    x = torch.zeros((len(data), captured[0].shape[-1]) if captured else (0, 0))
+    if captured:
+        x[order] = torch.cat(captured)
+    return Features(x, data.labels.clone())
+
 
 def encode(texts: list[str], labels: np.ndarray, tokenizer, max_length: int) -> Encoded:  # noqa: ANN001
     # Tokenise once, padded to max_length: the DP step then only indexes tensors.
     tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return Encoded(tok["input_ids"], tok["attention_mask"], torch.tensor(np.asarray(labels), dtype=torch.long))
-
-
-def eval_loader(data: Encoded, batch_size: int) -> DataLoader:
-    return DataLoader(data.dataset(), batch_size=batch_size, shuffle=False)
 
 
 def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -158,33 +233,49 @@ def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Encoded, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities [N, K] and per-example cross-entropy [N] of the model on one split."""
+def predict(model: nn.Module, data: Split, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities [N, K] and per-example cross-entropy [N] of the model on one split (tokens, or the
+    features of a frozen encoder)."""
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
     probs, losses = [], []
-    for input_ids, attention_mask, labels in eval_loader(data, batch_size):
-        logits = model(**model_inputs(input_ids.to(dev), attention_mask.to(dev))).logits.float()  # [B, K]
-        probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
-        losses.append(nn.functional.cross_entropy(logits, labels.to(dev), reduction="none").cpu().numpy())
+    step = batch_size if isinstance(data, Encoded) else 8192
+    inputs = data.inputs()
+    for start in range(0, len(data), step):
+        batch = tuple(t[start:start + step].to(dev) for t in inputs)
+        out = logits(model, batch).float()  # [B, K]
+        probs.append(torch.softmax(out, dim=-1).cpu().numpy())
+        labels = data.labels[start:start + step].to(dev)
+        losses.append(nn.functional.cross_entropy(out, labels, reduction="none").cpu().numpy())
     model.train(was_training)
     if not probs:
         return np.zeros((0, 1)), np.zeros(0)
     return np.concatenate(probs).astype(np.float64), np.concatenate(losses).astype(np.float64)
 
 
+def register_mean_pool_bert() -> None:
+    """Teach this process's transformers the saved mean-pooling model, so that plain
+    `AutoModelForSequenceClassification.from_pretrained(path)` loads it from fedlens's own class, no remote code."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from common.mean_pool_bert import MeanPoolBertConfig, MeanPoolBertForSequenceClassification
+
+    AutoConfig.register(MeanPoolBertConfig.model_type, MeanPoolBertConfig, exist_ok=True)
+    AutoModelForSequenceClassification.register(MeanPoolBertConfig, MeanPoolBertForSequenceClassification,
+                                                exist_ok=True)
+
+
 def save_final_model(model: nn.Module, tokenizer, out_dir: Path) -> Path:  # noqa: ANN001
     """Save a model that `AutoModelForSequenceClassification.from_pretrained(out_dir)` loads (LoRA merged in).
 
-    A mean-pooling model is saved with its modelling file, so loading it needs `trust_remote_code=True`.
+    A mean-pooling model is saved with its modelling file and its own model type ("fedlens-mean-pool-bert"), so that
+    loading it needs `trust_remote_code=True` (or `register_mean_pool_bert()` first) and, without either, transformers
+    raises instead of building a [CLS] classifier with a random pooler. `cls` pooling saves a plain BERT classifier.
     """
-    from common.mean_pool_bert import MeanPoolBertForSequenceClassification
-
     out_dir.mkdir(parents=True, exist_ok=True)
     base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    if isinstance(base, MeanPoolBertForSequenceClassification):
-        MeanPoolBertForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+    # The model type and auto_map come from the classes themselves (common/mean_pool_bert.py), whoever saves them.
     base.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -177,7 +177,7 @@ def max_sites(ladder: tuple[int, ...] = MAX_SITES_LADDER, rows_per_site: int = 1
                     ["review", "rating"]].to_csv(Path(tmp) / f"site-{pid}.csv", index=False)
             t0 = time.time()
             sim = _simulate({**SIM_BASE, "num-server-rounds": 2, "simulation.num-sites": n, "scenario": f"max-{n}",
-                             "data.source": "files", "data.files": str(Path(tmp) / "site-{partition}.csv"),
+                             "data.source": "files", "data.labels": "negative,neutral,positive", "data.files": str(Path(tmp) / "site-{partition}.csv"),
                              "server.round-timeout": 3600.0}, Path(tmp) / "s.db", sample_memory=True)
             ok = sim["run"]["status"] == "completed" and len(sim["run"]["rounds"]) == 2 and all(
                 r["sites_ok"] == n for r in sim["run"]["rounds"]) and sim["peak_gb"] <= MAX_SITES_MEMORY_GB

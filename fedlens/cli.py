@@ -7,6 +7,7 @@ Run as:  fedlens simulate --scenario simulations/smoke.toml
          fedlens replay --round 2 --exclude site-2
          fedlens bench --only dp_overhead,bytes_per_round --json
          fedlens bench diagnosis --suite simulations/faults --json
+         fedlens bench accuracy --workload movies --seeds 3 --json
          fedlens audit privacy --json           # one-run empirical ε lower bound of the site's DP-SGD
          fedlens dashboard --port 8501
          fedlens certs --out certs --sites hospital-a,hospital-b --host link.example.org
@@ -255,8 +256,9 @@ def replay(
 
 @app.command()
 def bench(
-    what: Annotated[str, typer.Argument(help="'performance' (docs/PERFORMANCE.md) or 'diagnosis' (the fault "
-                                             "suite scored against its ground truth)")] = "performance",
+    what: Annotated[str, typer.Argument(help="'performance' (docs/PERFORMANCE.md), 'diagnosis' (the fault suite "
+                                             "scored against its ground truth) or 'accuracy' (DP vs non-DP, per "
+                                             "workload)")] = "performance",
     only: Annotated[str, typer.Option(help="performance: a comma-separated subset of dp_overhead, round_overhead, "
                                            "diagnostics_share, bytes_per_round, max_sites, dashboard_render")] = "",
     suite: Annotated[Path | None, typer.Option(help="diagnosis: a folder of scenario files "
@@ -268,10 +270,25 @@ def bench(
                                                       "this folder with this version's diagnosis (no new runs)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="diagnosis: a config key for every scenario, e.g. "
                                                                  "--set model.tiny=false (the real MiniLM)")] = None,
+    workload: Annotated[str, typer.Option(help="accuracy: a comma-separated subset of drugreview, movies, "
+                                               "debates")] = "",
+    seeds: Annotated[int, typer.Option(help="accuracy: seeds per arm (mean ± spread)")] = 3,
     json_: JsonOption = False,
 ) -> None:
-    """Measure the performance figures, or score the diagnosis on a suite of fault scenarios."""
+    """Measure the performance figures, score the diagnosis on a suite of fault scenarios, or measure what DP
+    costs in accuracy."""
     import json
+
+    if what == "accuracy":
+        from fedlens import accuracy_bench as harness
+
+        try:
+            out = harness.run([w.strip() for w in workload.split(",") if w.strip()] or None, seeds=seeds,
+                              progress=lambda m: typer.echo(m, err=True))
+        except ValueError as e:
+            _fail(str(e), code=2)
+        typer.echo(json.dumps(out, indent=2, default=float) if json_ else harness.format_table(out))
+        return
 
     if what == "diagnosis":
         from fedlens import diagnosis_bench as harness
@@ -286,7 +303,7 @@ def bench(
         typer.echo(json.dumps(out, indent=2, default=float) if json_ else harness.format_table(out))
         return
     if what != "performance":
-        _fail(f"unknown benchmark {what!r}; choose 'performance' or 'diagnosis'", code=2)
+        _fail(f"unknown benchmark {what!r}; choose 'performance', 'diagnosis' or 'accuracy'", code=2)
     from fedlens import bench as harness
 
     try:

@@ -15,7 +15,7 @@ from common.log import get_logger
 from common.model import build_model, load_tokenizer, load_trainable_state, save_final_model, trainable_state
 from common.rounds import Event
 from common.run_store import RunWriter
-from server.central_eval import class_prior, make_central_eval, make_probe, server_test_set
+from server.central_eval import class_prior, make_central_eval, make_probe, server_split
 from server.strategy import DebugFedAvg
 
 app = ServerApp()
@@ -28,7 +28,8 @@ def new_run_id(scenario: str) -> str:
 
 def model_description(cfg: AppConfig) -> str:
     name = "tiny random BERT" if cfg.model.tiny else (cfg.model.path or "all-MiniLM-L6-v2")
-    mode = f"LoRA r={cfg.model.lora_r}" if cfg.model.mode == "lora" else "full fine-tuning"
+    mode = {"head": "linear head on frozen features", "lora": f"LoRA r={cfg.model.lora_r}",
+            "full": "full fine-tuning"}[cfg.model.mode]
     privacy = f"DP ε={cfg.dp.target_epsilon:g}" if cfg.dp.enabled else "no DP"
     return f"{name} ({mode}, {cfg.model.pooling} pooling, {privacy})"
 
@@ -77,7 +78,11 @@ def main(grid: Grid, context: Context) -> None:
     try:
         tokenizer = load_tokenizer(cfg.model)
         model = build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
-        test = server_test_set(cfg, tokenizer)
+        test = server_split(cfg, model, tokenizer)
+        if test is None and cfg.server.central_eval == "auto":
+            log.info("server.central-eval = auto: data.source = %s has no held-out set at the server, so the global "
+                     "model is evaluated at the sites only; set server.central-eval to the path of a labelled file "
+                     "here (columns data.text-column, data.label-column) to test it centrally", cfg.data.source)
         strategy = DebugFedAvg(cfg.server, writer=writer, loss_clip=cfg.dp.loss_clip, class_names=cfg.data.labels,
                                class_prior=class_prior(cfg, test), central_eval=make_central_eval(cfg, model, test),
                                probe=make_probe(cfg, model, test), checkpoints=checkpoints)

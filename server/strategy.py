@@ -241,8 +241,9 @@ class DebugFedAvg:
             central_seconds = 0.0
             if self.central_eval is not None:
                 t_central = time.perf_counter()
-                test = self.central_eval(arrays)
-                rec.metrics.update({f"test_{k}": v for k, v in test.items()})
+                held = self.central_eval(arrays)  # the test part's metrics, and the validation part's as val_*
+                rec.metrics.update({(f"server_{k}" if k.startswith("val_") else f"test_{k}"): v
+                                    for k, v in held.items()})
                 central_seconds = time.perf_counter() - t_central
 
             if self.checkpoints is not None:

@@ -24,11 +24,11 @@ from server.aggregate import aggregate, krum_selection, update_norm
 def _evaluator(config_items: tuple):  # noqa: ANN202
     # Building the model and tokenising the test set takes seconds: once per run configuration.
     from common.model import build_model, load_tokenizer
-    from server.central_eval import make_central_eval, server_test_set
+    from server.central_eval import make_central_eval, server_split
 
     cfg = AppConfig.from_run_config(dict(config_items))
     model = build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
-    return make_central_eval(cfg, model, server_test_set(cfg, load_tokenizer(cfg.model)))
+    return make_central_eval(cfg, model, server_split(cfg, model, load_tokenizer(cfg.model)))
 
 
 def reaggregate(store: str | Path, run_id: str | None, round_: int, exclude: list[str]) -> dict[str, Any]:

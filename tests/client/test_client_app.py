@@ -153,7 +153,8 @@ def test_error_reasons_that_leave_a_site_carry_no_paths_and_no_data_values(tmp_p
     data.parent.mkdir()
     data.write_text("review,rating\nfine,superb\n")  # a label outside data.labels: a data value
     ctx = Context(run_id=42, node_id=7, node_config={"site-name": "clinic", "data-path": str(data)},
-                  state=RecordDict(), run_config={**TINY, "data.source": "files"})
+                  state=RecordDict(), run_config={**TINY, "data.source": "files",
+                                                                  "data.labels": "negative,neutral,positive"})
     reply = client_app.app(_message(records.pack_instruction(None, 0, 2), MessageType.QUERY), ctx)
     info = records.unpack_site(reply.content)
     assert info.status == records.STATUS_FAILED and "clinic.csv" in info.reason

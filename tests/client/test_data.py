@@ -55,7 +55,7 @@ def test_a_path_template_gives_each_simulated_site_its_own_file(tmp_path):
     for pid in (0, 1):
         pd.DataFrame({"review": [f"text {pid} {i}" for i in range(4)], "rating": [1, 5, 9, 10]}).to_csv(
             tmp_path / f"site-{pid}.csv", index=False)
-    cfg = AppConfig.from_run_config({"data.source": "files", "data.files": str(tmp_path / "site-{partition}.csv")})
+    cfg = AppConfig.from_run_config({"data.source": "files", "data.labels": "negative,neutral,positive", "data.files": str(tmp_path / "site-{partition}.csv")})
     rows = site_rows(cfg.data, SiteIdentity("site-1", 1, 2, ""))
     assert rows["text"].tolist() == [f"text 1 {i}" for i in range(4)]
     with pytest.raises(ValueError, match="data.files must be a path template using only"):

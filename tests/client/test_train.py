@@ -207,3 +207,31 @@ def test_the_loss_of_two_tiny_dp_rounds_is_pinned(tiny_cfg, site_data, monkeypat
     # in 16 steps): all outside rtol, while CPU float32 differences stay well inside it.
     torch.testing.assert_close(torch.tensor(losses, dtype=torch.float64),
                                torch.tensor([1.144727, 1.207529], dtype=torch.float64), rtol=2e-5, atol=0.0)
+
+
+def test_head_mode_trains_the_head_alone_on_features_with_full_batch_dp_steps(site_data):
+    from common.config import AppConfig
+    from common.model import build_model, features
+    from tests.conftest import TINY
+
+    cfg = AppConfig.from_run_config({**TINY, "model.mode": "head", "train.batch-size": 8192, "train.local-epochs": 5,
+                                     "train.optimizer": "sgd", "train.head-lr": 3.0})
+    model = build_model(cfg.model, cfg.data.labels, seed=0)
+    train = features(model, site_data.train)
+    schedule = dpsgd_schedule(n_public=len(train), batch_size=cfg.train.batch_size, local_epochs=5)
+    assert (schedule.sample_rate, schedule.steps) == (1.0, 5)  # full batch: one DP step per epoch
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sent = []
+    for _ in range(2):
+        model.load_state_dict(before)
+        r = train_local(model, train, train_cfg=cfg.train, dp_cfg=cfg.dp, noise_multiplier=1.0,
+                        prior=prior_from_counts([1, 1, 1]), seed=0, schedule=schedule)
+        assert r.steps == 5 and r.sample_rate == 1.0
+        sent.append(trainable_state(model))
+        moved = {k for k, v in model.state_dict().items() if not (v == before[k]).all()}
+        assert moved == {"classifier.weight", "classifier.bias"}  # the encoder stays frozen
+    assert set(sent[0]) == {"classifier.weight", "classifier.bias"}
+    # Same config, seed, round and data: different noise (it never comes from the public seed).
+    assert np.abs(sent[0]["classifier.weight"] - sent[1]["classifier.weight"]).max() > 1e-4
+    # The training pass measured its health on the features too (q = 1).
+    assert r.health.grad_norm_hist and sum(r.health.grad_norm_hist) == pytest.approx(len(train))

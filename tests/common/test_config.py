@@ -7,8 +7,8 @@ from common.config import AppConfig, default_run_config, load_overrides, parse_f
 
 def test_defaults_build_a_valid_tree():
     cfg = AppConfig.from_run_config({})
-    assert cfg.model.mode == "lora"
-    assert cfg.data.labels == ("negative", "neutral", "positive")
+    assert cfg.model.mode == "head" and cfg.server.central_eval == "auto"
+    assert cfg.data.labels == ("negative", "neutral", "positive")  # "": the drug reviews' own
     assert cfg.dp.enabled and cfg.dp.target_epsilon == 8.0
 
 
@@ -21,7 +21,7 @@ def test_every_problem_is_reported_at_once_with_key_value_and_range():
     # Assert
     msg = str(err.value)
     assert "dp.max-grad-norm must be in (0.0, 1000000.0], got 0.0" in msg
-    assert "model.mode must be one of \"lora\", \"full\", got 'adapter'" in msg
+    assert "model.mode must be one of \"head\", \"lora\", \"full\", got 'adapter'" in msg
     assert "train.lr must be in (0.0, 10.0], got -1.0" in msg
     assert "data.val-fraction must be in (0.0, 0.9], got 1.5" in msg
 

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 LABELS = ("negative", "neutral", "positive")
 # The tiny model keeps a deployment test to minutes on 2 cores; everything else is the product's default path.
-RUN_CONFIG = {"model.tiny": True, "data.max-length": 32, "data.source": "files", "train.batch-size": 32,
+RUN_CONFIG = {"model.tiny": True, "data.max-length": 32, "data.source": "files",
+              "data.labels": "negative,neutral,positive", "train.batch-size": 32,
               "train.local-epochs": 1, "server.central-eval": "", "server.save-model": False}
 
 

@@ -76,7 +76,7 @@ def test_at_epsilon_one_the_product_passes_and_each_broken_mechanism_is_caught(t
 
 
 def test_the_default_command_audits_the_smoke_scenario_in_seconds():
-    # Execute: no argument but --json (simulations/smoke.toml: q = 1, 2 rounds × 2 epochs; claimed ε = 1, which
+    # Execute: no argument but --json (simulations/smoke.toml: q = 1, 2 rounds × 20 epochs; claimed ε = 1, which
     # 2000 canaries can test: a claim above what they can certify would read "inconclusive").
     res = CliRunner().invoke(app, ["audit", "privacy", "--json"])
     # Assert
@@ -87,7 +87,7 @@ def test_the_default_command_audits_the_smoke_scenario_in_seconds():
     assert out["scenario"] == "smoke" and out["mechanism"] == "fedlens" and out["confidence"] == 0.95
     assert out["epsilon_lower_bound"] <= out["epsilon_claimed"] and out["verdict"] == "consistent"
     assert abs(out["epsilon_claimed"] - 1.0) < 0.01 and out["epsilon_claimed"] < out["epsilon_reachable"]
-    assert out["schedule"]["sample_rate"] == 1.0 and out["schedule"]["steps"] == 4 and out["seconds"] < 60
+    assert out["schedule"]["sample_rate"] == 1.0 and out["schedule"]["steps"] == 40 and out["seconds"] < 60
 
 
 def test_the_text_report_is_a_few_lines_and_a_broken_mechanism_exits_1():
