@@ -2,6 +2,8 @@
 
 Benchmarks (run all, or a subset with --only):
   dp_overhead       DP-SGD step time / non-DP step time, same model, batch and length (LoRA and full)
+  head_round        a site's DP training round in head mode / the same round with LoRA (drug reviews, each mode's
+                    scenario settings), and the once-per-run cost of head mode's features
   round_overhead    share of a simulated round's wall time when no site was computing, at 3, 10, 30 sites; start-up
   diagnostics_share time producing error summaries and findings / round time (from the 10-site run)
   bytes_per_round   bytes a site sends per round, LoRA vs full fine-tuning
@@ -30,8 +32,8 @@ import torch
 
 from common.config import PROJECT_ROOT, AppConfig, resolve_run_config
 
-BENCHES = ("dp_overhead", "round_overhead", "diagnostics_share", "bytes_per_round", "max_sites", "dashboard_render")
-KEYS = ("dp_overhead_lora", "dp_overhead_full", "round_overhead_3", "round_overhead_10", "round_overhead_30",
+BENCHES = ("dp_overhead", "head_round", "round_overhead", "diagnostics_share", "bytes_per_round", "max_sites", "dashboard_render")
+KEYS = ("dp_overhead_lora", "dp_overhead_full", "head_round_ratio", "round_overhead_3", "round_overhead_10", "round_overhead_30",
         "startup_s", "diagnostics_share", "bytes_ratio_lora", "max_sites", "max_sites_peak_gb", "dashboard_render_s")
 ROUND_SITES = (3, 10, 30)
 MAX_SITES_LADDER = (100, 300, 1000, 2000)
@@ -68,6 +70,42 @@ def dp_overhead(mode: str, *, batch: int = 32, steps: int = 6, extra: dict | Non
             "config": {"mode": mode, "batch": batch, "max_length": cfg.data.max_length, "steps": steps,
                        "grad_sample_mode": cfg.dp.grad_sample_mode, "device": str(device()),
                        "model": "tiny" if cfg.model.tiny else (cfg.model.path or "all-MiniLM-L6-v2")}}
+
+
+# --- head_round ------------------------------------------------------------------------------------------------------
+
+def head_round() -> dict[str, Any]:
+    """One DP training round plus the validation pass a summary needs, at the largest drug-review site, in head mode
+    (simulations/clinical.toml) and with LoRA (simulations/clinical-lora.toml), in this process; the features head
+    mode computes once per run are timed apart."""
+    from client.data import SiteIdentity, load_site_data
+    from client.privacy import dpsgd_schedule
+    from client.train import train_local
+    from common.config import load_overrides
+    from common.model import build_model, features, load_tokenizer, predict
+
+    out: dict[str, Any] = {}
+    for mode, scenario in (("head", "clinical.toml"), ("lora", "clinical-lora.toml")):
+        cfg = AppConfig.from_run_config(resolve_run_config(load_overrides(PROJECT_ROOT / "simulations" / scenario)))
+        site = load_site_data(cfg, SiteIdentity("site-0", 0, cfg.simulation.num_sites, ""), load_tokenizer(cfg.model))
+        model = build_model(cfg.model, cfg.data.labels, seed=0)
+        train, val = site.train, site.val
+        if mode == "head":
+            t0 = time.perf_counter()
+            train, val = features(model, train), features(model, val)
+            out["features_s"] = time.perf_counter() - t0
+        schedule = dpsgd_schedule(n_public=len(train), batch_size=cfg.train.batch_size,
+                                  local_epochs=cfg.train.local_epochs)
+        t0 = time.perf_counter()
+        train_local(model, train, train_cfg=cfg.train, dp_cfg=cfg.dp, noise_multiplier=5.0, prior=None, seed=0,
+                    schedule=schedule)
+        predict(model, val)
+        out[f"{mode}_round_s"] = time.perf_counter() - t0
+        out[f"{mode}_steps"] = schedule.steps
+    out["site_examples"] = len(site.train)
+    out["ratio"] = out["head_round_s"] / out["lora_round_s"]
+    out["ratio_first_round"] = (out["head_round_s"] + out["features_s"]) / out["lora_round_s"]
+    return out
 
 
 # --- simulations: round_overhead, diagnostics_share, max_sites -------------------------------------------------------
@@ -135,8 +173,11 @@ def _round_breakdown(run: dict, workers: int) -> list[dict[str, float]]:
     return out
 
 
+# The tiny model with the LoRA recipe these figures were first measured with (head mode's rounds are so short on
+# the tiny model that the framework's share of them would say little about a real run).
 SIM_BASE = {"model.tiny": True, "data.partitioner": "iid", "server.central-eval": "", "server.save-model": False,
-            "server.keep-rounds": 0, "simulation.client-cpus": 1.0}
+            "server.keep-rounds": 0, "simulation.client-cpus": 1.0, "model.mode": "lora", "train.optimizer": "adamw",
+            "train.head-lr": 0.1, "train.local-epochs": 2, "train.batch-size": 512}
 
 
 def round_overhead(rounds: int = 4) -> dict[str, Any]:
@@ -246,6 +287,11 @@ def run(only: list[str] | None = None, *, progress=print) -> dict[str, Any]:  # 
             r = dp_overhead(mode, steps=steps)
             out[f"dp_overhead_{mode}"] = r["ratio"]
             out["details"][f"dp_overhead_{mode}"] = r
+    if "head_round" in names:
+        progress("head_round…")
+        r = head_round()
+        out["head_round_ratio"] = r["ratio"]
+        out["details"]["head_round"] = r
     if "round_overhead" in names or "diagnostics_share" in names:
         progress(f"round_overhead at {', '.join(map(str, ROUND_SITES))} sites…")
         r = round_overhead()
@@ -264,7 +310,7 @@ def run(only: list[str] | None = None, *, progress=print) -> dict[str, Any]:  # 
     return out
 
 
-TARGETS = {"dp_overhead_lora": ("≤", 1.10), "round_overhead_3": ("≤", 0.10), "round_overhead_10": ("≤", 0.10),
+TARGETS = {"dp_overhead_lora": ("≤", 1.10), "head_round_ratio": ("≤", 0.10), "round_overhead_3": ("≤", 0.10), "round_overhead_10": ("≤", 0.10),
            "round_overhead_30": ("≤", 0.10), "diagnostics_share": ("≤", 0.02), "bytes_ratio_lora": ("≤", 0.01),
            "max_sites": ("≥", 1000), "max_sites_peak_gb": ("≤", 8.0), "dashboard_render_s": ("≤", 2.0)}
 

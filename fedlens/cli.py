@@ -259,7 +259,8 @@ def bench(
     what: Annotated[str, typer.Argument(help="'performance' (docs/PERFORMANCE.md), 'diagnosis' (the fault suite "
                                              "scored against its ground truth) or 'accuracy' (DP vs non-DP, per "
                                              "workload)")] = "performance",
-    only: Annotated[str, typer.Option(help="performance: a comma-separated subset of dp_overhead, round_overhead, "
+    only: Annotated[str, typer.Option(help="performance: a comma-separated subset of dp_overhead, head_round, "
+                                           "round_overhead, "
                                            "diagnostics_share, bytes_per_round, max_sites, dashboard_render")] = "",
     suite: Annotated[Path | None, typer.Option(help="diagnosis: a folder of scenario files "
                                                     "(default simulations/faults)")] = None,
