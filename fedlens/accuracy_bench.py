@@ -187,6 +187,7 @@ def run_workload(workload: str, *, seeds: int, folder: Path, progress=print) -> 
         out["dp"][eps] = {"macro_f1": mean, "macro_f1_std": std, "accuracy": _mean_std(arms[eps], "accuracy")[0],
                           "top_share": _mean_std(arms[eps], "top_share")[0],
                           "site_accuracy_noise_std": max(noise) if noise else None,
+                          "site_accuracy_noise_std_median": statistics.median(noise) if noise else None,
                           "runs": [round(r["macro_f1"], 4) for r in arms[eps]]}
     out["runs"] = {arm: [round(r["macro_f1"], 4) for r in arms[arm]] for arm in ("centralised", "federated_nondp")}
     out["tuning"] = {"key": lr_key, "grid": list(LR_GRID), "validation_macro_f1": tuning, "chosen": best,
