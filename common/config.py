@@ -229,6 +229,7 @@ class ModelConfig:
     lora_r: int
     lora_alpha: int
     lora_targets: tuple[str, ...]
+    lora_freeze_a: bool
 
 
 @dataclass(frozen=True)
@@ -468,6 +469,7 @@ class AppConfig:
         num("model.lora-r", m.lora_r, 1, 1024, integer=True)
         num("model.lora-alpha", m.lora_alpha, 1, 4096, integer=True)
         check(len(m.lora_targets) > 0, "model.lora-targets", ",".join(m.lora_targets), "at least one module name")
+        typed("model.lora-freeze-a", m.lora_freeze_a, bool)
         num("train.local-epochs", t.local_epochs, 1, 1000, integer=True)
         num("train.batch-size", t.batch_size, 1, 65536, integer=True)
         num("train.max-physical-batch", t.max_physical_batch, 1, 65536, integer=True)

@@ -94,6 +94,13 @@ def build_model(cfg: ModelConfig, labels: tuple[str, ...], *, seed: int = 0) -> 
         lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                           target_modules=list(cfg.lora_targets), modules_to_save=["classifier"])
         model = get_peft_model(model, lora)
+        if cfg.lora_freeze_a:
+            # FFA-LoRA (Sun et al., 2024): A stays at its (seeded, public) initialisation and only B and the head
+            # train and travel. Averaging A and B separately multiplies one site's noise by another's in A·B; with
+            # A fixed the update B·A is linear in what is averaged, and half the values carry noise.
+            for name, p in model.named_parameters():
+                if "lora_A" in name:
+                    p.requires_grad_(False)
     # from_pretrained returns eval mode, which Opacus refuses.
     model.train()
     return model

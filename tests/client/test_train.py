@@ -235,3 +235,15 @@ def test_head_mode_trains_the_head_alone_on_features_with_full_batch_dp_steps(si
     assert np.abs(sent[0]["classifier.weight"] - sent[1]["classifier.weight"]).max() > 1e-4
     # The training pass measured its health on the features too (q = 1).
     assert r.health.grad_norm_hist and sum(r.health.grad_norm_hist) == pytest.approx(len(train))
+
+
+def test_ffa_lora_keeps_a_at_its_initialisation_and_sends_b_and_the_head(tiny_cfg, site_data):
+    cfg = replace(tiny_cfg, model=replace(tiny_cfg.model, lora_freeze_a=True))
+    before, after, result = _train(cfg, site_data)
+    assert before and not any("lora_A" in k for k in before)  # A neither trains nor travels
+    assert any("lora_B" in k for k in before) and any("classifier" in k for k in before)
+    assert all(np.abs(after[k] - before[k]).max() > 0 for k in before) and result.steps > 0
+    # Every site builds the same A from the public seed: what B multiplies is the same everywhere.
+    a1, a2 = (dict(build_model(cfg.model, cfg.data.labels, seed=0).named_parameters()) for _ in range(2))
+    names = [n for n in a1 if "lora_A" in n]
+    assert names and all((a1[n] == a2[n]).all() for n in names)
