@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from client.state import persist
 from client.summary import exact_summary, release
 from client.train import train_local
 from common import diagnostics, records
+from common.config import PROJECT_ROOT
 from common.log import get_logger
 from common.model import load_trainable_state, trainable_state
 
@@ -58,8 +60,28 @@ def guard(msg: Message, context: Context, call_next: Callable[[Message, Context]
         name = SiteIdentity.from_node_config(dict(context.node_config)).name
         get_logger().exception("site %s: %s failed", name, msg.metadata.message_type)
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                             reason=records.public_reason(f"{type(e).__name__}: {getattr(e, 'public', e)}")),
+                             reason=records.public_reason(f"{type(e).__name__}: {_public_message(e)}")),
                        reply_to=msg)
+
+
+def _public_message(e: Exception) -> str:
+    """What may leave the site of an exception: fedlens's own messages (written never to quote data; a
+    SiteDataError's `public` text), but not a library's, which may carry data-dependent numbers (torch's shape
+    errors name the batch, at q = 1 the site's exact size): those stay in the site's log."""
+    public = getattr(e, "public", None)
+    if public:
+        return str(public)
+    frames = traceback.extract_tb(e.__traceback__) if e.__traceback__ else []
+    origin = Path(frames[-1].filename).resolve() if frames else PROJECT_ROOT
+    ours = origin.is_relative_to(PROJECT_ROOT) and not {".venv", "site-packages"} & set(origin.parts)
+    # A C-level torch error is raised in the calling (our) frame: recognise it by what such messages talk about.
+    if ours and not _TENSOR_TALK.search(str(e)):
+        return str(e)
+    package = origin.parts[origin.parts.index("site-packages") + 1] if "site-packages" in origin.parts else "torch"
+    return f"raised inside {package} (its message stays in the site's log: it may carry data-dependent sizes)"
+
+
+_TENSOR_TALK = re.compile(r"shape|size|dimension|mat[12]|tensor|\d+x\d+", re.IGNORECASE)
 
 
 app = ClientApp(mods=[audit, guard, persist])

@@ -214,7 +214,7 @@ class SiteRun:
     acc: Accounts
     census: Census | None  # the released sizes; None when the site may not release them
     refused: str  # why the site refuses this run ("" when it takes part)
-    features: Path  # where the site keeps head mode's features (its own disk: client/state.features_folder)
+    features_dir: Path  # where the site keeps head mode's features (its own disk: client/state.features_folder)
 
     @classmethod
     def open(cls, run_config: dict, node_config: dict, run_id: str) -> SiteRun:
@@ -251,7 +251,7 @@ class SiteRun:
     def splits(self) -> tuple[Split, Split]:
         """(train, validation) as the model consumes them: token tensors, or in head mode the frozen features."""
         if self.cfg.model.mode == "head":
-            return _features(self.key, self.data.site, self.acc.policy.allow_injected_faults, self.features)
+            return _features(self.key, self.data.site, self.acc.policy.allow_injected_faults, self.features_dir)
         return self.data.train, self.data.val
 
     def info(self, status: str = records.STATUS_OK, reason: str = "") -> records.SiteInfo:

@@ -524,6 +524,11 @@ class AppConfig:
                      "labelled file with those labels, or to \"auto\" (the sites' workload's own held-out set; none "
                      "for own files) or \"\" (no server-side evaluation)")
         num("server.val-fraction", s.val_fraction, 0.0, 0.9)
+        if t.class_prior == "server-data" and (not s.central_eval or (s.central_eval == "auto"
+                                                                      and d.source not in SOURCE_LABELS)):
+            p.append(f"train.class-prior = server-data needs the server's own labelled data, but server.central-eval = "
+                     f"{s.central_eval!r} gives it none with data.source = {d.source!r}; set server.central-eval to "
+                     "its labelled file, or train.class-prior to released")
         num("simulation.num-sites", self.simulation.num_sites, 1, 100_000, integer=True)
         num("simulation.client-cpus", self.simulation.client_cpus, 0.0, 1024, lo_open=True)
         num("simulation.client-gpus", self.simulation.client_gpus, 0.0, 64)

@@ -86,6 +86,12 @@ def build_model(cfg: ModelConfig, labels: tuple[str, ...], *, seed: int = 0) -> 
     # Move before adapters and privacy hooks are attached (opacus#820: moving afterwards leaves LoRA untrained).
     model = model.to(device())
     if cfg.mode == "head":
+        if not isinstance(getattr(model, "classifier", None), nn.Linear):
+            # Head mode trains a linear map of the pooled output; a classifier over token states (RoBERTa's) or
+            # with hidden layers would be trained on the wrong input.
+            raise ValueError(f"model.mode = head needs a model whose classifier is one linear layer over the pooled "
+                             f"output; {cfg.path or 'the model'} has {type(getattr(model, 'classifier', None)).__name__}"
+                             ": use model.mode = lora or full with it")
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("classifier."))
     if cfg.mode == "lora":

@@ -33,8 +33,10 @@ import torch
 from common.config import PROJECT_ROOT, AppConfig, resolve_run_config
 
 BENCHES = ("dp_overhead", "head_round", "round_overhead", "diagnostics_share", "bytes_per_round", "max_sites", "dashboard_render")
-KEYS = ("dp_overhead_lora", "dp_overhead_full", "head_round_ratio", "round_overhead_3", "round_overhead_10", "round_overhead_30",
-        "startup_s", "diagnostics_share", "bytes_ratio_lora", "max_sites", "max_sites_peak_gb", "dashboard_render_s")
+# Keys are only ever added, at the end (docs/PERFORMANCE.md "The JSON contract").
+KEYS = ("dp_overhead_lora", "dp_overhead_full", "round_overhead_3", "round_overhead_10", "round_overhead_30",
+        "startup_s", "diagnostics_share", "bytes_ratio_lora", "max_sites", "max_sites_peak_gb", "dashboard_render_s",
+        "head_round_ratio")
 ROUND_SITES = (3, 10, 30)
 MAX_SITES_LADDER = (100, 300, 1000, 2000)
 MAX_SITES_MEMORY_GB = 8.0

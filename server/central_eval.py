@@ -133,8 +133,9 @@ def class_prior(cfg: AppConfig, data: ServerData | None) -> str | list[float] | 
     if cfg.train.class_prior == "server-data":
         if data is None:
             raise ValueError("train.class-prior = server-data needs the server's labelled data (server.central-eval)")
-        labels = [data.test.labels] + ([data.val.labels] if data.val is not None else [])
-        return fixed_prior(np.bincount(np.concatenate([t.numpy() for t in labels]), minlength=len(cfg.data.labels)))
+        # The validation part's labels: the test part is for reporting only (unless it is all the server holds).
+        labels = (data.val if data.val is not None else data.test).labels.numpy()
+        return fixed_prior(np.bincount(labels, minlength=len(cfg.data.labels)))
     return cfg.explicit_prior()
 
 

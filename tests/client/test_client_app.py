@@ -229,3 +229,22 @@ def test_cross_site_evaluation_scores_each_local_model_inside_the_one_release(ti
     assert noised.sensitivity == 2.0 and alone.sensitivity == pytest.approx(np.sqrt(3))
     assert noised.epsilon == pytest.approx(alone.epsilon) and noised.cross.shape == (2,)
     assert not np.array_equal(noised.cross, exact.cross)
+
+
+def test_a_librarys_error_message_stays_at_the_site_and_fedlens_own_ones_leave_it():
+    import torch
+
+    from client.client_app import _public_message
+
+    try:
+        torch.nn.Linear(384, 3)(torch.zeros(812, 32))  # at q = 1, 812 would be the site's exact train size
+    except RuntimeError as e:
+        assert "812" not in _public_message(e) and "raised inside torch" in _public_message(e)
+    try:
+        torch.zeros(812, 2) @ torch.zeros(3, 2)  # a C-level error, raised in the calling frame
+    except RuntimeError as e:
+        assert "812" not in _public_message(e)
+    try:
+        raise RuntimeError("site site-0: injected crash at round 2")
+    except RuntimeError as e:
+        assert _public_message(e) == "site site-0: injected crash at round 2"

@@ -42,3 +42,58 @@ def test_cached_features_are_read_back_and_a_broken_file_is_recomputed(tmp_path,
     # Another encoder (another seed of the tiny model), or other rows: another file.
     assert cf.key(cf.encoder_identity(cfg.model, 1), site_data.train) != cf.key(identity, site_data.train)
     assert cf.key(identity, site_data.val) != cf.key(identity, site_data.train)
+
+
+def test_one_example_moves_no_other_examples_features(site_data):
+    # Released summaries and DP-SGD on features assume each example's features depend on that example alone. Batches
+    # are trimmed to their longest row, so removing the longest example changes the others' padding: the masked
+    # positions contribute exact zeros, and only float rounding may differ.
+    from common.model import build_model, features
+
+    cfg = AppConfig.from_run_config({**TINY, "model.mode": "head"})
+    model = build_model(cfg.model, cfg.data.labels, seed=0)
+    from common.model import Encoded
+
+    data = site_data.train.first(40)
+    lengths = data.attention_mask.sum(dim=1)
+    # The longest row sets its batch's padding; the shortest moves every later batch boundary (rows go by length).
+    for gone in (int(lengths.argmax()), int(lengths.argmin())):
+        keep = torch.arange(len(data)) != gone
+        without = Encoded(data.input_ids[keep], data.attention_mask[keep], data.labels[keep])
+        a, b = features(model, data).x[keep], features(model, without).x
+        assert (a - b).norm() < 1e-5 * a.norm()
+
+
+def test_a_cache_file_of_the_wrong_shape_is_recomputed_and_a_full_disk_is_no_error(tmp_path, site_data, monkeypatch):
+    import common.features as cf
+    from common.model import build_model
+
+    cfg = AppConfig.from_run_config({**TINY, "model.mode": "head"})
+    model = build_model(cfg.model, cfg.data.labels, seed=0)
+    identity = cf.encoder_identity(cfg.model, 0)
+    path = tmp_path / cf.FOLDER / f"{cf.key(identity, site_data.val)}.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(torch.zeros(len(site_data.val), 7), path)  # another model's width: it would fail inside the head
+    assert cf.cached_features(model, site_data.val, identity=identity, folder=tmp_path).x.shape[1] == 32
+
+    def full_disk(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = cf.cached_features(model, site_data.train, identity=identity, folder=tmp_path / "other")
+    assert out.x.shape == (len(site_data.train), 32) and not list((tmp_path / "other").rglob("*.tmp"))
+
+
+def test_head_mode_refuses_a_classifier_that_is_not_one_linear_layer(tmp_path):
+    import pytest
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from common.model import build_model
+
+    tiny = RobertaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=80, num_labels=3)
+    RobertaForSequenceClassification(tiny).save_pretrained(tmp_path)
+    cfg = AppConfig.from_run_config({"model.path": str(tmp_path), "model.mode": "head", "model.pooling": "cls"})
+    with pytest.raises(ValueError, match="model.mode = head needs a model whose classifier is one linear layer.*"
+                                         "RobertaClassificationHead: use model.mode = lora or full"):
+        build_model(cfg.model, cfg.data.labels)

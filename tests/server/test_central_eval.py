@@ -68,3 +68,14 @@ def test_own_files_with_their_own_labels_need_no_server_set(tmp_path):
         AppConfig.from_run_config({**own, "server.central-eval": "drugreview-test"})
     with pytest.raises(ValueError, match=r"data.labels must be .*your files' label set"):
         AppConfig.from_run_config({**own, "data.labels": ""})
+
+
+def test_a_server_data_prior_needs_server_data_and_reads_its_validation_part_only(tmp_path, tokenizer):
+    from server.central_eval import class_prior, server_data
+
+    with pytest.raises(ValueError, match="train.class-prior = server-data needs the server's own labelled data"):
+        AppConfig.from_run_config({**TINY, "data.source": "files", "data.labels": "a,b", "train.class-prior": "server-data"})
+    cfg = AppConfig.from_run_config({**TINY, "train.class-prior": "server-data"})
+    data = server_data(cfg, tokenizer)
+    counts = np.bincount(data.val.labels.numpy(), minlength=3)
+    assert class_prior(cfg, data) == pytest.approx(list((counts + 1) / (counts.sum() + 3)), rel=1e-6)
