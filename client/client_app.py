@@ -169,7 +169,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         problem = site.charge(site.summary_entry(server_round, sigma, len(local_models)))  # before it is computed
         if problem:
             return answer(records.STATUS_REFUSED, f"site {site.name}: {problem}; summary withheld", sigma=sigma)
-    train, val = site.splits()
+    train, val = site.splits(server_round)
     exact = exact_summary(model, train, val, num_classes=site.data.num_classes,
                           loss_clip=site.cfg.dp.loss_clip, thresholds=thresholds,
                           health=trained_health(context.state, server_round), health_round=server_round,

@@ -16,7 +16,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from common.config import AppConfig, Fault, TrainConfig
+from common.config import Fault, TrainConfig
 from common.datasets import GROUP, LABEL, TEXT
 from common.model import Split
 
@@ -61,10 +61,10 @@ def _garble(text: str, rate: float, rng: np.random.Generator, letters: np.ndarra
     return "".join(chars)
 
 
-def faulty_training(injected: dict[str, Fault], cfg: AppConfig, train: Split) -> tuple[TrainConfig, Split]:
-    """Injected training faults: a learning rate blown up, or many epochs on a few examples (of the train split,
-    tokens or features)."""
-    train_cfg, train_data = cfg.train, train
+def faulty_training(injected: dict[str, Fault], train_cfg: TrainConfig, train: Split) -> tuple[TrainConfig, Split]:
+    """Injected training faults on a round's settings: a learning rate blown up, or many epochs on a few examples
+    (of the train split, tokens or features)."""
+    train_data = train
     if "lr_blowup" in injected:
         factor = float(injected["lr_blowup"]["factor"])
         train_cfg = replace(train_cfg, lr=train_cfg.lr * factor, head_lr=train_cfg.head_lr * factor)

@@ -119,14 +119,18 @@ def dpsgd_schedule(*, n_public: float, batch_size: int, local_epochs: int) -> Sc
 
 
 def planned_entries(*, noise_multiplier: float, sample_rate: float, steps_per_round: int, rounds: int,
-                    release_noise_multiplier: float | None) -> list[LedgerEntry]:
+                    release_noise_multiplier: float | None,
+                    per_round: list[tuple[float, int]] | None = None) -> list[LedgerEntry]:
     """What a site will spend if it takes part in every planned round: one DP-SGD segment + one release each.
 
+    `per_round`: each round's own (q, steps), when rounds differ (LP-FT: full-batch probe rounds, then adapter rounds
+    at another rate); else every round runs (sample_rate, steps_per_round).
     Sensitivities are 1 here: ε depends on σ (noise std / sensitivity) alone, whatever the sensitivity.
     """
     out: list[LedgerEntry] = []
     for r in range(1, rounds + 1):
-        out.append(LedgerEntry(r, DPSGD, "subsampled-gaussian", noise_multiplier, sample_rate, steps_per_round, 1.0))
+        q, steps = per_round[r - 1] if per_round else (sample_rate, steps_per_round)
+        out.append(LedgerEntry(r, DPSGD, "subsampled-gaussian", noise_multiplier, q, steps, 1.0))
         if release_noise_multiplier:
             out.append(LedgerEntry(r, SUMMARY, "gaussian", release_noise_multiplier, 1.0, 1, 1.0))
     return out
@@ -162,12 +166,12 @@ def release_noise_multiplier(*, configured: float, diagnostics_share: float, tar
 
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps_per_round: int,
                                rounds: int, release_noise_multiplier: float | None, tolerance: float = 0.01,
-                               spent: list[LedgerEntry] = ()) -> float:
+                               spent: list[LedgerEntry] = (), per_round: list[tuple[float, int]] | None = None) -> float:
     """The smallest DP-SGD σ whose plan (all rounds, with their releases, after `spent`) stays within
     `target_epsilon`.
 
     Calibrated once for all planned rounds, not per round: a site then reports its cumulative spend. `spent` is
-    what the run already released before its first training round (its census).
+    what the run already released before its first training round (its census). `per_round`: as planned_entries.
 
     Raises:
         ValueError: the releases alone already exceed the budget (names the keys to change).
@@ -187,7 +191,8 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
     def eps(sigma: float) -> float:
         return epsilon([*spent, *planned_entries(noise_multiplier=sigma, sample_rate=sample_rate,
                                                  steps_per_round=steps_per_round, rounds=rounds,
-                                                 release_noise_multiplier=release_noise_multiplier)], delta)
+                                                 release_noise_multiplier=release_noise_multiplier,
+                                                 per_round=per_round)], delta)
 
     lo, hi = 0.0, 1.0
     while eps(hi) > target_epsilon:

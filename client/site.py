@@ -136,10 +136,10 @@ def release_noise_multiplier(cfg: AppConfig, rounds: int) -> float | None:
                                             rounds=rounds)
 
 
-def noise_multiplier(state: RecordDict, cfg: AppConfig, schedule: privacy.Schedule, acc: Accounts, name: str,
+def noise_multiplier(state: RecordDict, cfg: AppConfig, schedules: list[privacy.Schedule], acc: Accounts, name: str,
                      num_rounds: int) -> float:
     """σ of DP-SGD: configured, or calibrated once (then kept in state) for all planned rounds of this site, after
-    what the run already spent (its census)."""
+    what the run already spent (its census). `schedules`: each planned round's (they differ under LP-FT)."""
     if cfg.dp.noise_multiplier > 0:
         return cfg.dp.noise_multiplier
     kept = records.read_state(state, records.DP)
@@ -147,9 +147,10 @@ def noise_multiplier(state: RecordDict, cfg: AppConfig, schedule: privacy.Schedu
         return float(kept["noise-multiplier"])
     release_sigma = release_noise_multiplier(cfg, num_rounds)
     sigma = privacy.calibrate_noise_multiplier(target_epsilon=cfg.dp.target_epsilon, delta=cfg.dp.target_delta,
-                                               sample_rate=schedule.sample_rate, steps_per_round=schedule.steps,
+                                               sample_rate=schedules[0].sample_rate, steps_per_round=schedules[0].steps,
                                                rounds=num_rounds, release_noise_multiplier=release_sigma,
-                                               spent=acc.run_entries())
+                                               spent=acc.run_entries(),
+                                               per_round=[(x.sample_rate, x.steps) for x in schedules])
     records.write_state(state, records.DP, {"noise-multiplier": sigma})
     get_logger().info("site %s: DP-SGD σ = %.4f, summary σ = %s for ε = %s over %d rounds", name, sigma,
                       f"{release_sigma:.3f}" if release_sigma else "none", cfg.dp.target_epsilon, num_rounds)
@@ -248,9 +249,10 @@ class SiteRun:
         """The process's cached model for this run (the caller loads the received weights into it)."""
         return _model(self.key)
 
-    def splits(self) -> tuple[Split, Split]:
-        """(train, validation) as the model consumes them: token tensors, or in head mode the frozen features."""
-        if self.cfg.model.mode == "head":
+    def splits(self, server_round: int) -> tuple[Split, Split]:
+        """(train, validation) as round `server_round`'s model consumes them: token tensors, or the frozen features
+        (head mode; LP-FT's probe rounds, whose adapters are still the identity)."""
+        if self.cfg.on_features(server_round):
             return _features(self.key, self.data.site, self.acc.policy.allow_injected_faults, self.features_dir)
         return self.data.train, self.data.val
 
@@ -269,13 +271,21 @@ class SiteRun:
         """This round's training: its config and data (after injected faults), σ, the schedule, and the charge,
         checked (not yet spent) against the run's budget and the site's policy."""
         injected = self.injected
-        train_cfg, train_data = faulty_training(injected, self.cfg, self.splits()[0])  # as configured, without faults
+        # As configured for this round (LP-FT's phases differ), with any injected training fault applied.
+        train_cfg, train_data = faulty_training(injected, self.cfg.train_at(server_round),
+                                                self.splits(server_round)[0])
         if not self.cfg.dp.enabled:
             return TrainPlan(train_cfg, train_data)
-        # The schedule follows the released size (an injected overfit fault's, on its few examples).
-        schedule = privacy.dpsgd_schedule(n_public=scheduled_size(injected, self.census.n_train),
-                                          batch_size=train_cfg.batch_size, local_epochs=train_cfg.local_epochs)
-        sigma = noise_multiplier(state, self.cfg, schedule, self.acc, self.name, self.planned_rounds(state, num_rounds))
+        n_public = scheduled_size(injected, self.census.n_train)  # the released size (an overfit fault's few)
+
+        def schedule_at(r: int) -> privacy.Schedule:
+            cfg_r, _ = faulty_training(injected, self.cfg.train_at(r), train_data)
+            return privacy.dpsgd_schedule(n_public=n_public, batch_size=cfg_r.batch_size, local_epochs=cfg_r.local_epochs)
+
+        schedule = schedule_at(server_round)
+        rounds = self.planned_rounds(state, num_rounds)
+        sigma = noise_multiplier(state, self.cfg, [schedule_at(r) for r in range(1, rounds + 1)], self.acc, self.name,
+                                 rounds)
         entry = privacy.LedgerEntry(server_round, privacy.DPSGD, "subsampled-gaussian", sigma,
                                     schedule.sample_rate, schedule.steps, self.cfg.dp.max_grad_norm)
         # Checked first, then charged on the site's disk before training (`charge`).

@@ -36,7 +36,9 @@ SOURCE_LABELS = {"drugreview": ("negative", "neutral", "positive"), "movies": ("
                  "debates": ("TRUMP", "CLINTON", "PENCE", "KAINE", "HOLT", "QUIJANO", "RADDATZ", "COOPER", "WALLACE")}
 # server.central-eval names for the embedded workloads' held-out sets, with the workload they belong to.
 EMBEDDED_TEST_SETS = {"drugreview-test": "drugreview", "movies-test": "movies", "debates-test": "debates"}
-MODES = ("head", "lora", "full")  # what a site trains (common/model.build_model)
+# What a site trains (common/model.build_model); head-then-lora is LP-FT: the head alone on frozen features for
+# model.probe-rounds rounds, then LoRA adapters and the head on tokens (train.adapt-*).
+MODES = ("head", "lora", "full", "head-then-lora")
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")  # labelled files the loaders read (common/datasets.py)
 
 
@@ -230,6 +232,7 @@ class ModelConfig:
     lora_alpha: int
     lora_targets: tuple[str, ...]
     lora_freeze_a: bool
+    probe_rounds: int
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,16 @@ class TrainConfig:
     class_balance: str
     class_prior: str
     seed: int
+    adapt_epochs: int
+    adapt_batch_size: int
+    adapt_optimizer: str
+    adapt_lr: float
+    adapt_head_lr: float
+
+    def adapting(self) -> TrainConfig:
+        """The adaptation phase's settings (head-then-lora after its probe rounds)."""
+        return dataclasses.replace(self, local_epochs=self.adapt_epochs, batch_size=self.adapt_batch_size,
+                                   optimizer=self.adapt_optimizer, lr=self.adapt_lr, head_lr=self.adapt_head_lr)
 
 
 @dataclass(frozen=True)
@@ -388,6 +401,17 @@ class AppConfig:
         """
         return tuple(parse_faults(self.faults))
 
+    def on_features(self, server_round: int) -> bool:
+        """Whether round `server_round` trains the head alone on frozen features (head mode, or LP-FT's probe)."""
+        return self.model.mode == "head" or (self.model.mode == "head-then-lora"
+                                             and server_round <= self.model.probe_rounds)
+
+    def train_at(self, server_round: int) -> TrainConfig:
+        """The training settings of round `server_round` (LP-FT's adaptation rounds have their own)."""
+        if self.model.mode == "head-then-lora" and server_round > self.model.probe_rounds:
+            return self.train.adapting()
+        return self.train
+
     def faults_at(self, site: str) -> dict[str, Fault]:
         """The faults injected at `site`, by kind (a site applies them only if its policy allows it)."""
         return at_site(list(self.injected), site)
@@ -470,6 +494,12 @@ class AppConfig:
         num("model.lora-alpha", m.lora_alpha, 1, 4096, integer=True)
         check(len(m.lora_targets) > 0, "model.lora-targets", ",".join(m.lora_targets), "at least one module name")
         typed("model.lora-freeze-a", m.lora_freeze_a, bool)
+        num("model.probe-rounds", m.probe_rounds, 0, 10_000, integer=True)
+        num("train.adapt-epochs", t.adapt_epochs, 1, 1000, integer=True)
+        num("train.adapt-batch-size", t.adapt_batch_size, 1, 65536, integer=True)
+        check(t.adapt_optimizer in ("adamw", "sgd"), "train.adapt-optimizer", t.adapt_optimizer, 'one of "adamw", "sgd"')
+        num("train.adapt-lr", t.adapt_lr, 0.0, 10.0, lo_open=True)
+        num("train.adapt-head-lr", t.adapt_head_lr, 0.0, 10.0, lo_open=True)
         num("train.local-epochs", t.local_epochs, 1, 1000, integer=True)
         num("train.batch-size", t.batch_size, 1, 65536, integer=True)
         num("train.max-physical-batch", t.max_physical_batch, 1, 65536, integer=True)

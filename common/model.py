@@ -57,7 +57,8 @@ def build_model(cfg: ModelConfig, labels: tuple[str, ...], *, seed: int = 0) -> 
     """The classifier in train mode, on `device()`, with only the parameters that travel left trainable.
 
     head: the classification head alone (the encoder frozen: sites train it on cached features); lora: adapters
-    on `cfg.lora_targets` + the head; full: every parameter.
+    on `cfg.lora_targets` + the head; head-then-lora: as lora (its probe rounds train the head alone, on features
+    of the encoder its still-zero adapters leave unchanged); full: every parameter.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
 
@@ -85,16 +86,17 @@ def build_model(cfg: ModelConfig, labels: tuple[str, ...], *, seed: int = 0) -> 
 
     # Move before adapters and privacy hooks are attached (opacus#820: moving afterwards leaves LoRA untrained).
     model = model.to(device())
-    if cfg.mode == "head":
+    if cfg.mode in ("head", "head-then-lora"):
         if not isinstance(getattr(model, "classifier", None), nn.Linear):
             # Head mode trains a linear map of the pooled output; a classifier over token states (RoBERTa's) or
             # with hidden layers would be trained on the wrong input.
-            raise ValueError(f"model.mode = head needs a model whose classifier is one linear layer over the pooled "
+            raise ValueError(f"model.mode = {cfg.mode} needs a model whose classifier is one linear layer over the pooled "
                              f"output; {cfg.path or 'the model'} has {type(getattr(model, 'classifier', None)).__name__}"
                              ": use model.mode = lora or full with it")
+    if cfg.mode == "head":
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("classifier."))
-    if cfg.mode == "lora":
+    if cfg.mode in ("lora", "head-then-lora"):
         from peft import LoraConfig, TaskType, get_peft_model
 
         lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,

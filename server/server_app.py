@@ -29,6 +29,7 @@ def new_run_id(scenario: str) -> str:
 def model_description(cfg: AppConfig) -> str:
     name = "tiny random BERT" if cfg.model.tiny else (cfg.model.path or "all-MiniLM-L6-v2")
     mode = {"head": "linear head on frozen features", "lora": f"LoRA r={cfg.model.lora_r}",
+            "head-then-lora": f"LP-FT: head for {cfg.model.probe_rounds} rounds, then LoRA r={cfg.model.lora_r}",
             "full": "full fine-tuning"}[cfg.model.mode]
     privacy = f"DP ε={cfg.dp.target_epsilon:g}" if cfg.dp.enabled else "no DP"
     return f"{name} ({mode}, {cfg.model.pooling} pooling, {privacy})"

@@ -87,3 +87,17 @@ def test_budget_check_refuses_the_step_that_would_overspend():
     assert budget_check(ledger, nxt, budget=100.0, delta=1e-5) == ""
     reason = budget_check(ledger, nxt, budget=6.0, delta=1e-5)
     assert reason == "round 2 dpsgd would bring ε to 7.899 > budget 6 (spent 5.881)"
+
+
+def test_a_plan_whose_rounds_differ_is_calibrated_on_each_rounds_own_schedule():
+    # LP-FT: 2 full-batch probe rounds of 20 steps, then 3 adapter rounds at q = 0.25, 8 steps.
+    plan = [(1.0, 20)] * 2 + [(0.25, 8)] * 3
+    sigma = calibrate_noise_multiplier(target_epsilon=8.0, delta=1e-5, sample_rate=1.0, steps_per_round=20, rounds=5,
+                                       release_noise_multiplier=None, per_round=plan)
+    mixed = epsilon(planned_entries(noise_multiplier=sigma, sample_rate=1.0, steps_per_round=20, rounds=5,
+                                    release_noise_multiplier=None, per_round=plan), 1e-5)
+    assert 7.99 - 0.01 <= mixed <= 8.0
+    # Planning every round like the first (the old single-schedule call) would spend another ε on the same σ.
+    uniform = epsilon(planned_entries(noise_multiplier=sigma, sample_rate=1.0, steps_per_round=20, rounds=5,
+                                      release_noise_multiplier=None), 1e-5)
+    assert uniform > mixed + 0.5

@@ -247,3 +247,36 @@ def test_ffa_lora_keeps_a_at_its_initialisation_and_sends_b_and_the_head(tiny_cf
     a1, a2 = (dict(build_model(cfg.model, cfg.data.labels, seed=0).named_parameters()) for _ in range(2))
     names = [n for n in a1 if "lora_A" in n]
     assert names and all((a1[n] == a2[n]).all() for n in names)
+
+
+def test_lp_ft_probes_the_head_on_features_with_the_adapters_untouched_then_adapts_them(site_data):
+    import torch
+
+    from common.config import AppConfig
+    from common.model import build_model, features
+    from tests.conftest import TINY
+
+    cfg = AppConfig.from_run_config({**TINY, "model.mode": "head-then-lora", "model.probe-rounds": 1,
+                                     "train.batch-size": 8192, "train.local-epochs": 3, "train.optimizer": "sgd",
+                                     "train.head-lr": 3.0, "train.adapt-batch-size": 64})
+    assert cfg.on_features(1) and not cfg.on_features(2) and cfg.train_at(2).local_epochs == cfg.train.adapt_epochs
+    model = build_model(cfg.model, cfg.data.labels, seed=0)
+    start = trainable_state(model)
+    assert any("lora_B" in k for k in start) and all(not v.any() for k, v in start.items() if "lora_B" in k)
+    probe = features(model, site_data.train)  # B = 0: the adapted encoder is the pre-trained one
+    for r in (1, 2):
+        train_cfg = cfg.train_at(r)
+        data = probe if cfg.on_features(r) else site_data.train
+        schedule = dpsgd_schedule(n_public=len(data), batch_size=train_cfg.batch_size,
+                                  local_epochs=train_cfg.local_epochs)
+        before = trainable_state(model)
+        train_local(model, data, train_cfg=train_cfg, dp_cfg=cfg.dp, noise_multiplier=1.0,
+                    prior=prior_from_counts([1, 1, 1]), seed=r, schedule=schedule)
+        after = trainable_state(model)
+        moved = {k for k in before if np.abs(after[k] - before[k]).max() > 0}
+        if r == 1:  # the probe: the head alone, on features; A and B exactly as received
+            assert moved and all("classifier" in k for k in moved)
+            assert features(model, site_data.train.first(8)).x.allclose(probe.x[:8], atol=1e-6)
+        else:  # adaptation: the adapters join
+            assert any("lora_B" in k for k in moved) and schedule.sample_rate < 1.0
+    assert torch.is_tensor(probe.x)
