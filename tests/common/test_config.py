@@ -21,7 +21,7 @@ def test_every_problem_is_reported_at_once_with_key_value_and_range():
     # Assert
     msg = str(err.value)
     assert "dp.max-grad-norm must be in (0.0, 1000000.0], got 0.0" in msg
-    assert "model.mode must be one of \"head\", \"lora\", \"full\", got 'adapter'" in msg
+    assert "model.mode must be one of \"head\", \"lora\", \"full\", \"head-then-lora\", got 'adapter'" in msg
     assert "train.lr must be in (0.0, 10.0], got -1.0" in msg
     assert "data.val-fraction must be in (0.0, 0.9], got 1.5" in msg
 
