@@ -52,7 +52,7 @@ test-deploy: install  ## real SuperLink + SuperNodes over TLS on loopback: fault
 bench: install  ## the performance figures of docs/PERFORMANCE.md (~20 min on 2 cores)
 	$(BIN)/fedlens bench
 
-bench-accuracy: install  ## DP vs non-DP macro-F1 per workload, 3 seeds, side by side (~25 min on 2 cores)
+bench-accuracy: install  ## DP vs non-DP macro-F1 per workload, 3 seeds, side by side (~75 min on 2 cores)
 	$(BIN)/fedlens bench accuracy
 
 clinical: install  ## the clinical scenario: 4 DP clinics of drug reviews (~2 min); expected results in README
