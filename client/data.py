@@ -23,10 +23,10 @@ from common.datasets import (
     TEXT,
     SiteDataError,
     held_out,
-    load_debates,
+    keyed_share,
     load_drugreview,
+    load_embedded,
     load_file,
-    load_movies,
 )
 from common.model import Encoded, Split, encode
 
@@ -94,7 +94,7 @@ def pool(source: str, labels: tuple[str, ...], seed: int) -> pd.DataFrame:
     """The rows an embedded workload shares out among its simulated sites: the drug reviews' train file (the test
     file is the server's), or the movie snippets (debate statements) not held out for the server."""
     if source in HELD_OUT:
-        frame = (load_movies if source == "movies" else load_debates)(labels)
+        frame = load_embedded(source, labels)
         return frame[~held_out(frame, source, seed)].reset_index(drop=True)
     return load_drugreview("train", labels)
 
@@ -143,9 +143,7 @@ def split_train_val(texts: list[str], *, val_fraction: float, seed: int) -> tupl
     one example then never moves another between the splits. DP-SGD (train split) and the released summaries
     (both splits) are accounted for add/remove-one-example neighbours, and that only holds if the splits are stable.
     """
-    key = str(seed).encode()
-    u = np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8, key=key).digest(), "big") / 2**64
-                  for t in texts])
+    u = keyed_share(texts, seed)
     is_val = u < val_fraction
     if len(texts) >= 2 and (is_val.all() or not is_val.any()):
         # A tiny site: keep one row on each side (the lowest hash goes to validation).

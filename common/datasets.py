@@ -80,10 +80,11 @@ def load_debates(labels: tuple[str, ...]) -> pd.DataFrame:
                       where=f"{MOVIES_DIST}:{DEBATES_CSV}", site="embedded debates")
 
 
-def keyed_share(values: list[str], seed: int, salt: str) -> np.ndarray:
+def keyed_share(values: list[str], seed: int, salt: str = "") -> np.ndarray:
     """A number in [0, 1) per value from a keyed hash of the value alone: rows (or movies) fall on one side of a
-    split independently of every other row, so adding or removing one never moves another."""
-    key = f"{seed}:{salt}".encode()[:64]
+    split independently of every other row, so adding or removing one never moves another. (No salt: keyed by the
+    seed alone, as the sites' train / validation split has always been.)"""
+    key = (f"{seed}:{salt}" if salt else str(seed)).encode()[:64]
     return np.array([int.from_bytes(hashlib.blake2b(v.encode("utf-8"), digest_size=8, key=key).digest(), "big") / 2**64
                      for v in values])
 
@@ -91,8 +92,17 @@ def keyed_share(values: list[str], seed: int, salt: str) -> np.ndarray:
 def held_out(frame: pd.DataFrame, source: str, seed: int) -> np.ndarray:
     """Which rows of an embedded workload belong to the server: the movies (whole movies: none on both sides) or
     statements whose keyed hash falls in the workload's held-out share."""
-    by = GROUP if source == "movies" else TEXT
-    return keyed_share(frame[by].astype(str).tolist(), seed, f"{source}-held-out") < HELD_OUT[source]
+    return keyed_share(frame[held_out_by(source)].astype(str).tolist(), seed, f"{source}-held-out") < HELD_OUT[source]
+
+
+def held_out_by(source: str) -> str:
+    """The column an embedded workload's server rows are drawn by: whole movies, or single statements."""
+    return GROUP if source == "movies" else TEXT
+
+
+def load_embedded(source: str, labels: tuple[str, ...]) -> pd.DataFrame:
+    """All rows of an embedded workload with a held-out share (movies, debates), sites' and server's together."""
+    return (load_movies if source == "movies" else load_debates)(labels)
 
 
 def rating_to_label(rating: float, labels: tuple[str, ...]) -> str:

@@ -16,15 +16,14 @@ import pandas as pd
 
 from common.config import EMBEDDED_TEST_SETS, AppConfig
 from common.datasets import (
-    GROUP,
     LABEL,
     TEXT,
     held_out,
+    held_out_by,
     keyed_share,
-    load_debates,
     load_drugreview,
+    load_embedded,
     load_file,
-    load_movies,
 )
 from common.features import model_split
 from common.metrics import calibration, confusion_matrix, summary_metrics
@@ -63,8 +62,8 @@ def server_rows(cfg: AppConfig) -> tuple[pd.DataFrame, str] | None:
         return load_drugreview("test", d.labels), TEXT
     if source in ("movies-test", "debates-test"):
         workload = EMBEDDED_TEST_SETS[source]
-        frame = (load_movies if workload == "movies" else load_debates)(d.labels)
-        return frame[held_out(frame, workload, d.seed)].reset_index(drop=True), GROUP if workload == "movies" else TEXT
+        frame = load_embedded(workload, d.labels)
+        return frame[held_out(frame, workload, d.seed)].reset_index(drop=True), held_out_by(workload)
     return load_file(source, text_column=d.text_column, label_column=d.label_column, labels=d.labels,
                      site="server (server.central-eval)"), TEXT
 
