@@ -15,6 +15,10 @@ Rules, frozen before a pass is reported:
     partition and splits stay those of data.seed, so every arm sees the same data.
   - Features are computed once per site and kept in one cache for the whole pass ($FEDLENS_FEATURE_CACHE); every run
     gets fresh site ledgers.
+
+`--modes` compares training modes instead: each recipe of MODES, federated under DP at ε = 8, the same workload,
+rounds and seeds, side by side (LoRA's recipe is clinical-lora.toml's at one local epoch: on 2 CPU cores one LoRA
+epoch over the movie sites takes ~7 minutes, so the default pass is short; `--rounds` sets it).
 """
 
 from __future__ import annotations
@@ -39,6 +43,16 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (scenario, overr
     "debates": ("simulations/debates.toml", {}),  # 9 speakers: the multi-class task
 }
 EPSILONS = ("1", "3", "8")
+_LORA = {"train.local-epochs": 1, "train.batch-size": 512, "train.optimizer": "adamw", "train.lr": 2e-3,
+         "train.head-lr": 0.1}
+MODES: dict[str, dict[str, Any]] = {  # recipe -> overrides on top of the workload's scenario
+    "head": {"model.mode": "head"},
+    "lora": {"model.mode": "lora", **_LORA},
+    "ffa-lora": {"model.mode": "lora", "model.lora-freeze-a": True, **_LORA},
+    # LP-FT: one probe round (the head is most of the way there after it), then the adapters for the rest
+    "head-then-lora": {"model.mode": "head-then-lora", "model.probe-rounds": 1, "train.adapt-epochs": 1},
+    "full": {"model.mode": "full", **_LORA, "train.lr": 5e-5},
+}
 LR_GRID = (0.3, 1.0, 3.0)
 QUIET = {"server.save-model": False, "server.keep-rounds": 0}
 
@@ -198,19 +212,60 @@ def run_workload(workload: str, *, seeds: int, folder: Path, progress=print) -> 
     return out
 
 
-def run(workloads: list[str] | None = None, *, seeds: int = 3, progress=print) -> dict[str, Any]:  # noqa: ANN001
+def run_modes(workload: str, modes: list[str], *, seeds: int, rounds: int, folder: Path,
+              progress=print) -> dict[str, Any]:  # noqa: ANN001
+    """Each training recipe of `modes`, federated under DP at ε = 8 over `rounds` rounds and `seeds` seeds."""
+    t0 = time.time()
+    out: dict[str, Any] = {"epsilon": 8.0, "rounds": rounds, "seeds": seeds, "modes": {}}
+    for mode in modes:
+        runs = [simulate(_config(workload, {**MODES[mode], "num-server-rounds": rounds, "train.seed": seed,
+                                            "dp.target-epsilon": 8.0}), folder, f"{workload}-{mode}-{seed}")
+                for seed in range(seeds)]
+        mean, std = _mean_std(runs, "macro_f1")
+        out["modes"][mode] = {"macro_f1": mean, "macro_f1_std": std, "accuracy": _mean_std(runs, "accuracy")[0],
+                              "top_share": _mean_std(runs, "top_share")[0],
+                              "seconds": _mean_std(runs, "seconds")[0], "recipe": MODES[mode],
+                              "runs": [round(r["macro_f1"], 4) for r in runs]}
+        progress(f"{workload}: {mode}: macro-F1 {mean:.3f} ± {std:.3f} at ε = 8 over {rounds} rounds "
+                 f"({out['modes'][mode]['seconds']:.0f} s a run)")
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def run(workloads: list[str] | None = None, *, seeds: int = 3, modes: list[str] | None = None,
+        rounds: int = 0, progress=print) -> dict[str, Any]:  # noqa: ANN001
+    """The DP sweep per workload, or with `modes` the training-mode comparison (`rounds` 0 = the scenario's)."""
     names = workloads or list(WORKLOADS)
     unknown = [w for w in names if w not in WORKLOADS]
     if unknown:
         raise ValueError(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+    bad = [m for m in modes or () if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown mode recipe(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    if rounds < 0:
+        raise ValueError(f"--rounds must be 0 (the scenario's) or more, got {rounds}")
     with tempfile.TemporaryDirectory(prefix="fedlens-accuracy-") as tmp:
+        if modes:
+            return {"workloads": {w: run_modes(w, modes, seeds=seeds, folder=Path(tmp), progress=progress,
+                                               rounds=rounds or _config(w, {})["num-server-rounds"])
+                                  for w in names}, "cpus": os.cpu_count()}
         return {"workloads": {w: run_workload(w, seeds=seeds, folder=Path(tmp), progress=progress) for w in names},
                 "cpus": os.cpu_count()}
 
 
 def format_table(out: dict[str, Any]) -> str:
+    if any("modes" in w for w in out["workloads"].values()):
+        lines = ["workload     mode             macro-F1 at ε = 8   accuracy  top share  seconds a run"]
+        for name, w in out["workloads"].items():
+            for mode, m in w["modes"].items():
+                lines.append(f"{name:<12} {mode:<16} {m['macro_f1']:.3f} ± {m['macro_f1_std']:.3f}       "
+                             f"{m['accuracy']:.3f}     {m['top_share']:.2f}       {m['seconds']:.0f}")
+        w = next(iter(out["workloads"].values()))
+        lines.append(f"federated DP at ε = 8 over {w['rounds']} rounds, mean ± std over {w['seeds']} seed(s); "
+                     "macro-F1 on the server's test part after the last round")
+        return "\n".join(lines)
     lines = ["workload     majority  centralised     fed non-DP      DP ε=1          DP ε=3          DP ε=8"
              "          top share ε=8  site acc. noise ε=8"]
     for name, w in out["workloads"].items():

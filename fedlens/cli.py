@@ -274,6 +274,10 @@ def bench(
     workload: Annotated[str, typer.Option(help="accuracy: a comma-separated subset of drugreview, movies, "
                                                "debates")] = "",
     seeds: Annotated[int, typer.Option(help="accuracy: seeds per arm (mean ± spread)")] = 3,
+    modes: Annotated[str, typer.Option(help="accuracy: compare training recipes at ε = 8 instead of the DP sweep, "
+                                            "a comma-separated subset of head, lora, ffa-lora, head-then-lora, "
+                                            "full")] = "",
+    rounds: Annotated[int, typer.Option(help="accuracy --modes: federated rounds per run (0 = the scenario's)")] = 0,
     json_: JsonOption = False,
 ) -> None:
     """Measure the performance figures, score the diagnosis on a suite of fault scenarios, or measure what DP
@@ -285,6 +289,7 @@ def bench(
 
         try:
             out = harness.run([w.strip() for w in workload.split(",") if w.strip()] or None, seeds=seeds,
+                              modes=[m.strip() for m in modes.split(",") if m.strip()] or None, rounds=rounds,
                               progress=lambda m: typer.echo(m, err=True))
         except ValueError as e:
             _fail(str(e), code=2)
