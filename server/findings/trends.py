@@ -29,9 +29,10 @@ def underfitting(history: list[dict[str, float | None]], round_: int) -> dict[tu
     if all(v is not None for v in train[-TREND_ROUNDS:]) and train[0] is not None and train[0] > 0:
         drop = (train[0] - train[-1]) / train[0]
         if drop < UNDERFIT_DROP:
+            # the sentence quotes the change, so a loss that rose reads "+4.9%", one that barely fell "-1.2%"
             out[(None, K.UNDERFITTING)] = Finding(
                 K.UNDERFITTING, "warning", f"the sites' training loss went from {train[0]:.3f} in round 1 to "
-                f"{train[-1]:.3f} in round {round_} ({drop:+.1%}): the model is not learning the sites' data (too "
+                f"{train[-1]:.3f} in round {round_} ({-drop:+.1%}): the model is not learning the sites' data (too "
                 "much DP noise per step, too low a learning rate, or too few trainable values)", None, confidence=0.8)
     return out
 

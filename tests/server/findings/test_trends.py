@@ -11,8 +11,10 @@ def test_trends_of_the_global_model_become_run_level_findings():
     flat = [{"train_loss": 1.100, "test_loss": 1.0}, {"train_loss": 1.098, "test_loss": 1.0},
             {"train_loss": 1.095, "test_loss": 1.0}]
     found = trends(flat, 3)
-    assert set(found) == {(None, "underfitting")} and "from 1.100 in round 1 to 1.095 in round 3" in \
+    assert set(found) == {(None, "underfitting")} and "from 1.100 in round 1 to 1.095 in round 3 (-0.5%)" in \
         found[(None, "underfitting")].message
+    rising = [{"train_loss": 0.871}, {"train_loss": 0.890}, {"train_loss": 0.914}]  # the change keeps its sign
+    assert "from 0.871 in round 1 to 0.914 in round 3 (+4.9%)" in trends(rising, 3)[(None, "underfitting")].message
     overfit = [{"train_loss": 1.0, "test_loss": 0.80}, {"train_loss": 0.8, "test_loss": 0.82},
                {"train_loss": 0.6, "test_loss": 0.86}, {"train_loss": 0.4, "test_loss": 0.90}]
     assert set(trends(overfit, 4)) == {(None, "global_overfitting")}
