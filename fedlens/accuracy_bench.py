@@ -53,6 +53,7 @@ MODES: dict[str, dict[str, Any]] = {  # recipe -> overrides on top of the worklo
     "head-then-lora": {"model.mode": "head-then-lora", "model.probe-rounds": 1, "train.adapt-epochs": 1},
     "full": {"model.mode": "full", **_LORA, "train.lr": 5e-5},
 }
+MODES_EPSILON = 8.0  # every recipe's budget in the mode comparison
 LR_GRID = (0.3, 1.0, 3.0)
 QUIET = {"server.save-model": False, "server.keep-rounds": 0}
 
@@ -163,6 +164,13 @@ def _mean_std(runs: list[dict[str, Any]], key: str) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _arm_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One arm over its seeds: macro-F1 mean ± std, mean accuracy and top share, each run's macro-F1."""
+    mean, std = _mean_std(runs, "macro_f1")
+    return {"macro_f1": mean, "macro_f1_std": std, "accuracy": _mean_std(runs, "accuracy")[0],
+            "top_share": _mean_std(runs, "top_share")[0], "runs": [round(r["macro_f1"], 4) for r in runs]}
+
+
 def run_workload(workload: str, *, seeds: int, folder: Path, progress=print) -> dict[str, Any]:  # noqa: ANN001
     """Tune the non-DP arms' head-lr on the validation part (seed 0), then every arm over `seeds` seeds."""
     t0 = time.time()
@@ -196,13 +204,10 @@ def run_workload(workload: str, *, seeds: int, folder: Path, progress=print) -> 
         out[f"{arm}_top_share"] = _mean_std(arms[arm], "top_share")[0]
     out["dp"] = {}
     for eps in EPSILONS:
-        mean, std = _mean_std(arms[eps], "macro_f1")
         noise = [v for r in arms[eps] for v in r["accuracy_noise_std"].values()]
-        out["dp"][eps] = {"macro_f1": mean, "macro_f1_std": std, "accuracy": _mean_std(arms[eps], "accuracy")[0],
-                          "top_share": _mean_std(arms[eps], "top_share")[0],
+        out["dp"][eps] = {**_arm_summary(arms[eps]),
                           "site_accuracy_noise_std": max(noise) if noise else None,
-                          "site_accuracy_noise_std_median": statistics.median(noise) if noise else None,
-                          "runs": [round(r["macro_f1"], 4) for r in arms[eps]]}
+                          "site_accuracy_noise_std_median": statistics.median(noise) if noise else None}
     out["runs"] = {arm: [round(r["macro_f1"], 4) for r in arms[arm]] for arm in ("centralised", "federated_nondp")}
     out["tuning"] = {"key": lr_key, "grid": list(LR_GRID), "validation_macro_f1": tuning, "chosen": best,
                      "dp_default": base[lr_key]}
@@ -216,18 +221,15 @@ def run_modes(workload: str, modes: list[str], *, seeds: int, rounds: int, folde
               progress=print) -> dict[str, Any]:  # noqa: ANN001
     """Each training recipe of `modes`, federated under DP at ε = 8 over `rounds` rounds and `seeds` seeds."""
     t0 = time.time()
-    out: dict[str, Any] = {"epsilon": 8.0, "rounds": rounds, "seeds": seeds, "modes": {}}
+    out: dict[str, Any] = {"epsilon": MODES_EPSILON, "rounds": rounds, "seeds": seeds, "modes": {}}
     for mode in modes:
         runs = [simulate(_config(workload, {**MODES[mode], "num-server-rounds": rounds, "train.seed": seed,
-                                            "dp.target-epsilon": 8.0}), folder, f"{workload}-{mode}-{seed}")
+                                            "dp.target-epsilon": MODES_EPSILON}), folder, f"{workload}-{mode}-{seed}")
                 for seed in range(seeds)]
-        mean, std = _mean_std(runs, "macro_f1")
-        out["modes"][mode] = {"macro_f1": mean, "macro_f1_std": std, "accuracy": _mean_std(runs, "accuracy")[0],
-                              "top_share": _mean_std(runs, "top_share")[0],
-                              "seconds": _mean_std(runs, "seconds")[0], "recipe": MODES[mode],
-                              "runs": [round(r["macro_f1"], 4) for r in runs]}
-        progress(f"{workload}: {mode}: macro-F1 {mean:.3f} ± {std:.3f} at ε = 8 over {rounds} rounds "
-                 f"({out['modes'][mode]['seconds']:.0f} s a run)")
+        m = out["modes"][mode] = {**_arm_summary(runs), "seconds": _mean_std(runs, "seconds")[0],
+                                  "recipe": MODES[mode]}
+        progress(f"{workload}: {mode}: macro-F1 {m['macro_f1']:.3f} ± {m['macro_f1_std']:.3f} at ε = 8 over "
+                 f"{rounds} rounds ({m['seconds']:.0f} s a run)")
     out["seconds"] = time.time() - t0
     return out
 
