@@ -136,6 +136,8 @@ def train(msg: Message, context: Context) -> Message:
                          noise_multiplier=plan.noise_multiplier, prior=None if prior is None else torch.tensor(prior),
                          seed=site.cfg.train.seed + server_round, schedule=plan.schedule)
     seconds = time.perf_counter() - t0
+    if site.injected:
+        faults.straggle(site.injected, time.time() - started)
     save_health(context.state, server_round, result.health)
     sent, n_claimed = trainable_state(model), None
     if "bad_update" in site.injected:

@@ -22,6 +22,7 @@ from common.datasets import (
     LABEL,
     TEXT,
     SiteDataError,
+    foreign_rows,
     held_out,
     keyed_share,
     load_drugreview,
@@ -87,6 +88,17 @@ def site_rows(cfg: DataConfig, site: SiteIdentity) -> pd.DataFrame:
     if not 0 <= site.partition_id < len(parts):
         raise SiteDataError(f"site {site.name}: partition-id {site.partition_id} outside 0..{len(parts) - 1}")
     return frame.iloc[parts[site.partition_id]].reset_index(drop=True)
+
+
+def _elsewhere(cfg: DataConfig, injected: dict) -> pd.DataFrame | None:
+    """The rows an injected domain shift draws from: the embedded pool's (rows of conditions the site does not
+    hold), or another embedded workload's with its labels mapped onto this run's by sentiment."""
+    if "domain_shift" not in injected:
+        return None
+    source = injected["domain_shift"]["source"]
+    if source:
+        return foreign_rows(source, cfg.labels)
+    return pool(cfg.source if cfg.source != "files" else "drugreview", cfg.labels, cfg.seed)
 
 
 @lru_cache(maxsize=4)
@@ -170,8 +182,7 @@ def load_site_data(cfg: AppConfig, site: SiteIdentity, tokenizer, *, faults_allo
     if injected:  # a simulated faulty site (scenario ground truth)
         rows = corrupt_rows(rows, injected, num_classes=len(cfg.data.labels),
                             seed=cfg.data.seed + sum(map(ord, site.name)),
-                            elsewhere=(pool(cfg.data.source if cfg.data.source != "files" else "drugreview",
-                                            cfg.data.labels, cfg.data.seed) if "domain_shift" in injected else None))
+                            elsewhere=_elsewhere(cfg.data, injected))
     if len(rows) < 2:
         raise SiteDataError(f"site {site.name}: fewer than 2 usable rows; expected at least 2 labelled examples")
     seed = cfg.data.seed + sum(map(ord, site.name))

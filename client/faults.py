@@ -35,13 +35,26 @@ def corrupt_rows(rows: pd.DataFrame, faults: dict[str, Fault], *, num_classes: i
             rows.iloc[hit, [rows.columns.get_loc(c) for c in (TEXT, LABEL)]] = picked[[TEXT, LABEL]].to_numpy()
             if GROUP in rows:
                 rows.iloc[hit, rows.columns.get_loc(GROUP)] = picked[GROUP].to_numpy()
+    if "label_skew" in faults:  # not a fault: a site whose label mix differs, its labels right
+        f = faults["label_skew"]
+        other = rows[LABEL].to_numpy() != int(f["class"])
+        rows = rows[~(other & (rng.random(len(rows)) >= float(f["keep"])))].reset_index(drop=True)
     if "class_missing" in faults:
         rows = rows[rows[LABEL] != int(faults["class_missing"]["class"])].reset_index(drop=True)
     if "label_flip" in faults:
         f = faults["label_flip"]
-        rows.loc[rows[LABEL] == int(f["from"]), LABEL] = int(f["to"])
+        a, b, share = int(f["from"]), int(f["to"]), float(f["share"])
+        labels = rows[LABEL].to_numpy()
+        draw = rng.random(len(rows)) < share
+        hit_a, hit_b = (labels == a) & draw, (labels == b) & draw
+        rows.loc[hit_a, LABEL] = b
+        if f["swap"]:
+            rows.loc[hit_b, LABEL] = a
     if "label_noise" in faults:
         hit = rng.random(len(rows)) < float(faults["label_noise"]["rate"])
+        classes = [int(c) for c in faults["label_noise"]["classes"]]
+        if classes:  # class-conditional: only labels of these classes are randomised
+            hit &= rows[LABEL].isin(classes).to_numpy()
         # A random *other* label: the given label is always wrong where noise hits.
         shift = rng.integers(1, num_classes, size=len(rows))
         rows.loc[hit, LABEL] = (rows.loc[hit, LABEL].to_numpy() + shift[hit]) % num_classes
@@ -83,12 +96,17 @@ def scheduled_size(injected: dict[str, Fault], n_released: float) -> float:
     return n_released
 
 
+def straggle(injected: dict[str, Fault], trained_seconds: float) -> None:
+    """An injected straggler: after training, waits its fixed seconds plus `factor` × its own training time."""
+    if "straggler" in injected:
+        f = injected["straggler"]
+        time.sleep(float(f["seconds"]) + float(f["factor"]) * trained_seconds)
+
+
 def misbehave(injected: dict[str, Fault], server_round: int, received) -> object:  # noqa: ANN001
-    """Injected crash / straggler / free-rider behaviour; returns the weights a free rider sends, else None."""
+    """Injected crash / free-rider behaviour; returns the weights a free rider sends, else None."""
     if "crash" in injected and server_round >= int(injected["crash"]["round"]):
         raise RuntimeError(f"site {injected['crash'].site}: injected crash at round {server_round}")
-    if "straggler" in injected:
-        time.sleep(float(injected["straggler"]["seconds"]))
     if "free_rider" in injected:
         if injected["free_rider"]["mode"] == "random":
             rng = np.random.default_rng(server_round)

@@ -165,7 +165,8 @@ def save_health(state: RecordDict, server_round: int, health: TrainHealth | None
     if health is not None:
         records.write_state(state, records.HEALTH, {
             "round": server_round, "grad-norm-hist": health.grad_norm_hist, "clipped-sum-norm": health.clipped_sum_norm,
-            "train-loss-sum": health.train_loss_sum, "train-loss-hist": health.train_loss_hist})
+            "train-loss-sum": health.train_loss_sum, "train-loss-hist": health.train_loss_hist,
+            "train-confusion": [x for row in health.train_confusion for x in row]})
 
 
 def trained_health(state: RecordDict, server_round: int) -> TrainHealth | None:
@@ -173,8 +174,11 @@ def trained_health(state: RecordDict, server_round: int) -> TrainHealth | None:
     rec = records.read_state(state, records.HEALTH)
     if rec is None or int(rec["round"]) != server_round:
         return None
+    flat = [float(x) for x in rec.get("train-confusion", [])]
+    k = int(round(len(flat) ** 0.5))
     return TrainHealth([float(x) for x in rec["grad-norm-hist"]], float(rec["clipped-sum-norm"]),
-                       float(rec["train-loss-sum"]), [float(x) for x in rec["train-loss-hist"]])
+                       float(rec["train-loss-sum"]), [float(x) for x in rec["train-loss-hist"]],
+                       [flat[i * k:(i + 1) * k] for i in range(k)])
 
 
 def coarse(seconds: float) -> float:

@@ -44,6 +44,9 @@ from common import records
 STATE_DIR = "state-dir"  # node-config key
 STATE_ENV = "FEDLENS_SITE_STATE"  # the folder holding one sub-folder per site (simulation)
 FEATURES_ENV = "FEDLENS_FEATURE_CACHE"  # where sites keep head mode's features instead (one sub-folder per site)
+# Simulation on one machine only: every simulated site's features in that one folder (the texts are all on this
+# machine anyway), so that a benchmark's many partitions of one data set compute each row once.
+SHARED_FEATURES_ENV = "FEDLENS_FEATURE_CACHE_SHARED"
 
 
 def site_folder(node_config: dict, site: str) -> Path:
@@ -59,6 +62,8 @@ def features_folder(node_config: dict, site: str) -> Path:
     """Where this site keeps head mode's cached features: its state folder, or $FEDLENS_FEATURE_CACHE/<site> (a
     benchmark keeps them across the many short-lived worlds it simulates, each with fresh ledgers)."""
     root = os.environ.get(FEATURES_ENV)
+    if root and os.environ.get(SHARED_FEATURES_ENV) == "1":
+        return Path(root)
     return Path(root) / _safe(site) if root else site_folder(node_config, site)
 
 

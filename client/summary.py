@@ -88,6 +88,8 @@ def local_summary(model: nn.Module, train: Split, val: Split, *, num_classes: in
         if health.grad_norm_hist:
             blocks["grad_norm_hist"] = np.asarray(health.grad_norm_hist, dtype=np.float64)
         blocks["clipped_sum_norm"][0] = health.clipped_sum_norm
+        if health.train_confusion:
+            blocks["train_confusion"] = np.asarray(health.train_confusion, dtype=np.float64)
     return Summary(blocks, k, health_round if health is not None else 0, 0.0, dg.SENSITIVITY,
                    time.perf_counter() - t0)
 

@@ -7,6 +7,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -37,6 +38,8 @@ class TrainHealth:
     clipped_sum_norm: float  # ‖Σ clipped per-sample gradients‖ / C of a step (before noise); DP only
     train_loss_sum: float = 0.0  # Σ min(loss, L) / L, each example's loss at its first use in the round
     train_loss_hist: list[float] = field(default_factory=list)  # examples per loss bin over [0, L]
+    # [K][K] train examples per (given label, the received model's prediction at their first use)
+    train_confusion: list[list[float]] = field(default_factory=list)
     seconds: float = 0.0  # spent computing these (the diagnostics' cost inside training)
 
 
@@ -178,13 +181,15 @@ def train_local(model: nn.Module, data: Split, *, train_cfg: TrainConfig, dp_cfg
     model.train()
     optimizer = make_optimizer(module, train_cfg, head_only=on_features)
     first_loss = torch.full((len(data),), float("nan"))  # each example's plain CE at its first use this round
+    first_pred = torch.full((len(data),), -1, dtype=torch.long)  # and the class it predicted then
+    classes = 0  # the model's number of classes (its logits' width)
     hooks, meter = None, None
     if dp_cfg.enabled:
         if schedule is None:
             raise ValueError("DP training needs its schedule (privacy.dpsgd_schedule of the released size)")
         rng = rng or SiteRandom()
         if schedule.sample_rate < 1.0:
-            _first_losses(model, data, first_loss, physical)
+            classes = _first_losses(model, data, first_loss, first_pred, physical)
         loader = _poisson_loader(data, schedule, rng)
         with warnings.catch_warnings():
             # "Secure RNG turned off": Opacus's secure mode needs torchcsprng (no build for torch 2.x); the noise
@@ -232,8 +237,9 @@ def train_local(model: nn.Module, data: Split, *, train_cfg: TrainConfig, dp_cfg
                         part = slice(start, start + size)
                         y = labels[part].to(dev)
                         out = logits(model, tuple(x[part].to(dev) for x in inputs))  # [b, K]
+                        classes = out.shape[-1]
                         if meter is not None or hooks is None:
-                            _record_first(first_loss, index[part], out, y)
+                            _record_first(first_loss, first_pred, index[part], out, y)
                         loss = balanced_loss(out, y, mode=train_cfg.class_balance, prior=prior)
                         # Chunks of one logical batch add up to its mean loss (DP batches come whole: weight 1).
                         (loss * (y.numel() / n)).backward()
@@ -255,7 +261,8 @@ def train_local(model: nn.Module, data: Split, *, train_cfg: TrainConfig, dp_cfg
     return TrainResult(steps=steps, sample_rate=schedule.sample_rate if hooks is not None else 0.0,
                        noise_multiplier=noise_multiplier if hooks is not None else 0.0,
                        mean_loss=float(sum(losses) / max(1, len(losses))), step_seconds=step_seconds,
-                       health=_health(meter, first_loss.numpy(), dp_cfg.loss_clip))
+                       health=_health(meter, first_loss.numpy(), first_pred.numpy(), data.labels.numpy(),
+                                      dp_cfg.loss_clip, num_classes=classes))
 
 
 def _poisson_loader(data: Split, schedule: Schedule, rng: Randomness) -> DataLoader:
@@ -274,32 +281,41 @@ def _poisson_loader(data: Split, schedule: Schedule, rng: Randomness) -> DataLoa
 
 
 @torch.no_grad()
-def _first_losses(model: nn.Module, data: Split, first_loss: torch.Tensor, batch: int) -> None:
-    """Every train example's loss at the received model (q < 1: the first use would depend on the Poisson mask)."""
+def _first_losses(model: nn.Module, data: Split, first_loss: torch.Tensor, first_pred: torch.Tensor,
+                  batch: int) -> int:
+    """Every train example's loss and prediction at the received model (q < 1: the first use would depend on the
+    Poisson mask); returns the number of classes."""
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
     for start in range(0, len(data), batch):
         idx = torch.arange(start, min(start + batch, len(data)))
         out = logits(model, tuple(x[idx].to(dev) for x in data.inputs()))
-        _record_first(first_loss, idx, out, data.labels[idx].to(dev))
+        _record_first(first_loss, first_pred, idx, out, data.labels[idx].to(dev))
     model.train(was_training)
+    return int(out.shape[-1]) if len(data) else 0
 
 
 @torch.no_grad()
-def _record_first(first_loss: torch.Tensor, index: torch.Tensor, out: torch.Tensor, labels: torch.Tensor) -> None:
+def _record_first(first_loss: torch.Tensor, first_pred: torch.Tensor, index: torch.Tensor, out: torch.Tensor,
+                  labels: torch.Tensor) -> None:
     ce = nn.functional.cross_entropy(out.detach().float(), labels, reduction="none").cpu()
     fresh = first_loss[index].isnan()
     first_loss[index[fresh]] = ce[fresh]
+    first_pred[index[fresh]] = out.detach().argmax(dim=-1).cpu()[fresh]
 
 
-def _health(meter: _HealthMeter | None, first_loss, loss_clip: float) -> TrainHealth:  # noqa: ANN001
+def _health(meter: _HealthMeter | None, first_loss, first_pred, labels, loss_clip: float, *,  # noqa: ANN001
+            num_classes: int) -> TrainHealth:
     t0 = time.perf_counter()
     loss_sum, loss_hist = loss_blocks(first_loss, loss_clip)
+    seen = first_pred >= 0
+    confusion = np.zeros((num_classes, num_classes))
+    np.add.at(confusion, (labels[seen], first_pred[seen]), 1.0)
     grad = meter.result() if meter is not None and meter.steps else None
     return TrainHealth(
         grad_norm_hist=list(grad[0]) if grad else [], clipped_sum_norm=grad[1] if grad else 0.0,
-        train_loss_sum=loss_sum, train_loss_hist=loss_hist.tolist(),
+        train_loss_sum=loss_sum, train_loss_hist=loss_hist.tolist(), train_confusion=confusion.tolist(),
         seconds=(meter.seconds if meter is not None else 0.0) + time.perf_counter() - t0)
 
 

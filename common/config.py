@@ -6,10 +6,13 @@ Injected faults (simulation only) are parsed here too: the run config key `fault
 run's ground truth (run store table `faults`); no diagnosis code reads them. Kinds and their parameters
 (docs/scenarios.md):
 
-  data       label_noise (rate), label_flip (from, to), class_missing (class), text_corruption (rate),
-             domain_shift (rate): that share of the site's rows replaced by reviews of conditions it does not hold
+  data       label_noise (rate; classes: only labels of these true classes, [] = all), label_flip (from, to;
+             share of `from` relabelled; swap: `to` relabelled as `from` too), class_missing (class),
+             label_skew (class, keep: rows of the other classes kept at this share; not a fault: a naturally
+             skewed site, for benchmarks of what must *not* be flagged), text_corruption (rate), domain_shift (rate; source: "" = rows of conditions the site does not hold, or
+             another embedded workload, "movies" / "drugreview", its labels mapped by sentiment)
   training   lr_blowup (factor), overfit (epochs, examples)
-  behaviour  free_rider (mode: "echo" | "random"), crash (round), straggler (seconds),
+  behaviour  free_rider (mode: "echo" | "random"), crash (round), straggler (seconds + factor × its training time),
              bad_update (mode: "nan" | "inf" | "shape" | "scale" | "examples"; from round): a broken or hostile reply
 """
 
@@ -141,16 +144,17 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 # Injected faults (module docstring).
 
 KINDS: dict[str, dict[str, Any]] = {  # kind -> parameters with their defaults
-    "label_noise": {"rate": 0.5},
-    "label_flip": {"from": 2, "to": 0},
+    "label_noise": {"rate": 0.5, "classes": []},
+    "label_flip": {"from": 2, "to": 0, "share": 1.0, "swap": False},
     "class_missing": {"class": 0},
+    "label_skew": {"class": 1, "keep": 0.3},
     "text_corruption": {"rate": 0.3},
-    "domain_shift": {"rate": 1.0},
+    "domain_shift": {"rate": 1.0, "source": ""},
     "lr_blowup": {"factor": 50.0},
     "overfit": {"epochs": 20, "examples": 16},
     "free_rider": {"mode": "echo"},
     "crash": {"round": 2},
-    "straggler": {"seconds": 30.0},
+    "straggler": {"seconds": 0.0, "factor": 0.0},
     "bad_update": {"mode": "nan", "round": 1},
 }
 BAD_UPDATE_MODES = ("nan", "inf", "shape", "scale", "examples")

@@ -105,6 +105,26 @@ def load_embedded(source: str, labels: tuple[str, ...]) -> pd.DataFrame:
     return (load_movies if source == "movies" else load_debates)(labels)
 
 
+SENTIMENT = {"rotten": "negative", "fresh": "positive", "negative": "rotten", "positive": "fresh"}
+
+
+def foreign_rows(source: str, labels: tuple[str, ...]) -> pd.DataFrame:
+    """Another embedded workload's rows (the drug reviews' train file, or all movie snippets) with their labels
+    mapped onto `labels` by sentiment (rotten ↔ negative, fresh ↔ positive); rows without a counterpart (neutral)
+    are dropped. Simulation only: a domain shift that brings texts of another domain under correct labels."""
+    own = {"drugreview": ("negative", "neutral", "positive"), "movies": ("rotten", "fresh")}
+    if source not in own:
+        raise ValueError(f"domain_shift source must be one of {', '.join(own)}, got {source!r}")
+    frame = load_drugreview("train", own[source]) if source == "drugreview" else load_movies(own[source])
+    mapped = [SENTIMENT.get(own[source][y]) for y in frame[LABEL]]
+    keep = np.array([m in labels for m in mapped])
+    if not keep.any():
+        raise ValueError(f"domain_shift source {source!r}: none of its labels map onto {', '.join(labels)}")
+    out = frame[keep].reset_index(drop=True)
+    out[LABEL] = [labels.index(m) for m, k in zip(mapped, keep, strict=True) if k]
+    return out
+
+
 def rating_to_label(rating: float, labels: tuple[str, ...]) -> str:
     """A 1-10 rating -> negative (< 5), neutral (5-6) or positive (> 6), in the order of `labels`."""
     if len(labels) != 3:

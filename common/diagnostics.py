@@ -10,6 +10,7 @@ validation blocks or the train blocks, never both. In each block it moves one ce
 gradient blocks move by at most 1/steps in each of `steps` cells, i.e. by at most 1 in L2 too. Block b is scaled by
 its weight w_b before the noise is added, so Δ² = max(Σ_val w_b², Σ_train w_b²) and block b's noise std is σ·Δ / w_b:
 the confusion matrix, label histogram and loss sums (weight 1) get twice the precision of the secondary histograms.
+Both splits' Σ w_b² are 3 (Δ = √3): the train side's confusion at the received model came at no cost in noise.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Block:
             "confusion": (k, k), "val_loss_sum": (1,), "val_loss_hist": (LOSS_BINS,), "calibration": (2, CONF_BINS),
             "self_confidence": (k,), "label_issues": (k, k), "train_labels": (k,), "train_loss_sum": (1,),
             "train_loss_hist": (LOSS_BINS,), "grad_norm_hist": (len(GRAD_EDGES) - 1,), "clipped_sum_norm": (1,),
+            "train_confusion": (k, k),
         }[self.name]
 
 
@@ -57,9 +59,14 @@ BLOCKS = (
     Block("train_loss_hist", TRAIN, 0.5, "train examples per loss bin over [0, L], at their first use in the round"),
     Block("grad_norm_hist", TRAIN, 0.5, "per-sample gradient norms / C per bin, averaged over the round's DP steps"),
     Block("clipped_sum_norm", TRAIN, 0.5, "‖Σ clipped per-sample gradients‖ / C, averaged over the round's DP steps"),
+    # Per-class evidence that does not rest on the label mix: how the model every site received labels each
+    # site's own train texts, against the labels they carry (class-conditional noise, swaps and partial flips move
+    # its rows; a site that is only skewed does not). Read off the first use, like the losses.
+    Block("train_confusion", TRAIN, 0.5, "train counts, rows = given label, columns = the received model's "
+          "prediction at first use in the round"),
 )
 # Measured by the round's training pass (client/train.py): only a site that trained this round has them.
-TRAINING_BLOCKS = ("train_loss_sum", "train_loss_hist", "grad_norm_hist", "clipped_sum_norm")
+TRAINING_BLOCKS = ("train_loss_sum", "train_loss_hist", "grad_norm_hist", "clipped_sum_norm", "train_confusion")
 # Cross-site evaluation (opt-in, server.cross-site-eval): the site also counts how many of its validation examples
 # each of M other sites' local models gets right. One validation example moves each of the M counts by ≤ 1, so the
 # block gets weight 1/√M: its share of Δ² is 1 whatever M, and the validation side's Δ² goes from 3 to 4.
@@ -138,8 +145,9 @@ def derive(blocks: dict[str, np.ndarray], *, loss_clip: float, n_val: int, n_tra
     Sizes are public (they weight FedAvg). Returned floats may be NaN where a quantity is undefined.
     """
     blocks = {**blocks}
+    blocks.setdefault("train_confusion", np.zeros_like(blocks["confusion"]))  # stores from before it existed
     for name, n in (("confusion", n_val), ("calibration", n_val), ("val_loss_hist", n_val),
-                    ("train_labels", n_train), ("train_loss_hist", n_train)):
+                    ("train_labels", n_train), ("train_loss_hist", n_train), ("train_confusion", n_train)):
         blocks[name] = clamp_to_total(blocks[name], n)
     blocks["val_loss_sum"] = np.clip(blocks["val_loss_sum"], 0.0, max(n_val, 0))
     blocks["train_loss_sum"] = np.clip(blocks["train_loss_sum"], 0.0, max(n_train, 0))
@@ -176,6 +184,8 @@ def derive(blocks: dict[str, np.ndarray], *, loss_clip: float, n_val: int, n_tra
         "loss": {"val": val_loss, "train": train_loss, "gap": val_loss - train_loss,
                  "edges": loss_bin_edges(loss_clip).tolist(), "val_histogram": blocks["val_loss_hist"].tolist(),
                  "train_histogram": blocks["train_loss_hist"].tolist()},
+        # The train split at the received model (rows = given label): NaN-free zeros when the site did not train.
+        "train_confusion": blocks["train_confusion"].tolist() if trained else None,
         "dp_health": None,
     }
     g = np.clip(blocks["grad_norm_hist"], 0.0, None)

@@ -103,6 +103,9 @@ class SiteRoundRow:
     probe: list[float] | None = None
     update_cosine: float | None = None  # of its update to the mean of the other sites' updates
     update_cosine_median: float | None = None  # ... to their coordinate-wise median
+    # The step size its update shows, read off the DP noise alone (server/aggregate.noise_scale): equal at honest
+    # sites whatever their data; a blown-up learning rate multiplies it.
+    noise_scale: float | None = None
 
 
 # The neighbouring relation every ledger entry is accounted under (client/privacy.py; `fedlens report` states it).

@@ -82,6 +82,7 @@ CREATE TABLE IF NOT EXISTS site_rounds (
     aggregation_score REAL,
     probe_json TEXT,
     update_cosine REAL, update_cosine_median REAL,
+    noise_scale REAL,
     PRIMARY KEY (run_id, round, site, phase)
 );
 CREATE TABLE IF NOT EXISTS ledger (
@@ -128,14 +129,15 @@ SITE_ROUND_COLUMNS = ("site", "phase", "status", "reason", "num_examples", "epsi
                       "loss", "train_loss", "max_prediction_share", "confusion_json", "epsilon_training",
                       "epsilon_diagnostics", "ece", "label_issues", "clip_fraction", "grad_norm", "signal_to_noise",
                       "signal_to_noise_std", "epsilon_lifetime", "epsilon_cap", "summary_json", "diagnostics_seconds", "started_at", "ended_at", "aggregation_score", "probe_json",
-                      "update_cosine", "update_cosine_median")
+                      "update_cosine", "update_cosine_median", "noise_scale")
 # Columns added after schema version 1: an older store gets them (NULL) when a writer opens it.
 ADDED_COLUMNS = {"site_rounds": ("epsilon_training REAL", "epsilon_diagnostics REAL", "ece REAL", "label_issues REAL",
                                  "clip_fraction REAL", "grad_norm REAL", "noise_to_signal REAL",
                                  "summary_json TEXT", "diagnostics_seconds REAL", "started_at REAL",
                                  "ended_at REAL", "aggregation_score REAL", "probe_json TEXT",
                                  "update_cosine REAL", "update_cosine_median REAL", "signal_to_noise REAL",
-                                 "epsilon_lifetime REAL", "epsilon_cap REAL", "signal_to_noise_std REAL"),
+                                 "epsilon_lifetime REAL", "epsilon_cap REAL", "signal_to_noise_std REAL",
+                                 "noise_scale REAL"),
                  "rounds": ("train_wall REAL", "evaluate_wall REAL", "diagnostics_seconds REAL", "test_ece REAL",
                             "test_confidence REAL", "server_val_accuracy REAL", "server_val_macro_f1 REAL"),
                  "findings": ("confidence REAL",), "runs": ("parent_run TEXT", "parent_round INTEGER")}

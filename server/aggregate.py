@@ -125,6 +125,35 @@ def update_norm(arrays: Arrays, reference: Arrays) -> float:
     return float(math.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - reference[k]) ** 2)) for k in reference)))
 
 
+def noise_scale(arrays: Arrays, reference: Arrays, *, noise_multiplier: float, max_grad_norm: float, steps: int,
+                expected_batch: float) -> float | None:
+    """The step size a site's update shows in its DP noise alone: ‖Σ_k Δw_k‖ of the final classification layer
+    (rows k = classes, with its bias) × B / (σ·C·√(steps·K·(D+1))).
+
+    For cross-entropy the gradient of the logits sums to 0 over the classes, and so does every example's clipped
+    gradient of the final layer: along Σ_k there is no signal, only the noise DP-SGD adds (std σ·C / B per
+    coordinate and step, B the public expected batch). Plain SGD moves that component by lr × the noise, so this
+    reads the learning rate a site really used: the same at every honest site whatever its data or label mix (a
+    skewed site's update is larger, not noisier), within ~1/√(2D) ≈ 4 %. None when it cannot be read (no DP, no
+    steps, no recognisable final layer)."""
+    if noise_multiplier <= 0 or steps <= 0 or expected_batch <= 0 or max_grad_norm <= 0:
+        return None
+    weights = [k for k in reference if "classifier" in k and k.endswith("weight") and reference[k].ndim == 2]
+    if not weights:
+        return None
+    key = weights[-1]
+    bias = key[: -len("weight")] + "bias"
+    delta = arrays[key].astype(np.float64) - reference[key]
+    summed = delta.sum(axis=0)
+    coords = delta.shape[1]
+    if bias in reference:
+        summed = np.append(summed, float(np.sum(arrays[bias].astype(np.float64) - reference[bias])))
+        coords += 1
+    k = delta.shape[0]
+    return float(np.linalg.norm(summed) * expected_batch / (noise_multiplier * max_grad_norm
+                                                           * math.sqrt(steps * k * coords)))
+
+
 def update_geometry(updates: dict[str, Arrays], reference: Arrays) -> dict[str, tuple[float, float]]:
     """Per site, the cosine of its update (weights − reference) to the mean and to the coordinate-wise median of the
     *other* sites' updates (leave-one-out: a site's own update inside the mean would pull its cosine to ~1/√n even

@@ -86,7 +86,9 @@ def main(grid: Grid, context: Context) -> None:
                      "here (columns data.text-column, data.label-column) to test it centrally", cfg.data.source)
         strategy = DebugFedAvg(cfg.server, writer=writer, loss_clip=cfg.dp.loss_clip, class_names=cfg.data.labels,
                                class_prior=class_prior(cfg, test), central_eval=make_central_eval(cfg, model, test),
-                               probe=make_probe(cfg, model, test), checkpoints=checkpoints)
+                               probe=make_probe(cfg, model, test), checkpoints=checkpoints,
+                               # LP-FT switches to AdamW after its probe rounds (train.adapt-optimizer)
+                               plain_sgd=cfg.train.optimizer == "sgd" and cfg.model.mode != "head-then-lora")
         initial, start = trainable_state(model), 1
         if resumed is not None or parent is not None:
             # Resume this run after its last completed round, or replay another from its round R checkpoint.

@@ -17,7 +17,7 @@ from common.config import ServerConfig
 from common.log import get_logger
 from common.rounds import Event, LedgerRow, RoundRecord, SiteRoundRow
 from common.run_store import RunWriter
-from server.aggregate import Arrays, Updates, aggregate, check_update, update_geometry, update_norm
+from server.aggregate import Arrays, Updates, aggregate, check_update, noise_scale, update_geometry, update_norm
 from server.central_eval import CentralEval, Probe
 from server.findings import Diagnosis, FindingsTracker
 from server.prior import LabelCounts
@@ -46,8 +46,10 @@ class DebugFedAvg:
     def __init__(self, cfg: ServerConfig, *, writer: RunWriter, loss_clip: float, class_names: tuple[str, ...] = (),
                  class_prior: str | list[float] | None = "released", central_eval: CentralEval | None = None,
                  probe: Probe | None = None, checkpoints: Checkpoints | None = None,
-                 poll_interval: float = 0.05) -> None:
+                 poll_interval: float = 0.05, plain_sgd: bool = False) -> None:
         self.cfg = cfg
+        # The sites step with plain SGD (train.optimizer): each update's step size can be read off its DP noise.
+        self.plain_sgd = plain_sgd
         self.writer = writer
         self.central_eval = central_eval
         self.poll_interval = poll_interval
@@ -309,6 +311,11 @@ class DebugFedAvg:
                     rec.events.append(Event("update-rejected", f"{tr.site.name}: {problem}", tr.site.name))
                 else:
                     row.update_norm = norm
+                    if self.plain_sgd:
+                        row.noise_scale = noise_scale(
+                            tr.arrays, global_arrays, noise_multiplier=tr.noise_multiplier,
+                            max_grad_norm=tr.sensitivity, steps=tr.steps,
+                            expected_batch=tr.sample_rate * tr.num_examples)
                     weight = self.weights.get(tr.site.name, 1.0)
                     if weight > 0:
                         updates[tr.site.name] = (tr.arrays, tr.num_examples * weight)

@@ -1,13 +1,18 @@
-"""Step 4 → findings across sites in one round: free riders, diverging sites and stragglers, from update norms and timing.
+"""Step 4 → findings across sites: free riders, diverging sites and stragglers, from update norms, the DP noise in
+each update, and timing.
 
-Update geometry across sites. Under DP every honest update is mostly noise of the same scale (norms within a few
-% of each other, measured), so only gross departures are evidence: an update of norm ~0 (nothing trained) or many
-times the median (diverging, or not a trained update at all). Post-processing only: the norms and timings the server
-already holds.
+Update geometry across sites. Under DP an honest update is mostly noise of one scale, but its size also follows the
+site's data (a site holding one class pulls the head harder: 3.5× the median norm, measured on a Dirichlet
+partition), so norms say only the gross things: an update of norm ~0 (nothing trained), or a huge one with no
+training measured (not a trained update). How large a step a site took is read off the noise alone
+(aggregate.noise_scale: the same at every honest site within ~4 %), so a site stepping 3× the run's learning rate
+shows as 3×, whatever its data. Thresholds are relative to the run's own sites (× their median, and beyond their
+own spread), not constants fitted to one dataset. Post-processing only: the updates and timings the server holds.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 
 from common.rounds import Finding, RoundRecord, SiteRoundRow
@@ -17,23 +22,35 @@ MIN_SITES = 3  # cross-site comparisons need a median of at least this many site
 
 
 def cross_site(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
-    """Sites whose update or timing departs grossly from the others' this round (post-processing only)."""
+    """Sites whose update departs from the others' this round (post-processing only)."""
     trained = {r.site: r for r in rec.sites if r.phase == "train" and r.status == "ok" and r.update_norm is not None}
     if len(trained) < MIN_SITES:
         return {}
-    return {**norm_departure(rec, trained), **straggler(rec, trained)}
+    return norm_departure(rec, trained)
 
 
 ZERO_NORM = 1e-6  # × median update norm: the site sent back what it received
-NORM_OUTLIER = 5.0  # × median update norm
+NORM_OUTLIER = 5.0  # × median update norm: without a noise reading, a diverging site (or weights it did not train)
+STEP_OUTLIER = 1.5  # × the median step size read off the noise: a blown-up learning rate (honest sites: ±4 %)
+
+
+def _relative_spread(values: list[float]) -> float:
+    """Robust std of log(values): how much the sites' readings differ among themselves."""
+    logs = [math.log(v) for v in values if v > 0]
+    if len(logs) < 2:
+        return 0.0
+    mid = statistics.median(logs)
+    return 1.4826 * statistics.median(abs(v - mid) for v in logs)
 
 
 def norm_departure(rec: RoundRecord, trained: dict[str, SiteRoundRow]) -> dict[tuple[str | None, str], Finding]:
-    """A free rider (an update of norm ~0, or a huge one with no training measured) or a diverging site (a huge one),
-    against the median norm of the sites that trained (`trained`: their train rows, at least MIN_SITES)."""
+    """A free rider (an update of norm ~0, or a huge one with no training measured) or a diverging site (a step
+    size many times the others', read off its noise; else a huge norm), against the sites that trained (`trained`:
+    their train rows, at least MIN_SITES)."""
     out: dict[tuple[str | None, str], Finding] = {}
     measured = {r.site for r in rec.sites if r.phase == "evaluate" and r.status == "ok" and r.train_loss is not None}
     median = statistics.median(r.update_norm for r in trained.values())
+    scales = {s: r.noise_scale for s, r in trained.items() if r.noise_scale is not None and s in measured}
     for site, r in trained.items():
         if median <= 0:
             break
@@ -42,44 +59,65 @@ def norm_departure(rec: RoundRecord, trained: dict[str, SiteRoundRow]) -> dict[t
                 K.FREE_RIDER, "critical", f"{site}'s update in round {rec.round} equals the global model it received "
                 f"(update norm {r.update_norm:.2g} vs median {median:.3g} over {len(trained)} sites): it did not "
                 "train, yet its weight counted in the average", site)
-        elif r.update_norm >= NORM_OUTLIER * median:
-            if site in measured:
+        elif r.update_norm >= NORM_OUTLIER * median and site not in measured:
+            out[(site, K.FREE_RIDER)] = Finding(
+                K.FREE_RIDER, "critical", f"{site}'s update in round {rec.round} is {r.update_norm / median:.0f}× "
+                f"the median norm and it measured no training losses this round: it sent weights it did not "
+                "train", site)
+        elif len(scales) >= MIN_SITES and site in scales:
+            others = [v for s, v in scales.items() if s != site]
+            typical = statistics.median(others)
+            limit = max(STEP_OUTLIER, math.exp(4 * _relative_spread(others)))
+            if typical > 0 and scales[site] >= limit * typical:
                 out[(site, K.DIVERGENCE)] = Finding(
-                    K.DIVERGENCE, "critical", f"{site}'s update in round {rec.round} is {r.update_norm / median:.0f}× "
-                    f"the median norm ({r.update_norm:.3g} vs {median:.3g} over {len(trained)} sites): its local "
-                    "training diverges (learning rate too high, or far too many local steps)", site)
-            else:
-                out[(site, K.FREE_RIDER)] = Finding(
-                    K.FREE_RIDER, "critical", f"{site}'s update in round {rec.round} is {r.update_norm / median:.0f}× "
-                    f"the median norm and it measured no training losses this round: it sent weights it did not "
-                    "train", site)
+                    K.DIVERGENCE, "critical", f"{site}'s update in round {rec.round} carries "
+                    f"{scales[site] / typical:.1f}× the DP noise of the other sites' at the same σ and schedule "
+                    f"(step size {scales[site]:.3g} vs median {typical:.3g} over {len(scales)} sites, read off the "
+                    "noise alone): it steps with a learning rate many times the run's, and its training diverges",
+                    site)
+        elif r.update_norm >= NORM_OUTLIER * median and len(scales) < MIN_SITES:
+            out[(site, K.DIVERGENCE)] = Finding(
+                K.DIVERGENCE, "critical", f"{site}'s update in round {rec.round} is {r.update_norm / median:.0f}× "
+                f"the median norm ({r.update_norm:.3g} vs {median:.3g} over {len(trained)} sites): its local "
+                "training diverges (learning rate too high, or far too many local steps)", site)
     return out
 
 
-STRAGGLER = 3.0  # × median training seconds (and at least STRAGGLER_MIN_S more), and × the median seconds per example
-STRAGGLER_MIN_S = 5.0
+STRAGGLER = 2.0  # × the others' median time per round (at least; more where they differ more among themselves)
+STRAGGLER_MIN_S = 1.0  # and this many seconds more (timings leave a site rounded to 0.1 s)
+STRAGGLER_ROUNDS = 2  # rounds it must be slow in, beyond its first (which computes head mode's features)
 
 
-def straggler(rec: RoundRecord, trained: dict[str, SiteRoundRow]) -> dict[tuple[str | None, str], Finding]:
-    """A site that takes many times the median time to train, and is slow per example too (`trained`: the train
-    rows of the sites that trained)."""
+def stragglers(spans: dict[str, list[tuple[float, float | None]]],
+               round_: int) -> dict[tuple[str | None, str], Finding]:
+    """Sites that take many times the others' time to train, round after round, and are slow per example too.
+
+    Args:
+        spans: site -> (seconds its train handler took, seconds per example trained) per round it trained, oldest
+            first; its first round is its set-up (features, caches) and is left out.
+        round_: the round, for the sentence.
+    """
+    steady = {s: v[1:] for s, v in spans.items() if len(v) > STRAGGLER_ROUNDS}
+    if len(steady) < MIN_SITES:
+        return {}
+    typical = {s: statistics.median(t for t, _ in v) for s, v in steady.items()}
+    rate = {s: statistics.median(p for _, p in v if p is not None) for s, v in steady.items()
+            if any(p is not None for _, p in v)}
     out: dict[tuple[str | None, str], Finding] = {}
-    # The site's whole handler span (what the round waits for), else its reported compute seconds.
-    seconds = {s: (r.ended_at - r.started_at) if r.started_at and r.ended_at else r.seconds
-               for s, r in trained.items() if r.seconds is not None or r.started_at}
-    # Examples each site processed (steps × q × n, from the public DP-SGD schedule): a site holding 10× the data
-    # honestly takes ~10× as long, so a straggler must also be slow per example.
-    work = {s: r.steps * r.sample_rate * r.num_examples for s, r in trained.items()
-            if r.steps and r.sample_rate and r.num_examples}
-    per_example = {s: seconds[s] / work[s] for s in seconds if s in work} if set(work) >= set(seconds) else {}
-    if len(seconds) >= MIN_SITES:
-        typical = statistics.median(seconds.values())
-        typical_rate = statistics.median(per_example.values()) if per_example else 0.0
-        for site, sec in seconds.items():
-            slow_per_example = not per_example or per_example[site] >= STRAGGLER * typical_rate
-            if sec >= STRAGGLER * typical and sec >= typical + STRAGGLER_MIN_S and slow_per_example:
-                out[(site, K.STRAGGLER)] = Finding(
-                    K.STRAGGLER, "warning", f"{site} took {sec:.0f} s to train in round {rec.round}, {sec / typical:.0f}× "
-                    f"the median {typical:.1f} s over {len(seconds)} sites: a straggler that every round waits for "
-                    "(server.round-timeout drops it)", site)
+    for site, v in steady.items():
+        others = [t for s, t in typical.items() if s != site]
+        median = statistics.median(others)
+        limit = max(STRAGGLER, math.exp(4 * _relative_spread(others)))
+        recent = [t for t, _ in v[-STRAGGLER_ROUNDS:]]
+        # A site holding 10× the data honestly takes ~10× as long: a straggler is slow per example too.
+        other_rates = [p for s, p in rate.items() if s != site]
+        slow_per_example = (site not in rate or not other_rates
+                            or rate[site] >= limit * statistics.median(other_rates))
+        if (median > 0 and min(recent) >= limit * median and min(recent) >= median + STRAGGLER_MIN_S
+                and slow_per_example):
+            out[(site, K.STRAGGLER)] = Finding(
+                K.STRAGGLER, "warning", f"{site} took {statistics.median(recent):.1f} s to train in each of its last "
+                f"{STRAGGLER_ROUNDS} rounds (to round {round_}), {statistics.median(recent) / median:.1f}× the other "
+                f"{len(others)} sites' median {median:.1f} s, and is as slow per example trained: a straggler that "
+                "every round waits for (server.round-timeout drops it)", site)
     return out

@@ -1,31 +1,27 @@
-"""Step 4 → findings from the label histograms: label skew between sites, and a site's missing class, flip or noisy labels.
+"""Step 4 → findings about a site's labels: noisy, flipped or swapped labels, a missing class, and a label mix that only differs.
 
-Label skew first: a site's label counts are compared with the others' shares by χ² per degree of freedom (~1 when
-all sites share one label mix). Label faults are the exception and skew the rule, so when more than a third of the
-sites (and at least 2) depart by χ²/dof ≥ 16, the run gets a `label_skew` note and the label, loss and probe tests
-are withheld: on label counts a skewed site and a faulty one look alike, and a site's loss and local model
-follow its label mix. (Natural and IID partitions of the drug reviews read χ²/dof ≤ 5 at clean sites; a Dirichlet
-α = 0.5 partition reads 12–216.)
+A label mix that differs is not a fault. Whether labels are *wrong* is read per given label (agreement.py): the
+model every site received predicts the texts' classes, and a site whose labels disagree with it beyond the others'
+rate holds wrong labels; the off-diagonal pattern says which. A site that holds more of one class reads, row by
+row, like the others: it gets a site-level `label_skew` note (info), however many such sites there are.
 
-Each site's label histogram (train split, weight-1 block) against the others' class shares p:
-
-- class_missing  a class the others hold ≥ 5 % of is absent at s;
-- label_flip     a class absent at s whose mass turned up as an excess in one other class;
-- label_noise    the histogram moved toward uniform: r̂ = (K−1)/K · ⟨m − e, u − e⟩ / ‖u − e‖² estimates the share of
-                 labels replaced by a random other one (e = n·p, u = n/K).
+From the label histogram (train split, weight-1 block) against the others' class shares p, only what agreement
+cannot see: a class the others hold ≥ 5 % of that is absent at the site (`class_missing`; when agreement shows its
+texts under another label, `label_flip`). When many sites' mixes depart (more than a third, at least 2: χ²/dof ≥ 16
+against the others' shares, ~1 when all share one mix), the partition is non-IID and the run gets a run-level
+`label_skew` note; a missing class there is part of that skew (info), not a fault.
 
 The label tests wait for a site's second release (one release's noise alone raised most false alarms).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from common.rounds import Finding
 from common.rounds import FindingKind as K
-from server.findings.evidence import Z_ALARM, SiteEvidence, class_name, confidence
+from server.findings.agreement import Agreement, kind_of
+from server.findings.evidence import Z_ALARM, Z_CORROBORATE, SiteEvidence, class_name, confidence
 
 # Releases a site's label histogram must have before it is tested: one release's noise (std ~7 per count) turns a
 # small class into an apparent gap in ~1 of 50 clean runs; two halve its variance (measured on synthetic releases).
@@ -65,122 +61,172 @@ SKEW_DEPARTURE = 16.0  # χ²/dof of a site's label counts against the others' s
 SKEW_SHARE = 1 / 3  # more than this share of sites departing (and at least 2) = label skew, not faults
 
 
-def label_skew(labelled: dict[str, SiteEvidence],
-               refs: dict[str, tuple[np.ndarray, np.ndarray] | None]) -> Finding | None:
+def label_skew(labelled: dict[str, SiteEvidence], departure: dict[str, float]) -> Finding | None:
     """The `label_skew` note when many sites' label mixes depart from the others' (module docstring), else None.
 
     Args:
         labelled: the sites whose label histograms are tested, with their evidence.
-        refs: each of them -> the others' reference (`reference`, leave-one-out).
+        departure: each of them -> its χ²/dof against the others' shares (`departures`).
     """
-    m = len(labelled) - 1
-    departure = {s: _departure(ev, refs[s], m) for s, ev in labelled.items()}
     skewed = sorted(s for s, d in departure.items() if d >= SKEW_DEPARTURE)
     if len(skewed) >= 2 and len(skewed) > SKEW_SHARE * len(labelled):
         return Finding(
             K.LABEL_SKEW, "info",
             f"{len(skewed)} of {len(labelled)} sites' label mixes differ from the others' far beyond sampling "
-            f"and release noise ({', '.join(f'{s} χ²/dof {departure[s]:.0f}' for s in skewed)}; honest "
-            "sites with one shared mix read ~1): the sites' label mixes are skewed (non-IID), so the "
-            "label, loss and probe tests are withheld: on label counts alone a faulty site looks like a "
-            "skewed one, and a site's loss and local model follow its label mix", None, confidence=0.8)
+            f"and release noise ({', '.join(f'{s} χ²/dof {departure[s]:.0f}' for s in skewed)}; sites "
+            "with one shared mix read ~1): the partition is non-IID. Labels are judged per class (agreement "
+            "with the model every site received), which skew does not move; the loss and probe tests, which "
+            "follow a site's label mix, are withheld", None, confidence=0.8)
     return None
 
 
-def label_fault(site: str, ev: SiteEvidence, ref: tuple[np.ndarray, np.ndarray] | None, n_others: int, *,
+def departures(labelled: dict[str, SiteEvidence],
+               refs: dict[str, tuple[np.ndarray, np.ndarray] | None]) -> dict[str, float]:
+    """Each site's χ²/dof against the others' shares (`_departure`)."""
+    return {s: _departure(ev, refs[s], len(labelled) - 1) for s, ev in labelled.items()}
+
+
+# z-score a label-histogram departure must reach before it is reported (Z_ALARM's counterpart: its honest spread is
+# known exactly, multinomial)
+Z_LABELS = 3.0
+MIN_SHARE = 0.05  # a class the others hold less of than this cannot be called missing
+ABSENT = 0.1  # a class at under this share of what the others' mix predicts counts as absent
+MIN_RATE = 0.1  # estimated share of wrong labels below which none is reported
+SHIFT_Z = 3.0  # a confidence drop (label-free) this significant, and
+EXPLAINED = 0.5  # at least this share of the excess disagreement, makes a disagreement the inputs', not the labels'
+
+
+def label_fault(site: str, ev: SiteEvidence, ref: tuple[np.ndarray, np.ndarray] | None, n_others: int,
+                ag: Agreement | None, *, departure: float, skewed_run: bool,
                 names: tuple[str, ...] | None) -> Finding | None:
-    """The site's label histogram against the others' reference: a class gone (missing, or flipped into another),
-    else labels spread toward uniform (noise); None when it reads as an honest site's.
+    """The site's labels against the others': a class gone (missing, or flipped into another), wrong labels
+    (noise, a flip, a swap), a label mix that only differs (info), or None.
 
     Args:
         site: the site.
         ev: its evidence (at least MIN_LABEL_RELEASES label releases and a split size).
-        ref: the other sites' reference (`reference`), None when they hold no labels.
+        ref: the other sites' label-share reference (`reference`), None when they hold no labels.
         n_others: how many sites the reference pools.
-        names: the run's class names (data.labels), for the sentence.
+        ag: its per-class agreement (agreement.py), None before it has any.
+        departure: its label histogram's χ²/dof against the others' shares.
+        skewed_run: many sites' mixes depart (the run-level label_skew note holds).
+        names: the run's class names (data.labels), for the sentences.
     """
     if ref is None:
         return None
     p, each = ref
     n = float(ev.n_train)
     # Per-cell spread of an honest site: at least its sampling variance; more where the other sites' shares
-    # spread more (label skew between sites, as in natural or Dirichlet partitions, is not a fault).
-    # × (1 + 1/m): the reference is itself estimated from m noisy sites.
+    # spread more. × (1 + 1/m): the reference is itself estimated from m noisy sites.
     spread = (1.4826 * np.median(np.abs(each - np.median(each, axis=0)), axis=0)) ** 2 * n ** 2
     var = np.maximum(_sampling_var(ev, p), spread) * (1 + 1 / n_others)
-    return _absent_class(site, ev, p, var, n_others, names=names) or _label_noise(site, ev, p, var)
+    wrong = ag is not None and wrong_labels(ag)
+    found = _absent_class(site, ev, p, var, n_others, ag if wrong else None, skewed_run=skewed_run, names=names)
+    if found is not None:
+        return found
+    if wrong:
+        return _wrong_labels(site, ev, ag, names=names)
+    if departure >= SKEW_DEPARTURE and ag is not None and consistent(ag):
+        m = np.clip(ev.label_mean(), 0.0, None)
+        m = m / max(m.sum(), 1e-9)  # shares of its noised counts (noise can push a count past the size)
+        return Finding(
+            K.LABEL_SKEW, "info",
+            f"{site}'s label mix differs from the others' ({_mix(m, names)} vs {_mix(p, names)}; χ²/dof "
+            f"{departure:.0f}), but per class its labels agree with what the model every site received predicts on "
+            f"its texts as the others' do (excess disagreement {ag.excess:+.1%}, {ag.unexplained:+.1%} beyond what "
+            f"its confidence explains, z = {ag.unexplained_z:.1f}, over {ag.entries} {_releases(ev)}): a difference "
+            "in its data, not a fault", site, confidence=0.8)
+    return None
 
 
-# z-score a label-histogram departure must reach before it is reported (Z_ALARM's counterpart: its honest spread is
-# known exactly, multinomial)
-Z_LABELS = 3.0
-FLIP_MARGIN = 1.0  # χ² by which "class a relabelled as b" must beat "class a missing" to be reported as a flip
-MIN_SHARE = 0.05  # a class the others hold less of than this cannot be called missing
+def wrong_labels(ag: Agreement) -> bool:
+    """The site's labels disagree with the received model beyond the others', more than its confidence explains
+    (z ≥ Z_ALARM), its confident disagreements (confident joint, or per confidence bin) point the same way
+    (z ≥ Z_CORROBORATE), the estimated rate is ≥ MIN_RATE, and its inputs do not explain it."""
+    return (ag.unexplained_z >= Z_ALARM and max(ag.confident_z, ag.calibrated_z) >= Z_CORROBORATE
+            and ag.rate >= MIN_RATE and not inputs_explain(ag))
 
 
-def _absent_class(site: str, ev: SiteEvidence, p: np.ndarray, var: np.ndarray, n_others: int, *,
-                  names: tuple[str, ...] | None) -> Finding | None:
-    """class_missing or label_flip: a class the others hold is absent at the site; where did its mass go?"""
+def inputs_explain(ag: Agreement) -> bool:
+    """Its lower confidence accounts for most of its excess disagreement (harder, corrupted or foreign texts),
+    significantly: the inputs' case (loss.py), not the labels'."""
+    return ag.confidence_z >= SHIFT_Z and ag.confidence_drop >= EXPLAINED * ag.excess
+
+
+def consistent(ag: Agreement) -> bool:
+    """Its labels affirmatively agree with the received model as the others' do: neither reading departs."""
+    return max(ag.unexplained_z, ag.confident_z) < Z_CORROBORATE and ag.rate < MIN_RATE
+
+
+def _z(ag: Agreement) -> float:
+    return ag.unexplained_z
+
+
+def _mix(shares: np.ndarray, names: tuple[str, ...] | None) -> str:
+    return ", ".join(f"{max(v, 0.0):.0%} {class_name(names, c)}" for c, v in enumerate(shares))
+
+
+def _releases(ev: SiteEvidence) -> str:
+    return "noised releases" if ev.noised else "exact releases"
+
+
+def _absent_class(site: str, ev: SiteEvidence, p: np.ndarray, var: np.ndarray, n_others: int,
+                  ag: Agreement | None, *, skewed_run: bool, names: tuple[str, ...] | None) -> Finding | None:
+    """class_missing or label_flip: a class the others hold is absent at the site. `ag` (when the labels disagree
+    with the model) says where its texts went: under another label (a flip), or nowhere (missing)."""
     k = len(ev.labels)
     n = float(ev.n_train)
     m = ev.label_mean()
     e = n * p
     z = (e - m) / np.sqrt(var)
-    share = lambda v: f"{v / n:.0%}"  # noqa: E731
-    absent = [c for c in range(k) if p[c] >= MIN_SHARE and z[c] >= Z_LABELS and m[c] <= 0.25 * e[c]]
+    absent = [c for c in range(k) if p[c] >= MIN_SHARE and z[c] >= Z_LABELS and m[c] <= ABSENT * e[c]]
     if not absent:
         return None
     a = max(absent, key=lambda c: z[c])
-    # Where did class a go? Missing: the site's n examples spread over the other classes in proportion.
-    # Flipped to b: the other classes as usual and b holding a's share too. The better fit wins; ties go to
-    # the simpler "missing" (a flip must fit better by FLIP_MARGIN in χ²).
-    rest = [c for c in range(k) if c != a]
-    missing = np.zeros(k)
-    missing[rest] = n * p[rest] / max(1e-9, p[rest].sum())
-    chi_missing = float(np.sum((m - missing) ** 2 / var))
-    fits = {}
-    for b in rest:
-        flipped = n * p
-        flipped[b], flipped[a] = n * (p[a] + p[b]), 0.0
-        fits[b] = float(np.sum((m - flipped) ** 2 / var))
-    b = min(fits, key=fits.get)
-    if fits[b] + FLIP_MARGIN <= chi_missing:
+    here = f"{min(max(m[a], 0.0) / n, 1.0):.0%}"
+    if ag is not None:
+        how, src, b = kind_of(ag.pattern)
+        if src == a and how != "noise":
+            return Finding(
+                K.LABEL_FLIP, "critical",
+                f"{site} holds no training examples labelled {class_name(names, a)} ({here}, others {p[a]:.0%}), "
+                f"and texts the model every site received reads as {class_name(names, a)} carry the label "
+                f"{class_name(names, b)} there ({min(max(m[b], 0.0) / n, 1.0):.0%} labelled {class_name(names, b)}, others "
+                f"{p[b]:.0%}): {class_name(names, a)} looks relabelled as {class_name(names, b)} (z = {z[a]:.1f} "
+                f"on the counts, {ag.z:.1f} on agreement; about {min(ag.rate, 1.0):.0%} of its labels wrong, "
+                f"{ev.label_rounds} {_releases(ev)})", site, confidence=confidence(min(float(z[a]), _z(ag))))
+    # In a run whose sites' mixes all differ (non-IID), a class one site lacks is part of that skew.
+    return Finding(
+        K.CLASS_MISSING, "info" if skewed_run else "warning",
+        f"{site} holds no training examples of {class_name(names, a)} ({here} vs {p[a]:.0%} at the other "
+        f"{n_others} sites; z = {z[a]:.1f} over {ev.label_rounds} {_releases(ev)}): the model learns nothing about "
+        "that class there" + (" (the sites' label mixes are skewed, so this is part of that skew)" if skewed_run
+                              else ""), site, confidence=confidence(float(z[a])))
+
+
+def _wrong_labels(site: str, ev: SiteEvidence, ag: Agreement, *, names: tuple[str, ...] | None) -> Finding:
+    """label_flip (one direction, or a swap) or label_noise, from where the excess disagreement sits."""
+    how, a, b = kind_of(ag.pattern)
+    na, nb = class_name(names, a), class_name(names, b)
+    evidence = (f"excess disagreement {ag.excess:.1%} of its examples, {ag.unexplained:.1%} beyond what its "
+                f"confidence explains, z = {ag.unexplained_z:.1f}; confidently {ag.confident_excess:+.1%}, "
+                f"z = {ag.confident_z:.1f}; over {ag.entries} {_releases(ev)}; the model's confidence on its texts "
+                "is the others'")
+    rate = f"about {min(ag.rate, 1.0):.0%} of its labels look wrong"
+    if how == "swap":
         return Finding(
             K.LABEL_FLIP, "critical",
-            f"{site}: no training examples labelled {class_name(names, a)} ({share(m[a])}, others {p[a]:.0%}) and "
-            f"{share(m[b])} labelled {class_name(names, b)} (others {p[b]:.0%}): {class_name(names, a)} looks "
-            f"relabelled as {class_name(names, b)} (z = {z[a]:.1f}; χ² {fits[b]:.1f} as a flip vs "
-            f"{chi_missing:.1f} as a missing class, {ev.label_rounds} noised releases)", site,
-            confidence=confidence(float(z[a])))
-    return Finding(
-        K.CLASS_MISSING, "warning",
-        f"{site} holds no training examples of {class_name(names, a)} ({share(m[a])} vs {p[a]:.0%} at the other "
-        f"{n_others} sites; z = {z[a]:.1f} over {ev.label_rounds} noised releases): the model learns "
-        "nothing about that class there", site, confidence=confidence(float(z[a])))
-
-
-MIN_NOISE_RATE = 0.35  # estimated share of randomised labels below which label noise is not reported
-
-
-def _label_noise(site: str, ev: SiteEvidence, p: np.ndarray, var: np.ndarray) -> Finding | None:
-    """label_noise: the histogram moved toward uniform by an estimated share r̂ of randomised labels."""
-    k = len(ev.labels)
-    n = float(ev.n_train)
-    m = ev.label_mean()
-    e = n * p
-    share = lambda v: f"{v / n:.0%}"  # noqa: E731
-    u = np.full(k, n / k)
-    d = u - e
-    norm2 = float(d @ d)
-    if norm2 <= 0:
-        return None
-    rate = (k - 1) / k * float((m - e) @ d) / norm2
-    rate_sd = (k - 1) / k * math.sqrt(float(d @ (var * d))) / norm2
-    zr = rate / rate_sd if rate_sd > 0 else 0.0
-    if rate >= MIN_NOISE_RATE and zr >= Z_ALARM:
+            f"{site}'s labels {na} and {nb} look swapped: texts the model every site received reads as {na} carry "
+            f"the label {nb} there, and texts it reads as {nb} the label {na}, beyond the other sites' rate "
+            f"({evidence}): {rate}", site, confidence=confidence(_z(ag)))
+    if how == "flip":
         return Finding(
-            K.LABEL_NOISE, "critical",
-            f"{site}'s training labels are spread toward uniform ({', '.join(share(v) for v in m)} vs the others' "
-            f"{', '.join(f'{v:.0%}' for v in p)}): about {min(rate, 1.0):.0%} of its labels look randomised "
-            f"(z = {zr:.1f}, {ev.label_rounds} noised releases)", site, confidence=confidence(zr))
-    return None
+            K.LABEL_FLIP, "critical",
+            f"{site}: texts the model every site received reads as {na} carry the label {nb} beyond the other "
+            f"sites' rate ({evidence}): part of {na} looks relabelled as {nb}; {rate}", site,
+            confidence=confidence(_z(ag)))
+    return Finding(
+        K.LABEL_NOISE, "critical",
+        f"{site}'s labels disagree with what the model every site received predicts on its texts, in every class, "
+        f"beyond the other sites' rate ({evidence}): {rate}, as noisy annotation would leave them", site,
+        confidence=confidence(_z(ag)))

@@ -1,8 +1,11 @@
-"""Step 4 → findings from the first-use training loss: a data shift at a site whose loss stays high for no label reason.
+"""Step 4 → findings from the inputs' side: a data shift at a site whose texts the model every site received reads
+unlike the others'.
 
-Each site's first-use training loss (weight-1 block) against the others' median: data_shift when it is high and the
-labels are not the reason (text drawn from elsewhere, corrupted text, a different domain). The test waits for a
-site's second release (one release's noise alone raised most false alarms).
+Two readings of the received model on the site's own data, against the other sites': its confidence (label-free,
+from the validation confidence histogram: with wrong labels it is the others', with corrupted or foreign texts it
+drops) and, beside it, how much it disagrees with the labels (agreement.py) or the site's first-use training loss.
+A data shift needs the confidence drop (z ≥ 4) *and* one of the others pointing the same way (z ≥ 2): a loss or a
+disagreement alone is what wrong labels also give. The tests wait for a site's second release (one release's noise alone raised most false alarms).
 """
 
 from __future__ import annotations
@@ -11,24 +14,48 @@ import math
 
 from common.rounds import Finding
 from common.rounds import FindingKind as K
-from server.findings.evidence import Z_ALARM, SiteEvidence, confidence, median_spread
+from server.findings.agreement import Agreement
+from server.findings.evidence import Z_ALARM, Z_CORROBORATE, SiteEvidence, confidence, median_spread
 
-MIN_LOSS_EXCESS = 0.15  # mean first-use training loss above the others' median (nats) for a data shift
+MIN_LOSS_EXCESS = 0.15  # mean first-use training loss above the others' median (nats)
+MIN_CONFIDENCE_DROP = 0.02  # mean confidence below the others' median
 
 
-def data_shift(site: str, ev: SiteEvidence, others: list[float]) -> Finding | None:
-    """The site's mean first-use training loss against the other sites' (`others`: their means, in nats)."""
+def loss_excess(ev: SiteEvidence, others: list[float]) -> tuple[float, float, float]:
+    """(the site's mean first-use training loss, the others' median, the excess's z-score)."""
     typical, spread = median_spread(others)
     spread = spread if len(others) >= 3 else 0.0
     mine = ev.loss_mean()
     sd = math.sqrt(ev.loss_var_sum) / ev.loss_rounds
     # The others' spread (their domains differ too), at least this site's own noise, and the reference's error.
     scale = math.sqrt(max(spread ** 2, sd ** 2) + sd ** 2) * math.sqrt(1 + 1 / len(others))
-    z = (mine - typical) / scale if scale > 0 else 0.0
-    if mine - typical >= MIN_LOSS_EXCESS and z >= Z_ALARM:
-        return Finding(
-            K.DATA_SHIFT, "warning",
-            f"{site}'s training loss stays at {mine:.2f} while the other sites' median is {typical:.2f} "
-            f"(z = {z:.1f} over {ev.loss_rounds} rounds) and its label mix is ordinary: its inputs differ from "
-            "the others' (another domain, corrupted or differently prepared text)", site, confidence=confidence(z))
-    return None
+    return mine, typical, (mine - typical) / scale if scale > 0 else 0.0
+
+
+def data_shift(site: str, ev: SiteEvidence, ag: Agreement | None, others: list[float] | None) -> Finding | None:
+    """data_shift when the received model is less sure of the site's texts than of the others' and it also
+    disagrees with their labels or loses more on them; `others`: the other sites' mean first-use losses (None
+    when the loss comparison is withheld)."""
+    if ag is None or ag.confidence_z < Z_ALARM or ag.confidence_drop < MIN_CONFIDENCE_DROP or len(ev.confidence) < 2:
+        return None
+    releases = "noised releases" if ev.noised else "exact releases"
+    readings = []
+    z = ag.confidence_z
+    if ag.z >= Z_CORROBORATE:
+        readings.append(f"it disagrees with {ag.excess:.1%} more of their labels than at the other sites "
+                        f"(z = {ag.z:.1f})")
+        z = min(z, ag.z)
+    if others and ev.loss_rounds >= 2:
+        mine, typical, zl = loss_excess(ev, others)
+        if mine - typical >= MIN_LOSS_EXCESS and zl >= Z_ALARM:
+            readings.append(f"its training loss stays at {mine:.2f} against the others' median {typical:.2f} "
+                            f"(z = {zl:.1f})")
+            z = min(z, zl) if len(readings) == 1 else z
+    if not readings:
+        return None
+    return Finding(
+        K.DATA_SHIFT, "warning",
+        f"{site}'s texts read unlike the other sites' to the model every site received: its mean confidence on "
+        f"them is {ag.confidence_drop:.2f} below the others' (z = {ag.confidence_z:.1f}) and "
+        f"{' and '.join(readings)}, over {len(ev.confidence)} {releases}: its inputs differ (another domain, "
+        "corrupted or differently prepared text), not its labels", site, confidence=confidence(z))

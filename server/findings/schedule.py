@@ -1,27 +1,39 @@
-"""Step 4 → findings from the public DP-SGD schedule: overfitting at a site that runs many times the others' local steps."""
+"""Step 4 → findings from the public DP-SGD schedule: overfitting at a site that makes many more passes over its
+data per round than the others.
+
+Every site's schedule is public (its ledger entry: σ, q, steps), and steps × q is the number of passes over what it
+trained on. Honest sites of one run make the same number (the run's train.local-epochs), so a site making several
+times the others' median passes, on whatever share of its data, trains for longer than the run asked and fits its
+own examples.
+"""
 
 from __future__ import annotations
 
+import math
 import statistics
 
 from common.rounds import Finding
 from common.rounds import FindingKind as K
 from server.findings.evidence import MIN_SITES, SiteEvidence
 
-STEPS_OUTLIER = 4.0  # × the median local DP steps per round
+PASSES_OUTLIER = 2.0  # × the others' median passes per round (at least; more where they differ among themselves)
 
 
 def overfitting(sites: dict[str, SiteEvidence]) -> dict[tuple[str | None, str], Finding]:
-    """Sites whose median local DP steps per round (public ledger) are many times the other sites' median."""
+    """Sites whose median passes per round (public ledger: steps × q) are several times the other sites'."""
     out: dict[tuple[str | None, str], Finding] = {}
-    stepped = {s: statistics.median(e.steps) for s, e in sites.items() if e.steps}
-    if len(stepped) >= MIN_SITES:
-        for site, steps in stepped.items():
-            others = statistics.median(v for s, v in stepped.items() if s != site)
-            if others > 0 and steps >= STEPS_OUTLIER * others:
+    passes = {s: statistics.median(e.passes) for s, e in sites.items() if e.passes}
+    if len(passes) >= MIN_SITES:
+        for site, mine in passes.items():
+            values = [v for s, v in passes.items() if s != site]
+            others = statistics.median(values)
+            logs = [math.log(v) for v in values if v > 0]
+            spread = 1.4826 * statistics.median(abs(v - statistics.median(logs)) for v in logs) if len(logs) > 1 else 0
+            if others > 0 and mine >= max(PASSES_OUTLIER, math.exp(4 * spread)) * others:
+                steps = statistics.median(sites[site].steps)
                 out[(site, K.OVERFITTING)] = Finding(
                     K.OVERFITTING, "warning",
-                    f"{site} runs {steps:.0f} local DP steps per round, {steps / others:.0f}× the others' median "
-                    f"{others:.0f} (public ledger): many local epochs on its data overfit it and pull the "
-                    "average toward it", site, confidence=0.9)
+                    f"{site} makes {mine:.0f} passes over its training examples per round ({steps:.0f} local DP "
+                    f"steps), {mine / others:.1f}× the others' median {others:.0f} (public ledger): many local "
+                    "epochs on its data overfit it and pull the average toward it", site, confidence=0.9)
     return out

@@ -8,22 +8,32 @@ Statistical diagnosis across sites and rounds: which site's data or training is 
 against the pooled others (never told how many sites are faulty; a site is compared with the leave-one-out pool so a
 faulty site does not mask itself), over the evidence accumulated so far (evidence.py), in this order:
 
-- label skew, else each site's label histogram (labels.py): class_missing, label_flip, label_noise;
+- each site's labels (labels.py): per class against the model every site received (agreement.py) for
+  label_noise and label_flip, the label histogram for class_missing, and a label mix that only differs (info);
 - each site's local model on public texts (probe.py), for a site the labels did not already name;
-- the first-use training loss (loss.py): data_shift, for a site whose labels do not explain it;
+- input-side evidence (loss.py): data_shift, for a site whose labels do not explain it;
 - the public DP-SGD schedule (schedule.py): overfitting.
 
-Under label skew the label, probe and loss tests are withheld (labels.py says why).
+Under run-level label skew the probe and the loss comparison are withheld (a site's local model and loss follow
+its label mix); the per-class tests are not.
 """
 
 from __future__ import annotations
 
 from common.rounds import Finding, RoundRecord
 from common.rounds import FindingKind as K
-from server.findings.cross_site import cross_site
+from server.findings.agreement import agreements
+from server.findings.cross_site import cross_site, stragglers
 from server.findings.direct import observed
 from server.findings.evidence import MIN_SITES, SiteEvidence, accumulate
-from server.findings.labels import MIN_LABEL_RELEASES, label_fault, label_skew, reference
+from server.findings.labels import (
+    MIN_LABEL_RELEASES,
+    departures,
+    label_fault,
+    label_skew,
+    reference,
+    wrong_labels,
+)
 from server.findings.loss import data_shift
 from server.findings.probe import probe_fault
 from server.findings.schedule import overfitting
@@ -43,48 +53,56 @@ class Diagnosis:
         self.loss_clip = loss_clip
         self.names = class_names
         self.sites: dict[str, SiteEvidence] = {}
+        self.round = 0
 
     def add(self, rec: RoundRecord) -> None:
         accumulate(self.sites, rec, loss_clip=self.loss_clip)
+        self.round = rec.round
 
     def findings(self) -> dict[tuple[str | None, str], Finding]:
         out: dict[tuple[str | None, str], Finding] = {}
+        agree = agreements(self.sites)  # per class, against the model every site received
         labelled = {s: e for s, e in self.sites.items() if e.label_rounds >= MIN_LABEL_RELEASES and e.n_train}
+        skew = False
         if len(labelled) >= MIN_SITES:
             # Each site against the others' reference (leave-one-out), read by both the skew and the label tests.
             m = len(labelled) - 1
             refs = {s: reference([e for o, e in labelled.items() if o != s]) for s in labelled}
-            note = label_skew(labelled, refs)
+            departure = departures(labelled, refs)
+            # A site whose labels are wrong departs because of its fault: skew is judged on the others.
+            wrong = {s for s in labelled if s in agree and wrong_labels(agree[s])}
+            note = label_skew({s: e for s, e in labelled.items() if s not in wrong},
+                              {s: d for s, d in departure.items() if s not in wrong})
             if note is not None:
-                # Label faults are the exception and label skew between sites the rule: when many sites' label
-                # mixes depart, a histogram cannot tell a faulty site from a skewed one, so it names none.
                 out[(None, K.LABEL_SKEW)] = note
-            else:
-                for site, ev in labelled.items():
-                    f = label_fault(site, ev, refs[site], m, names=self.names)
-                    if f is not None:
-                        out[(site, f.kind)] = f
+            skew = note is not None
+            for site, ev in labelled.items():
+                f = label_fault(site, ev, refs[site], m, agree.get(site), departure=departure[site],
+                                skewed_run=skew, names=self.names)
+                if f is not None:
+                    out[(site, f.kind)] = f
+        named = {key[0] for key, f in out.items() if key[0] is not None and f.severity != "info"}
         # Under label skew a site's local model leans to its own label mix and its loss follows that mix: the probe
         # and the loss test would read the skew as a fault, so they wait for a partition without it.
-        skew = (None, K.LABEL_SKEW) in out
         probed = {s: e.probe / e.probe_rounds for s, e in self.sites.items() if e.probe_rounds}
         if len(probed) >= MIN_SITES and not skew:
             for site, v in probed.items():
-                if any(key[0] == site for key in out):
-                    continue  # the labels already name the cause; the probe adds nothing new
+                if site in named or (site, K.LABEL_SKEW) in out:
+                    continue  # the labels already name the cause, or its labels agree with the model
                 f = probe_fault(site, v, {s: w for s, w in probed.items() if s != site},
                                 self.sites[site].probe_rounds, names=self.names)
                 if f is not None:
                     out[(site, f.kind)] = f
         lossy = {s: e for s, e in self.sites.items() if e.loss_rounds >= 2}  # one round is too noisy to call
-        if len(lossy) >= MIN_SITES and not skew:
-            for site, ev in lossy.items():
-                if any((site, kind) in out for kind in (K.LABEL_NOISE, K.LABEL_FLIP, K.CLASS_MISSING)):
-                    continue  # the labels already explain a high loss
-                f = data_shift(site, ev, [e.loss_mean() for s, e in lossy.items() if s != site])
-                if f is not None:
-                    out[(site, f.kind)] = f
+        for site, ev in self.sites.items():
+            if site in named:
+                continue  # the labels already explain a high loss and a disagreement
+            f = data_shift(site, ev, agree.get(site), [e.loss_mean() for s, e in lossy.items() if s != site]
+                           if site in lossy and len(lossy) >= MIN_SITES and not skew else None)
+            if f is not None:
+                out[(site, f.kind)] = f
         out.update(overfitting(self.sites))
+        out.update(stragglers({s: e.spans for s, e in self.sites.items()}, self.round))
         return out
 
 

@@ -41,7 +41,9 @@ OVERFIT_RISE = 0.05  # server test loss this share above its best while the site
 
 
 def global_overfitting(history: list[dict[str, float | None]], round_: int) -> dict[tuple[str | None, str], Finding]:
-    """The server's test loss rose for the last TREND_ROUNDS − 1 rounds while the sites' training loss fell."""
+    """The server's test loss rose for the last TREND_ROUNDS − 1 rounds, and its test accuracy fell, while the
+    sites' training loss fell. (A loss that rises while the accuracy rises is a model growing more confident, as DP
+    runs do round by round: not overfitting.)"""
     out: dict[tuple[str | None, str], Finding] = {}
     if len(history) < TREND_ROUNDS:
         return out
@@ -52,7 +54,9 @@ def global_overfitting(history: list[dict[str, float | None]], round_: int) -> d
         best = min(v for v in test if v is not None)
         rising = all(b > a for a, b in zip(recent, recent[1:], strict=False))
         falling = train[-1] < train[-TREND_ROUNDS]
-        if rising and falling and recent[-1] >= best * (1 + OVERFIT_RISE):
+        acc = [m.get("test_accuracy") for m in history[-TREND_ROUNDS:]]
+        worse = None in acc or acc[-1] < acc[0]
+        if rising and falling and worse and recent[-1] >= best * (1 + OVERFIT_RISE):
             out[(None, K.GLOBAL_OVERFITTING)] = Finding(
                 K.GLOBAL_OVERFITTING, "warning", f"the server's test loss rose for {TREND_ROUNDS - 1} rounds to "
                 f"{recent[-1]:.3f} (best {best:.3f}) while the sites' training loss fell to {train[-1]:.3f}: the "

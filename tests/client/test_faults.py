@@ -35,6 +35,37 @@ def test_data_faults_change_the_rows_as_declared():
     assert at_site(parse('[{"site": "s", "kind": "crash"}]'), "other") == {}  # other sites are untouched
 
 
+def test_partial_flips_swaps_class_conditional_noise_and_skew_change_only_their_classes():
+    rows = _rows()
+    y = rows[LABEL].to_numpy()
+
+    def apply(fault):
+        return corrupt_rows(rows, at_site(parse(f'[{{"site": "s", {fault}}}]'), "s"), num_classes=3,
+                            seed=1)[LABEL].to_numpy()
+
+    part = apply('"kind": "label_flip", "from": 2, "to": 0, "share": 0.4')
+    assert 0.33 < ((y == 2) & (part == 0)).sum() / (y == 2).sum() < 0.47 and (part[y != 2] == y[y != 2]).all()
+    swap = apply('"kind": "label_flip", "from": 2, "to": 0, "share": 1.0, "swap": true')
+    assert (swap[y == 2] == 0).all() and (swap[y == 0] == 2).all() and (swap[y == 1] == 1).all()
+    cond = apply('"kind": "label_noise", "rate": 0.5, "classes": [1]')
+    assert (cond[y != 1] == y[y != 1]).all() and 0.4 < (cond[y == 1] != 1).mean() < 0.6
+    skewed = corrupt_rows(rows, at_site(parse('[{"site": "s", "kind": "label_skew", "class": 1, "keep": 0.2}]'),
+                                        "s"), num_classes=3, seed=1)
+    kept = skewed[LABEL].to_numpy()
+    assert (kept == 1).sum() == (y == 1).sum() and 0.12 < (kept != 1).sum() / (y != 1).sum() < 0.28
+
+
+def test_a_domain_shift_can_bring_another_workloads_texts_under_labels_mapped_by_sentiment():
+    from common.datasets import foreign_rows, load_movies
+
+    drug = foreign_rows("drugreview", ("rotten", "fresh"))
+    assert set(drug[LABEL]) == {0, 1} and len(drug) < 600  # the neutral reviews have no counterpart: dropped
+    movies = load_movies(("rotten", "fresh"))
+    assert not set(drug[TEXT]) & set(movies[TEXT])
+    with pytest.raises(ValueError, match="domain_shift source must be one of"):
+        foreign_rows("bbc", ("rotten", "fresh"))
+
+
 def test_a_domain_shift_brings_reviews_of_conditions_the_site_never_held():
     from common.datasets import GROUP, load_drugreview
 
@@ -72,7 +103,7 @@ def test_the_client_app_crashes_free_rides_and_blows_up_as_told(tiny_cfg):
     assert echo.steps == 0 and all(np.array_equal(echo.arrays[k], arrays[k]) for k in arrays)
     rand = train('"kind": "free_rider", "mode": "random"')
     assert all(rand.arrays[k].shape == v.shape and not np.allclose(rand.arrays[k], v) for k, v in arrays.items())
-    normal, blown = train('"kind": "straggler", "seconds": 0.01'), train('"kind": "lr_blowup", "factor": 100')
+    normal, blown = train('"kind": "straggler", "seconds": 0.01, "factor": 0.5'), train('"kind": "lr_blowup", "factor": 100')
 
     def moved(reply):
         return float(np.sqrt(sum(np.sum((reply.arrays[k] - arrays[k]) ** 2) for k in arrays)))

@@ -113,3 +113,15 @@ def test_a_site_upgrading_from_per_run_ledgers_keeps_what_it_spent(tmp_path):
     saved = json.loads((tmp_path / "lifetime.json").read_text())
     assert {e["run_id"] for e in saved["entries"]} == {"run-2025", "lifetime"}
     assert sum(e["run_id"] == "run-2025" for e in saved["entries"]) == 1  # imported once, not once per re-read
+
+
+def test_cached_features_live_with_the_site_unless_a_simulation_shares_one_folder(tmp_path, monkeypatch):
+    from client.state import features_folder
+
+    monkeypatch.delenv("FEDLENS_FEATURE_CACHE", raising=False)
+    monkeypatch.delenv("FEDLENS_FEATURE_CACHE_SHARED", raising=False)
+    assert features_folder({"state-dir": str(tmp_path / "own")}, "a") == tmp_path / "own"
+    monkeypatch.setenv("FEDLENS_FEATURE_CACHE", str(tmp_path / "cache"))
+    assert features_folder({}, "a b") == tmp_path / "cache" / "a_b"
+    monkeypatch.setenv("FEDLENS_FEATURE_CACHE_SHARED", "1")  # simulated sites on one machine (benchmarks)
+    assert features_folder({}, "a") == features_folder({}, "b") == tmp_path / "cache"

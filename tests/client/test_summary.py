@@ -56,6 +56,8 @@ def test_local_summary_covers_both_splits(tiny_cfg, model, site_data):
                             thresholds=THRESHOLDS)
     assert without.health_round == 0 and without.blocks["train_loss_hist"].sum() == 0  # did not train: nothing
     assert b["train_labels"].tolist() == np.bincount(site_data.train.labels.numpy(), minlength=3).tolist()
+    assert b["train_confusion"].sum(axis=1).tolist() == b["train_labels"].tolist()
+    assert without.blocks["train_confusion"].sum() == 0
     assert (b["self_confidence"] <= val_counts + 1e-9).all() and b["self_confidence"].sum() > 0
     assert np.trace(b["label_issues"]) == 0 and b["label_issues"].sum() <= n_val - np.trace(b["confusion"])
     # Calibration row 1 counts the wrong predictions: the confusion matrix's off-diagonal.
@@ -65,7 +67,8 @@ def test_local_summary_covers_both_splits(tiny_cfg, model, site_data):
 
 
 def test_one_example_moves_the_summary_by_at_most_the_sensitivity(model, site_data):
-    health = TrainHealth([3.0, 2.0, 1.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0], 1.7, 20.0, [5.0] * 10)
+    health = TrainHealth([3.0, 2.0, 1.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0], 1.7, 20.0, [5.0] * 10,
+                         [[4.0, 1.0, 0.0], [2.0, 3.0, 1.0], [0.0, 0.0, 5.0]])
 
     def vec(train, val):
         return weighted_vector(local_summary(model, train, val, num_classes=3, loss_clip=3.0,

@@ -101,6 +101,10 @@ def test_dp_health_reads_the_per_sample_norms_opacus_clips(tiny_cfg, site_data):
     assert plain.health.grad_norm_hist == []  # no per-sample gradients without DP
     assert sum(plain.health.train_loss_hist) == n  # losses are read off any training pass
     assert sum(tight.health.train_loss_hist) == n
+    # The train confusion at the received model: every example once, in the row of its given label.
+    labels = np.bincount(site_data.train.labels.numpy(), minlength=3)
+    for r in (loose, tight, plain):
+        assert np.asarray(r.health.train_confusion).sum(axis=1).tolist() == labels.tolist()
 
 
 def test_at_q_below_one_the_training_blocks_do_not_depend_on_the_poisson_mask(tiny_cfg, site_data):
@@ -110,6 +114,7 @@ def test_at_q_below_one_the_training_blocks_do_not_depend_on_the_poisson_mask(ti
     assert runs[0].sample_rate < 1
     assert [r.health.grad_norm_hist for r in runs] == [[], []]
     assert runs[0].health.train_loss_hist == runs[1].health.train_loss_hist
+    assert runs[0].health.train_confusion == runs[1].health.train_confusion
     assert runs[0].health.train_loss_sum == pytest.approx(runs[1].health.train_loss_sum, rel=1e-6)
     assert sum(runs[0].health.train_loss_hist) == len(site_data.train)
 

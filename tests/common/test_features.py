@@ -23,25 +23,32 @@ def test_features_are_the_heads_input_and_the_head_on_them_gives_the_models_logi
     assert abs(p_tokens - p_feat).max() < 1e-5 and abs(l_tokens - l_feat).max() < 1e-5
 
 
-def test_cached_features_are_read_back_and_a_broken_file_is_recomputed(tmp_path, site_data, monkeypatch):
+def test_cached_features_are_read_back_row_by_row_and_a_broken_file_is_recomputed(tmp_path, site_data, monkeypatch):
     import common.features as cf
-    from common.model import build_model
+    from common.model import Encoded, build_model, features
 
     cfg = AppConfig.from_run_config({**TINY, "model.mode": "head"})
     model = build_model(cfg.model, cfg.data.labels, seed=0)
     identity = cf.encoder_identity(cfg.model, 0)
     first = cf.cached_features(model, site_data.train, identity=identity, folder=tmp_path)
     (kept,) = (tmp_path / cf.FOLDER).glob("*.pt")
-    calls = []
-    monkeypatch.setattr(cf, "features", lambda m, d: calls.append(1) or first)
+    computed = []
+    monkeypatch.setattr(cf, "features", lambda m, d: computed.append(len(d)) or features(m, d))
     again = cf.cached_features(model, site_data.train, identity=identity, folder=tmp_path)
-    assert calls == [] and torch.equal(again.x, first.x)
+    assert computed == [] and torch.equal(again.x, first.x)
+    # Another split sharing rows (another partition of the same texts) computes only the rows not seen yet.
+    mixed = Encoded(torch.cat([site_data.train.input_ids[:5], site_data.val.input_ids]),
+                    torch.cat([site_data.train.attention_mask[:5], site_data.val.attention_mask]),
+                    torch.cat([site_data.train.labels[:5], site_data.val.labels]))
+    out = cf.cached_features(model, mixed, identity=identity, folder=tmp_path)
+    assert computed == [len(site_data.val)] and torch.equal(out.x[:5], first.x[:5])
+    assert torch.allclose(out.x[5:], features(model, site_data.val).x, atol=1e-5)
     kept.write_bytes(b"not a tensor")
     cf.cached_features(model, site_data.train, identity=identity, folder=tmp_path)
-    assert calls == [1]
-    # Another encoder (another seed of the tiny model), or other rows: another file.
-    assert cf.key(cf.encoder_identity(cfg.model, 1), site_data.train) != cf.key(identity, site_data.train)
-    assert cf.key(identity, site_data.val) != cf.key(identity, site_data.train)
+    assert computed[-1] == len(site_data.train)
+    # Another encoder (another seed of the tiny model): other keys and another file.
+    assert cf.row_keys(cf.encoder_identity(cfg.model, 1), site_data.train) != cf.row_keys(identity, site_data.train)
+    assert cf.store_path(tmp_path, cf.encoder_identity(cfg.model, 1)) != kept
 
 
 def test_one_example_moves_no_other_examples_features(site_data):
@@ -71,9 +78,10 @@ def test_a_cache_file_of_the_wrong_shape_is_recomputed_and_a_full_disk_is_no_err
     cfg = AppConfig.from_run_config({**TINY, "model.mode": "head"})
     model = build_model(cfg.model, cfg.data.labels, seed=0)
     identity = cf.encoder_identity(cfg.model, 0)
-    path = tmp_path / cf.FOLDER / f"{cf.key(identity, site_data.val)}.pt"
+    path = cf.store_path(tmp_path, identity)
     path.parent.mkdir(parents=True)
-    torch.save(torch.zeros(len(site_data.val), 7), path)  # another model's width: it would fail inside the head
+    keys = torch.tensor(list(b"".join(cf.row_keys(identity, site_data.val))), dtype=torch.uint8).reshape(-1, 16)
+    torch.save({"keys": keys, "x": torch.zeros(len(site_data.val), 7)}, path)  # another model's width
     assert cf.cached_features(model, site_data.val, identity=identity, folder=tmp_path).x.shape[1] == 32
 
     def full_disk(*a, **k):

@@ -1,19 +1,20 @@
-"""The public DP-SGD schedule test: a site that runs many times the others' local steps overfits."""
+"""The public DP-SGD schedule test: a site that makes many more passes over its data than the others overfits."""
 
 from server.findings.evidence import SiteEvidence
 from server.findings.schedule import overfitting
 
 
-def test_many_times_the_median_local_steps_is_overfitting():
-    # Prepare: four sites at 2 steps a round, one at 10 (the public ledger), over two rounds.
-    sites = {f"s{i}": SiteEvidence(steps=[2, 2]) for i in range(4)}
-    sites["x"] = SiteEvidence(steps=[10, 10])
-    # Execute
+def test_several_times_the_others_passes_per_round_is_overfitting():
+    # Four sites at 20 full-batch steps a round (20 passes), one at 60 steps on 30 examples (q = 1: 60 passes).
+    sites = {f"s{i}": SiteEvidence(steps=[20, 20], passes=[20.0, 20.0]) for i in range(4)}
+    sites["x"] = SiteEvidence(steps=[60, 60], passes=[60.0, 60.0])
     found = overfitting(sites)
-    # Assert
     assert set(found) == {("x", "overfitting")}
     assert found[("x", "overfitting")].message.startswith(
-        "x runs 10 local DP steps per round, 5× the others' median 2 (public ledger)")
+        "x makes 60 passes over its training examples per round (60 local DP steps), 3.0× the others' median 20")
     assert found[("x", "overfitting")].confidence == 0.9
-    assert overfitting({**sites, "x": SiteEvidence(steps=[6, 6])}) == {}  # 3×: below STEPS_OUTLIER
+    assert overfitting({**sites, "x": SiteEvidence(steps=[30, 30], passes=[30.0, 30.0])}) == {}  # 1.5×
+    # At q < 1 the steps differ with the sizes but the passes do not: a large site is no suspect.
+    big = SiteEvidence(steps=[200, 200], passes=[20.0, 20.0])
+    assert overfitting({**sites, "x": big}) == {}
     assert overfitting({"s0": sites["s0"], "x": sites["x"]}) == {}  # two sites: no median to compare against

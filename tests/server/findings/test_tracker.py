@@ -1,12 +1,13 @@
 """The tracker: a finding is recorded when it appears, again only after it cleared; the statistical tests run in
-order, and label skew withholds the label, loss and probe tests."""
+order; label skew between sites is a note, never a fault."""
 
 import numpy as np
 
-import server.findings.labels
 from common.rounds import SiteRoundRow
+from fedlens.detection_limits import Fault
 from server.findings import Diagnosis, FindingsTracker, current
-from tests.server.findings.conftest import P, released_run, round_record
+from tests.server.findings.conftest import round_record
+from tests.server.findings.test_labels import _found
 
 
 def test_a_finding_is_recorded_when_it_appears_and_again_only_after_it_cleared():
@@ -26,20 +27,15 @@ def test_a_round_holds_the_direct_and_the_cross_site_findings():
     assert list(current(rec)) == [("c", "budget_exhausted"), ("d", "update_rejected"), ("h", "free_rider")]
 
 
-def test_label_skew_between_sites_withholds_the_label_and_loss_tests(monkeypatch):
-    # Two of five sites hold label mixes far from the rest (as a Dirichlet(0.5) partition gives): against the others
-    # one looks flipped into positive, the other noisy, and their losses follow their mixes. Neither is a fault.
-    skewed = np.array([[0.04, 0.01, 0.95], [0.62, 0.15, 0.23], P, P, P])
-    loss = {"site-0": 0.6, "site-1": 1.4}
+def test_label_skew_between_sites_is_a_note_and_a_faulty_site_among_them_is_still_named():
+    # Three of five sites hold label mixes far from the rest (as a Dirichlet partition gives), their labels right:
+    # per class they read as the others, so the run gets a note and no site is a suspect.
+    skewed = {"site-0": np.array([0.1, 0.9]), "site-1": np.array([0.85, 0.15]), "site-3": np.array([0.3, 0.7])}
     for seed in range(3):
-        found = released_run({}, n=150, shares=skewed, loss=loss, seed=seed)
-        assert set(found) == {(None, "label_skew")}, {k: f.message for k, (_, f) in found.items()}
-        note = found[(None, "label_skew")][1]
-        assert note.severity == "info" and "2 of 5 sites" in note.message and "site-2" not in note.message
-    # Without the skew test the same releases read as faults at the skewed sites.
-    monkeypatch.setattr(server.findings.labels, "SKEW_DEPARTURE", float("inf"))
-    assert {k[0] for k in released_run({}, n=150, shares=skewed, loss=loss)} >= {"site-0"}
-    monkeypatch.undo()
-    # One faulty site among sites that share one mix departs alone: no skew note, the fault is named.
-    found = released_run({"site-1": "label_flip"}, n=150)
-    assert (None, "label_skew") not in found and {k[0] for k in found} == {"site-1"}
+        found, _ = _found({}, seed=seed, site_shares=skewed)
+        assert {k for k, f in found.items() if f.severity != "info"} == set(), {k: f.message for k, f in found.items()}
+        note = found[(None, "label_skew")]
+        assert note.severity == "info" and "of 5 sites" in note.message  # the run's own count
+    # A site with noisy labels among them departs for its fault, and is named for it.
+    found, _ = _found({"site-4": Fault("label_noise", 0.4)}, site_shares=skewed)
+    assert {k for k, f in found.items() if f.severity != "info"} == {("site-4", "label_noise")}
