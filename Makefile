@@ -17,7 +17,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: bench bench-diagnosis bench-accuracy clinical install demo simulate dashboard test test-fast test-deploy smoke lint clean
+.PHONY: bench bench-diagnosis bench-limits bench-accuracy clinical install demo simulate dashboard test test-fast test-deploy smoke lint clean
 
 install: $(VENV)/.installed
 
@@ -58,8 +58,11 @@ bench-accuracy: install  ## DP vs non-DP macro-F1 per workload, 3 seeds, side by
 clinical: install  ## the clinical scenario: 4 DP clinics of drug reviews (~2 min); expected results in README
 	$(BIN)/fedlens simulate --scenario simulations/clinical.toml --store $(STORE)
 
-bench-diagnosis: install  ## the fault suite of simulations/faults/ scored against its ground truth (~6 min)
-	$(BIN)/fedlens bench diagnosis
+bench-diagnosis: install  ## 24 fault and clean runs drawn from ranges, scored against their ground truth (~35 min)
+	$(BIN)/fedlens bench diagnosis --seed 1
+
+bench-limits: install  ## detection limits of the statistical findings on synthetic releases (~20 min)
+	$(BIN)/fedlens bench limits
 
 smoke: install
 	$(BIN)/fedlens simulate --scenario simulations/smoke.toml --store $(STORE)

@@ -125,8 +125,8 @@ def train(msg: Message, context: Context) -> Message:
         return answer(None, records.STATUS_REFUSED, site.refused)
     plan = site.plan_training(context.state, server_round, num_rounds)  # σ, schedule, the charge, checked
     shortcut = faults.misbehave(site.injected, server_round, received) if site.injected and not plan.problem else None
-    if shortcut is not None:  # a free rider: sends something without training, and spends nothing
-        return answer(shortcut, sigma=plan.noise_multiplier, q=plan.sample_rate)
+    if shortcut is not None:  # a free rider: sends something without training, spends nothing, and claims no σ
+        return answer(shortcut)
     problem = plan.problem or site.charge(plan.entry)
     if problem:  # refuse, and say why: the server records it and goes on with the other sites
         return answer(None, records.STATUS_REFUSED, f"site {site.name}: {problem}; not training",

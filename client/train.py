@@ -161,10 +161,10 @@ def train_local(model: nn.Module, data: Split, *, train_cfg: TrainConfig, dp_cfg
     generator, client/noise.py); `seed` seeds only the non-private parts (the non-DP shuffle, dropout).
     The caller records (σ, q, steps) in the site's ledger.
 
-    The training-pass summary blocks (TrainHealth) are functions of released iterates only: at q = 1 every step
-    uses every example, so each example's first-use loss is its loss at the received global model, and the gradient
-    statistics describe DP-SGD iterates. At q < 1 they would depend on the secret Poisson mask, so the losses come
-    from a forward pass at the received model and the gradient statistics are not measured.
+    The training-pass summary blocks (TrainHealth) are functions of released iterates only: each example's
+    first-use loss and prediction come from a forward pass at the received global model in eval mode, before any
+    step (one example moves one cell of each), and the gradient statistics describe DP-SGD iterates at q = 1. At
+    q < 1 those would depend on the secret Poisson mask, so they are not measured.
     """
     from opacus import PrivacyEngine
     from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -182,14 +182,14 @@ def train_local(model: nn.Module, data: Split, *, train_cfg: TrainConfig, dp_cfg
     optimizer = make_optimizer(module, train_cfg, head_only=on_features)
     first_loss = torch.full((len(data),), float("nan"))  # each example's plain CE at its first use this round
     first_pred = torch.full((len(data),), -1, dtype=torch.long)  # and the class it predicted then
-    classes = 0  # the model's number of classes (its logits' width)
+    # Each example's loss and prediction at the received model, in eval mode, before any step: a function of that
+    # model and the example alone (in train mode dropout masks would enter, and at q < 1 the Poisson mask would).
+    classes = _first_losses(model, data, first_loss, first_pred, physical)
     hooks, meter = None, None
     if dp_cfg.enabled:
         if schedule is None:
             raise ValueError("DP training needs its schedule (privacy.dpsgd_schedule of the released size)")
         rng = rng or SiteRandom()
-        if schedule.sample_rate < 1.0:
-            classes = _first_losses(model, data, first_loss, first_pred, physical)
         loader = _poisson_loader(data, schedule, rng)
         with warnings.catch_warnings():
             # "Secure RNG turned off": Opacus's secure mode needs torchcsprng (no build for torch 2.x); the noise
@@ -223,7 +223,7 @@ def train_local(model: nn.Module, data: Split, *, train_cfg: TrainConfig, dp_cfg
             ctx = (BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical,
                                       optimizer=optimizer) if hooks is not None else _Plain(loader))
             with ctx as batches:
-                for *inputs, labels, index in batches:
+                for *inputs, labels, _index in batches:
                     n = labels.numel()
                     t0 = time.perf_counter()
                     if n == 0:
@@ -237,9 +237,6 @@ def train_local(model: nn.Module, data: Split, *, train_cfg: TrainConfig, dp_cfg
                         part = slice(start, start + size)
                         y = labels[part].to(dev)
                         out = logits(model, tuple(x[part].to(dev) for x in inputs))  # [b, K]
-                        classes = out.shape[-1]
-                        if meter is not None or hooks is None:
-                            _record_first(first_loss, first_pred, index[part], out, y)
                         loss = balanced_loss(out, y, mode=train_cfg.class_balance, prior=prior)
                         # Chunks of one logical batch add up to its mean loss (DP batches come whole: weight 1).
                         (loss * (y.numel() / n)).backward()
@@ -283,8 +280,8 @@ def _poisson_loader(data: Split, schedule: Schedule, rng: Randomness) -> DataLoa
 @torch.no_grad()
 def _first_losses(model: nn.Module, data: Split, first_loss: torch.Tensor, first_pred: torch.Tensor,
                   batch: int) -> int:
-    """Every train example's loss and prediction at the received model (q < 1: the first use would depend on the
-    Poisson mask); returns the number of classes."""
+    """Every train example's loss and prediction at the received model, in eval mode, before any step; returns the
+    number of classes."""
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -375,7 +375,11 @@ def rescore(folder: Path, *, progress=print) -> dict[str, Any]:  # noqa: ANN001
     runs = []
     for store in stores:
         progress(f"rescoring {store.name}…")
-        run, found = rediagnose_store(store)
+        try:
+            run, found = rediagnose_store(store)
+        except (LookupError, OSError) as e:  # a store its run never wrote to (it crashed before round 1)
+            progress(f"  {store.name} skipped: {e}")
+            continue
         runs.append({"scenario": store.stem, "status": run["status"], "seconds": 0.0,
                      "faults": load_faults(store, run["run_id"]), "rounds": run["rounds"], "ledger": run["ledger"],
                      "findings": [{"site": f.site, "kind": f.kind, "round": r, "confidence": f.confidence,

@@ -4,6 +4,7 @@ import streamlit as st
 
 from common.rounds import FindingKind as K
 from dashboard import ui
+from server.findings.limits import sentence
 
 ICON = {"critical": ":red[:material/error:]", "warning": ":orange[:material/warning:]",
         "info": ":blue[:material/info:]"}
@@ -13,7 +14,23 @@ EVIDENCE = {K.SITE_FAILED: "views/sites.py", K.BUDGET_EXHAUSTED: "views/privacy.
             K.UPDATE_REJECTED: "views/sites.py", K.FREE_RIDER: "views/sites.py", K.DIVERGENCE: "views/sites.py",
             K.STRAGGLER: "views/sites.py", K.LABEL_NOISE: "views/errors.py", K.LABEL_FLIP: "views/errors.py",
             K.CLASS_MISSING: "views/errors.py", K.DATA_SHIFT: "views/errors.py", K.OVERFITTING: "views/sites.py",
-            K.UNDERFITTING: "views/overview.py", K.GLOBAL_OVERFITTING: "views/overview.py"}
+            K.UNDERFITTING: "views/overview.py", K.GLOBAL_OVERFITTING: "views/overview.py",
+            K.LABEL_SKEW: "views/errors.py"}
+
+
+def rules_out(snap: dict) -> None:
+    """Per site, what a quiet diagnosis rules out at its size and release noise (server/findings/limits.py)."""
+    rows = snap["site_rounds"]
+    if rows.empty or not snap["site_views"]:
+        return
+    evals = rows[(rows["phase"] == "evaluate") & (rows["status"] == "ok")]
+    with st.expander("What a quiet page rules out, site by site (detection limits)"):
+        for v in snap["site_views"]:
+            mine = evals[evals["site"] == v.site]["noise_multiplier"].dropna()
+            n = (v.n_train or 0) + (v.n_val or 0)
+            st.markdown(f"**{v.site}**: {sentence(n, float(mine.iloc[-1]) if not mine.empty else None)}.")
+        st.caption("Measured on synthetic releases through this diagnosis (`fedlens bench limits`, "
+                   "docs/PERFORMANCE.md) and confirmed by simulation (`fedlens bench diagnosis`).")
 
 
 def body(snap: dict) -> None:
@@ -22,6 +39,7 @@ def body(snap: dict) -> None:
     if findings.empty:
         st.success("No findings: every site answered, nothing looks wrong so far." if not snap["rounds"].empty
                    else "No findings yet: they appear as rounds complete.")
+        rules_out(snap)
         return
     findings = findings.iloc[::-1]  # newest first
     st.caption(f"{len(findings)} finding(s). Site-level findings rest on noised summaries: read them as leads.")
@@ -37,6 +55,7 @@ def body(snap: dict) -> None:
                 page = EVIDENCE.get(f.kind)
                 if page:
                     st.page_link(page, label="see the evidence", icon=":material/arrow_forward:")
+    rules_out(snap)
 
 
 ui.live(body)

@@ -50,7 +50,12 @@ def norm_departure(rec: RoundRecord, trained: dict[str, SiteRoundRow]) -> dict[t
     out: dict[tuple[str | None, str], Finding] = {}
     measured = {r.site for r in rec.sites if r.phase == "evaluate" and r.status == "ok" and r.train_loss is not None}
     median = statistics.median(r.update_norm for r in trained.values())
-    scales = {s: r.noise_scale for s, r in trained.items() if r.noise_scale is not None and s in measured}
+    # The reading compares sites on one schedule: a site making many more passes over fewer examples (an
+    # overfitting site, named by schedule.py) divides its noise by a smaller batch than its released size says.
+    passes = {s: (r.steps or 0) * (r.sample_rate or 0.0) for s, r in trained.items()}
+    usual = statistics.median(passes.values())
+    scales = {s: r.noise_scale for s, r in trained.items() if r.noise_scale is not None and s in measured
+              and usual > 0 and passes[s] <= 1.5 * usual}
     for site, r in trained.items():
         if median <= 0:
             break

@@ -77,8 +77,11 @@ class Diagnosis:
                 out[(None, K.LABEL_SKEW)] = note
             skew = note is not None
             for site, ev in labelled.items():
+                # Is skew the rule among the *other* sites? Then a class this one lacks is part of it.
+                others = {s: e for s, e in labelled.items() if s not in wrong and s != site}
+                skew_elsewhere = label_skew(others, {s: departure[s] for s in others}) is not None
                 f = label_fault(site, ev, refs[site], m, agree.get(site), departure=departure[site],
-                                skewed_run=skew, names=self.names)
+                                skewed_run=skew_elsewhere, names=self.names)
                 if f is not None:
                     out[(site, f.kind)] = f
         named = {key[0] for key, f in out.items() if key[0] is not None and f.severity != "info"}

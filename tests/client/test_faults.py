@@ -100,7 +100,8 @@ def test_the_client_app_crashes_free_rides_and_blows_up_as_told(tiny_cfg):
         train('"kind": "crash", "round": 2', rnd=2)
     assert train('"kind": "crash", "round": 2', rnd=1).site.status == "ok"  # before its round it is fine
     echo = train('"kind": "free_rider"')
-    assert echo.steps == 0 and all(np.array_equal(echo.arrays[k], arrays[k]) for k in arrays)
+    assert echo.steps == 0 and echo.noise_multiplier == 0.0  # it never trained: no σ beside it
+    assert all(np.array_equal(echo.arrays[k], arrays[k]) for k in arrays)
     rand = train('"kind": "free_rider", "mode": "random"')
     assert all(rand.arrays[k].shape == v.shape and not np.allclose(rand.arrays[k], v) for k, v in arrays.items())
     normal, blown = train('"kind": "straggler", "seconds": 0.01, "factor": 0.5'), train('"kind": "lr_blowup", "factor": 100')

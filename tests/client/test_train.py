@@ -285,3 +285,30 @@ def test_lp_ft_probes_the_head_on_features_with_the_adapters_untouched_then_adap
         else:  # adaptation: the adapters join
             assert any("lora_B" in k for k in moved) and schedule.sample_rate < 1.0
     assert torch.is_tensor(probe.x)
+
+
+def test_one_example_moves_one_cell_of_each_training_pass_block(tiny_cfg, site_data):
+    # The training-pass blocks are read at the received model before any step, in eval mode: with or without one
+    # example, every other example's loss and prediction are the same, whatever the dropout or the Poisson mask.
+    import torch
+
+    from common.model import Encoded
+
+    full = replace(tiny_cfg.train, batch_size=4096)
+    received = trainable_state(build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0))
+
+    def health(data):
+        model = build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0)
+        load_trainable_state(model, received)
+        return train_local(model, data, train_cfg=full, dp_cfg=tiny_cfg.dp, noise_multiplier=1.0, prior=None,
+                           seed=0, schedule=dpsgd_schedule(n_public=len(data), batch_size=4096,
+                                                           local_epochs=1)).health
+
+    data = site_data.train
+    base = health(data)
+    for gone in (0, 7, len(data) - 1):
+        keep = torch.arange(len(data)) != gone
+        h = health(Encoded(data.input_ids[keep], data.attention_mask[keep], data.labels[keep]))
+        assert np.abs(np.asarray(base.train_confusion) - np.asarray(h.train_confusion)).sum() == 1
+        assert np.abs(np.asarray(base.train_loss_hist) - np.asarray(h.train_loss_hist)).sum() == 1
+        assert 0 < base.train_loss_sum - h.train_loss_sum <= 1 + 1e-6

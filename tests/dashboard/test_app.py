@@ -106,6 +106,9 @@ def test_every_page_of_a_full_run_shows_its_numbers(monkeypatch, full_store):
     at.switch_page("views/findings.py").run()
     assert "site-002" in [h.value for h in at.subheader]
     assert "site-002 failed in train in round 4: data file missing" in _texts(at)
+    # What a quiet page rules out, per site, at its size and release noise (server/findings/limits.py).
+    rules_out = [m.value for m in at.markdown if m.value.startswith("**site-000**:")]
+    assert len(rules_out) == 1 and ("cannot be seen" in rules_out[0] or "rules out nothing" in rules_out[0])
 
     at.switch_page("views/errors.py").run()
     assert {"Per-class F1", "Label issues (given → confidently)", "Confusion matrices (validation, rows = given label)"} \

@@ -36,6 +36,10 @@ def test_label_skew_between_sites_is_a_note_and_a_faulty_site_among_them_is_stil
         assert {k for k, f in found.items() if f.severity != "info"} == set(), {k: f.message for k, f in found.items()}
         note = found[(None, "label_skew")]
         assert note.severity == "info" and "of 5 sites" in note.message  # the run's own count
+    # A class one site lacks where skew is the rule among the others is part of that skew (info); where the others
+    # share one mix it is a fault (test_labels).
+    found, _ = _found({"site-4": Fault("class_missing", 1.0, a=0)}, site_shares=skewed)
+    assert not [k for k, f in found.items() if k[0] == "site-4" and f.severity != "info"]
     # A site with noisy labels among them departs for its fault, and is named for it.
     found, _ = _found({"site-4": Fault("label_noise", 0.4)}, site_shares=skewed)
     assert {k for k, f in found.items() if f.severity != "info"} == {("site-4", "label_noise")}

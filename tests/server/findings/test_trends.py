@@ -17,7 +17,15 @@ def test_trends_of_the_global_model_become_run_level_findings():
     assert "from 0.871 in round 1 to 0.914 in round 3 (+4.9%)" in trends(rising, 3)[(None, "underfitting")].message
     overfit = [{"train_loss": 1.0, "test_loss": 0.80}, {"train_loss": 0.8, "test_loss": 0.82},
                {"train_loss": 0.6, "test_loss": 0.86}, {"train_loss": 0.4, "test_loss": 0.90}]
-    assert set(trends(overfit, 4)) == {(None, "global_overfitting")}
+    assert set(trends(overfit, 4)) == {(None, "global_overfitting")}  # no accuracy recorded: the loss decides
+    assert "rose for 2 rounds to 0.900 (best 0.800) while the sites' training loss fell to 0.400" in \
+        trends(overfit, 4)[(None, "global_overfitting")].message
+    # A test loss that rises while the test accuracy rises is a model growing more confident (a clean DP run on
+    # the movies: 0.526 → 0.557 with accuracy 0.742 → 0.756), not overfitting.
+    confident = [{**r, "test_accuracy": a} for r, a in zip(overfit, (0.74, 0.745, 0.75, 0.756), strict=True)]
+    assert trends(confident, 4) == {}
+    worse = [{**r, "test_accuracy": a} for r, a in zip(overfit, (0.74, 0.75, 0.73, 0.71), strict=True)]
+    assert set(trends(worse, 4)) == {(None, "global_overfitting")}
     learning = [{"train_loss": 1.0, "test_loss": 0.9}, {"train_loss": 0.9, "test_loss": 0.85},
                 {"train_loss": 0.8, "test_loss": 0.84}]
     assert trends(learning, 3) == {} and trends(learning[:2], 2) == {}
