@@ -56,10 +56,16 @@ def norm_departure(rec: RoundRecord, trained: dict[str, SiteRoundRow]) -> dict[t
     usual = statistics.median(passes.values())
     scales = {s: r.noise_scale for s, r in trained.items() if r.noise_scale is not None and s in measured
               and usual > 0 and passes[s] <= 1.5 * usual}
+    steps = statistics.median(r.steps or 0 for r in trained.values())
     for site, r in trained.items():
         if median <= 0:
             break
-        if r.update_norm <= ZERO_NORM * median:
+        if not r.steps and steps > 0 and r.update_norm > ZERO_NORM * median:
+            out[(site, K.FREE_RIDER)] = Finding(
+                K.FREE_RIDER, "critical", f"{site} sent an update in round {rec.round} (norm {r.update_norm:.3g}) "
+                f"after 0 training steps, where the other sites took {steps:.0f}: weights it did not train, yet "
+                "its weight counted in the average", site)
+        elif r.update_norm <= ZERO_NORM * median:
             out[(site, K.FREE_RIDER)] = Finding(
                 K.FREE_RIDER, "critical", f"{site}'s update in round {rec.round} equals the global model it received "
                 f"(update norm {r.update_norm:.2g} vs median {median:.3g} over {len(trained)} sites): it did not "

@@ -30,6 +30,12 @@ def test_updates_that_depart_name_the_site_and_cause():
     f = cross_site(_sites([*honest, 260.0], measured={"s0", "s1", "s2", "s3"}))  # big, and it measured no training
     assert set(f) == {("s4", "free_rider")}
     assert cross_site(_sites([0.0, 5.0])) == {}  # two sites: no median to compare against
+    # Random weights sent without a training step (the norm alone is ordinary): the schedule it reports gives it away.
+    rec = _sites([*honest, 6.1])
+    next(r for r in rec.sites if r.site == "s4" and r.phase == "train").steps = 0
+    f = cross_site(rec)
+    assert set(f) == {("s4", "free_rider")} and "after 0 training steps, where the other sites took 2" in \
+        f[("s4", "free_rider")].message
 
 
 def test_a_site_stepping_three_times_the_learning_rate_is_told_from_one_that_is_only_skewed():
