@@ -28,7 +28,8 @@ def rules_out(snap: dict) -> None:
         for v in snap["site_views"]:
             mine = evals[evals["site"] == v.site]["noise_multiplier"].dropna()
             n = (v.n_train or 0) + (v.n_val or 0)
-            st.markdown(f"**{v.site}**: {sentence(n, float(mine.iloc[-1]) if not mine.empty else None)}.")
+            st.markdown(f"**{v.site}**: "
+                        f"{sentence(n, float(mine.iloc[-1]) if not mine.empty else None, max(len(mine), 1))}.")
         st.caption("Measured on synthetic releases through this diagnosis (`fedlens bench limits`, "
                    "docs/PERFORMANCE.md) and confirmed by simulation (`fedlens bench diagnosis`).")
 

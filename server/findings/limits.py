@@ -8,7 +8,8 @@ dp.diagnostics-share 0.25. None: not found that often even at the largest rate m
 paste the table here; tests/server/findings/test_limits.py checks one cell against a fresh measurement.
 
 The reading is conservative where a run differs from the table: a site is read at the largest tabulated size not
-above its own and at the smallest tabulated σ not below its own (more rounds than 4 only help).
+above its own and at the smallest tabulated σ not below its effective one (its σ × √(4 / its releases): independent
+release noise averages down over releases; the sampling spread does not, and the table already holds it at 4).
 """
 
 from __future__ import annotations
@@ -34,26 +35,36 @@ WHAT = {K.LABEL_NOISE: "label noise (a share of the labels replaced by a random 
         K.DATA_SHIFT: "a data shift (a share of the texts the model reads as corrupted or foreign)"}
 
 
-def limits(n: int | None, release_sigma: float | None) -> dict[str, float | None] | None:
-    """Each kind's detection limit at a site of `n` rows releasing at `release_sigma` (0 = exact: read at the
-    least noisy tabulated σ); None when the site is smaller or noisier than anything measured."""
+ROUNDS = 4  # releases per site in the measurement
+
+
+def effective_sigma(release_sigma: float, releases: int) -> float:
+    """The σ that, over ROUNDS releases, averages to the same noise as `releases` releases at `release_sigma`
+    (independent noise averages down as 1/√releases)."""
+    return release_sigma * (ROUNDS / max(releases, 1)) ** 0.5
+
+
+def limits(n: int | None, release_sigma: float | None, releases: int = ROUNDS) -> dict[str, float | None] | None:
+    """Each kind's detection limit at a site of `n` rows after `releases` summaries at `release_sigma` (0 = exact:
+    read at the least noisy tabulated σ); None when the site is smaller or noisier than anything measured."""
     if not n or release_sigma is None:
         return None
+    sigma = effective_sigma(release_sigma, releases)
     sizes = [i for i, s in enumerate(SIZES) if s <= n]
-    sigmas = sorted(s for s in MEASURED if s >= release_sigma)
+    sigmas = sorted(s for s in MEASURED if s >= sigma - 1e-3)
     if not sizes or not sigmas:
         return None
     _, table = MEASURED[sigmas[0]]
     return {kind: row[sizes[-1]] for kind, row in table.items()}
 
 
-def sentence(n: int | None, release_sigma: float | None) -> str:
+def sentence(n: int | None, release_sigma: float | None, releases: int = ROUNDS) -> str:
     """What a quiet page rules out at this site, in words."""
-    found = limits(n, release_sigma)
+    found = limits(n, release_sigma, releases)
     if found is None:
-        return (f"at {n or '?'} rows and summary σ {release_sigma or 0:.1f} this site is smaller or noisier than "
-                "anything measured: a quiet page rules out nothing here")
+        return (f"at {n or '?'} rows and {releases} summaries at σ {release_sigma or 0:.1f} this site is smaller or "
+                "noisier than anything measured: a quiet page rules out nothing here")
     parts = [f"{WHAT[k]} below {v:.0%}" if v is not None else
              f"{WHAT[k]} at any share up to {MAX_RATE.get(k, 1.0):.0%}" for k, v in found.items()]
-    return (f"at {n} rows and summary σ {release_sigma:.1f}, these cannot be seen (found in fewer than 9 runs of "
-            f"10): {'; '.join(parts)}")
+    return (f"at {n} rows and {releases} summaries at σ {release_sigma:.1f}, these cannot be seen (found in fewer "
+            f"than 9 runs of 10): {'; '.join(parts)}")

@@ -10,6 +10,9 @@ def test_a_site_is_read_at_the_nearest_measured_cell_on_the_safe_side():
     assert limits(2200, 5.0) == limits(2200, 8.0)  # noisier than ε = 8's σ: read at ε = 4's
     assert limits(1999, 4.3) == limits(1000, 4.3)  # below a measured size: the smaller one's
     assert limits(100, 4.3) is None and limits(2200, 40.0) is None and limits(None, 4.3) is None
+    # Five releases at the demo's σ 4.8 average to four at 4.3: read at ε = 8's row; two releases, at ε = 4's.
+    assert limits(2200, 4.806, releases=5) == limits(2200, 4.3)
+    assert limits(2200, 4.3, releases=2) == limits(2200, 8.0)
     for _, table in MEASURED.values():  # a larger site never has a higher limit
         for row in table.values():
             known = [v for v in row if v is not None]
@@ -18,7 +21,7 @@ def test_a_site_is_read_at_the_nearest_measured_cell_on_the_safe_side():
 
 def test_the_sentence_says_what_a_quiet_page_rules_out():
     assert sentence(2200, 4.3) == (
-        "at 2200 rows and summary σ 4.3, these cannot be seen (found in fewer than 9 runs of 10): label noise (a "
+        "at 2200 rows and 4 summaries at σ 4.3, these cannot be seen (found in fewer than 9 runs of 10): label noise (a "
         "share of the labels replaced by a random other one) below 30%; a flip (a share of one class relabelled as "
         "another) below 50%; a data shift (a share of the texts the model reads as corrupted or foreign) below 70%")
     assert "label noise (a share of the labels replaced by a random other one) at any share up to 50%" in \
