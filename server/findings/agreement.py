@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.findings.evidence import SiteEvidence, median_spread
+from server.findings.evidence import SiteEvidence, scale_against
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,7 @@ def agreements(sites: dict[str, SiteEvidence]) -> dict[str, Agreement]:
         if not v or len(means) < 3:
             continue
         x_s, own, gap, pattern = _pooled(v)
-        others = [m for o, m in means.items() if o != s]
-        typical, spread = median_spread(others)
-        scale = math.sqrt(max(spread ** 2, own ** 2) + own ** 2) * math.sqrt(1 + 1 / len(others))
+        typical, scale = scale_against([m for o, m in means.items() if o != s], own)
         x = x_s - typical
         drop, drop_z = conf.get(s, (0.0, 0.0))
         sure, sure_z = issues.get(s, (0.0, 0.0))
@@ -145,9 +143,7 @@ def _unexplained(site: str, agree: dict[str, float], conf: dict[str, tuple[float
     others = [v for s, v in u.items() if s != site]
     if len(others) < 2:
         return 0.0, 0.0
-    typical, spread = median_spread(others)
-    own = math.sqrt(own_agree ** 2 + conf[site][1])
-    scale = math.sqrt(max(spread ** 2, own ** 2) + own ** 2) * math.sqrt(1 + 1 / len(others))
+    typical, scale = scale_against(others, math.sqrt(own_agree ** 2 + conf[site][1]))
     d = u[site] - typical
     return d, d / scale if scale > 0 else 0.0
 
@@ -199,9 +195,7 @@ def _against_others(readings: dict[str, list[tuple[float, float]]], *, sign: flo
         others = [v for o, (v, _) in means.items() if o != s]
         if len(others) < 2:
             continue
-        typical, spread = median_spread(others)
-        own = math.sqrt(var)
-        scale = math.sqrt(max(spread ** 2, own ** 2) + own ** 2) * math.sqrt(1 + 1 / len(others))
+        typical, scale = scale_against(others, math.sqrt(var))
         d = sign * (m - typical)
         out[s] = (d, d / scale if scale > 0 else 0.0)
     return out

@@ -17,6 +17,7 @@ import statistics
 
 from common.rounds import Finding, RoundRecord, SiteRoundRow
 from common.rounds import FindingKind as K
+from server.findings.evidence import relative_spread
 
 MIN_SITES = 3  # cross-site comparisons need a median of at least this many sites
 
@@ -32,15 +33,6 @@ def cross_site(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
 ZERO_NORM = 1e-6  # × median update norm: the site sent back what it received
 NORM_OUTLIER = 5.0  # × median update norm: without a noise reading, a diverging site (or weights it did not train)
 STEP_OUTLIER = 1.5  # × the median step size read off the noise: a blown-up learning rate (honest sites: ±4 %)
-
-
-def _relative_spread(values: list[float]) -> float:
-    """Robust std of log(values): how much the sites' readings differ among themselves."""
-    logs = [math.log(v) for v in values if v > 0]
-    if len(logs) < 2:
-        return 0.0
-    mid = statistics.median(logs)
-    return 1.4826 * statistics.median(abs(v - mid) for v in logs)
 
 
 def norm_departure(rec: RoundRecord, trained: dict[str, SiteRoundRow]) -> dict[tuple[str | None, str], Finding]:
@@ -78,7 +70,7 @@ def norm_departure(rec: RoundRecord, trained: dict[str, SiteRoundRow]) -> dict[t
         elif len(scales) >= MIN_SITES and site in scales:
             others = [v for s, v in scales.items() if s != site]
             typical = statistics.median(others)
-            limit = max(STEP_OUTLIER, math.exp(4 * _relative_spread(others)))
+            limit = max(STEP_OUTLIER, math.exp(4 * relative_spread(others)))
             if typical > 0 and scales[site] >= limit * typical:
                 out[(site, K.DIVERGENCE)] = Finding(
                     K.DIVERGENCE, "critical", f"{site}'s update in round {rec.round} carries "
@@ -118,7 +110,7 @@ def stragglers(spans: dict[str, list[tuple[float, float | None]]],
     for site, v in steady.items():
         others = [t for s, t in typical.items() if s != site]
         median = statistics.median(others)
-        limit = max(STRAGGLER, math.exp(4 * _relative_spread(others)))
+        limit = max(STRAGGLER, math.exp(4 * relative_spread(others)))
         recent = [t for t, _ in v[-STRAGGLER_ROUNDS:]]
         # A site holding 10× the data honestly takes ~10× as long: a straggler is slow per example too.
         other_rates = [p for s, p in rate.items() if s != site]

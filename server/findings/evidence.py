@@ -36,6 +36,22 @@ def median_spread(values: list[float]) -> tuple[float, float]:
     return typical, 1.4826 * statistics.median(abs(v - typical) for v in values)
 
 
+def scale_against(others: list[float], own_sd: float) -> tuple[float, float]:
+    """(the others' median, the standard error of a site's departure from it): the others' spread (their data
+    differ too), at least the site's own noise, plus that noise again, and the reference's error."""
+    typical, spread = median_spread(others)
+    return typical, math.sqrt(max(spread ** 2, own_sd ** 2) + own_sd ** 2) * math.sqrt(1 + 1 / len(others))
+
+
+def relative_spread(values: list[float]) -> float:
+    """Robust std of log(values): how much the sites' readings differ among themselves (0 with fewer than 2)."""
+    logs = [math.log(v) for v in values if v > 0]
+    if len(logs) < 2:
+        return 0.0
+    mid = statistics.median(logs)
+    return 1.4826 * statistics.median(abs(v - mid) for v in logs)
+
+
 def confidence(z: float) -> float:
     return round(min(0.999, _phi(z - 2.0)), 3)
 

@@ -14,7 +14,7 @@ import statistics
 
 from common.rounds import Finding
 from common.rounds import FindingKind as K
-from server.findings.evidence import MIN_SITES, SiteEvidence
+from server.findings.evidence import MIN_SITES, SiteEvidence, relative_spread
 
 PASSES_OUTLIER = 2.0  # × the others' median passes per round (at least; more where they differ among themselves)
 
@@ -27,9 +27,7 @@ def overfitting(sites: dict[str, SiteEvidence]) -> dict[tuple[str | None, str], 
         for site, mine in passes.items():
             values = [v for s, v in passes.items() if s != site]
             others = statistics.median(values)
-            logs = [math.log(v) for v in values if v > 0]
-            spread = 1.4826 * statistics.median(abs(v - statistics.median(logs)) for v in logs) if len(logs) > 1 else 0
-            if others > 0 and mine >= max(PASSES_OUTLIER, math.exp(4 * spread)) * others:
+            if others > 0 and mine >= max(PASSES_OUTLIER, math.exp(4 * relative_spread(values))) * others:
                 steps = statistics.median(sites[site].steps)
                 out[(site, K.OVERFITTING)] = Finding(
                     K.OVERFITTING, "warning",
