@@ -166,7 +166,9 @@ def save_health(state: RecordDict, server_round: int, health: TrainHealth | None
         records.write_state(state, records.HEALTH, {
             "round": server_round, "grad-norm-hist": health.grad_norm_hist, "clipped-sum-norm": health.clipped_sum_norm,
             "train-loss-sum": health.train_loss_sum, "train-loss-hist": health.train_loss_hist,
-            "train-confusion": [x for row in health.train_confusion for x in row]})
+            "train-confusion": [x for row in health.train_confusion for x in row],
+            "train-embedding": [x for row in health.train_embedding for x in row],
+            "embedding-dims": len(health.train_embedding[0]) if health.train_embedding else 0})
 
 
 def trained_health(state: RecordDict, server_round: int) -> TrainHealth | None:
@@ -176,9 +178,11 @@ def trained_health(state: RecordDict, server_round: int) -> TrainHealth | None:
         return None
     flat = [float(x) for x in rec.get("train-confusion", [])]
     k = int(round(len(flat) ** 0.5))
+    emb, dims = [float(x) for x in rec.get("train-embedding", [])], int(rec.get("embedding-dims", 0))
     return TrainHealth([float(x) for x in rec["grad-norm-hist"]], float(rec["clipped-sum-norm"]),
                        float(rec["train-loss-sum"]), [float(x) for x in rec["train-loss-hist"]],
-                       [flat[i * k:(i + 1) * k] for i in range(k)])
+                       [flat[i * k:(i + 1) * k] for i in range(k)],
+                       [emb[i * dims:(i + 1) * dims] for i in range(k)] if dims else [])
 
 
 def coarse(seconds: float) -> float:

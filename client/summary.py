@@ -21,7 +21,7 @@ from client.noise import Randomness, SiteRandom
 from client.train import TrainHealth
 from common import diagnostics as dg
 from common.metrics import confusion_matrix
-from common.model import Split, predict
+from common.model import Split, embedding_dims, predict
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def local_summary(model: nn.Module, train: Split, val: Split, *, num_classes: in
     (the site did not train this round) those blocks stay 0 and health_round says so.
     """
     k = num_classes
-    blocks = dg.empty_blocks(k)
+    blocks = dg.empty_blocks(k, embedding_dims(model))  # the embedding block's width is the head's input's
     y_val, y_train = val.labels.numpy(), train.labels.numpy()
 
     probs, losses = predict(model, val)  # what any evaluation does; the rest below is the summary's own cost
@@ -90,6 +90,9 @@ def local_summary(model: nn.Module, train: Split, val: Split, *, num_classes: in
         blocks["clipped_sum_norm"][0] = health.clipped_sum_norm
         if health.train_confusion:
             blocks["train_confusion"] = np.asarray(health.train_confusion, dtype=np.float64)
+        emb = np.asarray(health.train_embedding, dtype=np.float64)
+        if emb.shape == blocks[dg.EMBEDDING].shape:
+            blocks[dg.EMBEDDING] = emb
     return Summary(blocks, k, health_round if health is not None else 0, 0.0, dg.SENSITIVITY,
                    time.perf_counter() - t0)
 

@@ -17,7 +17,7 @@ from client.noise import PoissonSampler, Randomness, SiteRandom, use_randomness
 from client.privacy import Schedule
 from common.config import DPConfig, TrainConfig
 from common.diagnostics import GRAD_EDGES, loss_blocks
-from common.model import Features, Split, head, logits
+from common.model import Features, Split, head, linear_head, logits
 
 # Opacus's hooks fire on frozen embeddings whose inputs need no gradient; PyTorch warns each step, harmlessly.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -40,6 +40,8 @@ class TrainHealth:
     train_loss_hist: list[float] = field(default_factory=list)  # examples per loss bin over [0, L]
     # [K][K] train examples per (given label, the received model's prediction at their first use)
     train_confusion: list[list[float]] = field(default_factory=list)
+    # [K][H] Σ of unit-norm head inputs per class the received model predicts, at first use (the same pass)
+    train_embedding: list[list[float]] = field(default_factory=list)
     seconds: float = 0.0  # spent computing these (the diagnostics' cost inside training)
 
 
@@ -184,7 +186,7 @@ def train_local(model: nn.Module, data: Split, *, train_cfg: TrainConfig, dp_cfg
     first_pred = torch.full((len(data),), -1, dtype=torch.long)  # and the class it predicted then
     # Each example's loss and prediction at the received model, in eval mode, before any step: a function of that
     # model and the example alone (in train mode dropout masks would enter, and at q < 1 the Poisson mask would).
-    classes = _first_losses(model, data, first_loss, first_pred, physical)
+    classes, embedding = _first_losses(model, data, first_loss, first_pred, physical)
     hooks, meter = None, None
     if dp_cfg.enabled:
         if schedule is None:
@@ -259,7 +261,7 @@ def train_local(model: nn.Module, data: Split, *, train_cfg: TrainConfig, dp_cfg
                        noise_multiplier=noise_multiplier if hooks is not None else 0.0,
                        mean_loss=float(sum(losses) / max(1, len(losses))), step_seconds=step_seconds,
                        health=_health(meter, first_loss.numpy(), first_pred.numpy(), data.labels.numpy(),
-                                      dp_cfg.loss_clip, num_classes=classes))
+                                      dp_cfg.loss_clip, num_classes=classes, embedding=embedding))
 
 
 def _poisson_loader(data: Split, schedule: Schedule, rng: Randomness) -> DataLoader:
@@ -279,18 +281,43 @@ def _poisson_loader(data: Split, schedule: Schedule, rng: Randomness) -> DataLoa
 
 @torch.no_grad()
 def _first_losses(model: nn.Module, data: Split, first_loss: torch.Tensor, first_pred: torch.Tensor,
-                  batch: int) -> int:
+                  batch: int) -> tuple[int, np.ndarray]:
     """Every train example's loss and prediction at the received model, in eval mode, before any step; returns the
-    number of classes."""
+    number of classes and the train_embedding block: per predicted class, the sum of the examples' head inputs
+    scaled to unit norm (each example adds one unit vector to one row)."""
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    for start in range(0, len(data), batch):
-        idx = torch.arange(start, min(start + batch, len(data)))
-        out = logits(model, tuple(x[idx].to(dev) for x in data.inputs()))
-        _record_first(first_loss, first_pred, idx, out, data.labels[idx].to(dev))
-    model.train(was_training)
-    return int(out.shape[-1]) if len(data) else 0
+    pooled: list[torch.Tensor] = []
+    # On tokens the head's input is the pooled encoder output, read on its way in; on features it is the input.
+    # A model without one linear head over a pooled vector (the privacy audit's bag of embeddings, RoBERTa's head
+    # over token states) has no such input: the block has width 0.
+    on_features = isinstance(data, Features)
+    target = None if on_features else linear_head(model)
+    hook = target.register_forward_pre_hook(lambda _m, args: pooled.append(args[0].detach().float())) \
+        if target is not None else None
+    sums = None
+    try:
+        for start in range(0, len(data), batch):
+            idx = torch.arange(start, min(start + batch, len(data)))
+            inputs = tuple(x[idx].to(dev) for x in data.inputs())
+            out = logits(model, inputs)
+            _record_first(first_loss, first_pred, idx, out, data.labels[idx].to(dev))
+            x = inputs[0].float() if on_features else pooled.pop() if hook is not None \
+                else torch.zeros(len(idx), 0, device=dev)
+            if x.dim() != 2 or len(x) != len(idx):
+                x = torch.zeros(len(idx), 0, device=dev)
+            unit = nn.functional.normalize(x, dim=-1)  # a zero vector stays 0: it adds nothing
+            if sums is None:
+                sums = torch.zeros(out.shape[-1], unit.shape[-1], dtype=torch.float64, device=dev)
+            sums.index_add_(0, out.argmax(dim=-1), unit.double())
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.train(was_training)
+    if sums is None:
+        return 0, np.zeros((0, 0))
+    return int(sums.shape[0]), sums.cpu().numpy()
 
 
 @torch.no_grad()
@@ -303,7 +330,7 @@ def _record_first(first_loss: torch.Tensor, first_pred: torch.Tensor, index: tor
 
 
 def _health(meter: _HealthMeter | None, first_loss, first_pred, labels, loss_clip: float, *,  # noqa: ANN001
-            num_classes: int) -> TrainHealth:
+            num_classes: int, embedding: np.ndarray) -> TrainHealth:
     t0 = time.perf_counter()
     loss_sum, loss_hist = loss_blocks(first_loss, loss_clip)
     seen = first_pred >= 0
@@ -313,6 +340,7 @@ def _health(meter: _HealthMeter | None, first_loss, first_pred, labels, loss_cli
     return TrainHealth(
         grad_norm_hist=list(grad[0]) if grad else [], clipped_sum_norm=grad[1] if grad else 0.0,
         train_loss_sum=loss_sum, train_loss_hist=loss_hist.tolist(), train_confusion=confusion.tolist(),
+        train_embedding=embedding.tolist(),
         seconds=(meter.seconds if meter is not None else 0.0) + time.perf_counter() - t0)
 
 

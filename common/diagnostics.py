@@ -10,7 +10,12 @@ validation blocks or the train blocks, never both. In each block it moves one ce
 gradient blocks move by at most 1/steps in each of `steps` cells, i.e. by at most 1 in L2 too. Block b is scaled by
 its weight w_b before the noise is added, so Δ² = max(Σ_val w_b², Σ_train w_b²) and block b's noise std is σ·Δ / w_b:
 the confusion matrix, label histogram and loss sums (weight 1) get twice the precision of the secondary histograms.
-Both splits' Σ w_b² are 3 (Δ = √3): the train side's confusion at the received model came at no cost in noise.
+The validation side's Σ w_b² is 3, the train side's 4 (Δ = 2): the train side's confusion at the received model
+came at no cost in noise, its texts' embeddings per predicted class (weight 1: a gap between centroids is a squared
+distance over the encoder's width, so its z-score grows as 1 / noise variance) at 15 % more noise on every block, and
+the opt-in cross-site counts (validation side 3 → 4) now at none. The embedding block holds unit vectors (each
+example's pooled encoder output divided by its norm), so one example moves one of its rows by exactly 1 in L2, as a
+count moves one cell by 1.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ CONF_BINS = 10  # calibration: confidence of the predicted class in [0, 1], equa
 LOSS_BINS = 10  # per-example cross-entropy clipped to [0, dp.loss-clip], equal bins
 # Per-sample gradient norms in units of the clip C; clipping happens from the 1.0 edge on.
 GRAD_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0, math.inf)
+EMBEDDING = "train_embedding"  # the one block whose width is the encoder's, not a function of K
 DEFAULT_THRESHOLD = 0.5  # confident-learning threshold before any noised self-confidence has been released
 
 
@@ -38,7 +44,10 @@ class Block:
     weight: float  # precision weight (see the module docstring)
     meaning: str
 
-    def shape(self, k: int) -> tuple[int, ...]:
+    def shape(self, k: int, dims: int = 0) -> tuple[int, ...]:
+        """The block's cells for K classes (`dims`: the encoder's output width, public model metadata)."""
+        if self.name == EMBEDDING:
+            return (k, dims)
         return {
             "confusion": (k, k), "val_loss_sum": (1,), "val_loss_hist": (LOSS_BINS,), "calibration": (2, CONF_BINS),
             "self_confidence": (k,), "label_issues": (k, k), "train_labels": (k,), "train_loss_sum": (1,),
@@ -64,9 +73,16 @@ BLOCKS = (
     # its rows; a site that is only skewed does not). Read off the first use, like the losses.
     Block("train_confusion", TRAIN, 0.5, "train counts, rows = given label, columns = the received model's "
           "prediction at first use in the round"),
+    # Input-side evidence that does not rest on the model's confidence: where each site's texts sit in the
+    # encoder's space, per class the received model predicts (label-free: label faults leave it alone; a site that is
+    # only skewed compares like with like). A domain the model reads as confidently as its own shows here only.
+    Block(EMBEDDING, TRAIN, 1.0, "Σ of train texts' unit-norm encoder outputs (the head's "
+          "input) per class the received model predicts, at first use in the round; rows = class, columns = dims"),
 )
 # Measured by the round's training pass (client/train.py): only a site that trained this round has them.
-TRAINING_BLOCKS = ("train_loss_sum", "train_loss_hist", "grad_norm_hist", "clipped_sum_norm", "train_confusion")
+TRAINING_BLOCKS = ("train_loss_sum", "train_loss_hist", "grad_norm_hist", "clipped_sum_norm", "train_confusion",
+                   EMBEDDING)
+MAX_EMBEDDING_DIMS = 8192  # a reply declaring a wider embedding block is refused before its values are read
 # Cross-site evaluation (opt-in, server.cross-site-eval): the site also counts how many of its validation examples
 # each of M other sites' local models gets right. One validation example moves each of the M counts by ≤ 1, so the
 # block gets weight 1/√M: its share of Δ² is 1 whatever M, and the validation side's Δ² goes from 3 to 4.
@@ -96,8 +112,8 @@ def noise_std(noise_multiplier: float, cross_models: int = 0) -> dict[str, float
     return out
 
 
-def empty_blocks(k: int) -> dict[str, np.ndarray]:
-    return {b.name: np.zeros(b.shape(k), dtype=np.float64) for b in BLOCKS}
+def empty_blocks(k: int, dims: int = 0) -> dict[str, np.ndarray]:
+    return {b.name: np.zeros(b.shape(k, dims), dtype=np.float64) for b in BLOCKS}
 
 
 def loss_blocks(losses: np.ndarray, loss_clip: float) -> tuple[float, np.ndarray]:

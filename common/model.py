@@ -186,6 +186,26 @@ def head(model: nn.Module) -> nn.Module:
     return base.get_submodule("classifier")
 
 
+def linear_head(model: nn.Module) -> nn.Module | None:
+    """The head when it is one linear layer over a pooled vector (the embedding block reads its input; under LoRA
+    it sits inside PEFT's modules-to-save wrapper, whose input is the same), else None."""
+    try:
+        h = head(model)
+    except AttributeError:
+        return None
+    return h if isinstance(_linear(h), nn.Linear) else None
+
+
+def _linear(h: nn.Module) -> nn.Module | None:
+    return h if isinstance(h, nn.Linear) else getattr(h, "original_module", None)
+
+
+def embedding_dims(model: nn.Module) -> int:
+    """Width of the vector the linear head reads (0 without one): the train_embedding block's, public metadata."""
+    h = linear_head(model)
+    return int(_linear(h).in_features) if h is not None else 0
+
+
 def logits(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """[B, K] logits of a batch of either split kind: token tensors through the whole model, features through
     the head alone."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common.diagnostics import BLOCKS
+from common.diagnostics import BLOCKS, EMBEDDING, MAX_EMBEDDING_DIMS
 
 # Record names inside a message's RecordDict.
 ARRAYS = "arrays"  # the trainable weights (LoRA adapters + head, or all weights)
@@ -58,7 +58,7 @@ OUTBOUND: dict[str, dict[str, str] | str] = {
               "epsilon-cap": ECHO},
     ARRAYS: WEIGHTS,  # every key: a trainable weight
     SUMMARY: {**{b.name.replace("_", "-"): NOISED for b in BLOCKS}, "cross-correct": NOISED, "num-classes": ECHO,
-              "mechanism": ECHO, "noise-multiplier": PUBLIC, "sensitivity": PUBLIC, "health-round": PUBLIC,
+              "embedding-dims": ECHO, "mechanism": ECHO, "noise-multiplier": PUBLIC, "sensitivity": PUBLIC, "health-round": PUBLIC,
               "cross-models": ECHO},
 }
 
@@ -274,7 +274,8 @@ def pack_eval_reply(r: EvalReply) -> RecordDict:
         k = int(r.blocks["confusion"].shape[0])
         content[SUMMARY] = ConfigRecord({
             **{_key(name): [float(x) for x in np.asarray(v).ravel()] for name, v in r.blocks.items()},
-            "num-classes": k, "mechanism": "gaussian", "noise-multiplier": r.noise_multiplier,
+            "num-classes": k, "embedding-dims": int(np.asarray(r.blocks[EMBEDDING]).shape[-1]) if EMBEDDING in r.blocks
+            else 0, "mechanism": "gaussian", "noise-multiplier": r.noise_multiplier,
             "sensitivity": r.sensitivity, "health-round": r.health_round,
         })
         if r.cross is not None:
@@ -294,16 +295,21 @@ def unpack_eval_reply(content: RecordDict) -> EvalReply:
     blocks, sigma, sens, health_round, cross, cross_models = None, 0.0, 0.0, 0, None, ()
     if SUMMARY in content.config_records:
         s = content.config_records[SUMMARY]
-        k = int(s["num-classes"])
+        k, dims = int(s["num-classes"]), int(s.get("embedding-dims", 0))
+        if not 0 <= dims <= MAX_EMBEDDING_DIMS:
+            raise ValueError(f"site {site.name}: summary declares embedding-dims = {dims}, expected 0..{MAX_EMBEDDING_DIMS}")
         blocks = {}
         for b in BLOCKS:
+            if _key(b.name) not in s and b.name == EMBEDDING:
+                blocks[b.name] = np.zeros((k, 0))  # a site of a version before the block: width 0, not malformed
+                continue
             if _key(b.name) not in s:
                 raise KeyError(f"site {site.name}: summary has no block '{_key(b.name)}'")
             values = np.asarray(s[_key(b.name)], dtype=np.float64)
-            if values.size != int(np.prod(b.shape(k))):
+            if values.size != int(np.prod(b.shape(k, dims))):
                 raise ValueError(f"site {site.name}: summary block '{_key(b.name)}' has {values.size} values, "
-                                 f"expected {int(np.prod(b.shape(k)))} for {k} classes")
-            blocks[b.name] = values.reshape(b.shape(k))
+                                 f"expected {int(np.prod(b.shape(k, dims)))} for {k} classes and {dims} dims")
+            blocks[b.name] = values.reshape(b.shape(k, dims))
         sigma, sens, health_round = float(s["noise-multiplier"]), float(s["sensitivity"]), int(s["health-round"])
         if "cross-correct" in s:
             cross = np.asarray(s["cross-correct"], dtype=np.float64)

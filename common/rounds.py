@@ -32,6 +32,7 @@ class FindingKind(StrEnum):
     LABEL_FLIP = "label_flip"
     LABEL_NOISE = "label_noise"
     DATA_SHIFT = "data_shift"
+    DOMAIN_DIFFERENCE = "domain_difference"  # an info note: a site's texts differ, the model reads them as well
     OVERFITTING = "overfitting"
 
     @classmethod

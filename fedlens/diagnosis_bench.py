@@ -42,10 +42,14 @@ from fedlens.bench import PROJECT_ROOT
 SUITE = PROJECT_ROOT / "simulations" / "faults"
 STATISTICAL_FAULTS = {"label_noise", "label_flip", "class_missing", "text_corruption", "domain_shift"}
 NOT_FAULTS = {"label_skew"}  # injected heterogeneity: a site that must *not* be flagged
-STATISTICAL_FINDINGS = {K.LABEL_NOISE, K.LABEL_FLIP, K.CLASS_MISSING, K.DATA_SHIFT}
+STATISTICAL_FINDINGS = {K.LABEL_NOISE, K.LABEL_FLIP, K.CLASS_MISSING, K.DATA_SHIFT, K.DOMAIN_DIFFERENCE}
+# Info notes that still claim something about one site's data: scored as statistical claims (a find for an injected
+# domain shift the model reads as well as its own texts, a false alarm of precision at any other site), but not as
+# alarms on clean runs (they say "a difference, not a fault").
+CLAIMS = {K.DOMAIN_DIFFERENCE}
 EXPECTED: dict[str, set[str]] = {  # injected fault kind -> the finding kinds that name it
     "label_noise": {K.LABEL_NOISE}, "label_flip": {K.LABEL_FLIP}, "class_missing": {K.CLASS_MISSING},
-    "text_corruption": {K.DATA_SHIFT}, "domain_shift": {K.DATA_SHIFT}, "lr_blowup": {K.DIVERGENCE},
+    "text_corruption": {K.DATA_SHIFT}, "domain_shift": {K.DATA_SHIFT, K.DOMAIN_DIFFERENCE}, "lr_blowup": {K.DIVERGENCE},
     "overfit": {K.OVERFITTING}, "free_rider": {K.FREE_RIDER}, "crash": {K.SITE_FAILED, K.STRAGGLER},
     "straggler": {K.STRAGGLER}, "bad_update": {K.UPDATE_REJECTED},
 }
@@ -237,7 +241,7 @@ def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
         flagged: dict[str, list[dict]] = {}
         run_level = []
         for f in r["findings"]:
-            if f.get("severity") == "info" or f["kind"] in NOT_A_FAULT:
+            if (f.get("severity") == "info" and f["kind"] not in CLAIMS) or f["kind"] in NOT_A_FAULT:
                 continue
             if f["site"] is None:
                 run_level.append(f)
@@ -245,9 +249,10 @@ def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 flagged.setdefault(f["site"], []).append(f)
         if not truth:
             clean["runs"] += 1
-            clean["site_silent"] += not flagged
+            alarmed = any(f.get("severity") != "info" for fs in flagged.values() for f in fs)
+            clean["site_silent"] += not alarmed
             clean["run_silent"] += not run_level
-            clean["both"] += not flagged and not run_level
+            clean["both"] += not alarmed and not run_level
             alarms += [f"{r['scenario']}: {f['site'] or 'run'} {f['kind']}" for f in run_level]
         for site, mine in flagged.items():
             if site not in truth:  # a false alarm, in the category of what it claims

@@ -362,6 +362,8 @@ class DebugFedAvg:
                     rec.ledger.append(LedgerRow(ev.site.name, rec.round, "summary", "gaussian", ev.noise_multiplier,
                                                 1.0, 1, ev.sensitivity))
                 for name, v in ev.blocks.items():
+                    if name == diagnostics.EMBEDDING:
+                        continue  # per site only (domain.py); its width is the site's word, never summed
                     if did_train or name not in diagnostics.TRAINING_BLOCKS:
                         summed[name] = summed.get(name, 0.0) + v
                 n_val += ev.num_examples

@@ -35,7 +35,7 @@ def local_models(snap: dict) -> None:
     st.subheader("Local models × sites")
     if frame.empty:
         st.caption("Off for this run. With `server.cross-site-eval = true` every site scores each site's local model "
-                   "on its validation split and releases the counts in its noised summary (Δ grows from √3 to 2).")
+                   "on its validation split and releases the counts in its noised summary (Δ stays 2: the validation side's share reaches the train side's).")
         return
     st.altair_chart(alt.Chart(frame).mark_rect().encode(
         x=alt.X("data:N", title="evaluated on"), y=alt.Y("model:N", title="model"),

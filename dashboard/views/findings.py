@@ -15,7 +15,7 @@ EVIDENCE = {K.SITE_FAILED: "views/sites.py", K.BUDGET_EXHAUSTED: "views/privacy.
             K.STRAGGLER: "views/sites.py", K.LABEL_NOISE: "views/errors.py", K.LABEL_FLIP: "views/errors.py",
             K.CLASS_MISSING: "views/errors.py", K.DATA_SHIFT: "views/errors.py", K.OVERFITTING: "views/sites.py",
             K.UNDERFITTING: "views/overview.py", K.GLOBAL_OVERFITTING: "views/overview.py",
-            K.LABEL_SKEW: "views/errors.py"}
+            K.LABEL_SKEW: "views/errors.py", K.DOMAIN_DIFFERENCE: "views/errors.py"}
 
 
 def rules_out(snap: dict) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.diagnostics import CONF_BINS
+from common.diagnostics import CONF_BINS, EMBEDDING
 from common.rounds import RoundRecord
 
 Z_ALARM = 4.0  # z-score a loss departure must reach (noise + the honest sites' spread) before it is reported
@@ -102,6 +102,10 @@ class SiteEvidence:
     issues: list[tuple[float, float]] = field(default_factory=list)
     # round -> (noised calibration block [2, CONF_BINS]: right / wrong per confidence bin, its cell variance)
     calibration: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)
+    # round -> (noised train_embedding [K, H], texts per predicted class (the train confusion's column sums), the
+    # embedding cells' noise variance, those counts' noise variance): where its texts sit in the encoder's space
+    # (domain.py)
+    embeddings: dict[int, tuple[np.ndarray, np.ndarray, float, float]] = field(default_factory=dict)
 
     def label_mean(self) -> np.ndarray:
         return self.labels / self.label_rounds
@@ -168,6 +172,13 @@ def accumulate(sites: dict[str, SiteEvidence], rec: RoundRecord, *, loss_clip: f
             # An overfitting site trained on a few of its examples: the block covers those (its noised total).
             size = float(np.clip(c.sum(), 1.0, max(ev.n_train, 1)))
             ev.confusions[(rec.round, "train")] = (c, float(std.get("train_confusion", 0.0)) ** 2, size)
+            emb = released.get(EMBEDDING)
+            if emb is not None and np.asarray(emb).ndim == 2 and np.asarray(emb).shape[0] == len(c) \
+                    and np.asarray(emb).shape[1] > 0:
+                # Texts per predicted class: the train confusion's column sums, K noised cells each.
+                ev.embeddings[rec.round] = (np.asarray(emb, dtype=np.float64), c.sum(axis=0),
+                                            float(std.get(EMBEDDING, 0.0)) ** 2,
+                                            len(c) * float(std.get("train_confusion", 0.0)) ** 2)
         if trained and released.get("train_loss_sum") is not None:
             # Σ min(loss, L) / L over the train split -> mean loss in nats, and its noise variance.
             ev.loss_sum += float(released["train_loss_sum"][0]) * loss_clip / n

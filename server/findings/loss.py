@@ -15,6 +15,7 @@ import math
 from common.rounds import Finding
 from common.rounds import FindingKind as K
 from server.findings.agreement import Agreement
+from server.findings.domain import DomainGap, departs
 from server.findings.evidence import Z_ALARM, Z_CORROBORATE, SiteEvidence, confidence, median_spread
 
 MIN_LOSS_EXCESS = 0.15  # mean first-use training loss above the others' median (nats)
@@ -32,14 +33,21 @@ def loss_excess(ev: SiteEvidence, others: list[float]) -> tuple[float, float, fl
     return mine, typical, (mine - typical) / scale if scale > 0 else 0.0
 
 
-def data_shift(site: str, ev: SiteEvidence, ag: Agreement | None, others: list[float] | None) -> Finding | None:
+def data_shift(site: str, ev: SiteEvidence, ag: Agreement | None, others: list[float] | None,
+               gap: DomainGap | None = None) -> Finding | None:
     """data_shift when the received model is less sure of the site's texts than of the others' and it also
-    disagrees with their labels or loses more on them; `others`: the other sites' mean first-use losses (None
-    when the loss comparison is withheld)."""
-    if ag is None or ag.confidence_z < Z_ALARM or ag.confidence_drop < MIN_CONFIDENCE_DROP or len(ev.confidence) < 2:
-        return None
+    disagrees with their labels or loses more on them, or when the texts sit apart in the encoder's space
+    (domain.py) and one of those readings corroborates; a `domain_difference` note when they sit apart and the model
+    reads them as well as the others'. `others`: the other sites' mean first-use losses (None when the loss
+    comparison is withheld)."""
     releases = "noised releases" if ev.noised else "exact releases"
-    readings = []
+    apart = departs(gap, Z_ALARM)
+    if ag is None or (not apart and (ag.confidence_z < Z_ALARM or ag.confidence_drop < MIN_CONFIDENCE_DROP
+                                     or len(ev.confidence) < 2)):
+        return None
+    where = (f"its texts sit {gap.gap:.2f} from the others' in the encoder's space, per class the model predicts "
+             f"(unit-norm centroids; z = {gap.z:.1f} over {gap.rounds} {releases})") if apart else ""
+    readings, corroborating = [], []
     z = ag.confidence_z
     if ag.z >= Z_CORROBORATE:
         readings.append(f"it disagrees with {ag.excess:.1%} more of their labels than at the other sites "
@@ -47,15 +55,37 @@ def data_shift(site: str, ev: SiteEvidence, ag: Agreement | None, others: list[f
         z = min(z, ag.z)
     if others and ev.loss_rounds >= 2:
         mine, typical, zl = loss_excess(ev, others)
-        if mine - typical >= MIN_LOSS_EXCESS and zl >= Z_ALARM:
-            readings.append(f"its training loss stays at {mine:.2f} against the others' median {typical:.2f} "
-                            f"(z = {zl:.1f})")
-            z = min(z, zl) if len(readings) == 1 else z
-    if not readings:
+        if mine - typical >= MIN_LOSS_EXCESS and zl >= Z_CORROBORATE:
+            said = (f"its training loss stays at {mine:.2f} against the others' median {typical:.2f} "
+                    f"(z = {zl:.1f})")
+            corroborating.append(said)
+            if zl >= Z_ALARM:
+                readings.append(said)
+                z = min(z, zl) if len(readings) == 1 else z
+    lower = (f"its mean confidence on them is {ag.confidence_drop:.2f} below the others' "
+             f"(z = {ag.confidence_z:.1f})")
+    if ag.confidence_z >= Z_ALARM and ag.confidence_drop >= MIN_CONFIDENCE_DROP and len(ev.confidence) >= 2 \
+            and readings:
+        return Finding(
+            K.DATA_SHIFT, "warning",
+            f"{site}'s texts read unlike the other sites' to the model every site received: {lower} and "
+            f"{' and '.join(readings)}, over {len(ev.confidence)} {releases}"
+            + (f"; {where}" if where else "") + ": its inputs differ (another domain, corrupted or differently "
+            "prepared text), not its labels", site, confidence=confidence(z))
+    if not apart:
         return None
+    worse = readings[:1] + corroborating[:1] if readings else corroborating[:1]
+    if ag.confidence_z >= Z_CORROBORATE and ag.confidence_drop >= MIN_CONFIDENCE_DROP:
+        worse = [lower, *worse]
+    if worse:
+        return Finding(
+            K.DATA_SHIFT, "warning",
+            f"{site}'s texts differ from the other sites': {where}, and the model every site received reads them "
+            f"worse: {' and '.join(dict.fromkeys(worse))}: its inputs differ (another domain, corrupted or "
+            "differently prepared text), not its labels", site, confidence=confidence(gap.z))
     return Finding(
-        K.DATA_SHIFT, "warning",
-        f"{site}'s texts read unlike the other sites' to the model every site received: its mean confidence on "
-        f"them is {ag.confidence_drop:.2f} below the others' (z = {ag.confidence_z:.1f}) and "
-        f"{' and '.join(readings)}, over {len(ev.confidence)} {releases}: its inputs differ (another domain, "
-        "corrupted or differently prepared text), not its labels", site, confidence=confidence(z))
+        K.DOMAIN_DIFFERENCE, "info",
+        f"{site}'s texts differ from the other sites': {where}; but the model every site received reads them as "
+        f"well as the others' (confidence {-ag.confidence_drop:+.2f} against theirs, z = {-ag.confidence_z:+.1f}; "
+        f"disagreement with their labels {ag.excess:+.1%}, z = {ag.z:.1f}): a difference in its data, not a fault",
+        site, confidence=0.8)

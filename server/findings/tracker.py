@@ -11,7 +11,8 @@ faulty site does not mask itself), over the evidence accumulated so far (evidenc
 - each site's labels (labels.py): per class against the model every site received (agreement.py) for
   label_noise and label_flip, the label histogram for class_missing, and a label mix that only differs (info);
 - each site's local model on public texts (probe.py), for a site the labels did not already name;
-- input-side evidence (loss.py): data_shift, for a site whose labels do not explain it;
+- input-side evidence (loss.py, domain.py): data_shift, for a site whose labels do not explain it, or an info
+  `domain_difference` where its texts sit apart from the others' and the model reads them as well;
 - the public DP-SGD schedule (schedule.py): overfitting.
 
 Under run-level label skew the probe and the loss comparison are withheld (a site's local model and loss follow
@@ -25,7 +26,8 @@ from common.rounds import FindingKind as K
 from server.findings.agreement import agreements
 from server.findings.cross_site import cross_site, stragglers
 from server.findings.direct import observed
-from server.findings.evidence import MIN_SITES, SiteEvidence, accumulate
+from server.findings.domain import departs, domain_gaps
+from server.findings.evidence import MIN_SITES, Z_ALARM, SiteEvidence, accumulate
 from server.findings.labels import (
     MIN_LABEL_RELEASES,
     departures,
@@ -62,6 +64,10 @@ class Diagnosis:
     def findings(self) -> dict[tuple[str | None, str], Finding]:
         out: dict[tuple[str | None, str], Finding] = {}
         agree = agreements(self.sites)  # per class, against the model every site received
+        gaps = domain_gaps(self.sites)  # label-free: where each site's texts sit in the encoder's space
+        # A site whose texts sit apart from the others' reads the labels differently because its texts differ (a
+        # foreign domain's sentiment is not the snippets'): its disagreement is the inputs' case, not its labels'.
+        apart = {s for s, g in gaps.items() if departs(g, Z_ALARM)}
         labelled = {s: e for s, e in self.sites.items() if e.label_rounds >= MIN_LABEL_RELEASES and e.n_train}
         skew = False
         if len(labelled) >= MIN_SITES:
@@ -70,7 +76,7 @@ class Diagnosis:
             refs = {s: reference([e for o, e in labelled.items() if o != s]) for s in labelled}
             departure = departures(labelled, refs)
             # A site whose labels are wrong departs because of its fault: skew is judged on the others.
-            wrong = {s for s in labelled if s in agree and wrong_labels(agree[s])}
+            wrong = {s for s in labelled if s in agree and wrong_labels(agree[s]) and s not in apart}
             note = label_skew({s: e for s, e in labelled.items() if s not in wrong},
                               {s: d for s, d in departure.items() if s not in wrong})
             if note is not None:
@@ -81,7 +87,7 @@ class Diagnosis:
                 others = {s: e for s, e in labelled.items() if s not in wrong and s != site}
                 skew_elsewhere = label_skew(others, {s: departure[s] for s in others}) is not None
                 f = label_fault(site, ev, refs[site], m, agree.get(site), departure=departure[site],
-                                skewed_run=skew_elsewhere, names=self.names)
+                                skewed_run=skew_elsewhere, names=self.names, apart=site in apart)
                 if f is not None:
                     out[(site, f.kind)] = f
         named = {key[0] for key, f in out.items() if key[0] is not None and f.severity != "info"}
@@ -101,7 +107,7 @@ class Diagnosis:
             if site in named:
                 continue  # the labels already explain a high loss and a disagreement
             f = data_shift(site, ev, agree.get(site), [e.loss_mean() for s, e in lossy.items() if s != site]
-                           if site in lossy and len(lossy) >= MIN_SITES and not skew else None)
+                           if site in lossy and len(lossy) >= MIN_SITES and not skew else None, gaps.get(site))
             if f is not None:
                 out[(site, f.kind)] = f
         out.update(overfitting(self.sites))

@@ -63,7 +63,7 @@ def test_local_summary_covers_both_splits(tiny_cfg, model, site_data):
     # Calibration row 1 counts the wrong predictions: the confusion matrix's off-diagonal.
     assert b["calibration"][1].sum() == n_val - np.trace(b["confusion"])
     assert 0 < b["val_loss_sum"][0] <= n_val and 0 < b["train_loss_sum"][0] <= n_train
-    assert s.noise_multiplier == 0 and s.sensitivity == dg.SENSITIVITY == pytest.approx(math.sqrt(3))
+    assert s.noise_multiplier == 0 and s.sensitivity == dg.SENSITIVITY == pytest.approx(2.0)
 
 
 def test_one_example_moves_the_summary_by_at_most_the_sensitivity(model, site_data):
@@ -111,7 +111,7 @@ def test_cross_site_counts_keep_one_example_within_the_larger_sensitivity(tiny_c
     assert counts[1] == (probs.argmax(axis=1) == site_data.val.labels.numpy()).sum()
     moves = [np.linalg.norm(full - vec(_without(site_data.val, i))[0]) for i in range(8)]
     assert dg.sensitivity(3) == 2.0 and max(moves) <= 2.0 + 1e-9
-    # An example a local model got right moves that model's count: more than the blocks alone can (√3).
+    # An example a local model got right moves that model's count: more than the validation blocks alone can (√3).
     assert max(moves) > math.sqrt(3)
 
 
@@ -137,14 +137,14 @@ def test_release_noise_per_block_is_sigma_delta_over_weight_and_unbiased():
     draws = [release(_exact(), noise_multiplier=2.0, rng=rng).blocks for _ in range(3000)]
     conf = np.stack([d["confusion"] for d in draws])
     cal = np.stack([d["calibration"] for d in draws])
-    assert conf.std() == pytest.approx(2.0 * math.sqrt(3), rel=0.03)  # weight 1
-    assert cal.std() == pytest.approx(2.0 * math.sqrt(3) / 0.5, rel=0.03)  # weight 0.5
+    assert conf.std() == pytest.approx(2.0 * 2.0, rel=0.03)  # weight 1
+    assert cal.std() == pytest.approx(2.0 * 2.0 / 0.5, rel=0.03)  # weight 0.5
     assert abs(conf.mean() - 50) < 0.2
     # Near zero the cells go negative and stay so: the sum of many cells must stay unbiased.
     zeros = np.stack([release(_exact(fill=0.0), noise_multiplier=2.0, rng=rng).blocks["label_issues"]
                       for _ in range(3000)])
-    # (The mean of 3000 sums of 9 cells of std σ·√3 / 0.5: its own std is 20.8 / √3000 = 0.38; 4 of them.)
-    assert (zeros < 0).any() and abs(zeros.sum(axis=(1, 2)).mean()) < 4 * 3 * 2.0 * math.sqrt(3) / 0.5 / math.sqrt(3000)
+    # (The mean of 3000 sums of 9 cells of std σ·Δ / 0.5: its own std is 24 / √3000 = 0.44; 4 of them.)
+    assert (zeros < 0).any() and abs(zeros.sum(axis=(1, 2)).mean()) < 4 * 3 * 2.0 * dg.SENSITIVITY / 0.5 / math.sqrt(3000)
 
 
 def test_noise_off_reproduces_the_exact_summary_and_two_releases_differ(model, site_data):

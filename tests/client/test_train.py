@@ -105,6 +105,10 @@ def test_dp_health_reads_the_per_sample_norms_opacus_clips(tiny_cfg, site_data):
     labels = np.bincount(site_data.train.labels.numpy(), minlength=3)
     for r in (loose, tight, plain):
         assert np.asarray(r.health.train_confusion).sum(axis=1).tolist() == labels.tolist()
+        # Its embedding block: one unit vector per example, in the row of the class the received model predicted.
+        emb = np.asarray(r.health.train_embedding)
+        assert emb.shape == (3, 32) and np.allclose(np.linalg.norm(emb, axis=1) <= np.asarray(
+            r.health.train_confusion).sum(axis=0) + 1e-6, True)
 
 
 def test_at_q_below_one_the_training_blocks_do_not_depend_on_the_poisson_mask(tiny_cfg, site_data):
@@ -115,6 +119,7 @@ def test_at_q_below_one_the_training_blocks_do_not_depend_on_the_poisson_mask(ti
     assert [r.health.grad_norm_hist for r in runs] == [[], []]
     assert runs[0].health.train_loss_hist == runs[1].health.train_loss_hist
     assert runs[0].health.train_confusion == runs[1].health.train_confusion
+    assert np.allclose(runs[0].health.train_embedding, runs[1].health.train_embedding, atol=1e-9)
     assert runs[0].health.train_loss_sum == pytest.approx(runs[1].health.train_loss_sum, rel=1e-6)
     assert sum(runs[0].health.train_loss_hist) == len(site_data.train)
 
@@ -304,11 +309,31 @@ def test_one_example_moves_one_cell_of_each_training_pass_block(tiny_cfg, site_d
                            seed=0, schedule=dpsgd_schedule(n_public=len(data), batch_size=4096,
                                                            local_epochs=1)).health
 
+    def summary(data, h):
+        # The whole weighted release vector of the received model with this training pass's blocks.
+        from client.summary import local_summary, weighted_vector
+
+        model = build_model(tiny_cfg.model, tiny_cfg.data.labels, seed=0)
+        load_trainable_state(model, received)
+        return weighted_vector(local_summary(model, data, site_data.val, num_classes=3, loss_clip=3.0,
+                                             thresholds=np.full(3, 0.5), health=h, health_round=1))
+
     data = site_data.train
     base = health(data)
+    whole = summary(data, base)
     for gone in (0, 7, len(data) - 1):
         keep = torch.arange(len(data)) != gone
         h = health(Encoded(data.input_ids[keep], data.attention_mask[keep], data.labels[keep]))
         assert np.abs(np.asarray(base.train_confusion) - np.asarray(h.train_confusion)).sum() == 1
         assert np.abs(np.asarray(base.train_loss_hist) - np.asarray(h.train_loss_hist)).sum() == 1
+        # The embedding block loses exactly one unit vector, in one row (the class predicted for the example).
+        moved = np.asarray(base.train_embedding) - np.asarray(h.train_embedding)
+        assert np.linalg.norm(moved) == pytest.approx(1.0, abs=1e-5)
+        assert (np.linalg.norm(moved, axis=1) > 1e-6).sum() == 1
+        # The whole train side of the release, gradient blocks included, moves within Δ = 2.
+        from common.diagnostics import SENSITIVITY
+
+        kept = Encoded(data.input_ids[keep], data.attention_mask[keep], data.labels[keep])
+        step = np.linalg.norm(whole - summary(kept, h))
+        assert SENSITIVITY == 2.0 and 1.0 < step <= SENSITIVITY + 1e-6
         assert 0 < base.train_loss_sum - h.train_loss_sum <= 1 + 1e-6
