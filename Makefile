@@ -58,8 +58,8 @@ bench-accuracy: install  ## DP vs non-DP macro-F1 per workload, 3 seeds, side by
 clinical: install  ## the clinical scenario: 4 DP clinics of drug reviews (~2 min); expected results in README
 	$(BIN)/fedlens simulate --scenario simulations/clinical.toml --store $(STORE)
 
-bench-diagnosis: install  ## 24 fault and clean runs drawn from ranges, scored against their ground truth (~35 min)
-	$(BIN)/fedlens bench diagnosis --seed 1
+bench-diagnosis: install  ## 24 fault and clean runs drawn from ranges, scored against their ground truth (~30 min)
+	$(BIN)/fedlens bench diagnosis --seed 2
 
 bench-limits: install  ## detection limits of the statistical findings on synthetic releases (~20 min)
 	$(BIN)/fedlens bench limits

@@ -129,7 +129,10 @@ def test_smoke_run_report(smoke_store):
         assert 0 <= summary["dp_health"]["clip_fraction"] <= 1 and summary["dp_health"]["signal_to_noise"] > 0
         assert len(summary["released"]["confusion"]) == 3 and set(summary["released"]) == {
             "confusion", "val_loss_sum", "val_loss_hist", "calibration", "self_confidence", "label_issues",
-            "train_labels", "train_loss_sum", "train_loss_hist", "grad_norm_hist", "clipped_sum_norm", "train_confusion"}
+            "train_labels", "train_loss_sum", "train_loss_hist", "grad_norm_hist", "clipped_sum_norm", "train_confusion",
+            "train_embedding"}
+        # Per predicted class, the noised sum of the train texts' unit-norm encoder outputs (the tiny model: 32 wide).
+        assert [len(row) for row in summary["released"]["train_embedding"]] == [32, 32, 32]
     # The final model loads with the plain transformers API.
     from transformers import AutoModelForSequenceClassification
 
