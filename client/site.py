@@ -167,8 +167,7 @@ def save_health(state: RecordDict, server_round: int, health: TrainHealth | None
             "round": server_round, "grad-norm-hist": health.grad_norm_hist, "clipped-sum-norm": health.clipped_sum_norm,
             "train-loss-sum": health.train_loss_sum, "train-loss-hist": health.train_loss_hist,
             "train-confusion": [x for row in health.train_confusion for x in row],
-            "train-embedding": [x for row in health.train_embedding for x in row],
-            "embedding-dims": len(health.train_embedding[0]) if health.train_embedding else 0})
+            "train-embedding": [x for row in health.train_embedding for x in row]})
 
 
 def trained_health(state: RecordDict, server_round: int) -> TrainHealth | None:
@@ -178,7 +177,8 @@ def trained_health(state: RecordDict, server_round: int) -> TrainHealth | None:
         return None
     flat = [float(x) for x in rec.get("train-confusion", [])]
     k = int(round(len(flat) ** 0.5))
-    emb, dims = [float(x) for x in rec.get("train-embedding", [])], int(rec.get("embedding-dims", 0))
+    emb = [float(x) for x in rec.get("train-embedding", [])]
+    dims = len(emb) // k if k else 0  # K rows of the encoder's width
     return TrainHealth([float(x) for x in rec["grad-norm-hist"]], float(rec["clipped-sum-norm"]),
                        float(rec["train-loss-sum"]), [float(x) for x in rec["train-loss-hist"]],
                        [flat[i * k:(i + 1) * k] for i in range(k)],

@@ -274,8 +274,8 @@ def pack_eval_reply(r: EvalReply) -> RecordDict:
         k = int(r.blocks["confusion"].shape[0])
         content[SUMMARY] = ConfigRecord({
             **{_key(name): [float(x) for x in np.asarray(v).ravel()] for name, v in r.blocks.items()},
-            "num-classes": k, "embedding-dims": int(np.asarray(r.blocks[EMBEDDING]).shape[-1]) if EMBEDDING in r.blocks
-            else 0, "mechanism": "gaussian", "noise-multiplier": r.noise_multiplier,
+            "num-classes": k, "embedding-dims": int(np.shape(r.blocks.get(EMBEDDING, np.zeros((k, 0))))[-1]),
+            "mechanism": "gaussian", "noise-multiplier": r.noise_multiplier,
             "sensitivity": r.sensitivity, "health-round": r.health_round,
         })
         if r.cross is not None:

@@ -48,19 +48,20 @@ def _round_gaps(entries: dict[str, tuple[np.ndarray, np.ndarray, float, float]])
         n_o = sum(np.clip(v[1], 0.0, None) for v in others)
         var_o, var_no = sum(v[2] for v in others), sum(v[3] for v in others)
         h = e.shape[1]
-        live = [c for c in range(e.shape[0]) if n_o[c] >= max(MIN_COUNT, COUNT_NOISE * math.sqrt(var_no))]
+        floor, floor_o = (max(MIN_COUNT, COUNT_NOISE * math.sqrt(v)) for v in (var_n, var_no))
+        live = [c for c in range(e.shape[0]) if n_o[c] >= floor_o]
         # A predicted class holds some texts of the other classes (the model errs); at a site whose label mix
         # differs it holds them in another proportion, which moves its centroid along the directions between the
         # class centroids. Those directions (from the others' centroids) are projected out: what is left is where
         # the texts sit apart from any mix of the others' classes. The null loses as many dimensions.
-        diffs = np.stack([e_o[c] / n_o[c] - e_o[live[0]] / n_o[live[0]] for c in live[1:]]) if len(live) > 1 \
-            else np.zeros((0, h))
-        basis = np.linalg.svd(diffs, full_matrices=False)[2] if len(diffs) else np.zeros((0, h))
+        basis = np.zeros((0, h))
+        if len(live) > 1:
+            diffs = np.stack([e_o[c] / n_o[c] - e_o[live[0]] / n_o[live[0]] for c in live[1:]])
+            basis = np.linalg.svd(diffs, full_matrices=False)[2]
         h_left = max(h - len(basis), 1)
         num, den, sd2 = 0.0, 0.0, 0.0
-        for c in range(e.shape[0]):
-            floor = max(MIN_COUNT, COUNT_NOISE * math.sqrt(var_n))
-            if n[c] < floor or n_o[c] < max(MIN_COUNT, COUNT_NOISE * math.sqrt(var_no)):
+        for c in live:
+            if n[c] < floor:
                 continue
             m, m_o = e[c] / n[c], e_o[c] / n_o[c]
             # ‖μ_c‖² of the others' texts of the class, its noise taken out: unit vectors spread by 1 − ‖μ‖².

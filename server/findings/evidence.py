@@ -172,11 +172,10 @@ def accumulate(sites: dict[str, SiteEvidence], rec: RoundRecord, *, loss_clip: f
             # An overfitting site trained on a few of its examples: the block covers those (its noised total).
             size = float(np.clip(c.sum(), 1.0, max(ev.n_train, 1)))
             ev.confusions[(rec.round, "train")] = (c, float(std.get("train_confusion", 0.0)) ** 2, size)
-            emb = released.get(EMBEDDING)
-            if emb is not None and np.asarray(emb).ndim == 2 and np.asarray(emb).shape[0] == len(c) \
-                    and np.asarray(emb).shape[1] > 0:
+            emb = np.asarray(released.get(EMBEDDING, []), dtype=np.float64)
+            if emb.ndim == 2 and emb.shape[0] == len(c) and emb.shape[1] > 0:
                 # Texts per predicted class: the train confusion's column sums, K noised cells each.
-                ev.embeddings[rec.round] = (np.asarray(emb, dtype=np.float64), c.sum(axis=0),
+                ev.embeddings[rec.round] = (emb, c.sum(axis=0),
                                             float(std.get(EMBEDDING, 0.0)) ** 2,
                                             len(c) * float(std.get("train_confusion", 0.0)) ** 2)
         if trained and released.get("train_loss_sum") is not None:

@@ -47,21 +47,17 @@ def data_shift(site: str, ev: SiteEvidence, ag: Agreement | None, others: list[f
         return None
     where = (f"its texts sit {gap.gap:.2f} from the others' in the encoder's space, per class the model predicts "
              f"(unit-norm centroids; z = {gap.z:.1f} over {gap.rounds} {releases})") if apart else ""
-    readings, corroborating = [], []
-    z = ag.confidence_z
-    if ag.z >= Z_CORROBORATE:
-        readings.append(f"it disagrees with {ag.excess:.1%} more of their labels than at the other sites "
-                        f"(z = {ag.z:.1f})")
-        z = min(z, ag.z)
+    # The second readings: disagreement with the labels, and the first-use loss (which must reach Z_ALARM to stand
+    # beside a confidence drop, Z_CORROBORATE beside texts that sit apart).
+    disagrees = (f"it disagrees with {ag.excess:.1%} more of their labels than at the other sites (z = {ag.z:.1f})"
+                 if ag.z >= Z_CORROBORATE else None)
+    loses, zl = None, 0.0
     if others and ev.loss_rounds >= 2:
         mine, typical, zl = loss_excess(ev, others)
         if mine - typical >= MIN_LOSS_EXCESS and zl >= Z_CORROBORATE:
-            said = (f"its training loss stays at {mine:.2f} against the others' median {typical:.2f} "
-                    f"(z = {zl:.1f})")
-            corroborating.append(said)
-            if zl >= Z_ALARM:
-                readings.append(said)
-                z = min(z, zl) if len(readings) == 1 else z
+            loses = f"its training loss stays at {mine:.2f} against the others' median {typical:.2f} (z = {zl:.1f})"
+    readings = [r for r in (disagrees, loses if zl >= Z_ALARM else None) if r]
+    z = min(ag.confidence_z, ag.z) if disagrees else min(ag.confidence_z, zl) if readings else ag.confidence_z
     lower = (f"its mean confidence on them is {ag.confidence_drop:.2f} below the others' "
              f"(z = {ag.confidence_z:.1f})")
     if ag.confidence_z >= Z_ALARM and ag.confidence_drop >= MIN_CONFIDENCE_DROP and len(ev.confidence) >= 2 \
@@ -74,14 +70,13 @@ def data_shift(site: str, ev: SiteEvidence, ag: Agreement | None, others: list[f
             "prepared text), not its labels", site, confidence=confidence(z))
     if not apart:
         return None
-    worse = readings[:1] + corroborating[:1] if readings else corroborating[:1]
-    if ag.confidence_z >= Z_CORROBORATE and ag.confidence_drop >= MIN_CONFIDENCE_DROP:
-        worse = [lower, *worse]
+    unsure = ag.confidence_z >= Z_CORROBORATE and ag.confidence_drop >= MIN_CONFIDENCE_DROP
+    worse = [r for r in (lower if unsure else None, disagrees, loses) if r]
     if worse:
         return Finding(
             K.DATA_SHIFT, "warning",
             f"{site}'s texts differ from the other sites': {where}, and the model every site received reads them "
-            f"worse: {' and '.join(dict.fromkeys(worse))}: its inputs differ (another domain, corrupted or "
+            f"worse: {' and '.join(worse)}: its inputs differ (another domain, corrupted or "
             "differently prepared text), not its labels", site, confidence=confidence(gap.z))
     return Finding(
         K.DOMAIN_DIFFERENCE, "info",
