@@ -60,11 +60,13 @@ TARGETS = {"statistical": {"precision": 0.95, "recall": 0.95, "root_cause_accura
 
 
 def expected(fault: dict[str, Any], num_classes: int) -> set[str]:
-    """The finding kinds that name an injected fault. Class-conditional noise on a two-class task relabels part
-    of one class as the other: it *is* a partial flip, and either name is right."""
+    """The finding kinds that name an injected fault. On a two-class task class-conditional noise and a partial
+    flip are one fault (part of one class relabelled as the other), and either name is right for both."""
     kinds = set(EXPECTED.get(fault["kind"], {fault["kind"]}))
-    if fault["kind"] == "label_noise" and fault.get("classes") and num_classes == 2:
+    if num_classes == 2 and fault["kind"] == "label_noise" and fault.get("classes"):
         kinds.add(K.LABEL_FLIP)
+    if num_classes == 2 and fault["kind"] == "label_flip" and float(fault.get("share", 1.0)) < 1.0:
+        kinds.add(K.LABEL_NOISE)
     return kinds
 
 

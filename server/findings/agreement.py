@@ -217,6 +217,9 @@ class _quiet:
 
 # Which labels went wrong, from the pattern's positive off-diagonal mass.
 FLIP_SHARE = 0.7  # one cell holding this share of the excess: a flip (given b, predicted a: a relabelled as b)
+# On two classes uniform noise fills both cells in proportion to the classes' shares, so one holds up to ~0.75 of
+# the excess at a 75/25 mix; a flip fills one cell only. Between the two:
+FLIP_SHARE_TWO = 0.9
 SWAP_SHARE = 0.8  # two transposed cells holding this share (and each ≥ a quarter): a swap
 
 
@@ -234,6 +237,6 @@ def kind_of(pattern: np.ndarray) -> tuple[str, int, int]:
     k = len(p)
     if k > 2 and top + back >= SWAP_SHARE and back >= 0.25 * (top + back):
         return "swap", a, b
-    if top >= FLIP_SHARE:
+    if top >= (FLIP_SHARE_TWO if k == 2 else FLIP_SHARE):
         return "flip", a, b
     return "noise", a, b

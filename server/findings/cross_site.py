@@ -112,10 +112,13 @@ def stragglers(spans: dict[str, list[tuple[float, float | None]]],
         median = statistics.median(others)
         limit = max(STRAGGLER, math.exp(4 * relative_spread(others)))
         recent = [t for t, _ in v[-STRAGGLER_ROUNDS:]]
-        # A site holding 10× the data honestly takes ~10× as long: a straggler is slow per example too.
+        # A site holding 10× the data honestly takes ~10× as long: a straggler is slow per example too, beyond the
+        # others' own spread per example (under a skewed partition their times spread with their sizes and their
+        # times per example much less: one limit for both let a ×9 straggler through).
         other_rates = [p for s, p in rate.items() if s != site]
         slow_per_example = (site not in rate or not other_rates
-                            or rate[site] >= limit * statistics.median(other_rates))
+                            or rate[site] >= max(STRAGGLER, math.exp(4 * relative_spread(other_rates)))
+                            * statistics.median(other_rates))
         if (median > 0 and min(recent) >= limit * median and min(recent) >= median + STRAGGLER_MIN_S
                 and slow_per_example):
             out[(site, K.STRAGGLER)] = Finding(

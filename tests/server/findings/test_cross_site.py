@@ -74,3 +74,14 @@ def test_a_straggler_is_slow_round_after_round_and_per_example():
     assert stragglers({**honest, "s4": [(40.0, None), (11.0, 0.01), (11.5, 0.01), (12.0, 0.01)]}, 4) == {}
     # Slow in one steady round only: not yet.
     assert stragglers({**honest, "s4": [(40.0, None), (1.2, 0.01), (1.1, 0.01), (4.0, 0.04)]}, 4) == {}
+
+
+def test_a_straggler_among_sites_of_very_different_sizes_is_read_per_example():
+    # A Dirichlet run (seed-3 pass): honest times spread 0.2-1.1 s with their sizes, so the limit on time is ~×26;
+    # per example they differ ~2×. The straggler (×9 its own time) is ×13 per example: found.
+    def site(seconds, examples):
+        return [(30.0, None)] + [(seconds, seconds / examples)] * 3
+    honest = {"s0": site(1.1, 47400), "s1": site(0.2, 5320), "s2": site(0.3, 23980), "s4": site(0.5, 31320)}
+    f = stragglers({**honest, "s3": site(9.2, 44720)}, 4)
+    assert set(f) == {("s3", "straggler")}
+    assert stragglers({**honest, "s3": site(1.0, 44720)}, 4) == {}  # its size, their speed: not one

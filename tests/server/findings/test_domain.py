@@ -92,6 +92,12 @@ def test_a_domain_the_model_reads_as_well_is_a_note_and_a_worse_one_a_data_shift
     shift = data_shift("site-3", ev, unsure, None, gaps["d"])
     assert shift.kind == "data_shift" and shift.severity == "warning"
     assert "reads them worse: its mean confidence on them is 0.03 below the others' (z = 2.5)" in shift.message
+    # Garbled text at a site holding one class, read *more* confidently as it: no reading "as well" either.
+    surer = Agreement(excess=-0.3, scale=0.04, rate=-1.0, pattern=np.zeros((2, 2)), entries=4,
+                      confidence_drop=-0.1, confidence_z=-3.9)
+    shift = data_shift("site-3", ev, surer, None, gaps["d"])
+    assert shift.kind == "data_shift"
+    assert "reads them otherwise: its mean confidence on them is 0.10 above the others' (z = 3.9)" in shift.message
     assert data_shift("site-3", ev, calm, None, gaps["a"]) is None  # no gap, no confidence drop: nothing
     exact = SiteEvidence(n_train=1200, noised=False, confidence=[(0.8, 0.0)] * 4)
     assert "exact releases" in data_shift("site-3", exact, calm, None, gaps["d"]).message

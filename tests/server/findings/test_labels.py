@@ -8,6 +8,7 @@ import pytest
 
 from fedlens.detection_limits import Fault, summary_sigma, synthetic_run
 from server.findings import Diagnosis
+from server.findings.agreement import kind_of
 
 NAMES = ("rotten", "fresh")
 
@@ -116,3 +117,32 @@ def test_foreign_texts_the_model_reads_as_well_are_a_domain_difference_note():
     assert note.severity == "info" and first[("site-3", "domain_difference")] <= 3
     assert "in the encoder's space" in note.message and "not a fault" in note.message
     assert not any(k[1] == "domain_difference" for k in found if k[0] != "site-3")
+
+
+def test_which_labels_went_wrong_is_read_off_the_pattern():
+    # Rows given, columns predicted: (given rotten, read as fresh) is fresh relabelled as rotten.
+    assert kind_of(np.array([[0.0, 0.08], [0.002, 0.0]])) == ("flip", 1, 0)
+    # Two classes, uniform noise: both cells in proportion to the classes' shares (here 2 : 1): noise, not a flip.
+    assert kind_of(np.array([[0.0, 0.06], [0.03, 0.0]]))[0] == "noise"
+    assert kind_of(np.array([[0.0, 0.086], [0.014, 0.0]]))[0] == "noise"  # 86 % one-sided: still within noise
+    # Three classes: two transposed cells are a swap, one cell a flip, a spread noise.
+    swap = np.zeros((3, 3))
+    swap[2, 0], swap[0, 2] = 0.05, 0.04
+    assert kind_of(swap) == ("swap", 0, 2)
+    one = np.zeros((3, 3))
+    one[1, 2], one[0, 1] = 0.08, 0.01
+    assert kind_of(one) == ("flip", 2, 1)
+    assert kind_of(np.full((3, 3), 0.01) - np.diag([0.01] * 3))[0] == "noise"
+
+
+def test_wrong_labels_stand_on_one_strong_reading_or_two_weaker_ones():
+    from server.findings.agreement import Agreement
+    from server.findings.labels import wrong_labels
+
+    def ag(uz, second, rate=0.3):
+        return Agreement(excess=0.1, scale=0.1 / uz, rate=rate, pattern=np.zeros((2, 2)), entries=8,
+                         unexplained=0.1, unexplained_z=uz, confident_z=second)
+    assert wrong_labels(ag(4.6, 1.9))  # the Dirichlet-site case: strong alone (Z_ALARM)
+    assert not wrong_labels(ag(3.2, 1.9)) and wrong_labels(ag(3.2, 2.1))  # weaker: the second reading decides
+    assert not wrong_labels(ag(2.9, 5.0))  # below Z_WRONG nothing does
+    assert not wrong_labels(ag(6.0, 3.0, rate=0.05))  # an estimated share of wrong labels under MIN_RATE

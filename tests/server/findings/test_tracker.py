@@ -40,6 +40,12 @@ def test_label_skew_between_sites_is_a_note_and_a_faulty_site_among_them_is_stil
     # share one mix it is a fault (test_labels).
     found, _ = _found({"site-4": Fault("class_missing", 1.0, a=0)}, site_shares=skewed)
     assert not [k for k, f in found.items() if k[0] == "site-4" and f.severity != "info"]
+    # Where the mixes differ but every other site holds a fair share of the class (a natural partition), its
+    # absence is the site's own: a warning, even in a run with the label_skew note.
+    mild = {"site-0": np.array([0.35, 0.65]), "site-1": np.array([0.5, 0.5]), "site-3": np.array([0.4, 0.6])}
+    found, _ = _found({"site-4": Fault("class_missing", 1.0, a=0)}, site_shares=mild)
+    assert (None, "label_skew") in found
+    assert found[("site-4", "class_missing")].severity == "warning", found[("site-4", "class_missing")].message
     # A site with noisy labels among them departs for its fault, and is named for it.
     found, _ = _found({"site-4": Fault("label_noise", 0.4)}, site_shares=skewed)
     assert {k for k, f in found.items() if f.severity != "info"} == {("site-4", "label_noise")}
