@@ -110,15 +110,14 @@ def stragglers(spans: dict[str, list[tuple[float, float | None]]],
     for site, v in steady.items():
         others = [t for s, t in typical.items() if s != site]
         median = statistics.median(others)
-        limit = max(STRAGGLER, math.exp(4 * relative_spread(others)))
+        limit = _limit(others)
         recent = [t for t, _ in v[-STRAGGLER_ROUNDS:]]
         # A site holding 10× the data honestly takes ~10× as long: a straggler is slow per example too, beyond the
         # others' own spread per example (under a skewed partition their times spread with their sizes and their
         # times per example much less: one limit for both let a ×9 straggler through).
         other_rates = [p for s, p in rate.items() if s != site]
         slow_per_example = (site not in rate or not other_rates
-                            or rate[site] >= max(STRAGGLER, math.exp(4 * relative_spread(other_rates)))
-                            * statistics.median(other_rates))
+                            or rate[site] >= _limit(other_rates) * statistics.median(other_rates))
         if (median > 0 and min(recent) >= limit * median and min(recent) >= median + STRAGGLER_MIN_S
                 and slow_per_example):
             out[(site, K.STRAGGLER)] = Finding(
@@ -127,3 +126,9 @@ def stragglers(spans: dict[str, list[tuple[float, float | None]]],
                 f"{len(others)} sites' median {median:.1f} s, and is as slow per example trained: a straggler that "
                 "every round waits for (server.round-timeout drops it)", site)
     return out
+
+
+def _limit(values: list[float]) -> float:
+    """× the others' median a straggler must reach: STRAGGLER, or more where their values spread (4 robust std in
+    log)."""
+    return max(STRAGGLER, math.exp(4 * relative_spread(values)))

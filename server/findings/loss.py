@@ -58,13 +58,14 @@ def data_shift(site: str, ev: SiteEvidence, ag: Agreement | None, others: list[f
             loses = f"its training loss stays at {mine:.2f} against the others' median {typical:.2f} (z = {zl:.1f})"
     readings = [r for r in (disagrees, loses if zl >= Z_ALARM else None) if r]
     z = min(ag.confidence_z, ag.z) if disagrees else min(ag.confidence_z, zl) if readings else ag.confidence_z
-    lower = (f"its mean confidence on them is {ag.confidence_drop:.2f} below the others' "
-             f"(z = {ag.confidence_z:.1f})")
+    # Its confidence against the others', in the direction it moved (a drop in the first case below, always).
+    moved = (f"its mean confidence on them is {abs(ag.confidence_drop):.2f} "
+             f"{'below' if ag.confidence_drop >= 0 else 'above'} the others' (z = {abs(ag.confidence_z):.1f})")
     if ag.confidence_z >= Z_ALARM and ag.confidence_drop >= MIN_CONFIDENCE_DROP and len(ev.confidence) >= 2 \
             and readings:
         return Finding(
             K.DATA_SHIFT, "warning",
-            f"{site}'s texts read unlike the other sites' to the model every site received: {lower} and "
+            f"{site}'s texts read unlike the other sites' to the model every site received: {moved} and "
             f"{' and '.join(readings)}, over {len(ev.confidence)} {releases}"
             + (f"; {where}" if where else "") + ": its inputs differ (another domain, corrupted or differently "
             "prepared text), not its labels", site, confidence=confidence(z))
@@ -74,15 +75,13 @@ def data_shift(site: str, ev: SiteEvidence, ag: Agreement | None, others: list[f
     # was read *more* confidently as that class (+0.10, z 3.9 in a Dirichlet run), which is no reading "as well".
     unsure = ag.confidence_z >= Z_CORROBORATE and ag.confidence_drop >= MIN_CONFIDENCE_DROP
     surer = -ag.confidence_z >= Z_CORROBORATE and -ag.confidence_drop >= MIN_CONFIDENCE_DROP
-    higher = (f"its mean confidence on them is {-ag.confidence_drop:.2f} above the others' "
-              f"(z = {-ag.confidence_z:.1f})")
-    worse = [r for r in (lower if unsure else higher if surer else None, disagrees, loses) if r]
+    worse = [r for r in (moved if unsure or surer else None, disagrees, loses) if r]
     if worse:
         return Finding(
             K.DATA_SHIFT, "warning",
             f"{site}'s texts differ from the other sites': {where}, and the model every site received reads them "
-            f"{'otherwise' if surer and not unsure else 'worse'}: {' and '.join(worse)}: its inputs differ (another domain, corrupted or "
-            "differently prepared text), not its labels", site, confidence=confidence(gap.z))
+            f"{'otherwise' if surer else 'worse'}: {' and '.join(worse)}: its inputs differ (another domain, "
+            "corrupted or differently prepared text), not its labels", site, confidence=confidence(gap.z))
     return Finding(
         K.DOMAIN_DIFFERENCE, "info",
         f"{site}'s texts differ from the other sites': {where}; but the model every site received reads them as "
