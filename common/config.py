@@ -286,6 +286,7 @@ class ServerConfig:
     save_model: bool
     keep_rounds: int
     max_update_norm: float
+    update_norm_outlier: float
     wait_for_sites: float
     aggregation: str
     trim_fraction: float
@@ -532,6 +533,7 @@ class AppConfig:
         num("server.round-timeout", s.round_timeout, 0.0, 1e7, lo_open=True)
         num("server.keep-rounds", s.keep_rounds, 0, 1_000_000, integer=True)
         num("server.max-update-norm", s.max_update_norm, 0.0, 1e30)
+        num("server.update-norm-outlier", s.update_norm_outlier, 0.0, 1e30)
         num("server.wait-for-sites", s.wait_for_sites, 0.0, 1e7, lo_open=True)
         check(s.aggregation in ("fedavg", "median", "trimmed-mean", "krum"), "server.aggregation", s.aggregation,
               'one of "fedavg", "median", "trimmed-mean", "krum"')

@@ -108,6 +108,15 @@ class SiteRoundRow:
     # sites whatever their data; a blown-up learning rate multiplies it.
     noise_scale: float | None = None
 
+    @property
+    def left_out(self) -> bool:
+        """A train row whose update the server did not average although it was readable (server/strategy.py: an
+        outlier norm); the row stays ok, its reason says why."""
+        return self.status == "ok" and self.reason.startswith(LEFT_OUT)
+
+
+LEFT_OUT = "left out of the average"  # how a train row's reason starts when its update was not averaged
+
 
 # The neighbouring relation every ledger entry is accounted under (client/privacy.py; `fedlens report` states it).
 NEIGHBOURING_RELATION = "add_remove"

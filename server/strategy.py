@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from common import diagnostics, records
 from common.checkpoints import Checkpoints
 from common.config import ServerConfig
 from common.log import get_logger
-from common.rounds import Event, LedgerRow, RoundRecord, SiteRoundRow
+from common.rounds import LEFT_OUT, Event, LedgerRow, RoundRecord, SiteRoundRow
 from common.run_store import RunWriter
 from server.aggregate import Arrays, Updates, aggregate, check_update, noise_scale, update_geometry, update_norm
 from server.central_eval import CentralEval, Probe
@@ -24,6 +25,7 @@ from server.prior import LabelCounts
 
 log = get_logger()
 T = TypeVar("T")
+MIN_SITES_FOR_MEDIAN = 3  # updates a round needs before one can be judged against their median norm
 POLL_MIN = 0.005  # seconds between polls for replies right after one arrived (then doubling up to poll_interval)
 
 
@@ -320,7 +322,27 @@ class DebugFedAvg:
                     if weight > 0:
                         updates[tr.site.name] = (tr.arrays, tr.num_examples * weight)
             rec.sites.append(row)
+        self._leave_out_outliers(updates, rec)
         return updates
+
+    def _leave_out_outliers(self, updates: Updates, rec: RoundRecord) -> None:
+        """Norm bounding: an update longer than server.update-norm-outlier × the round's median update norm leaves
+        the average (in place). Its row stays ok, with the reason: the site trained, charged its ε and released its
+        summary, and the findings still read its update (a diverging or overfitting site is named for what it did).
+        Averaged in, one site's 371 local passes (norm 450× the others') left the global model at chance, and with
+        it every per-class reading of the other sites' labels."""
+        factor = self.cfg.update_norm_outlier
+        rows = [r for r in rec.sites if r.phase == "train" and r.status == "ok" and r.site in updates
+                and r.update_norm is not None]
+        if factor <= 0 or len(rows) < MIN_SITES_FOR_MEDIAN:
+            return
+        median = statistics.median(r.update_norm for r in rows)
+        for r in rows:
+            if median > 0 and r.update_norm > factor * median:
+                del updates[r.site]
+                r.reason = (f"{LEFT_OUT}: its update norm {r.update_norm:.3g} is {r.update_norm / median:.0f}× the "
+                            f"round's median {median:.3g} (server.update-norm-outlier {factor:g})")
+                rec.events.append(Event("update-excluded", f"{r.site}: {r.reason}", r.site))
 
     def _check_weight(self, tr: records.TrainReply) -> str:
         """Why the example count a site claims cannot weight its update ("" when it can): it must be positive and

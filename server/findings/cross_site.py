@@ -55,18 +55,18 @@ def norm_departure(rec: RoundRecord, trained: dict[str, SiteRoundRow]) -> dict[t
         if not r.steps and steps > 0 and r.update_norm > ZERO_NORM * median:
             out[(site, K.FREE_RIDER)] = Finding(
                 K.FREE_RIDER, "critical", f"{site} sent an update in round {rec.round} (norm {r.update_norm:.3g}) "
-                f"after 0 training steps, where the other sites took {steps:.0f}: weights it did not train, yet "
-                "its weight counted in the average", site)
+                f"after 0 training steps, where the other sites took {steps:.0f}: weights it did not train"
+                + _averaged(r), site)
         elif r.update_norm <= ZERO_NORM * median:
             out[(site, K.FREE_RIDER)] = Finding(
                 K.FREE_RIDER, "critical", f"{site}'s update in round {rec.round} equals the global model it received "
                 f"(update norm {r.update_norm:.2g} vs median {median:.3g} over {len(trained)} sites): it did not "
-                "train, yet its weight counted in the average", site)
+                "train" + _averaged(r), site)
         elif r.update_norm >= NORM_OUTLIER * median and site not in measured:
             out[(site, K.FREE_RIDER)] = Finding(
                 K.FREE_RIDER, "critical", f"{site}'s update in round {rec.round} is {r.update_norm / median:.0f}× "
                 f"the median norm and it measured no training losses this round: it sent weights it did not "
-                "train", site)
+                "train" + _averaged(r), site)
         elif len(scales) >= MIN_SITES and site in scales:
             others = [v for s, v in scales.items() if s != site]
             typical = statistics.median(others)
@@ -76,14 +76,19 @@ def norm_departure(rec: RoundRecord, trained: dict[str, SiteRoundRow]) -> dict[t
                     K.DIVERGENCE, "critical", f"{site}'s update in round {rec.round} carries "
                     f"{scales[site] / typical:.1f}× the DP noise of the other sites' at the same σ and schedule "
                     f"(step size {scales[site]:.3g} vs median {typical:.3g} over {len(scales)} sites, read off the "
-                    "noise alone): it steps with a learning rate many times the run's, and its training diverges",
-                    site)
+                    "noise alone): it steps with a learning rate many times the run's, and its training diverges"
+                    + _averaged(r), site)
         elif r.update_norm >= NORM_OUTLIER * median and len(scales) < MIN_SITES:
             out[(site, K.DIVERGENCE)] = Finding(
                 K.DIVERGENCE, "critical", f"{site}'s update in round {rec.round} is {r.update_norm / median:.0f}× "
                 f"the median norm ({r.update_norm:.3g} vs {median:.3g} over {len(trained)} sites): its local "
-                "training diverges (learning rate too high, or far too many local steps)", site)
+                "training diverges (learning rate too high, or far too many local steps)" + _averaged(r), site)
     return out
+
+
+def _averaged(r: SiteRoundRow) -> str:
+    """What became of the update, for the sentence: averaged in, or left out (server.update-norm-outlier)."""
+    return "; it was left out of the average" if r.left_out else ", yet its weight counted in the average"
 
 
 STRAGGLER = 2.0  # × the others' median time per round (at least; more where they differ more among themselves)

@@ -173,6 +173,27 @@ def test_hostile_weights_and_counts_are_rejected_before_averaging(tmp_path):
         "empty", "inflated", "scaled"]
 
 
+@pytest.mark.parametrize("outlier", [20.0, 0.0])
+def test_an_update_many_times_the_median_norm_is_left_out_of_the_average(tmp_path, outlier):
+    # A site making hundreds of local passes sent 450× the others' norm; averaged in, it left the model at chance.
+    writer = RunWriter(tmp_path / "s.db", "r")
+    writer.start(scenario="t", rounds_planned=1, model="m", config={})
+    behaviour = {i: site(f"s{i}") for i in range(1, 4)}
+    behaviour[4] = site("far", arrays=OrderedDict(w=np.full((2, 2), 100.0, np.float32)))  # norm 200, median 2
+    final = make_strategy(writer, update_norm_outlier=outlier).run(FakeGrid(behaviour), GLOBAL, 1)
+    run = load_run(tmp_path / "s.db", "r")
+    far = next(r for r in run["site_rounds"] if r["phase"] == "train" and r["site"] == "far")
+    assert far["status"] == "ok" and far["update_norm"] == pytest.approx(200.0)  # it trained; the findings read it
+    if outlier:
+        np.testing.assert_equal(final["w"], np.ones((2, 2), np.float32))  # the three others' mean
+        assert far["reason"] == ("left out of the average: its update norm 200 is 100× the round's median 2 "
+                                 "(server.update-norm-outlier 20)")
+        assert [e["site"] for e in run["events"] if e["kind"] == "update-excluded"] == ["far"]
+    else:  # off: FedAvg by examples, 10 each
+        np.testing.assert_allclose(final["w"], np.full((2, 2), (3 + 100) / 4, np.float32))
+        assert far["reason"] == ""
+
+
 def test_too_few_sites_is_an_event_then_a_failure_with_the_reason(tmp_path):
     # Flower's sampling would wait forever without a word.
     writer = RunWriter(tmp_path / "s.db", "r")

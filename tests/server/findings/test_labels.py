@@ -146,3 +146,32 @@ def test_wrong_labels_stand_on_one_strong_reading_or_two_weaker_ones():
     assert not wrong_labels(ag(3.2, 1.9)) and wrong_labels(ag(3.2, 2.1))  # weaker: the second reading decides
     assert not wrong_labels(ag(2.9, 5.0))  # below Z_WRONG nothing does
     assert not wrong_labels(ag(6.0, 3.0, rate=0.05))  # an estimated share of wrong labels under MIN_RATE
+
+
+def test_a_strong_reading_contradicted_by_the_confident_ones_is_not_wrong_labels():
+    from server.findings.agreement import Agreement
+    from server.findings.labels import wrong_labels
+
+    # A Dirichlet site half of whose texts were drug reviews: unexplained 4.6, confident readings 0.1 and -0.5.
+    ag = Agreement(excess=0.06, scale=0.06, rate=0.3, pattern=np.zeros((2, 2)), entries=8, unexplained=0.1,
+                   unexplained_z=4.6, confident_z=0.1, calibrated_z=-0.5)
+    assert not wrong_labels(ag)
+
+
+def test_releases_at_a_model_that_cannot_tell_the_classes_apart_are_not_read():
+    from server.findings.agreement import agreements, separates
+    from server.findings.evidence import SiteEvidence
+
+    learned = np.array([[70.0, 30.0], [25.0, 75.0]])  # a − b = 0.725 − 0.275
+    # The largest site held one class and the model predicts it for every text: read per given label, a site
+    # holding mostly the other class (the second) would look relabelled.
+    one_class = [np.array([[1.0, 99.0], [0.0, 900.0]]), np.array([[2.0, 440.0], [1.0, 67.0]]),
+                 np.array([[3.0, 80.0], [1.0, 240.0]]), np.array([[0.0, 210.0], [1.0, 6.0]])]
+    assert separates([learned] * 3)
+    assert not separates(one_class) and not separates([np.array([[52.0, 48.0], [47.0, 53.0]])] * 3)  # at chance
+    sites = {f"s{i}": SiteEvidence(n_train=int(c.sum()), confusions={(2, "val"): (c, 25.0, float(c.sum()))})
+             for i, c in enumerate(one_class)}
+    assert agreements(sites) == {}
+    for i, ev in enumerate(sites.values()):  # the next round's model learned: that release is read
+        ev.confusions[(3, "val")] = (learned * (i + 1), 25.0, float(learned.sum()) * (i + 1))
+    assert {s: a.entries for s, a in agreements(sites).items()} == {s: 1 for s in sites}
