@@ -13,7 +13,9 @@ ones (replies, timing, norms, the public schedule) apart:
                        warning or critical site-level finding is a false alarm; info notes are not alarms
   root_cause_accuracy  of the faulty sites flagged, the share whose most confident finding names the fault
   rounds_to_detect     first round of a right finding
-  clean_silent_rate    clean runs without a site-level alarm, without a run-level one, and without either
+  clean_silent_rate    clean runs without a site-level alarm, without a run-level one, and without either;
+                       `*_unconfirmed`: counting only run-level findings that do not also hold on the server's
+                       validation part (holds_on_validation: a finding that does is true of the model)
   diagnostics_share    the server's diagnostics time / round time
 Each rate has a Wilson 95 % interval (`*_ci`). Statistical faults are also scored by site size and rate band (the
 targets speak of rates ≥ 0.3 on sites of ≥ 1,000 rows).
@@ -224,6 +226,32 @@ def _shape(run: dict[str, Any]) -> dict[str, Any]:
     return {"num_classes": len(run_config(run).data.labels), "sizes": sizes}
 
 
+# Run-level findings about the global model on the server's test part that the same rule can check on its separate
+# validation part (other examples, the same model each round): a finding that holds there too is true of the model
+# (a clean run's model can really be overconfident, or really get worse), not an alarm raised by the test sample.
+CHECKABLE = (K.MISCALIBRATION, K.GLOBAL_OVERFITTING)
+
+
+def holds_on_validation(kind: str, rounds: list[dict[str, Any]]) -> bool:
+    """The run-level `kind` fires in some round when its rule reads the server's validation metrics in place of
+    the test ones (False where the run recorded none)."""
+    from server.findings.trends import global_overfitting, miscalibration
+
+    rule = {K.MISCALIBRATION: miscalibration, K.GLOBAL_OVERFITTING: global_overfitting}.get(kind)
+    if rule is None:
+        return False
+    history: list[dict[str, float | None]] = []
+    for rnd in rounds:
+        m = {**rnd, **{f"test_{k}": rnd.get(f"server_val_{k}") for k in ("accuracy", "loss", "confidence")},
+             "test_ece": None}
+        if m["test_accuracy"] is None:
+            return False
+        history.append(m)
+        if rule(history, int(rnd.get("round") or len(history))):
+            return True
+    return False
+
+
 def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The benchmark's scores from finished runs (pure: the unit tests feed it made-up runs). Each run:
     {"scenario", "faults", "findings", "rounds", "ledger", "num_classes", optional "sizes": site -> rows}."""
@@ -231,7 +259,7 @@ def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
              for c in ("statistical", "direct")}
     bands: dict[str, list[int]] = {}
     per_kind: dict[str, dict[str, Any]] = {}
-    clean = {"runs": 0, "site_silent": 0, "run_silent": 0, "both": 0}
+    clean = {"runs": 0, "site_silent": 0, "run_silent": 0, "both": 0, "run_true": 0, "both_true": 0}
     diag_s = round_s = 0.0
     alarms: list[str] = []
     for r in runs:
@@ -255,7 +283,13 @@ def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
             clean["site_silent"] += not alarmed
             clean["run_silent"] += not run_level
             clean["both"] += not alarmed and not run_level
-            alarms += [f"{r['scenario']}: {f['site'] or 'run'} {f['kind']}" for f in run_level]
+            true = {f["kind"] for f in run_level if holds_on_validation(f["kind"], r.get("rounds") or [])}
+            unconfirmed = [f for f in run_level if f["kind"] not in true]
+            clean["run_true"] += not unconfirmed
+            clean["both_true"] += not alarmed and not unconfirmed
+            alarms += [f"{r['scenario']}: {f['site'] or 'run'} {f['kind']}"
+                       + (" (holds on the server's validation part too)" if f["kind"] in true else "")
+                       for f in run_level]
         for site, mine in flagged.items():
             if site not in truth:  # a false alarm, in the category of what it claims
                 cat = "statistical" if mine[0]["kind"] in STATISTICAL_FINDINGS else "direct"
@@ -310,7 +344,11 @@ def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["clean_silent_rate"] = {
         "site": clean["site_silent"] / n if n else None, "site_ci": wilson(clean["site_silent"], n),
         "run": clean["run_silent"] / n if n else None, "run_ci": wilson(clean["run_silent"], n),
-        "both": clean["both"] / n if n else None, "both_ci": wilson(clean["both"], n)}
+        "both": clean["both"] / n if n else None, "both_ci": wilson(clean["both"], n),
+        # the same, counting only run-level findings that do not hold on the server's validation part
+        "run_unconfirmed": clean["run_true"] / n if n else None, "run_unconfirmed_ci": wilson(clean["run_true"], n),
+        "both_unconfirmed": clean["both_true"] / n if n else None,
+        "both_unconfirmed_ci": wilson(clean["both_true"], n)}
     out["rounds_to_detect"] = {c: out[c]["rounds_to_detect"] for c in tally}
     out["diagnostics_share"] = diag_s / round_s if round_s else None
     out["statistical_by_band"] = {b: {"found": h, "sites": m, "recall": h / m, "recall_ci": wilson(h, m)}
@@ -427,7 +465,9 @@ def format_table(out: dict[str, Any]) -> str:
                      f"{fmt(c['rounds_to_detect']):>7}   {c['counts']}")
     cs = out["clean_silent_rate"]
     lines.append(f"clean runs {out['clean_runs']}: silent site-level {fmt(cs['site'])}{ci(cs['site_ci'])}, "
-                 f"run-level {fmt(cs['run'])}{ci(cs['run_ci'])}, both {fmt(cs['both'])}{ci(cs['both_ci'])}")
+                 f"run-level {fmt(cs['run'])}{ci(cs['run_ci'])}, both {fmt(cs['both'])}{ci(cs['both_ci'])}; "
+                 f"counting only run-level findings that do not hold on the server's validation part: both "
+                 f"{fmt(cs['both_unconfirmed'])}{ci(cs['both_unconfirmed_ci'])}")
     lines.append(f"diagnostics share of round time {fmt(out['diagnostics_share'])}")
     for band, b in out["statistical_by_band"].items():
         lines.append(f"statistical, {band}: {b['found']}/{b['sites']}{ci(b['recall_ci'])}")

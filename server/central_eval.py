@@ -101,7 +101,8 @@ def server_split(cfg: AppConfig, model, tokenizer) -> ServerData | None:  # noqa
 
 def make_central_eval(cfg: AppConfig, model, data: ServerData | None) -> CentralEval | None:  # noqa: ANN001
     """Evaluation of the global model on the server's held-out data: the test part's metrics, and the validation
-    part's accuracy and macro-F1 as val_accuracy / val_macro_f1."""
+    part's accuracy, macro-F1, loss and mean confidence as val_accuracy, ... (the benchmark checks the run-level
+    findings drawn from the test part against them: other examples, the same model)."""
     if data is None:
         return None
     k = len(cfg.data.labels)
@@ -117,7 +118,7 @@ def make_central_eval(cfg: AppConfig, model, data: ServerData | None) -> Central
         out = metrics(data.test)
         if data.val is not None:
             val = metrics(data.val)
-            out.update(val_accuracy=val["accuracy"], val_macro_f1=val["macro_f1"])
+            out.update({f"val_{k}": val[k] for k in ("accuracy", "macro_f1", "loss", "confidence")})
         return out
 
     return evaluate

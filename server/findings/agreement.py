@@ -14,7 +14,9 @@ on which the model disagrees with the label beyond what the others show); at a l
 x ≈ r·(a − b), a the model's agreement and b its agreement with a wrong label, so r̂ = x / (a − b). Its noise is
 known (cell std, public); the sampling spread is multinomial; honest sites' heterogeneity is read off the others'
 own x. The off-diagonal pattern says which labels went wrong: one cell (given b, predicted a) is a flip a → b,
-two transposed cells a swap, a spread is noise.
+two transposed cells a swap, a spread is noise. A release is read only where its model tells the classes apart
+(`separates`, pooled over the sites): at the initial model, or one that predicts one class for every text, every
+label reads alike and a site's label mix alone would depart.
 
 Label-free, the same confusions' column sums and the validation confidence histogram (the calibration block, both
 rows) show what the model makes of the *inputs*: with wrong labels its confidence is the others'; with corrupted or

@@ -112,3 +112,29 @@ def test_rescore_scores_kept_stores_with_the_current_rules_and_says_so(tmp_path)
     # Re-derived from the stored rows: the crashed site is found, the stale false alarm is not there.
     assert out["direct"]["precision"] == 1.0 and out["direct"]["recall"] == 1.0 and out["rescored"] is True
     assert out["runs"][0]["findings"] == ["c:site_failed@1"]
+
+
+def test_a_run_level_finding_that_holds_on_the_servers_validation_part_is_true_not_a_false_alarm():
+    from fedlens.diagnosis_bench import holds_on_validation
+
+    def rnd(i, test, val):  # (loss, accuracy, confidence) on the test and the validation part
+        return {"round": i, "train_loss": 1.0 - 0.1 * i, "test_loss": test[0], "test_accuracy": test[1],
+                "test_confidence": test[2], "server_val_loss": val[0], "server_val_accuracy": val[1],
+                "server_val_confidence": val[2]}
+
+    # A drug-review clean run: the model gets worse and overconfident on both parts.
+    worse = [rnd(1, (0.92, 0.62, 0.71), (0.90, 0.63, 0.71)), rnd(2, (1.06, 0.60, 0.76), (1.00, 0.60, 0.76)),
+             rnd(3, (1.17, 0.57, 0.73), (1.10, 0.55, 0.74))]
+    # Only the test sample moves: on the validation part the loss falls and confidence meets accuracy.
+    sample = [{**r, "server_val_loss": 0.9 - 0.05 * i, "server_val_accuracy": 0.7, "server_val_confidence": 0.72}
+              for i, r in enumerate(worse)]
+    assert holds_on_validation("global_overfitting", worse) and holds_on_validation("miscalibration", worse)
+    assert not holds_on_validation("global_overfitting", sample) and not holds_on_validation("miscalibration", sample)
+    assert not holds_on_validation("underfitting", worse)  # read off the sites' training loss: nothing to check
+    assert not holds_on_validation("miscalibration", [{k: v for k, v in r.items() if "val" not in k} for r in worse])
+    runs = [{"scenario": n, "num_classes": 3, "faults": [], "rounds": rounds, "ledger": [],
+             "findings": [_finding(None, "miscalibration", 3), _finding(None, "global_overfitting", 3)]}
+            for n, rounds in (("true", worse), ("sample", sample))]
+    cs = score(runs)["clean_silent_rate"]
+    assert cs["both"] == 0.0 and cs["both_unconfirmed"] == 0.5  # the raw count keeps both; the check spares one
+    assert "true: run miscalibration (holds on the server's validation part too)" in score(runs)["false_alarms"]
