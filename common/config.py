@@ -534,6 +534,8 @@ class AppConfig:
         num("server.keep-rounds", s.keep_rounds, 0, 1_000_000, integer=True)
         num("server.max-update-norm", s.max_update_norm, 0.0, 1e30)
         num("server.update-norm-outlier", s.update_norm_outlier, 0.0, 1e30)
+        check(s.update_norm_outlier == 0 or s.update_norm_outlier >= 1, "server.update-norm-outlier",
+              s.update_norm_outlier, "0 (off) or at least 1 (× the round's median update norm; 20 by default)")
         num("server.wait-for-sites", s.wait_for_sites, 0.0, 1e7, lo_open=True)
         check(s.aggregation in ("fedavg", "median", "trimmed-mean", "krum"), "server.aggregation", s.aggregation,
               'one of "fedavg", "median", "trimmed-mean", "krum"')

@@ -14,8 +14,8 @@ ones (replies, timing, norms, the public schedule) apart:
   root_cause_accuracy  of the faulty sites flagged, the share whose most confident finding names the fault
   rounds_to_detect     first round of a right finding
   clean_silent_rate    clean runs without a site-level alarm, without a run-level one, and without either;
-                       `*_unconfirmed`: counting only run-level findings that do not also hold on the server's
-                       validation part (holds_on_validation: a finding that does is true of the model)
+                       `*_confirmed_only`: counting as silent a run whose run-level findings all hold on the
+                       server's validation part too (holds_on_validation), a diagnostic beside the raw rates
   diagnostics_share    the server's diagnostics time / round time
 Each rate has a Wilson 95 % interval (`*_ci`). Statistical faults are also scored by site size and rate band (the
 targets speak of rates ≥ 0.3 on sites of ≥ 1,000 rows).
@@ -232,24 +232,40 @@ def _shape(run: dict[str, Any]) -> dict[str, Any]:
 CHECKABLE = (K.MISCALIBRATION, K.GLOBAL_OVERFITTING)
 
 
-def holds_on_validation(kind: str, rounds: list[dict[str, Any]]) -> bool:
-    """The run-level `kind` fires in some round when its rule reads the server's validation metrics in place of
-    the test ones (False where the run recorded none)."""
+def holds_on_validation(finding: dict[str, Any], rounds: list[dict[str, Any]]) -> bool:
+    """The run-level `finding` fires by its own round, the same way (over- or underconfident), when its rule reads
+    the server's validation metrics in place of the test ones (False where the run recorded none). The same model
+    and the same sites' training loss: this checks the test sample, not the model's trajectory."""
     from server.findings.trends import global_overfitting, miscalibration
 
-    rule = {K.MISCALIBRATION: miscalibration, K.GLOBAL_OVERFITTING: global_overfitting}.get(kind)
+    rule = {K.MISCALIBRATION: miscalibration, K.GLOBAL_OVERFITTING: global_overfitting}.get(finding["kind"])
     if rule is None:
         return False
+    last = int(finding.get("round") or 0) or len(rounds)
     history: list[dict[str, float | None]] = []
-    for rnd in rounds:
+    for i, rnd in enumerate(rounds, start=1):
+        n = int(rnd.get("round") or i)
+        if n > last:
+            break
         m = {**rnd, **{f"test_{k}": rnd.get(f"server_val_{k}") for k in ("accuracy", "loss", "confidence")},
              "test_ece": None}
         if m["test_accuracy"] is None:
             return False
         history.append(m)
-        if rule(history, int(rnd.get("round") or len(history))):
+        if rule(history, n) and _same_way(finding["kind"], rounds[:len(history)], m):
             return True
     return False
+
+
+def _same_way(kind: str, rounds: list[dict[str, Any]], val: dict[str, Any]) -> bool:
+    """Miscalibration on the validation part points the way it does on the test part (the other rules have one
+    direction)."""
+    if kind != K.MISCALIBRATION:
+        return True
+    test = rounds[-1]
+    if test.get("test_confidence") is None or test.get("test_accuracy") is None:
+        return False
+    return (test["test_confidence"] - test["test_accuracy"] > 0) == (val["test_confidence"] - val["test_accuracy"] > 0)
 
 
 def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -259,7 +275,8 @@ def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
              for c in ("statistical", "direct")}
     bands: dict[str, list[int]] = {}
     per_kind: dict[str, dict[str, Any]] = {}
-    clean = {"runs": 0, "site_silent": 0, "run_silent": 0, "both": 0, "run_true": 0, "both_true": 0}
+    clean = {"runs": 0, "site_silent": 0, "run_silent": 0, "both": 0, "run_confirmed_only": 0,
+             "both_confirmed_only": 0}
     diag_s = round_s = 0.0
     alarms: list[str] = []
     for r in runs:
@@ -283,10 +300,10 @@ def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
             clean["site_silent"] += not alarmed
             clean["run_silent"] += not run_level
             clean["both"] += not alarmed and not run_level
-            true = {f["kind"] for f in run_level if holds_on_validation(f["kind"], r.get("rounds") or [])}
+            true = {f["kind"] for f in run_level if holds_on_validation(f, r.get("rounds") or [])}
             unconfirmed = [f for f in run_level if f["kind"] not in true]
-            clean["run_true"] += not unconfirmed
-            clean["both_true"] += not alarmed and not unconfirmed
+            clean["run_confirmed_only"] += not unconfirmed
+            clean["both_confirmed_only"] += not alarmed and not unconfirmed
             alarms += [f"{r['scenario']}: {f['site'] or 'run'} {f['kind']}"
                        + (" (holds on the server's validation part too)" if f["kind"] in true else "")
                        for f in run_level]
@@ -345,10 +362,12 @@ def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "site": clean["site_silent"] / n if n else None, "site_ci": wilson(clean["site_silent"], n),
         "run": clean["run_silent"] / n if n else None, "run_ci": wilson(clean["run_silent"], n),
         "both": clean["both"] / n if n else None, "both_ci": wilson(clean["both"], n),
-        # the same, counting only run-level findings that do not hold on the server's validation part
-        "run_unconfirmed": clean["run_true"] / n if n else None, "run_unconfirmed_ci": wilson(clean["run_true"], n),
-        "both_unconfirmed": clean["both_true"] / n if n else None,
-        "both_unconfirmed_ci": wilson(clean["both_true"], n)}
+        # clean runs whose run-level findings, if any, all hold on the server's validation part too (true of the
+        # model); a diagnostic beside the raw rates, not the target's figure
+        "run_confirmed_only": clean["run_confirmed_only"] / n if n else None,
+        "run_confirmed_only_ci": wilson(clean["run_confirmed_only"], n),
+        "both_confirmed_only": clean["both_confirmed_only"] / n if n else None,
+        "both_confirmed_only_ci": wilson(clean["both_confirmed_only"], n)}
     out["rounds_to_detect"] = {c: out[c]["rounds_to_detect"] for c in tally}
     out["diagnostics_share"] = diag_s / round_s if round_s else None
     out["statistical_by_band"] = {b: {"found": h, "sites": m, "recall": h / m, "recall_ci": wilson(h, m)}
@@ -466,8 +485,8 @@ def format_table(out: dict[str, Any]) -> str:
     cs = out["clean_silent_rate"]
     lines.append(f"clean runs {out['clean_runs']}: silent site-level {fmt(cs['site'])}{ci(cs['site_ci'])}, "
                  f"run-level {fmt(cs['run'])}{ci(cs['run_ci'])}, both {fmt(cs['both'])}{ci(cs['both_ci'])}; "
-                 f"counting only run-level findings that do not hold on the server's validation part: both "
-                 f"{fmt(cs['both_unconfirmed'])}{ci(cs['both_unconfirmed_ci'])}")
+                 f"without a site-level alarm or a run-level finding that fails on the server's validation part "
+                 f"{fmt(cs['both_confirmed_only'])}{ci(cs['both_confirmed_only_ci'])}")
     lines.append(f"diagnostics share of round time {fmt(out['diagnostics_share'])}")
     for band, b in out["statistical_by_band"].items():
         lines.append(f"statistical, {band}: {b['found']}/{b['sites']}{ci(b['recall_ci'])}")

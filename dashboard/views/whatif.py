@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from common.checkpoints import Checkpoints
+from common.rounds import LEFT_OUT
 from dashboard import ui
 
 
@@ -24,8 +25,10 @@ def body(snap: dict) -> None:
         return
     rnd = st.select_slider("Round", kept, value=kept[-1], key="whatif-round") if len(kept) > 1 else kept[0]
     rows = snap["site_rounds"]
+    # A site whose update was left out of the average (an outlier norm) contributed nothing to leave out.
     contributors = sorted(rows[(rows["round"] == rnd) & (rows["phase"] == "train") & (rows["status"] == "ok")
-                               & rows["update_norm"].notna()]["site"]) if not rows.empty else []
+                               & rows["update_norm"].notna()
+                               & ~rows["reason"].fillna("").str.startswith(LEFT_OUT)]["site"]) if not rows.empty else []
     exclude = st.multiselect("Leave out", contributors, key="whatif-exclude",
                              help="sites whose accepted update of this round is dropped before averaging")
     if not exclude:

@@ -88,6 +88,7 @@ class SiteEvidence:
     loss_rounds: int = 0
     loss_var_sum: float = 0.0  # Σ over rounds of that mean's noise variance
     steps: list[int] = field(default_factory=list)
+    left_out: list[int] = field(default_factory=list)  # rounds its update was left out of the average (norm outlier)
     passes: list[float] = field(default_factory=list)  # per round: DP steps × q = passes over what it trained on
     # per round it trained: (its train handler's seconds, seconds per example trained: steps × q × n public)
     spans: list[tuple[float, float | None]] = field(default_factory=list)
@@ -126,6 +127,8 @@ def accumulate(sites: dict[str, SiteEvidence], rec: RoundRecord, *, loss_clip: f
         ev = sites.setdefault(row.site, SiteEvidence())
         if row.phase == "train" and row.status == "ok" and row.steps:
             ev.steps.append(int(row.steps))
+            if row.left_out:
+                ev.left_out.append(rec.round)
             ev.passes.append(float(row.steps) * (row.sample_rate or 0.0) if row.sample_rate else float(row.steps))
             span = (row.ended_at - row.started_at) if row.started_at and row.ended_at else row.seconds
             if span is not None:

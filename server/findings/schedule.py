@@ -33,5 +33,13 @@ def overfitting(sites: dict[str, SiteEvidence]) -> dict[tuple[str | None, str], 
                     K.OVERFITTING, "warning",
                     f"{site} makes {mine:.0f} passes over its training examples per round ({steps:.0f} local DP "
                     f"steps), {mine / others:.1f}× the others' median {others:.0f} (public ledger): many local "
-                    "epochs on its data overfit it and pull the average toward it", site, confidence=0.9)
+                    "epochs on its data overfit it" + _effect(sites[site]), site, confidence=0.9)
     return out
+
+
+def _effect(ev: SiteEvidence) -> str:
+    """What its update did to the global model: pulled the average toward it, or was left out of it."""
+    if not ev.left_out:
+        return " and pull the average toward it"
+    return (f"; its update was left out of the average in {len(ev.left_out)} of {len(ev.steps)} rounds "
+            "(its norm many times the others', server.update-norm-outlier)")

@@ -14,7 +14,8 @@ def test_defaults_build_a_valid_tree():
 
 def test_every_problem_is_reported_at_once_with_key_value_and_range():
     # Prepare
-    bad = {"dp.max-grad-norm": 0.0, "model.mode": "adapter", "train.lr": -1.0, "data.val-fraction": 1.5}
+    bad = {"dp.max-grad-norm": 0.0, "model.mode": "adapter", "train.lr": -1.0, "data.val-fraction": 1.5,
+           "server.update-norm-outlier": 0.5}
     # Execute
     with pytest.raises(ValueError) as err:
         AppConfig.from_run_config(bad)
@@ -24,6 +25,8 @@ def test_every_problem_is_reported_at_once_with_key_value_and_range():
     assert "model.mode must be one of \"head\", \"lora\", \"full\", \"head-then-lora\", got 'adapter'" in msg
     assert "train.lr must be in (0.0, 10.0], got -1.0" in msg
     assert "data.val-fraction must be in (0.0, 0.9], got 1.5" in msg
+    # a factor under 1 would leave out the upper half of every round's updates
+    assert "server.update-norm-outlier must be 0 (off) or at least 1" in msg
 
 
 def test_wrong_type_and_unknown_key_are_named():

@@ -128,13 +128,18 @@ def test_a_run_level_finding_that_holds_on_the_servers_validation_part_is_true_n
     # Only the test sample moves: on the validation part the loss falls and confidence meets accuracy.
     sample = [{**r, "server_val_loss": 0.9 - 0.05 * i, "server_val_accuracy": 0.7, "server_val_confidence": 0.72}
               for i, r in enumerate(worse)]
-    assert holds_on_validation("global_overfitting", worse) and holds_on_validation("miscalibration", worse)
-    assert not holds_on_validation("global_overfitting", sample) and not holds_on_validation("miscalibration", sample)
-    assert not holds_on_validation("underfitting", worse)  # read off the sites' training loss: nothing to check
-    assert not holds_on_validation("miscalibration", [{k: v for k, v in r.items() if "val" not in k} for r in worse])
-    runs = [{"scenario": n, "num_classes": 3, "faults": [], "rounds": rounds, "ledger": [],
-             "findings": [_finding(None, "miscalibration", 3), _finding(None, "global_overfitting", 3)]}
+    over, miscal = _finding(None, "global_overfitting", 3), _finding(None, "miscalibration", 3)
+    assert holds_on_validation(over, worse) and holds_on_validation(miscal, worse)
+    assert not holds_on_validation(over, sample) and not holds_on_validation(miscal, sample)
+    assert not holds_on_validation(_finding(None, "miscalibration", 1), worse)  # not yet there by round 1
+    # Underconfident on the validation part does not confirm overconfidence on the test part.
+    under = [{**r, "server_val_confidence": r["server_val_accuracy"] - 0.15} for r in worse]
+    assert not holds_on_validation(miscal, under)
+    assert not holds_on_validation(_finding(None, "underfitting", 3), worse)  # the sites' loss: nothing to check
+    assert not holds_on_validation(miscal, [{k: v for k, v in r.items() if "val" not in k} for r in worse])
+    runs = [{"scenario": n, "num_classes": 3, "faults": [], "rounds": rounds, "ledger": [], "findings": [over, miscal]}
             for n, rounds in (("true", worse), ("sample", sample))]
-    cs = score(runs)["clean_silent_rate"]
-    assert cs["both"] == 0.0 and cs["both_unconfirmed"] == 0.5  # the raw count keeps both; the check spares one
-    assert "true: run miscalibration (holds on the server's validation part too)" in score(runs)["false_alarms"]
+    out = score(runs)
+    cs = out["clean_silent_rate"]
+    assert cs["both"] == 0.0 and cs["both_confirmed_only"] == 0.5  # the raw count keeps both; the check spares one
+    assert "true: run miscalibration (holds on the server's validation part too)" in out["false_alarms"]

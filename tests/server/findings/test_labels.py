@@ -156,6 +156,10 @@ def test_a_strong_reading_contradicted_by_the_confident_ones_is_not_wrong_labels
     ag = Agreement(excess=0.06, scale=0.06, rate=0.3, pattern=np.zeros((2, 2)), entries=8, unexplained=0.1,
                    unexplained_z=4.6, confident_z=0.1, calibrated_z=-0.5)
     assert not wrong_labels(ag)
+    lean = {0.9: False, 1.0: True}  # Z_HINT: the confident readings must lean its way
+    for second, found in lean.items():
+        assert wrong_labels(Agreement(excess=0.06, scale=0.06, rate=0.3, pattern=np.zeros((2, 2)), entries=8,
+                                      unexplained=0.1, unexplained_z=4.6, confident_z=second)) is found
 
 
 def test_releases_at_a_model_that_cannot_tell_the_classes_apart_are_not_read():
@@ -175,3 +179,25 @@ def test_releases_at_a_model_that_cannot_tell_the_classes_apart_are_not_read():
     for i, ev in enumerate(sites.values()):  # the next round's model learned: that release is read
         ev.confusions[(3, "val")] = (learned * (i + 1), 25.0, float(learned.sum()) * (i + 1))
     assert {s: a.entries for s, a in agreements(sites).items()} == {s: 1 for s in sites}
+
+
+def test_a_large_site_with_wrong_labels_does_not_switch_off_its_own_reading():
+    from server.findings.agreement import agreements, separates
+    from server.findings.evidence import SiteEvidence
+
+    honest = np.array([[80.0, 20.0], [20.0, 80.0]])
+    swapped = np.array([[600.0, 2400.0], [2400.0, 600.0]])  # 6,000 of 6,800 examples, every label swapped
+    # Pooled with it the model would read as if at chance (a − b = −0.46); the median site reads 0.6.
+    assert separates([honest] * 4 + [swapped]) and separates([honest] * 3 + [swapped])
+    sites = {f"s{i}": SiteEvidence(n_train=200, confusions={(2, "val"): (honest, 25.0, 200.0)}) for i in range(4)}
+    sites["big"] = SiteEvidence(n_train=6000, confusions={(2, "val"): (swapped, 25.0, 6000.0)})
+    ag = agreements(sites)
+    assert set(ag) == set(sites) and ag["big"].excess > 0.5
+
+
+def test_a_label_nobody_holds_is_not_read_for_the_separation():
+    from server.findings.agreement import separates
+
+    # Three classes, the third held by no site: its pooled row is release noise (~1/3 a cell).
+    c = np.array([[50.0, 30.0, 20.0], [25.0, 52.0, 23.0], [1.0, 1.0, 1.0]])
+    assert separates([c] * 3)  # 0.235 over the two labels held; read with the noise row, 0.177
