@@ -19,7 +19,8 @@ from common.rounds import FindingKind as K
 SIZES = (150, 500, 1000, 2000, 5000)  # rows a site holds (train + validation)
 N = None
 # release σ -> (the ε it comes from over 4 rounds, {kind: limit at each of SIZES}); measured 2026-12-02 at Δ = 2
-# with the label rules of c277e7a (docs/bench/limits-2026-12-02-c277e7a.json)
+# with the label rules of c277e7a (docs/bench/limits-2026-12-02-c277e7a.json); re-measured with those of 5315855
+# and ee48f00, every cell the same (docs/bench/limits-2026-12-02-ee48f00.json)
 MEASURED: dict[float, tuple[float, dict[str, tuple[float | None, ...]]]] = {
     29.13: (1.0, {K.LABEL_NOISE: (N, N, N, N, 0.4), K.LABEL_FLIP: (N, N, N, N, 0.7),
                   K.DATA_SHIFT: (N, N, N, N, N), K.DOMAIN_DIFFERENCE: (N, N, N, N, 0.7)}),
