@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     test_ece REAL, test_confidence REAL,
     train_wall REAL, evaluate_wall REAL, diagnostics_seconds REAL,
     server_val_accuracy REAL, server_val_macro_f1 REAL, server_val_loss REAL, server_val_confidence REAL,
+    test_examples REAL, server_val_examples REAL,
     PRIMARY KEY (run_id, round)
 );
 CREATE TABLE IF NOT EXISTS site_rounds (
@@ -140,7 +141,8 @@ ADDED_COLUMNS = {"site_rounds": ("epsilon_training REAL", "epsilon_diagnostics R
                                  "noise_scale REAL"),
                  "rounds": ("train_wall REAL", "evaluate_wall REAL", "diagnostics_seconds REAL", "test_ece REAL",
                             "test_confidence REAL", "server_val_accuracy REAL", "server_val_macro_f1 REAL",
-                            "server_val_loss REAL", "server_val_confidence REAL"),
+                            "server_val_loss REAL", "server_val_confidence REAL", "test_examples REAL",
+                            "server_val_examples REAL"),
                  "findings": ("confidence REAL",), "runs": ("parent_run TEXT", "parent_round INTEGER")}
 LEDGER_COLUMNS = ("site", "round", "kind", "mechanism", "noise_multiplier", "sample_rate", "steps", "sensitivity")
 ROUND_METRICS = ("accuracy", "macro_f1", "loss", "train_loss", "test_accuracy", "test_macro_f1", "test_loss",
@@ -148,7 +150,8 @@ ROUND_METRICS = ("accuracy", "macro_f1", "loss", "train_loss", "test_accuracy", 
                  # where the round's wall time went: each phase's wall, and the server's own diagnostics work
                  "train_wall", "evaluate_wall", "diagnostics_seconds",
                  # the server's validation part (tuning; the test part is for reporting only)
-                 "server_val_accuracy", "server_val_macro_f1", "server_val_loss", "server_val_confidence")
+                 "server_val_accuracy", "server_val_macro_f1", "server_val_loss", "server_val_confidence",
+                 "test_examples", "server_val_examples")  # the parts' sizes: how far its accuracy moves by sampling alone
 
 
 def summary_to_json(summary: SiteSummary | None) -> str | None:

@@ -247,7 +247,7 @@ def holds_on_validation(finding: dict[str, Any], rounds: list[dict[str, Any]]) -
         n = int(rnd.get("round") or i)
         if n > last:
             break
-        m = {**rnd, **{f"test_{k}": rnd.get(f"server_val_{k}") for k in ("accuracy", "loss", "confidence")},
+        m = {**rnd, **{f"test_{k}": rnd.get(f"server_val_{k}") for k in ("accuracy", "loss", "confidence", "examples")},
              "test_ece": None}
         if m["test_accuracy"] is None:
             return False

@@ -111,14 +111,14 @@ def make_central_eval(cfg: AppConfig, model, data: ServerData | None) -> Central
         probs, losses = predict(model, split)
         labels = split.labels.numpy()
         return {**summary_metrics(confusion_matrix(labels, probs.argmax(axis=1), k), float(losses.sum())),
-                **calibration(probs, labels)}
+                **calibration(probs, labels), "examples": float(len(labels))}
 
     def evaluate(arrays: Arrays) -> dict[str, float]:
         load_trainable_state(model, arrays)
         out = metrics(data.test)
         if data.val is not None:
             val = metrics(data.val)
-            out.update({f"val_{k}": val[k] for k in ("accuracy", "macro_f1", "loss", "confidence")})
+            out.update({f"val_{k}": val[k] for k in ("accuracy", "macro_f1", "loss", "confidence", "examples")})
         return out
 
     return evaluate

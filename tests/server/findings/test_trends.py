@@ -29,6 +29,10 @@ def test_trends_of_the_global_model_become_run_level_findings():
     # A fall within the accuracy's sampling noise is not worse (a clean movie run: 0.756 → 0.755 over the rounds).
     flat_acc = [{**r, "test_accuracy": a} for r, a in zip(overfit, (0.748, 0.756, 0.752, 0.755), strict=True)]
     assert trends(flat_acc, 4) == {}
+    # The fall must exceed what the test part's size lets sampling alone do (2 binomial std): 0.75 → 0.71 is 2.9
+    # std on 1,000 snippets, 1.1 on 150 reviews.
+    assert set(trends([{**r, "test_examples": 1000.0} for r in worse], 4)) == {(None, "global_overfitting")}
+    assert trends([{**r, "test_examples": 150.0} for r in worse], 4) == {}
     learning = [{"train_loss": 1.0, "test_loss": 0.9}, {"train_loss": 0.9, "test_loss": 0.85},
                 {"train_loss": 0.8, "test_loss": 0.84}]
     assert trends(learning, 3) == {} and trends(learning[:2], 2) == {}
