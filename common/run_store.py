@@ -151,7 +151,8 @@ ROUND_METRICS = ("accuracy", "macro_f1", "loss", "train_loss", "test_accuracy", 
                  "train_wall", "evaluate_wall", "diagnostics_seconds",
                  # the server's validation part (tuning; the test part is for reporting only)
                  "server_val_accuracy", "server_val_macro_f1", "server_val_loss", "server_val_confidence",
-                 "test_examples", "server_val_examples")  # the parts' sizes: how far its accuracy moves by sampling alone
+                 # the parts' sizes: how far their accuracy moves by sampling alone
+                 "test_examples", "server_val_examples")
 
 
 def summary_to_json(summary: SiteSummary | None) -> str | None:

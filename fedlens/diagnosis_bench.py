@@ -96,7 +96,8 @@ RANGES = {  # what the issue asks the benchmark to cover, as drawn here
     "class_missing": "one class removed", "text_corruption": "rate U(0.1, 0.5) of characters",
     "domain_shift": "rate U(0.3, 1.0) of rows from the other embedded workload (labels mapped by sentiment)",
     "lr_blowup": "factor log-U(3, 50)", "overfit": "epochs U(3, 20) × the run's, on 16-64 examples",
-    "free_rider": "echo or random", "crash": "from a round U{2..rounds}", "straggler": "U(2, 10) rounds of ROUND_S seconds more each round",
+    "free_rider": "echo or random", "crash": "from a round U{2..rounds}",
+    "straggler": "U(2, 10) rounds of ROUND_S seconds more each round",
 }
 
 
@@ -234,7 +235,6 @@ def _shape(run: dict[str, Any]) -> dict[str, Any]:
 # Run-level findings about the global model on the server's test part that the same rule can check on its separate
 # validation part (other examples, the same model each round): a finding that holds there too is true of the model
 # (a clean run's model can really be overconfident, or really get worse), not an alarm raised by the test sample.
-CHECKABLE = (K.MISCALIBRATION, K.GLOBAL_OVERFITTING)
 
 
 def holds_on_validation(finding: dict[str, Any], rounds: list[dict[str, Any]]) -> bool:
@@ -252,22 +252,21 @@ def holds_on_validation(finding: dict[str, Any], rounds: list[dict[str, Any]]) -
         n = int(rnd.get("round") or i)
         if n > last:
             break
-        m = {**rnd, **{f"test_{k}": rnd.get(f"server_val_{k}") for k in ("accuracy", "loss", "confidence", "examples")},
-             "test_ece": None}
+        m = {**rnd, "test_ece": None,
+             **{f"test_{k}": rnd.get(f"server_val_{k}") for k in ("accuracy", "loss", "confidence", "examples")}}
         if m["test_accuracy"] is None:
             return False
         history.append(m)
-        if rule(history, n) and _same_way(finding["kind"], rounds[:len(history)], m):
+        if rule(history, n) and _same_way(finding["kind"], rnd, m):
             return True
     return False
 
 
-def _same_way(kind: str, rounds: list[dict[str, Any]], val: dict[str, Any]) -> bool:
-    """Miscalibration on the validation part points the way it does on the test part (the other rules have one
-    direction)."""
+def _same_way(kind: str, test: dict[str, Any], val: dict[str, Any]) -> bool:
+    """Miscalibration on the validation part points the way it does on the test part in the same round (the other
+    rules have one direction)."""
     if kind != K.MISCALIBRATION:
         return True
-    test = rounds[-1]
     if test.get("test_confidence") is None or test.get("test_accuracy") is None:
         return False
     return (test["test_confidence"] - test["test_accuracy"] > 0) == (val["test_confidence"] - val["test_accuracy"] > 0)

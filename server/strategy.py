@@ -330,9 +330,9 @@ class DebugFedAvg:
         the average (in place). Its row stays ok, with the reason: the site trained, charged its ε and released its
         summary, and the findings still read its norm, schedule and summary (a diverging or overfitting site is
         named for what it did); the probe and update geometry, which read the averaged updates, skip it. Averaged
-        in, one site's 371 local passes (norm 450× the others') held the global model at 52–58 % test accuracy on the
-        movies (74–76 % with it left out), and with it every per-class reading of the other sites' labels. The median is the
-        round's: where half the sites send outliers it moves with them, and none is left out."""
+        in, one site's 371 local passes (norm 450× the others') held the global model at 52–58 % test accuracy on
+        the movies (74–76 % with it left out), and with it every per-class reading of the other sites' labels. The
+        median is the round's: where half the sites send outliers it moves with them, and none is left out."""
         factor = self.cfg.update_norm_outlier
         rows = [r for r in rec.sites if r.phase == "train" and r.status == "ok" and r.site in updates
                 and r.update_norm is not None]

@@ -103,9 +103,10 @@ def agreements(sites: dict[str, SiteEvidence]) -> dict[str, Agreement]:
         if len(held) < 3:
             continue
         rates = {s: _rates(c) for s, (c, _, _) in held.items()}
+        seps = {s: separation(c) for s, (c, _, _) in held.items()}
         for s, (c, var, n) in held.items():
             # Judged on the others alone: a site's own wrong labels must not switch off its reading.
-            if n <= 0 or not separates([o for t, (o, _, _) in held.items() if t != s]):
+            if n <= 0 or not _separated([v for t, v in seps.items() if t != s]):
                 continue
             with np.errstate(all="ignore"), _quiet():
                 ref = np.nanmedian(np.stack([rates[o] for o in held if o != s]), axis=0)
@@ -152,11 +153,11 @@ def _unexplained(site: str, agree: dict[str, float], conf: dict[str, tuple[float
 
 
 # Agreement with a text's label beyond agreement with a wrong one (a − b), balanced over the classes, that the median
-# site's release must reach for its per-class reading to say anything about labels: the excess
-# disagreement of wrong labels is r·(a − b), so at a model near chance every label reads alike. At 0.2: a binary
-# model right 60 % of the time per class, a 3-class one 47 %. Below it sat every round-1 train split (the initial
-# model), a model that predicted one class for every text (a Dirichlet run whose largest site held one class, where
-# a site holding the other read as relabelled), and one an averaged-in overfitting update held at 52–58 % test accuracy.
+# site's release must reach for its per-class reading to say anything about labels: the excess disagreement of wrong
+# labels is r·(a − b), so at a model near chance every label reads alike. At 0.2: a binary model right 60 % of the
+# time per class, a 3-class one 47 %. Below it sat every round-1 train split (the initial model), a model that
+# predicted one class for every text (a Dirichlet run whose largest site held one class, where a site holding the
+# other read as relabelled), and one an averaged-in overfitting update held at 52–58 % test accuracy.
 MIN_SEPARATION = 0.2
 MIN_SHARE = 0.05  # of a release's examples: a label it holds less of is not read for its separation
 
@@ -180,7 +181,11 @@ def separates(confusions: list[np.ndarray]) -> bool:
     """The model behind these releases (one per site) tells the classes apart: the median site's separation is
     ≥ MIN_SEPARATION (noised counts: post-processing). The median, not the pool: a large site with wrong labels
     must not make the model look blind at the others."""
-    values = [v for v in map(separation, confusions) if v is not None]
+    return _separated([separation(c) for c in confusions])
+
+
+def _separated(separations: list[float | None]) -> bool:
+    values = [v for v in separations if v is not None]
     return bool(values) and float(np.median(values)) >= MIN_SEPARATION
 
 
@@ -204,11 +209,11 @@ def _calibrated(sites: dict[str, SiteEvidence]) -> dict[str, list[tuple[float, f
     rounds = sorted({r for ev in sites.values() for r in ev.calibration})
     for r in rounds:
         held = {s: ev.calibration[r] for s, ev in sites.items() if r in ev.calibration}
-        val = {s: ev.confusions[(r, "val")][0] for s, ev in sites.items() if (r, "val") in ev.confusions}
         if len(held) < 3:
             continue
+        seps = {s: separation(ev.confusions[(r, "val")][0]) for s, ev in sites.items() if (r, "val") in ev.confusions}
         for s, (cal, var) in held.items():
-            if val and not separates([c for o, c in val.items() if o != s]):
+            if seps and not _separated([v for o, v in seps.items() if o != s]):
                 continue
             others = np.stack([np.clip(c, 0.0, None) for o, (c, _) in held.items() if o != s])
             total = others.sum(axis=(0, 1))

@@ -158,9 +158,9 @@ def wrong_labels(ag: Agreement) -> bool:
     """The site's labels disagree with the received model beyond the others', more than its confidence explains:
     at z ≥ Z_ALARM with its confident disagreements (confident joint, or per confidence bin) leaning the same way
     (z ≥ Z_HINT), or at z ≥ Z_WRONG with them pointing that way (z ≥ Z_CORROBORATE); the estimated rate is
-    ≥ MIN_RATE, and its inputs do not explain it. (Under a skewed partition both confident readings follow the site's label mix, and a ~30 % noise
-    at a Dirichlet site read 4.6 with its confident readings at 1.9: a strong reading needs them only to lean its
-    way, Z_HINT.)"""
+    ≥ MIN_RATE, and its inputs do not explain it. (Under a skewed partition both confident readings follow the
+    site's label mix, and a ~30 % noise at a Dirichlet site read 4.6 with its confident readings at 1.9: a strong
+    reading needs them only to lean its way, Z_HINT.)"""
     second = max(ag.confident_z, ag.calibrated_z)
     strong = ag.unexplained_z >= Z_ALARM and second >= Z_HINT
     corroborated = ag.unexplained_z >= Z_WRONG and second >= Z_CORROBORATE
