@@ -287,6 +287,9 @@ class ServerConfig:
     keep_rounds: int
     max_update_norm: float
     update_norm_outlier: float
+    max_weight_ratio: float
+    quarantine: bool
+    site_registry: str
     wait_for_sites: float
     aggregation: str
     trim_fraction: float
@@ -536,6 +539,11 @@ class AppConfig:
         num("server.update-norm-outlier", s.update_norm_outlier, 0.0, 1e30)
         check(s.update_norm_outlier == 0 or s.update_norm_outlier >= 1, "server.update-norm-outlier",
               s.update_norm_outlier, "0 (off) or at least 1 (× the round's median update norm; 20 by default)")
+        num("server.max-weight-ratio", s.max_weight_ratio, 0.0, 1e30)
+        check(s.max_weight_ratio == 0 or s.max_weight_ratio >= 1, "server.max-weight-ratio", s.max_weight_ratio,
+              "0 (off) or at least 1")
+        typed("server.quarantine", s.quarantine, bool)
+        typed("server.site-registry", s.site_registry, str)
         num("server.wait-for-sites", s.wait_for_sites, 0.0, 1e7, lo_open=True)
         check(s.aggregation in ("fedavg", "median", "trimmed-mean", "krum"), "server.aggregation", s.aggregation,
               'one of "fedavg", "median", "trimmed-mean", "krum"')

@@ -7,14 +7,19 @@ info: they travel in their own ConfigRecords, and the server reads them through 
 
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.diagnostics import BLOCKS, EMBEDDING, MAX_EMBEDDING_DIMS
+
+MAX_CLASSES = 1000  # a summary over more classes than this is malformed (its blocks grow with K²)
 
 # Record names inside a message's RecordDict.
 ARRAYS = "arrays"  # the trainable weights (LoRA adapters + head, or all weights)
@@ -32,6 +37,14 @@ RUN_ID = "run-id"  # the fedlens run (stable across a resume; Flower's run id is
 THRESHOLDS = "cl-thresholds"  # per-class confident-learning thresholds (public: from earlier noised summaries)
 CLASS_PRIOR = "class-prior"  # the loss's class prior (public: released label counts, the server's data or config)
 STATUS_OK, STATUS_REFUSED, STATUS_FAILED = "ok", "refused", "failed"
+STATUSES = (STATUS_OK, STATUS_REFUSED, STATUS_FAILED)
+
+# Bounds on what a reply may declare (anything beyond is malformed, never a crash): no site holds more rows or takes
+# more steps than this, and a name or a reason is short text.
+MAX_COUNT = 10**9
+MAX_NAME = 128
+MAX_REASON = 400
+NPY_HEADER = 4096  # bytes np.save may add before an array's values (its header is at most a few hundred)
 
 # ConfigRecords in a site's context.state (client/site.py, client/state.py): they stay at the site.
 PLAN = "plan"  # {"rounds"}: the rounds the run's budget is planned for, fixed at the site's first message
@@ -129,14 +142,90 @@ def _site_record(site: SiteInfo) -> ConfigRecord:
                          "census-run": site.census_run})
 
 
-def unpack_site(content: RecordDict) -> SiteInfo:
-    """Raises KeyError naming the record when a reply has no site info."""
+class Malformed(ValueError):
+    """A reply that breaks the message format: the site, the record and key, and what was expected. The server
+    records the site as failed for the phase with this text; the round goes on with the others."""
+
+
+_MISSING = object()
+
+
+def _value(rec: Mapping[str, Any], key: str, where: str, default: Any) -> Any:
+    v = rec.get(key, default)
+    if v is _MISSING:
+        raise Malformed(f"{where} has no '{key}'")
+    return v
+
+
+def _int(rec: Mapping[str, Any], key: str, where: str, lo: int = 0, hi: int = MAX_COUNT,
+         default: Any = _MISSING) -> int:
+    """rec[key] as an int in lo..hi (a float holding a whole number passes: JSON-ish senders write 10.0)."""
+    v = _value(rec, key, where, default)
+    if (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v != int(v)
+            or not lo <= v <= hi):
+        raise Malformed(f"{where}: '{key}' = {_show(v)}, expected a whole number in {lo}..{hi}")
+    return int(v)
+
+
+def _num(rec: Mapping[str, Any], key: str, where: str, lo: float, hi: float = math.inf,
+         default: Any = _MISSING) -> float:
+    """rec[key] as a float in [lo, hi] (NaN never; +inf only where hi is inf: an ε that is unbounded)."""
+    v = _value(rec, key, where, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v) or not lo <= v <= hi:
+        raise Malformed(f"{where}: '{key}' = {_show(v)}, expected a number in [{lo:g}, {hi:g}]")
+    return float(v)
+
+
+def _floats(rec: Mapping[str, Any], key: str, where: str, size: int | None = None,
+            default: Any = _MISSING) -> np.ndarray:
+    """rec[key] as finite floats (of `size` values when given)."""
+    v = _value(rec, key, where, default)
+    if not isinstance(v, list) or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in v):
+        raise Malformed(f"{where}: '{key}' is {type(v).__name__}, expected a list of numbers")
+    out = np.asarray(v, dtype=np.float64)
+    if size is not None and out.size != size:
+        raise Malformed(f"{where}: '{key}' has {out.size} values, expected {size}")
+    if not np.all(np.isfinite(out)):
+        raise Malformed(f"{where}: '{key}' holds NaN or Inf")
+    return out
+
+
+def _text(rec: Mapping[str, Any], key: str, where: str, limit: int, default: Any = _MISSING) -> str:
+    v = _value(rec, key, where, default)
+    if not isinstance(v, str) or len(v) > limit:
+        raise Malformed(f"{where}: '{key}' = {_show(v)}, expected text of at most {limit} characters")
+    return v
+
+
+def _show(v: Any) -> str:
+    return repr(v)[:40]
+
+
+def unpack_site(content: RecordDict, num_classes: int | None = None) -> SiteInfo:
+    """Who answered. `num_classes`: the run's K, which a census must match (None: not checked).
+
+    Raises:
+        Malformed: no site record, or a field of the wrong type or out of range (a name that is empty, too long or
+            holds control characters or '/', a status outside STATUSES, a census of another length).
+    """
     if SITE not in content.config_records:
-        raise KeyError(f"reply has no '{SITE}' ConfigRecord (records: {list(content.keys())})")
+        raise Malformed(f"reply has no '{SITE}' ConfigRecord (records: {list(content.keys())[:5]})")
     r = content.config_records[SITE]
-    return SiteInfo(str(r["name"]), int(r["n-train"]), int(r["n-val"]), str(r["status"]), str(r["reason"]),
-                    tuple(float(x) for x in r.get("census-labels", [])), float(r.get("census-n-val", 0.0)),
-                    float(r.get("census-noise", 0.0)), str(r.get("census-run", "")))
+    name = _text(r, "name", f"'{SITE}' record", MAX_NAME)
+    if not name.strip() or "/" in name or any(ord(c) < 32 for c in name):
+        raise Malformed(f"'{SITE}' record: 'name' = {_show(name)}, expected a site name")
+    where = f"site {name}: '{SITE}' record"
+    status = _text(r, "status", where, 16)
+    if status not in STATUSES:
+        raise Malformed(f"{where}: 'status' = {_show(status)}, expected one of {', '.join(STATUSES)}")
+    labels = _floats(r, "census-labels", where, default=[])
+    if labels.size and num_classes is not None and labels.size != num_classes:
+        raise Malformed(f"{where}: 'census-labels' has {labels.size} values, expected {num_classes} (one a class)")
+    return SiteInfo(name, _int(r, "n-train", where), _int(r, "n-val", where), status,
+                    _text(r, "reason", where, MAX_REASON), tuple(float(x) for x in labels),
+                    _num(r, "census-n-val", where, -MAX_COUNT, MAX_COUNT, default=0.0),
+                    _num(r, "census-noise", where, 0.0, MAX_COUNT, default=0.0),
+                    _text(r, "census-run", where, MAX_NAME, default=""))
 
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s/'\"]+/)+([^\s/'\"]+)")
@@ -183,11 +272,41 @@ def _arrays(arrays: OrderedDict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
 
 
-def unpack_arrays(content: RecordDict) -> OrderedDict[str, np.ndarray]:
+def unpack_arrays(content: RecordDict, like: Mapping[str, np.ndarray] | None = None,
+                  where: str = "message") -> OrderedDict[str, np.ndarray]:
+    """The weights a message carries. With `like` (the global model a reply answers), each Array must be float32
+    and declare at most the values of the largest weight, checked before its bytes are decoded, so a reply that
+    declares a huge or string-typed array is malformed, not a memory blow-up or a crash in the average. Keys and
+    shapes against `like` are the update checks' (server/aggregate.check_update), reported as a rejected update.
+
+    Raises:
+        Malformed: no weights, or an Array of another dtype, a declared size beyond the bound, or bytes that do not
+            decode to what it declares.
+    """
     if ARRAYS not in content.array_records:
-        raise KeyError(f"message has no '{ARRAYS}' ArrayRecord")
+        raise Malformed(f"{where} has no '{ARRAYS}' ArrayRecord")
     rec = content.array_records[ARRAYS]
-    return OrderedDict((k, v.numpy()) for k, v in rec.items())
+    if like is None:
+        return OrderedDict((k, v.numpy()) for k, v in rec.items())
+    if len(rec) > len(like):
+        raise Malformed(f"{where}: {len(rec)} weights, expected {len(like)}")
+    largest = max((int(np.prod(v.shape)) for v in like.values()), default=0)
+    out = OrderedDict()
+    for k, v in rec.items():
+        declared = tuple(v.shape) if isinstance(v.shape, list | tuple) else None
+        if (v.dtype != "float32" or declared is None or not all(isinstance(d, int) and d >= 0 for d in declared)
+                or math.prod(declared) > largest or len(v.data) > 4 * math.prod(declared) + NPY_HEADER):
+            raise Malformed(f"{where}: weight {_show(k)} declares dtype {_show(v.dtype)}, shape {_show(v.shape)} "
+                            f"({len(v.data)} bytes); expected float32 of at most {largest} values")
+        try:
+            a = v.numpy()
+        except Exception as e:  # noqa: BLE001 -- any decoding failure is the reply's, never the run's
+            raise Malformed(f"{where}: weight {_show(k)} does not decode ({type(e).__name__})") from None
+        if a.dtype != np.float32 or a.shape != declared:
+            raise Malformed(f"{where}: weight {_show(k)} decodes to {a.dtype} {a.shape}, not the declared "
+                            f"float32 {declared}")
+        out[k] = a
+    return out
 
 
 def unpack_instruction(content: RecordDict) -> tuple[int, int]:
@@ -244,19 +363,35 @@ def pack_train_reply(r: TrainReply) -> RecordDict:
     return content
 
 
-def unpack_train_reply(content: RecordDict) -> TrainReply:
-    site = unpack_site(content)
+def unpack_train_reply(content: RecordDict, like: Mapping[str, np.ndarray] | None = None,
+                       num_classes: int | None = None) -> TrainReply:
+    """A site's train reply, every field checked (types, ranges, the status enum, weights bounded as
+    `unpack_arrays` says against `like`, the global model it answers).
+
+    Raises:
+        Malformed: naming the site, record and key.
+    """
+    site = unpack_site(content, num_classes)
+    where = f"site {site.name}: '{METRICS}' record"
+    if METRICS not in content.metric_records:
+        raise Malformed(f"site {site.name}: train reply has no '{METRICS}' MetricRecord")
     m = content.metric_records[METRICS]
-    arrays = unpack_arrays(content) if ARRAYS in content.array_records else None
+    arrays = (unpack_arrays(content, like, f"site {site.name}: train reply") if ARRAYS in content.array_records
+              else None)
     if site.status == STATUS_OK and arrays is None:
-        raise KeyError(f"site {site.name}: train reply has status ok but no '{ARRAYS}' ArrayRecord")
-    return TrainReply(site, arrays, int(m[NUM_EXAMPLES]), float(m["epsilon"]), float(m["delta"]),
-                      float(m["epsilon-budget"]), float(m["noise-multiplier"]), float(m["sample-rate"]),
-                      int(m["steps"]), float(m["seconds"]), float(m.get("sensitivity", 1.0)),
-                      float(m.get("epsilon-training", 0.0)), float(m.get("epsilon-diagnostics", 0.0)),
-                      float(m.get("diagnostics-seconds", 0.0)), float(m.get("started-at", 0.0)),
-                      float(m.get("ended-at", 0.0)), float(m.get("epsilon-lifetime", 0.0)),
-                      float(m.get("epsilon-cap", 0.0)))
+        raise Malformed(f"site {site.name}: train reply has status ok but no '{ARRAYS}' ArrayRecord")
+    return TrainReply(site, arrays, _int(m, NUM_EXAMPLES, where), _num(m, "epsilon", where, -1.0),
+                      _num(m, "delta", where, 0.0, 1.0), _num(m, "epsilon-budget", where, -1.0),
+                      _num(m, "noise-multiplier", where, 0.0, MAX_COUNT), _num(m, "sample-rate", where, 0.0, 1.0),
+                      _int(m, "steps", where), _num(m, "seconds", where, 0.0, MAX_COUNT),
+                      _num(m, "sensitivity", where, 0.0, MAX_COUNT, default=1.0),
+                      _num(m, "epsilon-training", where, -1.0, default=0.0),
+                      _num(m, "epsilon-diagnostics", where, -1.0, default=0.0),
+                      _num(m, "diagnostics-seconds", where, 0.0, MAX_COUNT, default=0.0),
+                      _num(m, "started-at", where, 0.0, 1e11, default=0.0),
+                      _num(m, "ended-at", where, 0.0, 1e11, default=0.0),
+                      _num(m, "epsilon-lifetime", where, -1.0, default=0.0),
+                      _num(m, "epsilon-cap", where, 0.0, default=0.0))
 
 
 def pack_eval_reply(r: EvalReply) -> RecordDict:
@@ -288,40 +423,54 @@ def _key(block: str) -> str:
     return block.replace("_", "-")
 
 
-def unpack_eval_reply(content: RecordDict) -> EvalReply:
-    """Raises KeyError / ValueError naming the block when a summary is missing a block or has the wrong size."""
-    site = unpack_site(content)
+def unpack_eval_reply(content: RecordDict, num_classes: int | None = None) -> EvalReply:
+    """A site's evaluate reply, every field checked; its summary must be over the run's `num_classes` (None: any
+    K, for readers of one reply alone), each block of its size and finite.
+
+    Raises:
+        Malformed: naming the site, the record and the key or block.
+    """
+    site = unpack_site(content, num_classes)
+    where = f"site {site.name}: '{METRICS}' record"
+    if METRICS not in content.metric_records:
+        raise Malformed(f"site {site.name}: evaluate reply has no '{METRICS}' MetricRecord")
     m = content.metric_records[METRICS]
     blocks, sigma, sens, health_round, cross, cross_models = None, 0.0, 0.0, 0, None, ()
     if SUMMARY in content.config_records:
         s = content.config_records[SUMMARY]
-        k, dims = int(s["num-classes"]), int(s.get("embedding-dims", 0))
-        if not 0 <= dims <= MAX_EMBEDDING_DIMS:
-            raise ValueError(f"site {site.name}: summary declares embedding-dims = {dims}, expected 0..{MAX_EMBEDDING_DIMS}")
+        at = f"site {site.name}: summary"
+        k = _int(s, "num-classes", at, 2, MAX_CLASSES)
+        if num_classes is not None and k != num_classes:
+            raise Malformed(f"{at} is over {k} classes, expected {num_classes} (data.labels)")
+        dims = _int(s, "embedding-dims", at, 0, MAX_EMBEDDING_DIMS, default=0)
         blocks = {}
         for b in BLOCKS:
             if _key(b.name) not in s and b.name == EMBEDDING:
                 blocks[b.name] = np.zeros((k, 0))  # a site of a version before the block: width 0, not malformed
                 continue
-            if _key(b.name) not in s:
-                raise KeyError(f"site {site.name}: summary has no block '{_key(b.name)}'")
-            values = np.asarray(s[_key(b.name)], dtype=np.float64)
-            if values.size != int(np.prod(b.shape(k, dims))):
-                raise ValueError(f"site {site.name}: summary block '{_key(b.name)}' has {values.size} values, "
-                                 f"expected {int(np.prod(b.shape(k, dims)))} for {k} classes and {dims} dims")
-            blocks[b.name] = values.reshape(b.shape(k, dims))
-        sigma, sens, health_round = float(s["noise-multiplier"]), float(s["sensitivity"]), int(s["health-round"])
+            shape = b.shape(k, dims)
+            blocks[b.name] = _floats(s, _key(b.name), at, int(np.prod(shape))).reshape(shape)
+        sigma = _num(s, "noise-multiplier", at, 0.0, MAX_COUNT)
+        sens = _num(s, "sensitivity", at, 0.0, MAX_COUNT)
+        health_round = _int(s, "health-round", at)
         if "cross-correct" in s:
-            cross = np.asarray(s["cross-correct"], dtype=np.float64)
-            cross_models = tuple(str(x) for x in s.get("cross-models", []))
-            if len(cross_models) != cross.size:
-                raise ValueError(f"site {site.name}: summary has {cross.size} cross-site counts for "
-                                 f"{len(cross_models)} models; expected one per model")
-    return EvalReply(site, int(m[NUM_EXAMPLES]), float(m["epsilon"]), blocks, sigma, sens, health_round,
-                     float(m.get("epsilon-training", 0.0)), float(m.get("epsilon-diagnostics", 0.0)),
-                     float(m.get("seconds", 0.0)), float(m.get("diagnostics-seconds", 0.0)),
-                     float(m.get("started-at", 0.0)), float(m.get("ended-at", 0.0)), cross, cross_models,
-                     float(m.get("epsilon-lifetime", 0.0)), float(m.get("epsilon-cap", 0.0)))
+            cross = _floats(s, "cross-correct", at)
+            names = _value(s, "cross-models", at, [])
+            if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+                raise Malformed(f"{at}: 'cross-models' is not a list of site names")
+            cross_models = tuple(names)
+            if len(cross_models) != cross.size or len(set(cross_models)) != cross.size:
+                raise Malformed(f"{at} has {cross.size} cross-site counts for {len(cross_models)} models "
+                                f"({len(set(cross_models))} distinct); expected one per model")
+    return EvalReply(site, _int(m, NUM_EXAMPLES, where), _num(m, "epsilon", where, -1.0), blocks, sigma, sens,
+                     health_round, _num(m, "epsilon-training", where, -1.0, default=0.0),
+                     _num(m, "epsilon-diagnostics", where, -1.0, default=0.0),
+                     _num(m, "seconds", where, 0.0, MAX_COUNT, default=0.0),
+                     _num(m, "diagnostics-seconds", where, 0.0, MAX_COUNT, default=0.0),
+                     _num(m, "started-at", where, 0.0, 1e11, default=0.0),
+                     _num(m, "ended-at", where, 0.0, 1e11, default=0.0), cross, cross_models,
+                     _num(m, "epsilon-lifetime", where, -1.0, default=0.0),
+                     _num(m, "epsilon-cap", where, 0.0, default=0.0))
 
 
 def reply(content: RecordDict, to: Message) -> Message:

@@ -7,6 +7,9 @@
     certs/superexec.secret                the shared secret of the SuperLink and its SuperExec (stays at the link)
     certs/sites/<site>  <site>.pub        the site's EC P-384 key pair in OpenSSH format: the private key stays at the
                                           site (--auth-supernode-private-key), the public key is registered at the link
+    certs/registry.toml                   the coordinator's site registry, site name -> public key, for every key in
+                                          certs/sites/ (server.site-registry): a node answering under a name whose key
+                                          it does not hold is refused (server/identity.py)
 
 This is what Flower's own prototyping script does, in Python (the `cryptography` package Flower already installs),
 so that it runs the same everywhere. Real operators use their own PKI: any CA-signed server certificate whose SANs
@@ -27,6 +30,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from server.identity import registry_text
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -124,4 +129,7 @@ def make_certs(out: Path, sites: list[str], *, hosts: list[str] | None = None, d
         _write(public_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                           serialization.PublicFormat.OpenSSH) + f" {site}\n".encode(),
                private=False)
+    # Every site key here, old and new: sites added later join the same registry.
+    keys = {p.name[:-len(".pub")]: " ".join(p.read_text().split()[:2]) for p in sorted((out / "sites").glob("*.pub"))}
+    _write(out / "registry.toml", registry_text(keys).encode(), private=False)
     return paths

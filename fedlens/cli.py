@@ -399,6 +399,8 @@ def certs(
     typer.echo(f"SuperLink   {paths.server_cert}, {paths.server_key}")
     for site, (private, public) in paths.site_keys.items():
         typer.echo(f"{site:<11} {private} (stays at the site), {public} (register at the link)")
+    typer.echo(f"registry    {Path(out) / 'registry.toml'}  (the coordinator's site name -> key record: run with "
+               f"--run-config \"server.site-registry='{(Path(out) / 'registry.toml').resolve()}'\")")
 
 
 @app.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -21,6 +21,8 @@ from common.run_store import RunWriter
 from server.aggregate import Arrays, Updates, aggregate, check_update, noise_scale, update_geometry, update_norm
 from server.central_eval import CentralEval, Probe
 from server.findings import Diagnosis, FindingsTracker
+from server.findings.cross_site import cross_site
+from server.identity import Identities, Node, load_registry
 from server.prior import LabelCounts
 
 log = get_logger()
@@ -55,7 +57,10 @@ class DebugFedAvg:
         self.writer = writer
         self.central_eval = central_eval
         self.poll_interval = poll_interval
-        self.site_of: dict[int, str] = {}  # node id -> site name (node ids are random; names are stable)
+        # Which node holds which site name (node ids are random; names are stable), bound to the node's key where the
+        # link knows it (server/identity.py).
+        self.ids = Identities(load_registry(cfg.site_registry) if cfg.site_registry else None)
+        self.num_classes = len(class_names) or None  # every census and summary must be over these K classes
         self.known: set[str] = set()  # site names already in the store
         self.declared: dict[str, int] = {}  # site -> train examples it declared when it joined (caps its weight)
         # The engineer's fix: sites not asked to train (server.exclude), and multipliers on the others' example
@@ -99,7 +104,7 @@ class DebugFedAvg:
             if len(got) < len(ids):
                 wait = POLL_MIN if len(got) > before else min(wait * 2, self.poll_interval)
                 time.sleep(wait)
-        return [SiteReply(node_of[i], self.site_of.get(node_of[i], f"node-{node_of[i]}"), got.get(i)) for i in ids]
+        return [SiteReply(node_of[i], self.ids.name_of.get(node_of[i], f"node-{node_of[i]}"), got.get(i)) for i in ids]
 
     def _wait_for_sites(self, grid: Grid) -> list[int]:
         """The connected nodes, once there are server.min-sites of them.
@@ -111,6 +116,7 @@ class DebugFedAvg:
         while True:
             node_ids = sorted(grid.get_node_ids())
             if len(node_ids) >= self.cfg.min_sites:
+                self._learn_nodes(grid, node_ids)
                 if announced:
                     self.writer.event(Event("sites-connected", f"{len(node_ids)} sites connected after "
                                                                 f"{time.time() - start:.0f} s"))
@@ -127,6 +133,17 @@ class DebugFedAvg:
                          self.cfg.min_sites)
             time.sleep(1.0)
 
+    def _learn_nodes(self, grid: Grid, node_ids: list[int]) -> None:
+        """What the link says of each new node (registered name, public key); a grid without it (simulation, an
+        older link) leaves names bound to first use."""
+        if all(n in self.ids.nodes for n in node_ids) or not hasattr(grid, "get_nodes"):
+            return
+        try:
+            self.ids.learn(Node(int(n.node_id), str(n.name), bytes(n.public_key)) for n in grid.get_nodes())
+        except Exception as e:  # noqa: BLE001 -- the link's node listing is advisory where no registry is set
+            log.warning("could not list the link's nodes (%s: %s); site names bind to their first use",
+                        type(e).__name__, e)
+
     def hello(self, grid: Grid) -> None:
         """Learn each node's site name and data size (a query message); a site whose data fails is recorded."""
         node_ids = self._wait_for_sites(grid)
@@ -135,20 +152,26 @@ class DebugFedAvg:
             if r.message is None or r.message.has_error():
                 self.writer.event(Event("site-failed", f"{r.site} failed to start: {_reason(r)}", r.site))
                 continue
-            info = records.unpack_site(r.message.content)
+            try:
+                info = records.unpack_site(r.message.content, self.num_classes)
+            except Exception as e:  # noqa: BLE001 -- no reply may end the run
+                self.writer.event(Event("site-failed", f"{r.site} failed to start: malformed reply: {e}", r.site))
+                continue
+            problem = self.ids.check(r.node_id, info.name)
+            if problem:
+                self.writer.event(Event("site-impersonation", f"refused: {problem}", r.site))
+                continue
             if info.status == records.STATUS_FAILED:
-                # Named, so that its failures in every round are filed under the site, not a random node id.
-                self.site_of[r.node_id] = info.name
+                # Named (ids.check bound it), so that its failures in every round are filed under the site.
                 self.writer.event(Event("site-failed", f"{info.name} failed to start: {info.reason}", info.name))
                 continue
-            self._register(r.node_id, info)
+            self._register(info)
             if info.status == records.STATUS_REFUSED:  # its own policy: it will refuse every round, and says why
                 self.writer.event(Event("site-refused", f"{info.name} refuses this run: {info.reason}", info.name))
 
-    def _register(self, node_id: int, info: records.SiteInfo) -> None:
-        """Remember a node's site name; a site seen for the first time (at start or joining later) is recorded,
-        with its census (released sizes and train-label counts)."""
-        self.site_of[node_id] = info.name
+    def _register(self, info: records.SiteInfo) -> None:
+        """A site seen for the first time (at start or joining later) is recorded, with its census (released sizes
+        and train-label counts); its name is already bound to its node (ids.check)."""
         self.declared.setdefault(info.name, info.n_train)
         if info.census_labels and info.name not in self.label_counts.precision:
             self.label_counts.add(info.name, np.asarray(info.census_labels), info.census_noise)
@@ -163,7 +186,7 @@ class DebugFedAvg:
                                                    f"{info.n_val} validation examples", info.name))
 
     def _sample(self, grid: Grid) -> list[int]:
-        node_ids = [n for n in self._wait_for_sites(grid) if self.site_of.get(n) not in self.cfg.exclude]
+        node_ids = [n for n in self._wait_for_sites(grid) if self.ids.name_of.get(n) not in self.cfg.exclude]
         k = max(int(len(node_ids) * self.cfg.fraction_train), self.cfg.min_sites)
         if k >= len(node_ids):
             return node_ids
@@ -266,64 +289,93 @@ class DebugFedAvg:
                 on_round(rnd, arrays)
         return arrays
 
-    def _failed(self, r: SiteReply, phase: str, rec: RoundRecord, reason: str = "") -> None:
+    def _failed(self, r: SiteReply, phase: str, rec: RoundRecord, reason: str = "",
+                kind: str = "site-failed") -> None:
         """Record a site that raised, stayed silent or answered something unusable; the round goes on."""
         reason = reason or _reason(r)
         rec.sites.append(SiteRoundRow(site=r.site, phase=phase, status="failed", reason=reason))
-        rec.events.append(Event("site-failed", f"{r.site} failed in {phase}: {reason}", r.site))
+        rec.events.append(Event(kind, f"{r.site} failed in {phase}: {reason}", r.site))
 
-    def _readable(self, replies: list[SiteReply], phase: str, rec: RoundRecord,
-                  unpack: Callable[[RecordDict], T]) -> Iterator[tuple[SiteReply, T]]:
-        """(reply, its unpacked content) for every site that answered something readable; a silent site, an error
-        or a malformed reply is recorded as failed for the phase, with the reason, and the round goes on."""
+    def _each(self, replies: list[SiteReply], phase: str, rec: RoundRecord, unpack: Callable[[RecordDict], T],
+              use: Callable[[SiteReply, T], None]) -> None:
+        """`use(reply, its unpacked content)` for every site that answered something readable under its own name.
+
+        A silent site, an error, a malformed reply (records.Malformed names what is wrong), a node answering under a
+        name it does not hold (server/identity.py), and any exception while one reply is used make that site
+        failed for the phase, with the reason; whatever the failed `use` had added to the round is taken back
+        (`use` changes the server's own state only as its last step). No reply can end the run.
+        """
         for r in replies:
             if r.message is None or r.message.has_error():
                 self._failed(r, phase, rec)
                 continue
             try:
                 content = unpack(r.message.content)
-            except (KeyError, ValueError, TypeError) as e:
+            except Exception as e:  # noqa: BLE001 -- anything a reply can make the decoder raise is the reply's fault
                 self._failed(r, phase, rec, f"malformed reply: {e}")
                 continue
-            yield r, content
+            problem = self.ids.check(r.node_id, content.site.name)  # type: ignore[attr-defined]
+            if problem:
+                self._failed(r, phase, rec, f"identity refused: {problem}", kind="site-impersonation")
+                continue
+            mark = len(rec.sites), len(rec.events), len(rec.ledger)
+            try:
+                use(r, content)
+            except Exception as e:  # noqa: BLE001
+                log.exception("%s's %s reply could not be used", r.site, phase)
+                del rec.sites[mark[0]:], rec.events[mark[1]:], rec.ledger[mark[2]:]
+                self._failed(r, phase, rec, f"reply could not be used: {type(e).__name__}: {e}")
 
     def _collect_train(self, replies: list[SiteReply], global_arrays: Arrays,
                        rec: RoundRecord) -> Updates:
         """site -> (accepted weights, examples); every other reply is recorded with its reason."""
         updates: Updates = {}
-        for r, tr in self._readable(replies, "train", rec, records.unpack_train_reply):
-            self._register(r.node_id, tr.site)
-            row = _row("train", tr, epsilon_budget=tr.epsilon_budget if tr.epsilon >= 0 else None, delta=tr.delta,
-                       sample_rate=tr.sample_rate, steps=tr.steps)
-            if tr.site.status != records.STATUS_OK or tr.arrays is None:
-                rec.events.append(Event("site-refused", tr.site.reason, tr.site.name))
-            else:
-                if tr.epsilon >= 0 and tr.steps > 0:
-                    # The site trained and charged its ledger; the server keeps the same entry for the report.
-                    rec.ledger.append(LedgerRow(tr.site.name, rec.round, "dpsgd", "subsampled-gaussian",
-                                                tr.noise_multiplier, tr.sample_rate, tr.steps, tr.sensitivity))
-                problem = check_update(tr.arrays, global_arrays) or self._check_weight(tr)
-                norm = update_norm(tr.arrays, global_arrays) if not problem else None
-                limit = self.cfg.max_update_norm
-                if norm is not None and limit > 0 and not norm <= limit:
-                    problem = (f"update norm {norm:.3g} exceeds server.max-update-norm {limit:g} "
-                               "(a scaled or diverged update would dominate the average)")
-                if problem:
-                    row.status, row.reason = "failed", f"update rejected: {problem}"
-                    rec.events.append(Event("update-rejected", f"{tr.site.name}: {problem}", tr.site.name))
-                else:
-                    row.update_norm = norm
-                    if self.plain_sgd:
-                        row.noise_scale = noise_scale(
-                            tr.arrays, global_arrays, noise_multiplier=tr.noise_multiplier,
-                            max_grad_norm=tr.sensitivity, steps=tr.steps,
-                            expected_batch=tr.sample_rate * tr.num_examples)
-                    weight = self.weights.get(tr.site.name, 1.0)
-                    if weight > 0:
-                        updates[tr.site.name] = (tr.arrays, tr.num_examples * weight)
-            rec.sites.append(row)
+        self._each(replies, "train", rec,
+                   lambda c: records.unpack_train_reply(c, like=global_arrays, num_classes=self.num_classes),
+                   lambda r, tr: self._take_update(tr, global_arrays, rec, updates))
         self._leave_out_outliers(updates, rec)
+        if self.cfg.quarantine:
+            self._quarantine(updates, rec)
+        self._cap_weights(updates, rec)
         return updates
+
+    def _take_update(self, tr: records.TrainReply, global_arrays: Arrays, rec: RoundRecord,
+                     updates: Updates) -> None:
+        """One site's train reply: its row, its ledger entry, and its update when it passes the checks."""
+        row = _row("train", tr, epsilon_budget=tr.epsilon_budget if tr.epsilon >= 0 else None, delta=tr.delta,
+                   sample_rate=tr.sample_rate, steps=tr.steps)
+        update = None
+        if tr.site.status != records.STATUS_OK or tr.arrays is None:
+            rec.events.append(Event("site-refused", tr.site.reason, tr.site.name))
+        else:
+            if tr.epsilon >= 0 and tr.steps > 0:
+                # The site trained and charged its ledger; the server keeps the same entry for the report.
+                rec.ledger.append(LedgerRow(tr.site.name, rec.round, "dpsgd", "subsampled-gaussian",
+                                            tr.noise_multiplier, tr.sample_rate, tr.steps, tr.sensitivity))
+            problem = check_update(tr.arrays, global_arrays) or self._check_weight(tr)
+            norm = update_norm(tr.arrays, global_arrays) if not problem else None
+            limit = self.cfg.max_update_norm
+            if norm is not None and limit > 0 and not norm <= limit:
+                problem = (f"update norm {norm:.3g} exceeds server.max-update-norm {limit:g} "
+                           "(a scaled or diverged update would dominate the average)")
+            if problem:
+                row.status, row.reason = "failed", f"update rejected: {problem}"
+                rec.events.append(Event("update-rejected", f"{tr.site.name}: {problem}", tr.site.name))
+            else:
+                row.update_norm = norm
+                if self.plain_sgd:
+                    row.noise_scale = noise_scale(
+                        tr.arrays, global_arrays, noise_multiplier=tr.noise_multiplier,
+                        max_grad_norm=tr.sensitivity, steps=tr.steps,
+                        expected_batch=tr.sample_rate * tr.num_examples)
+                weight = self.weights.get(tr.site.name, 1.0)
+                if weight > 0:
+                    update = (tr.arrays, tr.num_examples * weight)
+        rec.sites.append(row)
+        # The server's own state changes last: a reply that failed above left none behind.
+        self._register(tr.site)
+        if update is not None:
+            updates[tr.site.name] = update
 
     def _leave_out_outliers(self, updates: Updates, rec: RoundRecord) -> None:
         """Norm bounding: an update longer than server.update-norm-outlier × the round's median update norm leaves
@@ -341,10 +393,40 @@ class DebugFedAvg:
         median = statistics.median(r.update_norm for r in rows)
         for r in rows:
             if median > 0 and r.update_norm > factor * median:
-                del updates[r.site]
-                r.reason = (f"{LEFT_OUT}: its update norm {r.update_norm:.3g} is {r.update_norm / median:.0f}× the "
-                            f"round's median {median:.3g} (server.update-norm-outlier {factor:g})")
-                rec.events.append(Event("update-excluded", f"{r.site}: {r.reason}", r.site))
+                self._leave_out(r, updates, rec, f"its update norm {r.update_norm:.3g} is "
+                                f"{r.update_norm / median:.0f}× the round's median {median:.3g} "
+                                f"(server.update-norm-outlier {factor:g})")
+
+    def _quarantine(self, updates: Updates, rec: RoundRecord) -> None:
+        """server.quarantine: an update the cross-site rules flag in this very round (a free rider's, a diverging
+        site's) leaves the average (in place); the finding itself is recorded with the round as usual."""
+        for site, kind in cross_site(rec, before_evaluation=True):
+            row = next((r for r in rec.sites if r.phase == "train" and r.site == site), None)
+            if site in updates and row is not None and not row.left_out:
+                self._leave_out(row, updates, rec, f"quarantined as a {kind.replace('_', ' ')} (server.quarantine)")
+
+    def _leave_out(self, row: SiteRoundRow, updates: Updates, rec: RoundRecord, why: str) -> None:
+        del updates[row.site]
+        row.reason = f"{LEFT_OUT}: {why}"
+        rec.events.append(Event("update-excluded", f"{row.site}: {row.reason}", row.site))
+
+    def _cap_weights(self, updates: Updates, rec: RoundRecord) -> None:
+        """FedAvg weights bounded (in place): a site's weight is at most server.max-weight-ratio × the median of
+        the round's other averaged sites' weights. A site's example count is its own word (its census, noised under
+        DP): uncapped, one claiming 10⁹ would own the average. The update stays in; the row and an event say so."""
+        ratio = self.cfg.max_weight_ratio
+        if ratio <= 0 or len(updates) < MIN_SITES_FOR_MEDIAN:
+            return
+        claimed = {site: n for site, (_, n) in updates.items()}
+        for site, n in claimed.items():
+            cap = ratio * statistics.median(v for s, v in claimed.items() if s != site)
+            if n > cap:
+                updates[site] = (updates[site][0], cap)
+                why = (f"its weight {n:.4g} was capped at {cap:.4g}, {ratio:g}× the other sites' median "
+                       "(server.max-weight-ratio)")
+                row = next(r for r in rec.sites if r.phase == "train" and r.site == site)
+                row.reason = f"{row.reason}; {why}" if row.reason else why
+                rec.events.append(Event("weight-capped", f"{site}: {why}", site))
 
     def _check_weight(self, tr: records.TrainReply) -> str:
         """Why the example count a site claims cannot weight its update ("" when it can): it must be positive and
@@ -357,51 +439,63 @@ class DebugFedAvg:
     def _collect_evaluate(self, replies: list[SiteReply], rec: RoundRecord, *,
                           trainable_values: int) -> dict[str, float | None]:
         summed: dict[str, np.ndarray] = {}
-        n_val = n_train = 0
+        sizes = {"val": 0, "train": 0}
         # Sites that trained this round (a rejected update was still trained): their summaries carry train losses.
         trained = {r.site: r for r in rec.sites if r.phase == "train"
                    and (r.status == "ok" or r.reason.startswith("update rejected"))}
-        for _, ev in self._readable(replies, "evaluate", rec, records.unpack_eval_reply):
-            row = _row("evaluate", ev)
-            if ev.blocks is None:
-                if ev.site.status != records.STATUS_OK:  # ok without a summary: dp.diagnostics-share = 0
-                    rec.events.append(Event("site-refused", ev.site.reason, ev.site.name))
-            else:
-                train_row = trained.get(ev.site.name)
-                did_train = train_row is not None and ev.health_round == rec.round
-                # Gradient statistics are measured only at q = 1 (client/train.py): at q < 1 there are none.
-                full_batch = train_row is not None and (train_row.sample_rate or 0.0) >= 1.0
-                d = diagnostics.derive(ev.blocks, loss_clip=self.loss_clip, n_val=ev.num_examples,
-                                       n_train=ev.site.n_train, trainable_values=trainable_values,
-                                       dpsgd_noise_multiplier=(train_row.noise_multiplier or 0.0) if full_batch
-                                       else 0.0, trained=did_train,
-                                       release_noise_multiplier=ev.noise_multiplier,
-                                       cross_models=len(ev.cross_models))
-                self.label_counts.add(ev.site.name, ev.blocks["train_labels"],
-                                      diagnostics.noise_std(ev.noise_multiplier, len(ev.cross_models))["train_labels"])
-                diagnostics.fill_row(row, d, blocks=ev.blocks, noise_multiplier=ev.noise_multiplier,
-                                     round_trained=ev.health_round, n_train=ev.site.n_train,
-                                     n_val=ev.num_examples, cross=ev.cross, cross_models=ev.cross_models)
-                if ev.noise_multiplier > 0:
-                    rec.ledger.append(LedgerRow(ev.site.name, rec.round, "summary", "gaussian", ev.noise_multiplier,
-                                                1.0, 1, ev.sensitivity))
-                for name, v in ev.blocks.items():
-                    if name == diagnostics.EMBEDDING:
-                        continue  # per site only (domain.py); its width is the site's word, never summed
-                    if did_train or name not in diagnostics.TRAINING_BLOCKS:
-                        summed[name] = summed.get(name, 0.0) + v
-                n_val += ev.num_examples
-                n_train += ev.site.n_train if did_train else 0  # only sites that trained measured train losses
-            rec.sites.append(row)
+        self._each(replies, "evaluate", rec, lambda c: records.unpack_eval_reply(c, self.num_classes),
+                   lambda r, ev: self._take_summary(ev, rec, trained.get(ev.site.name), summed, sizes,
+                                                    trainable_values))
         if not summed:
             return {}
         # Sums of noised summaries are noised summaries of the union: the global view is post-processing too.
         for name, empty in diagnostics.empty_blocks(summed["confusion"].shape[0]).items():
             summed.setdefault(name, empty)  # no site trained this round: its training blocks are empty
         self.thresholds = diagnostics.thresholds(summed["self_confidence"], summed["confusion"].sum(axis=1)).tolist()
-        g = diagnostics.derive(summed, loss_clip=self.loss_clip, n_val=n_val, n_train=n_train, trained=n_train > 0)
+        g = diagnostics.derive(summed, loss_clip=self.loss_clip, n_val=sizes["val"], n_train=sizes["train"],
+                               trained=sizes["train"] > 0)
         return {"accuracy": g["accuracy"], "macro_f1": g["macro_f1"], "loss": g["loss"]["val"],
                 "train_loss": g["loss"]["train"]}
+
+    def _take_summary(self, ev: records.EvalReply, rec: RoundRecord, train_row: SiteRoundRow | None,
+                      summed: dict[str, np.ndarray], sizes: dict[str, int], trainable_values: int) -> None:
+        """One site's evaluate reply: its row with the derived summary, its ledger entry, and its share of the
+        round's pooled summary and label counts."""
+        row = _row("evaluate", ev)
+        add: dict[str, np.ndarray] = {}
+        if ev.blocks is None:
+            if ev.site.status != records.STATUS_OK:  # ok without a summary: dp.diagnostics-share = 0
+                rec.events.append(Event("site-refused", ev.site.reason, ev.site.name))
+        else:
+            did_train = train_row is not None and ev.health_round == rec.round
+            # Gradient statistics are measured only at q = 1 (client/train.py): at q < 1 there are none.
+            full_batch = train_row is not None and (train_row.sample_rate or 0.0) >= 1.0
+            d = diagnostics.derive(ev.blocks, loss_clip=self.loss_clip, n_val=ev.num_examples,
+                                   n_train=ev.site.n_train, trainable_values=trainable_values,
+                                   dpsgd_noise_multiplier=(train_row.noise_multiplier or 0.0) if full_batch
+                                   else 0.0, trained=did_train,
+                                   release_noise_multiplier=ev.noise_multiplier,
+                                   cross_models=len(ev.cross_models))
+            diagnostics.fill_row(row, d, blocks=ev.blocks, noise_multiplier=ev.noise_multiplier,
+                                 round_trained=ev.health_round, n_train=ev.site.n_train,
+                                 n_val=ev.num_examples, cross=ev.cross, cross_models=ev.cross_models)
+            if ev.noise_multiplier > 0:
+                rec.ledger.append(LedgerRow(ev.site.name, rec.round, "summary", "gaussian", ev.noise_multiplier,
+                                            1.0, 1, ev.sensitivity))
+            for name, v in ev.blocks.items():
+                if name == diagnostics.EMBEDDING:
+                    continue  # per site only (domain.py); its width is the site's word, never summed
+                if did_train or name not in diagnostics.TRAINING_BLOCKS:
+                    add[name] = summed[name] + v if name in summed else v
+            label_std = diagnostics.noise_std(ev.noise_multiplier, len(ev.cross_models))["train_labels"]
+        rec.sites.append(row)
+        # The server's own state changes last: a reply that failed above left none behind.
+        self._register(ev.site)
+        if add:
+            self.label_counts.add(ev.site.name, ev.blocks["train_labels"], label_std)
+            summed.update(add)
+            sizes["val"] += ev.num_examples
+            sizes["train"] += ev.site.n_train if did_train else 0  # only sites that trained measured train losses
 
 
 def _row(phase: str, reply: records.TrainReply | records.EvalReply, **extra: object) -> SiteRoundRow:

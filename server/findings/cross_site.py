@@ -22,12 +22,14 @@ from server.findings.evidence import relative_spread
 MIN_SITES = 3  # cross-site comparisons need a median of at least this many sites
 
 
-def cross_site(rec: RoundRecord) -> dict[tuple[str | None, str], Finding]:
-    """Sites whose update departs from the others' this round (post-processing only)."""
+def cross_site(rec: RoundRecord, *, before_evaluation: bool = False) -> dict[tuple[str | None, str], Finding]:
+    """Sites whose update departs from the others' this round (post-processing only). `before_evaluation`: read
+    while the round's updates are not yet averaged (server.quarantine), with each site's reported steps standing in
+    for the training losses its evaluation will measure."""
     trained = {r.site: r for r in rec.sites if r.phase == "train" and r.status == "ok" and r.update_norm is not None}
     if len(trained) < MIN_SITES:
         return {}
-    return norm_departure(rec, trained)
+    return norm_departure(rec, trained, {s for s, r in trained.items() if r.steps} if before_evaluation else None)
 
 
 ZERO_NORM = 1e-6  # × median update norm: the site sent back what it received
@@ -35,12 +37,17 @@ NORM_OUTLIER = 5.0  # × median update norm: without a noise reading, a divergin
 STEP_OUTLIER = 1.5  # × the median step size read off the noise: a blown-up learning rate (honest sites: ±4 %)
 
 
-def norm_departure(rec: RoundRecord, trained: dict[str, SiteRoundRow]) -> dict[tuple[str | None, str], Finding]:
+def norm_departure(rec: RoundRecord, trained: dict[str, SiteRoundRow],
+                   measured: set[str] | None = None) -> dict[tuple[str | None, str], Finding]:
     """A free rider (an update of norm ~0, or a huge one with no training measured) or a diverging site (a step
     size many times the others', read off its noise; else a huge norm), against the sites that trained (`trained`:
-    their train rows, at least MIN_SITES)."""
+    their train rows, at least MIN_SITES). `measured`: the sites whose evaluation measured training losses this
+    round (None: read from the round's evaluate rows; before the evaluation, the server passes those that report
+    training steps)."""
     out: dict[tuple[str | None, str], Finding] = {}
-    measured = {r.site for r in rec.sites if r.phase == "evaluate" and r.status == "ok" and r.train_loss is not None}
+    if measured is None:
+        measured = {r.site for r in rec.sites
+                    if r.phase == "evaluate" and r.status == "ok" and r.train_loss is not None}
     median = statistics.median(r.update_norm for r in trained.values())
     # The reading compares sites on one schedule: a site making many more passes over fewer examples (an
     # overfitting site, named by schedule.py) divides its noise by a smaller batch than its released size says.

@@ -84,11 +84,11 @@ def site(name, *, arrays=None, refuse=False, claims=10):
     return handle
 
 
-def make_strategy(writer, *, checkpoints=None, **server):
+def make_strategy(writer, *, checkpoints=None, class_names=(), **server):
     """The round loop under the pyproject defaults, with the few server settings a test changes."""
     cfg = replace(AppConfig.from_run_config({}).server, **{"min_sites": 2, "fraction_train": 1.0, "round_timeout": 0.5,
                                                            **server})
-    return DebugFedAvg(cfg, writer=writer, loss_clip=3.0, checkpoints=checkpoints)
+    return DebugFedAvg(cfg, writer=writer, loss_clip=3.0, checkpoints=checkpoints, class_names=class_names)
 
 
 def test_one_round_records_every_kind_of_site(tmp_path):
@@ -173,14 +173,15 @@ def test_hostile_weights_and_counts_are_rejected_before_averaging(tmp_path):
         "empty", "inflated", "scaled"]
 
 
-@pytest.mark.parametrize("outlier", [20.0, 0.0])
-def test_an_update_many_times_the_median_norm_is_left_out_of_the_average(tmp_path, outlier):
+@pytest.mark.parametrize("outlier, quarantine", [(20.0, True), (0.0, True), (0.0, False)])
+def test_an_update_many_times_the_median_norm_is_left_out_of_the_average(tmp_path, outlier, quarantine):
     # A site making hundreds of local passes sent 450× the others' norm; averaged in, it left the model at chance.
     writer = RunWriter(tmp_path / "s.db", "r")
     writer.start(scenario="t", rounds_planned=1, model="m", config={})
     behaviour = {i: site(f"s{i}") for i in range(1, 4)}
     behaviour[4] = site("far", arrays=OrderedDict(w=np.full((2, 2), 100.0, np.float32)))  # norm 200, median 2
-    final = make_strategy(writer, update_norm_outlier=outlier).run(FakeGrid(behaviour), GLOBAL, 1)
+    final = make_strategy(writer, update_norm_outlier=outlier, quarantine=quarantine).run(
+        FakeGrid(behaviour), GLOBAL, 1)
     run = load_run(tmp_path / "s.db", "r")
     far = next(r for r in run["site_rounds"] if r["phase"] == "train" and r["site"] == "far")
     assert far["status"] == "ok" and far["update_norm"] == pytest.approx(200.0)  # it trained; the findings read it
@@ -189,7 +190,12 @@ def test_an_update_many_times_the_median_norm_is_left_out_of_the_average(tmp_pat
         assert far["reason"] == ("left out of the average: its update norm 200 is 100× the round's median 2 "
                                  "(server.update-norm-outlier 20)")
         assert [e["site"] for e in run["events"] if e["kind"] == "update-excluded"] == ["far"]
-    else:  # off: FedAvg by examples, 10 each
+    elif quarantine:  # the cross-site rules name it diverging in this round: it is kept out of this round's average
+        np.testing.assert_equal(final["w"], np.ones((2, 2), np.float32))
+        assert far["reason"] == "left out of the average: quarantined as a divergence (server.quarantine)"
+        divergence = next(f for f in run["findings"] if f["kind"] == "divergence")
+        assert divergence["site"] == "far" and divergence["message"].endswith("it was left out of the average")
+    else:  # both off: FedAvg by examples, 10 each
         np.testing.assert_allclose(final["w"], np.full((2, 2), (3 + 100) / 4, np.float32))
         assert far["reason"] == ""
 
