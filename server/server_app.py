@@ -14,7 +14,7 @@ from common.config import AppConfig
 from common.log import get_logger
 from common.model import build_model, load_tokenizer, load_trainable_state, save_final_model, trainable_state
 from common.rounds import Event
-from common.run_store import RunWriter
+from common.run_store import RunWriter, load_round_records
 from server.central_eval import class_prior, make_central_eval, make_probe, server_split
 from server.strategy import DebugFedAvg
 
@@ -98,8 +98,10 @@ def main(grid: Grid, context: Context) -> None:
             # safetensors stores keys sorted; the sites and the update checks expect the model's own order.
             initial = type(initial)((k, kept[k]) for k in initial)
             state = source.state(last)
+            # A resumed run's findings go on from its committed rounds; a replay is a new run, diagnosed afresh.
             strategy.restore(writer.prior()["sites"] if resumed is not None else [], state.get("thresholds"),
-                             state.get("label_counts"))
+                             state.get("label_counts"),
+                             load_round_records(cfg.store.path, run_id) if resumed is not None else None)
             start = last + 1
         final = strategy.run(grid, initial, cfg.num_server_rounds, start_round=start)
         model_path = None

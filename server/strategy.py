@@ -194,12 +194,15 @@ class DebugFedAvg:
 
     # --- the round loop ----------------------------------------------------------------------------------------
 
-    def restore(self, sites: list[str], thresholds: list[float] | None, label_counts: dict | None = None) -> None:
-        """Resuming a run: the sites already in the store, and the thresholds and label-count estimates the last
-        completed round left."""
+    def restore(self, sites: list[str], thresholds: list[float] | None, label_counts: dict | None = None,
+                rounds: list[RoundRecord] | None = None) -> None:
+        """Resuming a run: the sites already in the store, the thresholds and label-count estimates the last
+        completed round left, and the committed rounds themselves, from which the findings tracker rebuilds its
+        evidence, baselines and open findings."""
         self.known.update(sites)
         self.thresholds = thresholds
         self.label_counts = LabelCounts.from_state(label_counts)
+        self.findings.replay(rounds or [])
 
     def prior(self) -> list[float] | None:
         """The class prior for this round's training (public: config, server data, or released counts)."""

@@ -133,6 +133,14 @@ class FindingsTracker:
         return new
 
 
+    def replay(self, records: list[RoundRecord]) -> None:
+        """Rebuild the evidence, the trend baselines and the open findings from a run's committed rounds, recording
+        nothing: a resumed run goes on from where it stopped (its findings are in the store already), neither
+        repeating them nor starting its baselines afresh."""
+        for rec in records:
+            self.update(rec)
+
+
 def rediagnose(records: list[RoundRecord], *, loss_clip: float,
                class_names: tuple[str, ...] | None = None) -> list[tuple[int, Finding]]:
     """The findings the current code draws from a stored run's rounds, as (round, finding) in the order they would

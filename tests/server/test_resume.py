@@ -9,9 +9,10 @@ import pytest
 from common.checkpoints import Checkpoints
 from common.config import AppConfig
 from common.rounds import RoundRecord
-from common.run_store import RunWriter, load_run
+from common.run_store import RunWriter, load_round_records, load_run
 from server.server_app import resume_point
 from tests.conftest import TINY
+from tests.server.test_strategy import GLOBAL, FakeGrid, make_strategy, site, task_identity  # noqa: F401
 
 
 def _interrupted(tmp_path, *, keep=5):
@@ -46,3 +47,40 @@ def test_resuming_is_refused_when_it_could_not_be_exact(tmp_path):
     writer.finish("completed")
     with pytest.raises(ValueError, match="run r already completed"):
         resume_point(cfg, writer, ckpt)
+
+
+def test_a_resumed_round_loop_keeps_its_findings_and_baselines(tmp_path):
+    # A site that fails every round and a training loss that rises: one site_failed finding at round 1, and an
+    # underfitting trend whose baseline is round 1's loss. Resumed after round 2, the loop must neither record them
+    # again nor judge round 3 against a fresh baseline.
+    from flwr.app import Error
+
+    def crashy(m):
+        from common import records
+
+        if m.metadata.message_type == "query":
+            return records.pack_hello(records.SiteInfo("crashy", 10, 5))
+        return Error(code=2, reason="site crashy: disk full")
+
+    behaviour = {1: site("a"), 2: site("b"), 3: site("c"), 4: crashy}
+
+    def findings(path):
+        return [(f["round"], f["site"], f["kind"]) for f in load_run(path, "r")["findings"]]
+
+    whole = RunWriter(tmp_path / "whole.db", "r")
+    whole.start(scenario="t", rounds_planned=3, model="m", config={})
+    make_strategy(whole).run(FakeGrid(behaviour), GLOBAL, 3)
+
+    cut = RunWriter(tmp_path / "cut.db", "r")
+    cut.start(scenario="t", rounds_planned=3, model="m", config={})
+    first = make_strategy(cut)
+    weights = first.run(FakeGrid(behaviour), GLOBAL, 2)
+    resumed = make_strategy(cut)
+    resumed.restore(["a", "b", "c"], first.thresholds, first.label_counts.to_state(),
+                    load_round_records(tmp_path / "cut.db", "r"))
+    resumed.run(FakeGrid(behaviour), weights, 3, start_round=3)
+    assert findings(tmp_path / "cut.db") == findings(tmp_path / "whole.db")
+    assert [k for _, s, k in findings(tmp_path / "cut.db") if s == "crashy"] == ["site_failed"]
+    # The trend baselines are the stored rounds' metrics (round 1's training loss first), not round 3 alone.
+    assert [h["train_loss"] for h in resumed.findings.history][:1] == [pytest.approx(0.6)]
+    assert len(resumed.findings.history) == 3
