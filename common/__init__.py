@@ -1,0 +1,1 @@
+"""Contracts every step shares: config, message format, the typed round, model, summary contract, store."""

@@ -1,4 +1,5 @@
-"""Head mode's frozen features, computed once where the texts are and kept on that machine's own disk.
+"""Steps 2 and 4 (head mode): the frozen features, computed once where the texts are and kept on that machine's own
+disk.
 
 A site keeps its features in its own state folder (client/state.site_folder), the server those of its held-out set
 next to the run store; neither ever travels. The encoder does not change during a head-mode run, so a split's

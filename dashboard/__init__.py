@@ -1,0 +1,1 @@
+"""Step 5 -> readers: the Streamlit dashboard over the run store (no Flower, no torch)."""

@@ -1,4 +1,5 @@
-"""Key material for a deployment: a CA, the SuperLink's TLS certificate, and one SuperNode auth key pair per site.
+"""Deployment, before step 1: key material: a CA, the SuperLink's TLS certificate, and one SuperNode auth key pair
+per site.
 
 `fedlens certs --out certs --sites hospital-a,hospital-b,hospital-c --host link.example.org` writes
 

@@ -1,4 +1,4 @@
-"""The `fedlens` command: simulate a scenario, report a run, open the dashboard.
+"""Every step, from the shell: the `fedlens` command (simulate, deploy, report, diagnose, bench, dashboard).
 
 Run as:  fedlens simulate --scenario simulations/smoke.toml
          fedlens report --json
@@ -200,7 +200,7 @@ def whatif(
     """Re-aggregate a round without some sites and compare both global models on the server's test set."""
     import json
 
-    from server.whatif import reaggregate
+    from server.whatif import describe, reaggregate
 
     try:
         out = reaggregate(store, run, round_, [s.strip() for s in exclude.split(",") if s.strip()])
@@ -211,9 +211,7 @@ def whatif(
     if json_:
         typer.echo(json.dumps(out, indent=2))
         return
-    typer.echo(f"run {out['run_id']} round {out['round']}: without {', '.join(out['excluded'])} "
-               f"({len(out['sites_used'])} site(s), {out['examples_used']} examples, by {out['aggregation']}); "
-               f"weights moved by {out['distance']:.4f}")
+    typer.echo(f"run {out['run_id']}. {describe(out)}")
     if out["actual"] is None:
         typer.echo(out.get("note", ""))
         return

@@ -1,4 +1,4 @@
-"""A real deployment: the Flower processes each party runs, started with fedlens' secure defaults.
+"""Deployment, steps 1-5 across machines: the Flower processes each party runs, started with fedlens' secure defaults.
 
     coordinator:  fedlens link --certs certs            flower-superlink (TLS, SuperNode auth, state in a database,
                                                         no runtime installs, --isolation process) + flower-superexec

@@ -1,5 +1,5 @@
-"""Detection limits of the statistical findings: the smallest fault rate found with probability ≥ 0.9, by site size
-and ε, measured on synthetic releases (`fedlens bench limits`).
+"""Step 4 → findings, measured: the detection limits of the statistical findings: the smallest fault rate found with
+probability ≥ 0.9, by site size and ε, measured on synthetic releases (`fedlens bench limits`).
 
 A synthetic release is what a site would send if the model every site received had a known behaviour: its
 predictions follow a fixed matrix M (true class → predicted class) and its confidence a fixed histogram, lower on

@@ -1,4 +1,5 @@
-"""Run a scenario on Flower's simulation engine (Ray backend), in this process, with the run config resolved here."""
+"""Steps 1-5 on one machine: run a scenario on Flower's simulation engine (Ray backend), in this process, with the
+run config resolved here."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Step 4, at the coordinator: collect -> aggregate -> findings -> the run store (the ServerApp)."""

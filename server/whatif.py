@@ -70,3 +70,10 @@ def reaggregate(store: str | Path, run_id: str | None, round_: int, exclude: lis
     out["change"] = {k: out["without"][k] - out["actual"][k] for k in out["actual"]
                      if math.isfinite(out["actual"][k]) and math.isfinite(out["without"][k])}
     return out
+
+
+def describe(out: dict[str, Any]) -> str:
+    """One sentence on a re-aggregation (`reaggregate`'s result), for the CLI and the dashboard alike."""
+    return (f"Round {out['round']} without {', '.join(out['excluded'])}: {len(out['sites_used'])} site(s), "
+            f"{out['examples_used']} examples, aggregated by the run's own rule ({out['aggregation']}); the global "
+            f"weights move by {out['distance']:.4f} (L2).")

@@ -1,4 +1,5 @@
-"""Centralised baseline: fine-tune the same model, without DP, on the union of the sites' train splits.
+"""Step 2 without federation or DP, the reference: the centralised baseline: fine-tune the same model, without DP, on
+the union of the sites' train splits.
 
 This is the number a federated DP run is compared with (what pooling all the data in one place would give).
 Run as:  python simulations/centralised.py [--scenario simulations/demo.toml] [--epochs 5] [--set key=value ...]

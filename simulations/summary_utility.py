@@ -1,4 +1,5 @@
-"""How much do the released (noised) error summaries still say? Noised vs exact numbers on the demo sites.
+"""Step 3, measured: how much do the released (noised) error summaries still say? Noised vs exact numbers on the demo
+sites.
 
 A model is fine-tuned (without DP, centralised, so that it is a reasonable one) on the union of the demo sites' train
 splits; each site then computes its exact summary and releases it many times at a given per-round ε. The script

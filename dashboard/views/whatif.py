@@ -40,9 +40,9 @@ def body(snap: dict) -> None:
     except (LookupError, ValueError) as e:
         st.error(str(e))
         return
-    st.write(f"Round {rnd} without **{', '.join(out['excluded'])}**: {len(out['sites_used'])} site(s), "
-             f"{out['examples_used']} examples, aggregated by the run's own rule ({out['aggregation']}); the global "
-             f"weights move by {out['distance']:.4f} (L2).")
+    from server.whatif import describe  # light: the model is built only when a re-aggregation evaluates
+
+    st.write(describe(out))
     if out["actual"] is None:
         st.info(out.get("note", "No test set to compare on."))
         return

@@ -1,4 +1,5 @@
-"""What a quiet diagnosis rules out: the detection limits of the statistical findings, by site size and release noise.
+"""Step 4 → findings, the Findings page: what a quiet diagnosis rules out: the detection limits of the statistical
+findings, by site size and release noise.
 
 Measured by `fedlens bench limits` (fedlens/detection_limits.py: synthetic releases through this engine, 40 trials
 a cell, 4 rounds; docs/PERFORMANCE.md "Detection limits"): for each kind, the smallest fault rate found with

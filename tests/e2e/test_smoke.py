@@ -157,7 +157,7 @@ def test_dashboard_renders_the_real_run(smoke_store, monkeypatch):
     at.multiselect(key="whatif-exclude").select("site-0").run()
     assert not at.exception, at.exception
     assert {m.label for m in at.metric} >= {"Test accuracy", "Test macro-F1", "Test loss"}
-    assert "Round 2 without **site-0**: 2 site(s)" in " ".join(str(m.value) for m in at.markdown)
+    assert "Round 2 without site-0: 2 site(s)" in " ".join(str(m.value) for m in at.markdown)
 
 
 def test_fix_and_replay_starts_from_a_checkpoint_without_the_excluded_site(smoke_store):
