@@ -42,7 +42,12 @@ STATUSES = (STATUS_OK, STATUS_REFUSED, STATUS_FAILED)
 # Bounds on what a reply may declare (anything beyond is malformed, never a crash): no site holds more rows or takes
 # more steps than this, and a name or a reason is short text.
 MAX_COUNT = 10**9
-MAX_NAME = 128
+MAX_NAME = 63
+# A site's name: what the store, checkpoints (one file a site) and dashboard key it by. Letters, digits, '.', '_' and
+# '-' only, so that no two names map to one file and no look-alike passes for another; `node-<id>` is kept for the
+# nodes that have not named themselves.
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+PLACEHOLDER = re.compile(r"^node-[0-9]+$")
 MAX_REASON = 400
 NPY_HEADER = 4096  # bytes np.save may add before an array's values (its header is at most a few hundred)
 
@@ -178,15 +183,17 @@ def _num(rec: Mapping[str, Any], key: str, where: str, lo: float, hi: float = ma
 
 def _floats(rec: Mapping[str, Any], key: str, where: str, size: int | None = None,
             default: Any = _MISSING) -> np.ndarray:
-    """rec[key] as finite floats (of `size` values when given)."""
+    """rec[key] as finite floats of magnitude at most MAX_COUNT (of `size` values when given): every released value
+    is a count or a bounded sum over a site's examples, plus noise, so anything larger is not a release (a summary
+    cell of 1e200 overflowed the findings engine)."""
     v = _value(rec, key, where, default)
     if not isinstance(v, list) or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in v):
         raise Malformed(f"{where}: '{key}' is {type(v).__name__}, expected a list of numbers")
     out = np.asarray(v, dtype=np.float64)
     if size is not None and out.size != size:
         raise Malformed(f"{where}: '{key}' has {out.size} values, expected {size}")
-    if not np.all(np.isfinite(out)):
-        raise Malformed(f"{where}: '{key}' holds NaN or Inf")
+    if not np.all(np.isfinite(out)) or (out.size and np.abs(out).max() > MAX_COUNT):
+        raise Malformed(f"{where}: '{key}' holds NaN, Inf or values beyond ±{MAX_COUNT:.0e}")
     return out
 
 
@@ -212,8 +219,9 @@ def unpack_site(content: RecordDict, num_classes: int | None = None) -> SiteInfo
         raise Malformed(f"reply has no '{SITE}' ConfigRecord (records: {list(content.keys())[:5]})")
     r = content.config_records[SITE]
     name = _text(r, "name", f"'{SITE}' record", MAX_NAME)
-    if not name.strip() or "/" in name or any(ord(c) < 32 for c in name):
-        raise Malformed(f"'{SITE}' record: 'name' = {_show(name)}, expected a site name")
+    if not SITE_NAME.match(name) or PLACEHOLDER.match(name):
+        raise Malformed(f"'{SITE}' record: 'name' = {_show(name)}, expected letters, digits, '.', '_' or '-' (at "
+                        f"most {MAX_NAME}; not node-<number>)")
     where = f"site {name}: '{SITE}' record"
     status = _text(r, "status", where, 16)
     if status not in STATUSES:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.records import SITE_NAME
 from server.identity import registry_text
 
-SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 

@@ -406,21 +406,28 @@ def link(
     certs_: Annotated[Path | None, typer.Option("--certs", help="folder with ca.crt, server.crt, server.key "
                                                                  "(fedlens certs)")] = None,
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 for other machines)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="the one port of the SuperLink's Fleet, Control and Runtime APIs")] = 8000,
+    port: Annotated[int, typer.Option(help="the sites' port: the Fleet gate, which passes Flower's Fleet API "
+                                           "only")] = 8000,
+    control_port: Annotated[int, typer.Option(help="the SuperLink's own port, on 127.0.0.1 only: the operators' "
+                                                   "Control API (flwr run, flwr supernode register) and the "
+                                                   "ServerApp's Runtime API")] = 9093,
     database: Annotated[Path, typer.Option(help="the SuperLink's state (runs, messages, nodes) survives restarts "
                                                 "in this file")] = Path("runs/superlink.db"),
     log_file: Annotated[Path | None, typer.Option(help="also write the SuperLink's log here")] = None,
     insecure: Annotated[bool, typer.Option(help="no TLS, no SuperNode authentication: loopback tests only")] = False,
     dry_run: Annotated[bool, typer.Option(help="print the commands, start nothing")] = False,
 ) -> None:
-    """Start the coordinator's Flower SuperLink (TLS, SuperNode auth, database) and its SuperExec."""
-    from fedlens.deploy import DeployError, link_commands, supervise
+    """Start the coordinator's Flower SuperLink (TLS, SuperNode auth, database) on loopback, its SuperExec, and the
+    Fleet gate on --host:--port, the only address the sites need."""
+    from fedlens.deploy import SECRET, DeployError, ensure_secret, link_commands, supervise
 
     try:
         commands = link_commands(certs=certs_, host=host, port=port, database=database, log_file=log_file,
-                                 insecure=insecure)
+                                 insecure=insecure, control_port=control_port)
     except DeployError as e:
         _fail(str(e), 2)
+    typer.echo(f"sites dial {host}:{port} (Fleet API only); operators use 127.0.0.1:{control_port} on this machine "
+               "(flwr run, flwr supernode register)", err=True)
     if insecure:
         typer.echo("WARNING: --insecure: traffic is not encrypted and any SuperNode may join; loopback tests only",
                    err=True)
@@ -429,6 +436,7 @@ def link(
     if dry_run:
         return
     database.parent.mkdir(parents=True, exist_ok=True)
+    ensure_secret(certs_ / SECRET if certs_ is not None else database.parent / SECRET)
     raise typer.Exit(supervise(commands))
 
 
@@ -460,10 +468,15 @@ def site(
     insecure: Annotated[bool, typer.Option(help="no TLS, no authentication: loopback tests only")] = False,
     max_retries: Annotated[int | None, typer.Option(help="give up after this many failed connection attempts "
                                                          "(default: retry forever)")] = None,
+    app_digest: Annotated[list[str] | None, typer.Option(help="SHA-256 of an app bundle this site runs (repeatable); "
+                                                              "default: the bundle of this fedlens install's own "
+                                                              "project, so the coordinator cannot ship other "
+                                                              "code")] = None,
     dry_run: Annotated[bool, typer.Option(help="print the command, start nothing")] = False,
 ) -> None:
-    """Start one site's Flower SuperNode: TLS to the SuperLink, authenticated by the site's key."""
-    from fedlens.deploy import DeployError, site_command, supervise
+    """Start one site's Flower SuperNode (TLS to the SuperLink, authenticated by the site's key) and its runner: one
+    long-lived process that runs the ClientApp for every message, and only an app whose digest the site pinned."""
+    from fedlens.deploy import RUNNER_SECRET, DeployError, ensure_secret, runner_command, site_command, supervise
 
     if certs_ is not None:
         ca, key = ca or certs_ / "ca.crt", key or certs_ / "sites" / name
@@ -473,17 +486,20 @@ def site(
                                     ("allow-non-dp", allow_non_dp), ("allow-injected-faults", allow_injected_faults))
                   if v is not None}
         policy = _site_policy(state_dir or Path.home() / ".fedlens" / "sites" / name, chosen)
+        state = state_dir or Path.home() / ".fedlens" / "sites" / name
         cmd = site_command(name=name, superlink=superlink, data=data, port=port, ca=ca, key=key, insecure=insecure,
-                           state_dir=state_dir or Path.home() / ".fedlens" / "sites" / name, max_retries=max_retries,
-                           policy=policy)
+                           state_dir=state, max_retries=max_retries, policy=policy)
+        runner = runner_command(port=port, state_dir=state, digests=app_digest)
     except DeployError as e:
         _fail(str(e), 2)
     if insecure:
         typer.echo("WARNING: --insecure: this site's traffic is not encrypted and not authenticated", err=True)
-    typer.echo(" ".join(cmd), err=True)
+    for c in (cmd, runner):
+        typer.echo(" ".join(c), err=True)
     if dry_run:
         return
-    raise typer.Exit(supervise([cmd]))
+    ensure_secret(state / RUNNER_SECRET)
+    raise typer.Exit(supervise([cmd, runner]))
 
 
 def _site_policy(state_dir: Path, chosen: dict) -> dict:

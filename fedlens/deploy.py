@@ -1,7 +1,8 @@
 """Deployment, steps 1-5 across machines: the Flower processes each party runs, started with fedlens' secure defaults.
 
-    coordinator:  fedlens link --certs certs            flower-superlink (TLS, SuperNode auth, state in a database,
-                                                        no runtime installs, --isolation process) + flower-superexec
+    coordinator:  fedlens link --certs certs            flower-superlink on loopback (TLS, SuperNode auth, state in
+                                                        a database, no runtime installs, --isolation process) +
+                                                        flower-superexec + the Fleet gate on the public address
     each site:    fedlens site hospital-a --data a.csv  flower-supernode (the CA, the site's own key, its name, data
                   --superlink link:8000 --certs certs   path and state folder as node config)
 
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from fedlens.certs import SITE_NAME
+from common.records import SITE_NAME
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 SECRET = "superexec.secret"  # shared by the SuperLink and its SuperExec: only they may run ServerApps
@@ -59,17 +61,42 @@ def _need(path: Path, what: str) -> str:
     return str(path.resolve())
 
 
+CONTROL_PORT = 9093  # the SuperLink's own port, on loopback: the operators' Control API and the Runtime API
+
+
+def ensure_secret(path: Path) -> Path:
+    """The SuperLink / SuperExec shared secret at `path`, made (32 random bytes, hex, mode 0600) if missing: the
+    Runtime API never runs unauthenticated."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path
+
+
 def link_commands(*, certs: Path | None, host: str, port: int, database: Path, log_file: Path | None = None,
-                  insecure: bool = False) -> list[list[str]]:
-    """[flower-superlink ..., flower-superexec ...] for the coordinating site.
+                  insecure: bool = False, control_port: int = CONTROL_PORT,
+                  secret: Path | None = None) -> list[list[str]]:
+    """[flower-superlink ..., flower-superexec ..., the Fleet gate ...] for the coordinating site.
+
+    The SuperLink listens on 127.0.0.1:`control_port` only; the sites dial `host`:`port`, where the Fleet gate
+    (fedlens/gate.py) passes Flower's Fleet API and nothing else. `secret`: the SuperExec secret file (default
+    certs/superexec.secret, or beside the database with --insecure); `fedlens link` makes it when missing.
 
     Raises:
-        DeployError: no certificates without --insecure, or --insecure on an address other sites can reach.
+        DeployError: no certificates without --insecure, --insecure on an address other sites can reach, or the
+            public and control ports the same.
     """
-    link = [_bin("flower-superlink"), "--host", host, "--port", str(port), "--database", str(database),
-            "--isolation", "process", "--disable-runtime-dependency-installation"]
-    execd = [_bin("flower-superexec"), "--runtime-api-address", f"{'127.0.0.1' if not _is_loopback(host) else host}"
-                                                                f":{port}"]
+    if port == control_port:
+        raise DeployError(f"--port {port} and --control-port {control_port} must differ: the sites' port passes "
+                          "only the Fleet API, the control port (loopback) serves the operators and the ServerApp")
+    secret = (secret or (certs / SECRET if certs is not None else database.parent / SECRET)).resolve()
+    link = [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(control_port), "--database",
+            str(database), "--isolation", "process", "--disable-runtime-dependency-installation",
+            "--superexec-auth-secret-file", str(secret)]
+    execd = [_bin("flower-superexec"), "--runtime-api-address", f"127.0.0.1:{control_port}",
+             "--superexec-auth-secret-file", str(secret)]
+    gate = [sys.executable, "-m", "fedlens.gate", "--listen", f"{host}:{port}"]
     if log_file is not None:
         link += ["--log-file", str(log_file)]
     if insecure:
@@ -77,19 +104,18 @@ def link_commands(*, certs: Path | None, host: str, port: int, database: Path, l
             raise DeployError(f"--insecure with --host {host}: plaintext traffic and no SuperNode authentication on "
                               "an address other machines can reach is refused; use TLS (fedlens certs) or a "
                               "loopback host for local testing")
-        return [link + ["--insecure"], execd + ["--insecure"]]
+        return [link + ["--insecure"], execd + ["--insecure"],
+                gate + ["--upstream", f"http://127.0.0.1:{control_port}"]]
     if certs is None:
         raise DeployError("no --certs folder: the SuperLink needs TLS (ca.crt, server.crt, server.key); make them "
                           "with `fedlens certs --out certs --sites N`, or pass --insecure for a loopback test")
     ca = _need(certs / "ca.crt", "CA certificate")
-    link += ["--ssl-ca-certfile", ca, "--ssl-certfile", _need(certs / "server.crt", "server certificate"),
-             "--ssl-keyfile", _need(certs / "server.key", "server key"), "--enable-supernode-auth"]
+    cert, key = _need(certs / "server.crt", "server certificate"), _need(certs / "server.key", "server key")
+    link += ["--ssl-ca-certfile", ca, "--ssl-certfile", cert, "--ssl-keyfile", key, "--enable-supernode-auth"]
     execd += ["--root-certificates", ca]
-    if (certs / SECRET).is_file():
-        secret = str((certs / SECRET).resolve())
-        link += ["--superexec-auth-secret-file", secret]
-        execd += ["--superexec-auth-secret-file", secret]
-    return [link, execd]
+    gate += ["--upstream", f"https://127.0.0.1:{control_port}", "--ssl-certfile", cert, "--ssl-keyfile", key,
+             "--ca", ca]
+    return [link, execd, gate]
 
 
 def site_command(*, name: str, superlink: str, data: Path | None, state_dir: Path, port: int,
@@ -113,8 +139,11 @@ def site_command(*, name: str, superlink: str, data: Path | None, state_dir: Pat
         config.append(f'data-path="{data.resolve()}"')
     for k, v in (policy or {}).items():
         config.append(f"{k}={'true' if v is True else 'false' if v is False else repr(float(v))}")
+    # --isolation process: the SuperNode runs no ClientApp itself; the site's own runner (runner_command) does, in
+    # one long-lived process, after checking the app's digest. The two share a secret that signs task requests.
     cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port),
-           "--node-config", " ".join(config)]
+           "--node-config", " ".join(config), "--isolation", "process",
+           "--superexec-auth-secret-file", str((state_dir / RUNNER_SECRET).resolve())]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     if insecure:
@@ -124,6 +153,27 @@ def site_command(*, name: str, superlink: str, data: Path | None, state_dir: Pat
                           "private key (--key or --certs); pass --insecure only for a loopback test")
     return cmd + ["--root-certificates", _need(ca, "CA certificate"),
                   "--auth-supernode-private-key", _need(key, f"site {name}'s private key")]
+
+
+RUNNER_SECRET = "runner.secret"  # in the site's state folder: shared by its SuperNode and its runner
+
+
+def runner_command(*, port: int, state_dir: Path, digests: list[str] | None = None) -> list[str]:
+    """The site's ClientApp runner (fedlens/site_runner.py) beside its SuperNode on `port`: one long-lived process
+    that runs only apps of the pinned `digests` (default: its own install's).
+
+    Raises:
+        DeployError: a digest that is not 64 hex characters.
+    """
+    bad = [d for d in digests or [] if len(d) != 64 or any(c not in "0123456789abcdef" for c in d)]
+    if bad:
+        raise DeployError(f"--app-digest {bad[0]!r}: expected the SHA-256 of an app bundle, 64 lowercase hex "
+                          "characters (the error reply of a refused app names the one the coordinator sent)")
+    cmd = [sys.executable, "-m", "fedlens.site_runner", "--runtime-api-address", f"127.0.0.1:{port}",
+           "--secret-file", str((state_dir / RUNNER_SECRET).resolve())]
+    for d in digests or []:
+        cmd += ["--app-digest", d]
+    return cmd
 
 
 def supervise(commands: list[list[str]], *, cwd: Path | None = None) -> int:

@@ -88,14 +88,18 @@ class Identities:
         for n in nodes:
             self.nodes[n.node_id] = n
 
+    def forget(self, node_ids: Iterable[int]) -> None:
+        """Nodes the link no longer lists: their names are free again (an insecure SuperNode that restarts makes
+        a new key and comes back under a new node id)."""
+        for node_id in node_ids:
+            name = self.name_of.pop(node_id, None)
+            if name is not None and self.node_of.get(name) == node_id:
+                del self.node_of[name]
+            self.nodes.pop(node_id, None)
+
     def check(self, node_id: int, name: str) -> str:
-        """Why `node_id` may not answer as `name` ("" when it may; the binding is then made)."""
-        held = self.node_of.get(name)
-        if held is not None and held != node_id:
-            return f"node {node_id} answered as {name}, a name node {held} holds in this run"
-        bound = self.name_of.get(node_id)
-        if bound is not None and bound != name:
-            return f"node {node_id} answered as {name} after answering as {bound}"
+        """Why `node_id` may not answer as `name` ("" when it may; the binding is then made). The key (or the link's
+        name) is checked first, so an impostor is told the same every time; first use binds last."""
         node = self.nodes.get(node_id, Node(node_id))
         if self.registry is not None:
             key = self.registry.get(name)
@@ -105,6 +109,15 @@ class Identities:
                 return f"node {node_id} answered as {name} without {name}'s registered key"
         elif node.name and node.name != name:
             return f"node {node_id} answered as {name} but is registered at the link as {node.name}"
+        elif not node.name and any(n.name for n in self.nodes.values()):
+            # The link names its nodes: one registered without a name may not pick a name of its own.
+            return f"node {node_id} answered as {name} but was registered at the link without a name"
+        held = self.node_of.get(name)
+        if held is not None and held != node_id:
+            return f"node {node_id} answered as {name}, a name node {held} holds in this run"
+        bound = self.name_of.get(node_id)
+        if bound is not None and bound != name:
+            return f"node {node_id} answered as {name} after answering as {bound}"
         self.name_of[node_id], self.node_of[name] = name, node_id
         return ""
 

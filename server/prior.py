@@ -11,18 +11,30 @@ from __future__ import annotations
 
 import numpy as np
 
+EXACT_STD = 1e-6  # a release claiming less noise than this is taken as exact (a run without DP)
+MIN_SITES_TO_CAP = 3  # sites a share cap needs: one site is judged against the median of at least two others
+
 
 class LabelCounts:
-    """Per site, the inverse-variance mean of its released train-label counts; pooled, the prior."""
+    """Per site, the inverse-variance mean of its released train-label counts; pooled, the prior.
 
-    def __init__(self) -> None:
+    `max_ratio` (server.max-weight-ratio) bounds what one site can do to the prior, as it bounds its FedAvg weight:
+    in the pooled counts a site's total counts at most `max_ratio` × the median of the other sites' totals (0: no
+    cap). Without it, one site releasing 10⁹ "exact" examples of one class set every site's loss prior.
+    """
+
+    def __init__(self, max_ratio: float = 0.0) -> None:
+        self.max_ratio = max_ratio
         self.weighted: dict[str, np.ndarray] = {}  # site -> Σ counts / var
         self.precision: dict[str, float] = {}  # site -> Σ 1 / var
 
     def add(self, site: str, counts: np.ndarray, std: float) -> None:
-        """One release of `site`'s train-label counts, each cell with noise std `std` (0: exact, a non-DP run)."""
+        """One release of `site`'s train-label counts, each cell with noise std `std` (0: exact, a non-DP run).
+        A release that is not finite is ignored (the reply's checks refuse one before it gets here)."""
         counts = np.asarray(counts, dtype=np.float64)
-        if std <= 0:  # exact counts replace any noisy estimate
+        if not np.all(np.isfinite(counts)) or not np.isfinite(std):
+            return
+        if std <= EXACT_STD:  # exact counts replace any noisy estimate
             self.weighted[site], self.precision[site] = counts * 1e12, 1e12
             return
         w = 1.0 / std ** 2
@@ -30,10 +42,18 @@ class LabelCounts:
         self.precision[site] = self.precision.get(site, 0.0) + w
 
     def pooled(self) -> np.ndarray | None:
-        """Estimated train examples per label over all sites that released any (None before the first)."""
+        """Estimated train examples per label over all sites that released any (None before the first); a site
+        whose total (negative noised cells as 0) is beyond `max_ratio` × the others' median is scaled down to it."""
         if not self.weighted:
             return None
-        return sum(self.weighted[s] / self.precision[s] for s in self.weighted)
+        each = {s: self.weighted[s] / self.precision[s] for s in self.weighted}
+        if self.max_ratio > 0 and len(each) >= MIN_SITES_TO_CAP:
+            totals = {s: float(np.clip(v, 0.0, None).sum()) for s, v in each.items()}
+            for s, v in each.items():
+                cap = self.max_ratio * float(np.median([t for o, t in totals.items() if o != s]))
+                if totals[s] > cap > 0:
+                    each[s] = v * (cap / totals[s])
+        return sum(each.values())
 
     def prior(self) -> list[float] | None:
         """The smoothed label distribution (negative noised cells count as 0; a class with none is rare, not
@@ -45,8 +65,8 @@ class LabelCounts:
         return {s: {"weighted": self.weighted[s].tolist(), "precision": self.precision[s]} for s in self.weighted}
 
     @classmethod
-    def from_state(cls, state: dict | None) -> LabelCounts:
-        out = cls()
+    def from_state(cls, state: dict | None, max_ratio: float = 0.0) -> LabelCounts:
+        out = cls(max_ratio)
         for site, v in (state or {}).items():
             out.weighted[site], out.precision[site] = np.asarray(v["weighted"]), float(v["precision"])
         return out

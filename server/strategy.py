@@ -77,7 +77,7 @@ class DebugFedAvg:
         # The loss's class prior sent with each train instruction: "released" (the sites' census and summaries,
         # pooled: server/prior.py), fixed weights, or None (plain cross-entropy).
         self.class_prior = class_prior
-        self.label_counts = LabelCounts()
+        self.label_counts = LabelCounts(cfg.max_weight_ratio)  # one site's counts bounded as its FedAvg weight is
         self.pending_ledger: list[LedgerRow] = []  # census releases charged to this run, filed with the next round
 
     # --- messaging ---------------------------------------------------------------------------------------------
@@ -116,6 +116,7 @@ class DebugFedAvg:
         while True:
             node_ids = sorted(grid.get_node_ids())
             if len(node_ids) >= self.cfg.min_sites:
+                self.ids.forget(set(self.ids.name_of) - set(node_ids))  # a site back under a new node id
                 self._learn_nodes(grid, node_ids)
                 if announced:
                     self.writer.event(Event("sites-connected", f"{len(node_ids)} sites connected after "
@@ -165,7 +166,13 @@ class DebugFedAvg:
                 # Named (ids.check bound it), so that its failures in every round are filed under the site.
                 self.writer.event(Event("site-failed", f"{info.name} failed to start: {info.reason}", info.name))
                 continue
-            self._register(info)
+            try:
+                self._register(info)
+            except Exception as e:  # noqa: BLE001 -- no reply may end the run
+                log.exception("%s's hello could not be used", info.name)
+                self.writer.event(Event("site-failed", f"{info.name} failed to start: its reply could not be used: "
+                                                       f"{type(e).__name__}: {e}", info.name))
+                continue
             if info.status == records.STATUS_REFUSED:  # its own policy: it will refuse every round, and says why
                 self.writer.event(Event("site-refused", f"{info.name} refuses this run: {info.reason}", info.name))
 
@@ -201,7 +208,7 @@ class DebugFedAvg:
         evidence, baselines and open findings."""
         self.known.update(sites)
         self.thresholds = thresholds
-        self.label_counts = LabelCounts.from_state(label_counts)
+        self.label_counts = LabelCounts.from_state(label_counts, self.cfg.max_weight_ratio)
         self.findings.replay(rounds or [])
 
     def prior(self) -> list[float] | None:
@@ -280,7 +287,7 @@ class DebugFedAvg:
                 # Before the commit: a committed round has its weights, and what a resumed run needs to go on.
                 self.checkpoints.save(rnd, arrays, updates, {"thresholds": self.thresholds,
                                                              "label_counts": self.label_counts.to_state()})
-            rec.findings = self.findings.update(rec)
+            rec.findings = self._diagnose(rec)
             # The server's diagnostics work: deriving every summary, the global view, the findings.
             rec.metrics["diagnostics_seconds"] = time.perf_counter() - t_diag - central_seconds + probe_seconds
             rec.seconds = time.time() - t0
@@ -291,6 +298,17 @@ class DebugFedAvg:
             if on_round is not None:
                 on_round(rnd, arrays)
         return arrays
+
+    def _diagnose(self, rec: RoundRecord) -> list:
+        """The round's findings; the diagnosis reads what the sites released, so a failure there is recorded as an
+        event and the round is committed without findings rather than lost."""
+        try:
+            return self.findings.update(rec)
+        except Exception as e:  # noqa: BLE001
+            log.exception("round %d: the diagnosis failed", rec.round)
+            rec.events.append(Event("diagnosis-failed", f"round {rec.round}: the findings could not be computed: "
+                                                        f"{type(e).__name__}: {e}"))
+            return []
 
     def _failed(self, r: SiteReply, phase: str, rec: RoundRecord, reason: str = "",
                 kind: str = "site-failed") -> None:
@@ -340,7 +358,8 @@ class DebugFedAvg:
         if self.cfg.quarantine:
             self._quarantine(updates, rec)
         self._cap_weights(updates, rec)
-        return updates
+        # The engineer's multipliers (server.weights) apply after the cap, which bounds only what a site claims.
+        return {site: (arrays, n * self.weights.get(site, 1.0)) for site, (arrays, n) in updates.items()}
 
     def _take_update(self, tr: records.TrainReply, global_arrays: Arrays, rec: RoundRecord,
                      updates: Updates) -> None:
@@ -371,9 +390,8 @@ class DebugFedAvg:
                         tr.arrays, global_arrays, noise_multiplier=tr.noise_multiplier,
                         max_grad_norm=tr.sensitivity, steps=tr.steps,
                         expected_batch=tr.sample_rate * tr.num_examples)
-                weight = self.weights.get(tr.site.name, 1.0)
-                if weight > 0:
-                    update = (tr.arrays, tr.num_examples * weight)
+                if self.weights.get(tr.site.name, 1.0) > 0:
+                    update = (tr.arrays, tr.num_examples)
         rec.sites.append(row)
         # The server's own state changes last: a reply that failed above left none behind.
         self._register(tr.site)
@@ -402,10 +420,18 @@ class DebugFedAvg:
 
     def _quarantine(self, updates: Updates, rec: RoundRecord) -> None:
         """server.quarantine: an update the cross-site rules flag in this very round (a free rider's, a diverging
-        site's) leaves the average (in place); the finding itself is recorded with the round as usual."""
-        for site, kind in cross_site(rec, before_evaluation=True):
+        site's) leaves the average (in place); the finding itself is recorded with the round as usual. Only a
+        minority is ever left out: where half the round's updates are flagged, the reading itself is in doubt (one
+        site sending a noise reading of 0 made every honest site of three read 2× the median), so none is."""
+        flagged = [(site, kind) for site, kind in cross_site(rec, before_evaluation=True) if site in updates]
+        if 2 * len(flagged) >= len(updates):
+            if flagged:
+                rec.events.append(Event("quarantine-skipped", f"round {rec.round}: {len(flagged)} of {len(updates)} "
+                                        "updates were flagged; none is left out on a reading that names half"))
+            return
+        for site, kind in flagged:
             row = next((r for r in rec.sites if r.phase == "train" and r.site == site), None)
-            if site in updates and row is not None and not row.left_out:
+            if row is not None and not row.left_out:
                 self._leave_out(row, updates, rec, f"quarantined as a {kind.replace('_', ' ')} (server.quarantine)")
 
     def _leave_out(self, row: SiteRoundRow, updates: Updates, rec: RoundRecord, why: str) -> None:

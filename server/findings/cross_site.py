@@ -53,8 +53,10 @@ def norm_departure(rec: RoundRecord, trained: dict[str, SiteRoundRow],
     # overfitting site, named by schedule.py) divides its noise by a smaller batch than its released size says.
     passes = {s: (r.steps or 0) * (r.sample_rate or 0.0) for s, r in trained.items()}
     usual = statistics.median(passes.values())
-    scales = {s: r.noise_scale for s, r in trained.items() if r.noise_scale is not None and s in measured
-              and usual > 0 and passes[s] <= 1.5 * usual}
+    # A reading of 0 is no honest update's (its noise is never 0): it is left out rather than allowed to halve the
+    # median every other site is judged against.
+    scales = {s: r.noise_scale for s, r in trained.items() if r.noise_scale is not None and r.noise_scale > 0
+              and s in measured and usual > 0 and passes[s] <= 1.5 * usual}
     steps = statistics.median(r.steps or 0 for r in trained.values())
     for site, r in trained.items():
         if median <= 0:

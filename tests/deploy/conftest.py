@@ -49,7 +49,8 @@ def write_site_csv(path: Path, seed: int, rows: int = 60) -> Path:
 class Deployment:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port = free_port()
+        self.port = free_port()  # the sites' port: the Fleet gate
+        self.control_port = free_port()  # the SuperLink itself, on loopback: flwr run / register, the ServerApp
         self.certs = root / "certs"
         self.flwr_home = root / "flwr"
         self.store = root / "runs" / "fedlens.db"
@@ -61,8 +62,10 @@ class Deployment:
         self.flwr_home.mkdir(parents=True)
         # Flower 1.41 reads connections from $FLWR_HOME/config.toml, not from pyproject.
         (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\n'
-            f'root-certificates = "{self.certs / "ca.crt"}"\n')
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.control_port}"\n'
+            f'root-certificates = "{self.certs / "ca.crt"}"\n\n'
+            # The public address, as an outsider would try it for the Control API.
+            f'[superlink.public]\naddress = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n')
 
     # --- processes -----------------------------------------------------------------------------------------------
 
@@ -84,9 +87,10 @@ class Deployment:
     def start_link(self) -> None:
         # The log is appended to across restarts: wait for this start's line, not the previous one's (a restarted
         # SuperLink found "ready" by the old line was asked for a run before it listened, under load).
-        ready = "Starting Flower SuperExec"
+        ready = "fedlens gate: sites dial"  # the last of the three to start (SuperLink, SuperExec, gate)
         before = self.log("link").count(ready)
-        self.start("link", self.fedlens("link", "--certs", str(self.certs), "--port", str(self.port), "--database",
+        self.start("link", self.fedlens("link", "--certs", str(self.certs), "--port", str(self.port),
+                                        "--control-port", str(self.control_port), "--database",
                                         str(self.root / "superlink.db")))
         self.wait_for(lambda: self.log("link").count(ready) > before, 30, "the SuperLink to start")
 

@@ -5,6 +5,7 @@ site and the path, and the run goes on with the others."""
 import json
 import subprocess
 
+import httpx
 import pytest
 
 from tests.deploy.conftest import BIN, free_port, write_site_csv
@@ -14,10 +15,22 @@ pytestmark = pytest.mark.deploy
 
 def test_a_secure_three_site_deployment_survives_intruders_and_broken_files(deployment):
     d = deployment
-    d.certs_for("a", "b", "c", "wrong-columns", "bad-encoding", "intruder")
+    d.certs_for("a", "b", "c", "wrong-columns", "bad-encoding", "intruder", "impostor")
     d.start_link()
-    for site in ("a", "b", "c", "wrong-columns", "bad-encoding"):  # "intruder" has a key but it is not registered
+    for site in ("a", "b", "c", "wrong-columns", "bad-encoding", "impostor"):  # "intruder": a key, not registered
         d.register(site)
+
+    # Only the Fleet API is public: through the sites' address nobody registers a key or submits a run.
+    out = d.flwr("supernode", "register", str(d.certs / "sites" / "intruder.pub"), "public", "--name", "intruder",
+                 timeout=90)
+    assert "registered successfully" not in out, out
+    out = d.flwr("run", ".", "public", timeout=90)
+    assert "Successfully started run" not in out, out
+    ca = str(d.certs / "ca.crt")
+    for api in ("/v1/control/list-runs", "/v1/control/register-node", "/v1/runtime/get-nodes"):
+        refused = httpx.post(f"https://127.0.0.1:{d.port}{api}", content=b"", verify=ca, timeout=30)
+        assert refused.status_code == 404 and "only Flower's Fleet API" in refused.text, (api, refused.text)
+    assert "intruder" not in d.flwr("supernode", "ls", "test")
     for i, site in enumerate(("a", "b", "c")):
         d.start_site(site, write_site_csv(d.root / f"{site}.csv", seed=i))
     (d.root / "cols.csv").write_text("note,stars\nfine,3\nbad,9\n")
@@ -27,13 +40,18 @@ def test_a_secure_three_site_deployment_survives_intruders_and_broken_files(depl
     intruder = d.start_site("intruder", None, extra=["--max-retries", "0"])
     plaintext = d.start("plaintext", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
                                       f"127.0.0.1:{d.port}", "--max-retries", "0", "--port", str(free_port())])
+    # A registered node (its own key, registered as "impostor") that calls itself "a" in every reply.
+    d.start("impostor", d.fedlens("site", "a", "--superlink", f"127.0.0.1:{d.port}", "--ca", ca, "--key",
+                                  str(d.certs / "sites" / "impostor"), "--port", str(free_port()), "--state-dir",
+                                  str(d.root / "state" / "impostor"), "--data",
+                                  str(write_site_csv(d.root / "impostor.csv", seed=9))))
 
     # Refused: Flower's exit code 305 for both (reliability.md A1, A2); the process status is 305 mod 256 or 1.
     assert intruder.wait(timeout=60) != 0 and plaintext.wait(timeout=60) != 0
     assert "Exit Code: 305" in d.log("intruder") and "Failed to activate SuperNode" in d.log("intruder")
     assert "Exit Code: 305" in d.log("plaintext")
 
-    d.run("secure", rounds=2, **{"server.min-sites": 5})
+    d.run("secure", rounds=2, **{"server.min-sites": 6, "server.site-registry": str(d.certs / "registry.toml")})
     assert d.wait_done("secure") == "completed", d.tails()
 
     report = json.loads(subprocess.run([str(BIN / "fedlens"), "report", "--store", str(d.store), "--run", "secure",
@@ -44,6 +62,11 @@ def test_a_secure_three_site_deployment_survives_intruders_and_broken_files(depl
     for name in "abc":  # each site's own lifetime ledger, under the default policy `fedlens site` wrote for it
         assert sites[name]["epsilon"] <= sites[name]["epsilon_lifetime"] <= sites[name]["epsilon_cap"] == 16.0
         assert {e["kind"] for e in sites[name]["ledger"]} == {"census", "dpsgd", "summary"}
+    # a's ε is a's alone: its census, and one DP-SGD step and one summary a round, none of the impostor's.
+    assert sorted(e["kind"] for e in sites["a"]["ledger"]) == ["census", "dpsgd", "dpsgd", "summary", "summary"]
+    impersonations = [m for k, m in d.query("SELECT kind, message FROM events WHERE run_id = 'secure'")
+                      if k == "site-impersonation"]
+    assert impersonations and all("answered as a without a's registered key" in m for m in impersonations)
     rows = d.query("SELECT site, round, phase, status, reason FROM site_rounds WHERE run_id = 'secure'")
     ok = {(s, r) for s, r, phase, status, _ in rows if phase == "train" and status == "ok"}
     assert ok == {(s, r) for s in "abc" for r in (1, 2)}

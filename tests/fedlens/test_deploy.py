@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from fedlens.certs import make_certs, site_names
 from fedlens.cli import app
-from fedlens.deploy import DeployError, link_commands, site_command
+from fedlens.deploy import DeployError, ensure_secret, link_commands, runner_command, site_command
 
 
 def test_certs_make_a_ca_a_server_certificate_with_sans_and_a_key_pair_per_site(tmp_path):
@@ -39,16 +39,35 @@ def test_site_names_are_a_count_or_a_list_of_safe_names():
 
 def test_the_link_runs_tls_with_node_auth_a_database_and_its_own_superexec(tmp_path):
     make_certs(tmp_path / "c", ["a"])
-    link, execd = link_commands(certs=tmp_path / "c", host="0.0.0.0", port=9000, database=tmp_path / "l.db")
+    link, execd, gate = link_commands(certs=tmp_path / "c", host="0.0.0.0", port=9000, database=tmp_path / "l.db")
     assert "--enable-supernode-auth" in link and "--insecure" not in link
     assert link[link.index("--isolation") + 1] == "process"
     assert "--disable-runtime-dependency-installation" in link
     assert link[link.index("--database") + 1] == str(tmp_path / "l.db")
-    assert execd[execd.index("--runtime-api-address") + 1] == "127.0.0.1:9000"
+    # The SuperLink (Fleet, Control, Runtime on one port) listens on loopback whatever --host says; the public
+    # address is the Fleet gate's, forwarding to it with its certificate checked against the CA.
+    assert link[link.index("--host") + 1: link.index("--port") + 2] == ["127.0.0.1", "--port", "9093"]
+    assert execd[execd.index("--runtime-api-address") + 1] == "127.0.0.1:9093"
     assert execd[execd.index("--root-certificates") + 1] == str((tmp_path / "c" / "ca.crt").resolve())
+    assert gate[1:] == ["-m", "fedlens.gate", "--listen", "0.0.0.0:9000", "--upstream", "https://127.0.0.1:9093",
+                        "--ssl-certfile", str((tmp_path / "c" / "server.crt").resolve()), "--ssl-keyfile",
+                        str((tmp_path / "c" / "server.key").resolve()), "--ca", str((tmp_path / "c" / "ca.crt").resolve())]
     secret = str((tmp_path / "c" / "superexec.secret").resolve())
     assert link[link.index("--superexec-auth-secret-file") + 1] == execd[execd.index(
         "--superexec-auth-secret-file") + 1] == secret
+    with pytest.raises(DeployError, match="--port 9093 and --control-port 9093 must differ"):
+        link_commands(certs=tmp_path / "c", host="0.0.0.0", port=9093, database=tmp_path / "l.db")
+
+
+def test_the_superexec_secret_is_always_made_and_required(tmp_path):
+    # Without certs/superexec.secret the Runtime API ran unauthenticated; now the file is made when missing.
+    secret = ensure_secret(tmp_path / "x" / "superexec.secret")
+    assert len(secret.read_text()) == 64 and secret.stat().st_mode & 0o777 == 0o600
+    assert ensure_secret(secret).read_text() == secret.read_text()  # kept once made
+    link, execd, _ = link_commands(certs=None, host="127.0.0.1", port=9000, database=tmp_path / "l.db",
+                                   insecure=True)
+    assert link[link.index("--superexec-auth-secret-file") + 1] == str((tmp_path / "superexec.secret").resolve())
+    assert "--superexec-auth-secret-file" in execd
 
 
 def test_no_tls_is_refused_unless_asked_for_and_never_off_loopback(tmp_path):
@@ -58,8 +77,9 @@ def test_no_tls_is_refused_unless_asked_for_and_never_off_loopback(tmp_path):
         link_commands(certs=tmp_path, host="127.0.0.1", port=9000, database=tmp_path / "l.db")
     with pytest.raises(DeployError, match="--insecure with --host 0.0.0.0"):
         link_commands(certs=None, host="0.0.0.0", port=9000, database=tmp_path / "l.db", insecure=True)
-    link, _ = link_commands(certs=None, host="127.0.0.1", port=9000, database=tmp_path / "l.db", insecure=True)
+    link, _, gate = link_commands(certs=None, host="127.0.0.1", port=9000, database=tmp_path / "l.db", insecure=True)
     assert "--insecure" in link and "--enable-supernode-auth" not in link
+    assert gate[gate.index("--upstream") + 1] == "http://127.0.0.1:9093"
 
 
 def test_a_site_dials_with_the_ca_and_its_key_and_names_itself(tmp_path):
@@ -71,6 +91,15 @@ def test_a_site_dials_with_the_ca_and_its_key_and_names_itself(tmp_path):
     assert cmd[cmd.index("--node-config") + 1] == (f'site-name="hospital-a" state-dir="{tmp_path / "st"}" '
                                                    f'data-path="{data}"')
     assert "--auth-supernode-private-key" in cmd and "--insecure" not in cmd
+    # The SuperNode runs no ClientApp itself: the site's runner does, authenticated by a secret in its state folder.
+    secret = str((tmp_path / "st" / "runner.secret").resolve())
+    assert cmd[cmd.index("--isolation") + 1] == "process"
+    assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == secret
+    assert runner_command(port=9100, state_dir=tmp_path / "st", digests=["ab" * 32])[1:] == [
+        "-m", "fedlens.site_runner", "--runtime-api-address", "127.0.0.1:9100", "--secret-file", secret,
+        "--app-digest", "ab" * 32]
+    with pytest.raises(DeployError, match="--app-digest 'xyz': expected the SHA-256 of an app bundle"):
+        runner_command(port=1, state_dir=tmp_path, digests=["xyz"])
     with pytest.raises(DeployError, match="site hospital-a: data file .*nope.csv does not exist"):
         site_command(name="hospital-a", superlink="l:1", data=tmp_path / "nope.csv", state_dir=tmp_path, port=1,
                      ca=paths.ca_cert, key=paths.site_keys["hospital-a"][0])
@@ -104,8 +133,8 @@ def test_a_sites_own_policy_travels_in_its_node_config_and_flower_parses_it(tmp_
     res = runner.invoke(app, ["site", "a", "--insecure", "--dry-run", "--state-dir", str(tmp_path / "s"),
                               "--epsilon-cap", "4", "--min-noise-multiplier", "0.8", "--allow-non-dp"])
     assert res.exit_code == 0, res.output
-    cmd = res.output.strip().splitlines()[-1]
-    node_config = cmd[cmd.index("--node-config") + len("--node-config "):cmd.index(" --insecure")]
+    cmd = next(line for line in res.output.strip().splitlines() if "flower-supernode" in line)
+    node_config = cmd[cmd.index("--node-config") + len("--node-config "):cmd.index(" --isolation")]
     parsed = parse_config_args([node_config.strip("'")])
     assert parsed["epsilon-cap"] == 4.0 and parsed["allow-non-dp"] is True
     # The whole policy travels, resolved from this machine's install: a run's own pyproject cannot fill a gap.

@@ -10,7 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common import diagnostics, records
+from common.rounds import RoundRecord, SiteRoundRow
 from common.run_store import RunWriter, load_run
+from server.findings.cross_site import cross_site
 from tests.server.test_strategy import GLOBAL, FakeGrid, K, make_strategy, site, task_identity  # noqa: F401
 
 HONEST = ("h0", "h1", "h2", "h3", "h4")
@@ -66,6 +68,14 @@ def wrong_k_summary(content):
     return content
 
 
+def summary_cell(block, value):
+    def fix(content):
+        s = content.config_records[records.SUMMARY]
+        s[block] = [value] + list(s[block])[1:]
+        return content
+    return fix
+
+
 CRASHERS = {
     # The five replies that ended the ServerApp before (issue 17), and two Arrays that escaped the same except.
     "string-typed array": ("train", tampered("x", train=replace_weight(Array(np.array([["a", "b"], ["c", "d"]]))))),
@@ -76,6 +86,12 @@ CRASHERS = {
     "empty Array": ("train", tampered("x", train=replace_weight(Array("float32", (2, 2), "numpy.ndarray", b"")))),
     "Array declaring 10^9 values": ("train", tampered("x", train=replace_weight(
         Array("float32", (10**9,), "numpy.ndarray", np.zeros(4, np.float32).tobytes())))),
+    # Found by an independent review: finite values the findings engine squared into an OverflowError, a name that
+    # is another node's placeholder (two rows under one key: the store's UNIQUE constraint), a name with a space
+    # (its checkpoint file is the one of "h_1").
+    "summary cell 1e200": ("evaluate", tampered("x", evaluate=summary_cell("calibration", 1e200))),
+    "placeholder name": ("train", tampered("node-6")),
+    "name with a space": ("train", tampered("h 1")),
 }
 
 
@@ -89,7 +105,9 @@ def test_a_hostile_reply_fails_its_site_not_the_run(tmp_path, case):
     assert {r["site"] for r in rows if r["status"] == "ok"} >= set(HONEST)
     bad = [r for r in rows if r["status"] == "failed"]
     assert len(bad) == 1, rows
-    if case == "duplicate site name":
+    if case in ("placeholder name", "name with a space"):
+        assert bad[0]["site"].startswith("node-") and bad[0]["reason"].startswith("malformed reply: 'site' record")
+    elif case == "duplicate site name":
         # Filed under the node's own id, never under the site it pretends to be; the impersonation is an event.
         assert bad[0]["site"].startswith("node-") and "a name node 1 holds in this run" in bad[0]["reason"]
         assert any(e["kind"] == "site-impersonation" for e in run["events"])
@@ -99,7 +117,8 @@ def test_a_hostile_reply_fails_its_site_not_the_run(tmp_path, case):
 
 
 def test_the_reasons_name_what_is_wrong(tmp_path):
-    _, run = honest_round(tmp_path, {c: h for c, (_, h) in CRASHERS.items() if c != "duplicate site name"})
+    _, run = honest_round(tmp_path, {c: h for c, (_, h) in CRASHERS.items()
+                                     if c not in ("duplicate site name", "placeholder name", "name with a space")})
     reasons = sorted(r["reason"] for r in run["site_rounds"] if r["status"] == "failed")
     assert any("'num-examples' = inf, expected a whole number in 0..1000000000" in r for r in reasons)
     assert any("'status' = 'hacked', expected one of ok, refused, failed" in r for r in reasons)
@@ -164,6 +183,7 @@ ARRAYS = st.sampled_from([
     Array("int8", (2, 2), "numpy.ndarray", b"x"), Array("float32", (2, 2), "torch.Tensor", b"x"),
 ])
 
+EXTREME = st.sampled_from([1e300, -1e300, 1e200, 1e9, -1e9, 1e-200, 0.0, -0.0])
 MUTATION = st.one_of(
     st.tuples(st.just("config"), st.sampled_from((records.SITE, records.SUMMARY)),
               st.sampled_from(SITE_KEYS + SUMMARY_KEYS), CONFIG_VALUES),
@@ -174,6 +194,11 @@ MUTATION = st.one_of(
                                                        records.ARRAYS)), st.none(), st.none()),
     st.tuples(st.just("array"), st.sampled_from(("w", "extra")), st.none(), ARRAYS),
     st.tuples(st.just("empty"), st.none(), st.none(), st.none()),
+    # Right length, extreme values: what passes a shape check and must still not break the findings or the prior.
+    st.tuples(st.just("fill"), st.sampled_from([b.name.replace("_", "-") for b in diagnostics.BLOCKS]
+                                               + ["census-labels"]), st.none(), EXTREME),
+    st.tuples(st.just("config"), st.just(records.SITE), st.just("census-noise"), EXTREME),
+    st.tuples(st.just("config"), st.just(records.SUMMARY), st.just("noise-multiplier"), EXTREME),
 )
 
 
@@ -184,6 +209,12 @@ def mutate(content: RecordDict, mutation) -> RecordDict:
     if kind == "drop-record":
         if record in content:
             del content[record]
+        return content
+    if kind == "fill":
+        where = content.config_records.get(records.SITE if record == "census-labels" else records.SUMMARY)
+        if where is not None:
+            size = K if record == "census-labels" else len(where.get(record, []))
+            where[record] = [value] * size
         return content
     if kind == "array":
         if records.ARRAYS in content.array_records:
@@ -233,3 +264,46 @@ def test_fuzzed_replies_never_stop_the_run_nor_move_the_honest_aggregate(tmp_pat
     ok = {(r["site"], r["phase"]) for r in run["site_rounds"] if r["status"] == "ok"}
     assert {(s, p) for s in HONEST for p in ("train", "evaluate")} <= ok
     assert all(np.isfinite(v) for v in (run["rounds"][0]["accuracy"], run["rounds"][0]["loss"]))
+
+
+def test_a_hello_that_would_break_the_prior_fails_its_site_not_the_run(tmp_path):
+    # A census with a noise std of 1e-200 divided by zero in the prior's inverse-variance weights, at hello, before
+    # any round; one of 10⁹ "exact" examples of one class set every site's loss prior.
+    tiny = records.SiteInfo("tiny", 10, 5, census_labels=(3.0, 3.0, 4.0), census_noise=1e-200)
+    liar = records.SiteInfo("liar", 10**9, 5, census_labels=(1e9, 0.0, 0.0), census_noise=0.0)
+    honest = {n: tampered(n, info=records.SiteInfo(n, 10, 5, census_labels=(3.0, 3.0, 4.0), census_noise=2.0))
+              for n in HONEST}
+    behaviour = {i + 1: h for i, h in enumerate(honest.values())}
+    behaviour.update({100: tampered("tiny", info=tiny), 101: tampered("liar", info=liar)})
+    writer = RunWriter(tmp_path / "s.db", "r")
+    writer.start(scenario="t", rounds_planned=2, model="m", config={})
+    strategy = make_strategy(writer, class_names=("a", "b", "c"), class_prior="released")
+    strategy.run(FakeGrid(behaviour), GLOBAL, 2)
+    assert [r["round"] for r in load_run(tmp_path / "s.db", "r")["rounds"]] == [1, 2]
+    prior = strategy.prior()
+    assert all(np.isfinite(prior)) and prior[0] < 0.6  # the liar's 10⁹ counts as 4 × the others' median (10)
+
+
+def test_quarantine_never_leaves_out_half_a_round(tmp_path):
+    # Three sites on plain SGD: one sends an update whose noise reading is 0. Judged against a median it halved,
+    # each honest site read 2× and both were quarantined as diverging, leaving the attacker's update alone.
+    rows = [SiteRoundRow(site=s, phase="train", status="ok", update_norm=1.0, steps=5, sample_rate=0.5,
+                         noise_scale=v) for s, v in (("a", 1.0), ("b", 1.02), ("evil", 0.0))]
+    rec = RoundRecord(round=1, seconds=0.0, sites=rows)
+    updates = {r.site: (GLOBAL, 10.0) for r in rows}
+    writer = RunWriter(tmp_path / "s.db", "r")
+    make_strategy(writer)._quarantine(updates, rec)
+    assert sorted(updates) == ["a", "b", "evil"] and not any(r.left_out for r in rows)
+    assert cross_site(rec, before_evaluation=True) == {}  # a reading of 0 is nobody's median
+
+
+def test_the_engineers_weights_apply_after_the_cap(tmp_path):
+    # server.weights multiplies what survived the cap: an engineer's 0.5 on a capped site is not undone.
+    writer = RunWriter(tmp_path / "s.db", "r")
+    writer.start(scenario="t", rounds_planned=1, model="m", config={})
+    behaviour = {i + 1: site(n) for i, n in enumerate(HONEST[:3])}
+    behaviour[9] = lambda m: (records.pack_hello(records.SiteInfo("big", 1000, 5)) if m.metadata.message_type
+                              == "query" else site("big", arrays=OrderedDict(w=np.full((2, 2), 1.5, np.float32)),
+                                                   claims=1000)(m))
+    final = make_strategy(writer, weights="big=0.5").run(FakeGrid(behaviour), GLOBAL, 1)
+    np.testing.assert_allclose(final["w"], np.full((2, 2), (30 * 1 + 20 * 1.5) / 50, np.float32), rtol=1e-6)

@@ -25,7 +25,20 @@ def test_the_links_registered_name_binds_a_node():
     ids.learn([Node(7, "hospital-a"), Node(8, "")])
     assert ids.check(7, "hospital-b") == "node 7 answered as hospital-b but is registered at the link as hospital-a"
     assert ids.check(7, "hospital-a") == ""
-    assert ids.check(8, "anything") == ""  # registered without a name: first use
+    # The link names its nodes, so one registered without a name cannot pick one (else it could take any name).
+    assert ids.check(8, "hospital-b") == "node 8 answered as hospital-b but was registered at the link without a name"
+    unnamed = Identities()
+    unnamed.learn([Node(8, "")])
+    assert unnamed.check(8, "anything") == ""  # no node has a name (simulation, insecure): first use
+
+
+def test_a_node_the_link_no_longer_lists_frees_its_name():
+    # An insecure SuperNode makes a new key when it restarts and comes back under a new node id.
+    ids = Identities()
+    assert ids.check(1, "a") == ""
+    assert ids.check(2, "a") == "node 2 answered as a, a name node 1 holds in this run"
+    ids.forget([1])
+    assert ids.check(2, "a") == "" and ids.name_of == {2: "a"}
 
 
 def test_the_registry_binds_each_name_to_its_key(tmp_path):

@@ -34,3 +34,17 @@ def test_the_estimate_survives_a_resume():
     again = LabelCounts.from_state(counts.to_state())
     np.testing.assert_allclose(again.pooled(), counts.pooled())
     assert again.precision == counts.precision
+
+
+def test_one_site_cannot_set_the_prior():
+    # A site releasing 10⁹ "exact" examples of class 0 set every site's loss prior to [1, 0, 0] (and 1e300 made it
+    # NaN, which every honest site then refused, ending training for the run). Its total is capped at 4× the
+    # others' median; releases that are not finite are ignored.
+    counts = LabelCounts(max_ratio=4.0)
+    for site in ("a", "b", "c"):
+        counts.add(site, np.array([10.0, 10.0, 10.0]), 2.0)
+    counts.add("liar", np.array([1e9, 0.0, 0.0]), 0.0)
+    counts.add("nan", np.array([np.inf, 0.0, 0.0]), 1e-200)
+    np.testing.assert_allclose(counts.pooled(), [30.0 + 120.0, 30.0, 30.0])
+    assert counts.prior() == pytest.approx([151 / 213, 31 / 213, 31 / 213])
+    assert LabelCounts(max_ratio=0.0).pooled() is None

@@ -84,11 +84,12 @@ def site(name, *, arrays=None, refuse=False, claims=10):
     return handle
 
 
-def make_strategy(writer, *, checkpoints=None, class_names=(), **server):
+def make_strategy(writer, *, checkpoints=None, class_names=(), class_prior="released", **server):
     """The round loop under the pyproject defaults, with the few server settings a test changes."""
     cfg = replace(AppConfig.from_run_config({}).server, **{"min_sites": 2, "fraction_train": 1.0, "round_timeout": 0.5,
                                                            **server})
-    return DebugFedAvg(cfg, writer=writer, loss_clip=3.0, checkpoints=checkpoints, class_names=class_names)
+    return DebugFedAvg(cfg, writer=writer, loss_clip=3.0, checkpoints=checkpoints, class_names=class_names,
+                       class_prior=class_prior)
 
 
 def test_one_round_records_every_kind_of_site(tmp_path):

@@ -1,0 +1,100 @@
+"""Deployment, the coordinator's public port: the Fleet gate, which lets the sites' SuperNodes reach Flower's Fleet API
+and nothing else.
+
+Flower 1.41 serves three APIs on the SuperLink's one HTTPS port: Fleet (`/v1/fleet/...`: SuperNodes pull
+instructions and push replies, each request signed by the node's key), Control (`/v1/control/...`: register node
+keys, submit runs, which ships code that runs beside every site's data) and Runtime (`/v1/runtime/...`: the
+ServerApp). Its old per-API addresses are gone, so `--host 0.0.0.0` opened all three to whoever reaches the port.
+`fedlens link` therefore starts the SuperLink on loopback only and this gate on the public address: it terminates
+TLS with the SuperLink's own certificate, forwards `POST /v1/fleet/<endpoint>` to the SuperLink unchanged (node
+authentication signs a timestamp in the headers, so it passes through), and answers everything else with 404
+without reaching Flower. Operators use the Control API on the coordinator itself (`127.0.0.1:<control port>`).
+
+    python -m fedlens.gate --listen 0.0.0.0:8000 --upstream https://127.0.0.1:9093 --ssl-certfile server.crt \
+        --ssl-keyfile server.key --ca ca.crt
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import re
+import ssl
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+# Fleet endpoints are one lowercase word or words joined by '-': nothing that could climb out of the prefix.
+FLEET_PATH = re.compile(r"^/v1/fleet/[a-z][a-z-]{0,63}$")
+# Hop-by-hop headers (RFC 9110 §7.6.1) and those the forwarded request or response sets anew.
+HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+       "transfer-encoding", "upgrade", "host", "content-length", "content-encoding"}
+REFUSED = "not found: this address serves only Flower's Fleet API (sites); operators use the coordinator itself\n"
+
+
+def allowed(method: str, path: str) -> bool:
+    """Whether a request may pass the gate: a POST to one Fleet endpoint."""
+    return method == "POST" and FLEET_PATH.match(path) is not None
+
+
+def make_app(upstream: str, *, ca: str | None, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+    """The gate as an ASGI app forwarding allowed requests to `upstream` (the SuperLink on loopback; its TLS
+    certificate checked against `ca`, None for a plaintext loopback test). `transport`: tests put an app there."""
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if ca else False
+    client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=None, follow_redirects=False,
+                               transport=transport)
+
+    async def forward(request: Request) -> Response:
+        if not allowed(request.method, request.url.path):
+            return PlainTextResponse(REFUSED, status_code=404)
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
+        try:
+            reply = await client.request(request.method, request.url.path, params=request.query_params,
+                                         content=await request.body(), headers=headers)
+        except httpx.HTTPError as e:
+            return PlainTextResponse(f"the SuperLink did not answer ({type(e).__name__})\n", status_code=502)
+        return Response(reply.content, status_code=reply.status_code,
+                        headers={k: v for k, v in reply.headers.items() if k.lower() not in HOP})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        await client.aclose()
+
+    return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST", "PUT", "PATCH", "DELETE",
+                                                                      "HEAD", "OPTIONS"])], lifespan=lifespan)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    p = argparse.ArgumentParser(prog="python -m fedlens.gate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--listen", required=True, help="host:port the sites dial")
+    p.add_argument("--upstream", required=True, help="the SuperLink's loopback URL, e.g. https://127.0.0.1:9093")
+    p.add_argument("--ssl-certfile")
+    p.add_argument("--ssl-keyfile")
+    p.add_argument("--ca", help="CA that signed the SuperLink's certificate (checked on the loopback hop)")
+    args = p.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    server = uvicorn.Server(uvicorn.Config(make_app(args.upstream, ca=args.ca), host=host.strip("[]"),
+                                           port=int(port), ssl_certfile=args.ssl_certfile,
+                                           ssl_keyfile=args.ssl_keyfile, log_level="warning", timeout_keep_alive=30))
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:  # listening: what an operator (and the deployment tests) wait for
+            print(f"fedlens gate: sites dial {args.listen} (Fleet API only) -> {args.upstream}", flush=True)
+        await task
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
