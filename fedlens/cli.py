@@ -440,6 +440,19 @@ def link(
     raise typer.Exit(supervise(commands))
 
 
+@app.command("app-digest")
+def app_digest_(
+    project: Annotated[Path, typer.Argument(help="the project folder `flwr run` packs (default: this one)")] = Path("."),
+) -> None:
+    """Print the SHA-256 of the app bundle `flwr run <project>` sends: what a site pins with `fedlens site
+    --app-digest` once it has reviewed that code."""
+    from fedlens.site_runner import app_digest
+
+    if not (project / "pyproject.toml").is_file():
+        _fail(f"{project} has no pyproject.toml: expected the fedlens project folder", 2)
+    typer.echo(app_digest(project))
+
+
 @app.command()
 def site(
     name: Annotated[str, typer.Argument(help="the site's name: how the run store and dashboard show it")],

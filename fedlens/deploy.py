@@ -69,8 +69,10 @@ def ensure_secret(path: Path) -> Path:
     Runtime API never runs unauthenticated."""
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
+        # Created readable by the owner only from its first byte (no window under the default umask).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
     return path
 
 
@@ -121,8 +123,9 @@ def link_commands(*, certs: Path | None, host: str, port: int, database: Path, l
 def site_command(*, name: str, superlink: str, data: Path | None, state_dir: Path, port: int,
                  ca: Path | None = None, key: Path | None = None, insecure: bool = False,
                  max_retries: int | None = None, policy: dict[str, float | bool] | None = None) -> list[str]:
-    """flower-supernode ... for one site: TLS to the link, its auth key, and its name, data, state and privacy
-    policy (client/policy.py keys: epsilon-cap, delta, min-noise-multiplier, allow-non-dp) as node config.
+    """flower-supernode ... (run as fedlens.supernode) for one site: TLS to the link, its auth key, and its name,
+    data, state and privacy policy (client/policy.py keys: epsilon-cap, delta, min-noise-multiplier, allow-non-dp)
+    as node config.
 
     Raises:
         DeployError: a bad site name, a data file that does not exist, or missing key material without --insecure.
@@ -141,7 +144,8 @@ def site_command(*, name: str, superlink: str, data: Path | None, state_dir: Pat
         config.append(f"{k}={'true' if v is True else 'false' if v is False else repr(float(v))}")
     # --isolation process: the SuperNode runs no ClientApp itself; the site's own runner (runner_command) does, in
     # one long-lived process, after checking the app's digest. The two share a secret that signs task requests.
-    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port),
+    # fedlens.supernode is flower-supernode polling with a backoff instead of Flower's fixed 3 s (its docstring).
+    cmd = [sys.executable, "-m", "fedlens.supernode", "--superlink", superlink, "--port", str(port),
            "--node-config", " ".join(config), "--isolation", "process",
            "--superexec-auth-secret-file", str((state_dir / RUNNER_SECRET).resolve())]
     if max_retries is not None:
@@ -178,7 +182,9 @@ def runner_command(*, port: int, state_dir: Path, digests: list[str] | None = No
 
 def supervise(commands: list[list[str]], *, cwd: Path | None = None) -> int:
     """Start the processes, stop them all when one exits or on Ctrl-C / SIGTERM; returns the first exit code."""
-    env = {**os.environ, **{k: v for k, v in OFFLINE_ENV.items() if k not in os.environ}}
+    # FLWR_INTERNAL_GRPC_* would open Flower's old gRPC APIs (Control on 0.0.0.0:9093) beside the gate: never passed.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FLWR_INTERNAL_GRPC_")},
+           **{k: v for k, v in OFFLINE_ENV.items() if k not in os.environ}}
     procs: list[subprocess.Popen] = []
     stopping = False
 

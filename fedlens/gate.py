@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import re
 import ssl
 from collections.abc import AsyncIterator
@@ -29,37 +30,60 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+log = logging.getLogger("fedlens.gate")
+
 # Fleet endpoints are one lowercase word or words joined by '-': nothing that could climb out of the prefix.
-FLEET_PATH = re.compile(r"^/v1/fleet/[a-z][a-z-]{0,63}$")
-# Hop-by-hop headers (RFC 9110 §7.6.1) and those the forwarded request or response sets anew.
+FLEET_PATH = re.compile(r"/v1/fleet/[a-z][a-z-]{0,63}")
+# Hop-by-hop headers (RFC 9110 §7.6.1) and those the forwarded request sets anew; a response also loses its
+# content-encoding (httpx hands over the decoded body).
 HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-       "transfer-encoding", "upgrade", "host", "content-length", "content-encoding"}
+       "transfer-encoding", "upgrade", "host", "content-length"}
+RESPONSE_DROP = HOP | {"content-encoding", "date", "server"}
 REFUSED = "not found: this address serves only Flower's Fleet API (sites); operators use the coordinator itself\n"
+MAX_BODY = 64 * 2**20  # bytes: Flower sends weights in objects of at most 5 MiB; anything far larger is refused
+UPSTREAM_TIMEOUT_S = 120.0  # a Fleet call is one short request; a SuperLink that does not answer in time is a 504
+MAX_CONNECTIONS = 512  # open connections the gate serves at once (uvicorn answers 503 beyond)
 
 
 def allowed(method: str, path: str) -> bool:
     """Whether a request may pass the gate: a POST to one Fleet endpoint."""
-    return method == "POST" and FLEET_PATH.match(path) is not None
+    return method == "POST" and FLEET_PATH.fullmatch(path) is not None
 
 
 def make_app(upstream: str, *, ca: str | None, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The gate as an ASGI app forwarding allowed requests to `upstream` (the SuperLink on loopback; its TLS
     certificate checked against `ca`, None for a plaintext loopback test). `transport`: tests put an app there."""
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if ca else False
-    client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=None, follow_redirects=False,
+    client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=UPSTREAM_TIMEOUT_S, follow_redirects=False,
                                transport=transport)
 
     async def forward(request: Request) -> Response:
+        peer = request.client.host if request.client else "?"
         if not allowed(request.method, request.url.path):
+            # Behind the gate the SuperLink sees every caller as 127.0.0.1: the gate keeps who knocked.
+            log.warning("gate: refused %s %s from %s", request.method, request.url.path[:200], peer)
             return PlainTextResponse(REFUSED, status_code=404)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_BODY:
+            log.warning("gate: refused a body of %s bytes from %s", declared[:20], peer)
+            return PlainTextResponse(f"request body over {MAX_BODY} bytes\n", status_code=413)
+        body = bytearray()
+        async for chunk in request.stream():  # counted as it arrives: a chunked body cannot exceed it either
+            body += chunk
+            if len(body) > MAX_BODY:
+                return PlainTextResponse(f"request body over {MAX_BODY} bytes\n", status_code=413)
+        # Headers named in Connection are hop-by-hop too.
+        named = {h.strip().lower() for h in request.headers.get("connection", "").split(",")}
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP | named]
         try:
             reply = await client.request(request.method, request.url.path, params=request.query_params,
-                                         content=await request.body(), headers=headers)
+                                         content=bytes(body), headers=headers)
+        except httpx.TimeoutException:
+            return PlainTextResponse("the SuperLink did not answer in time\n", status_code=504)
         except httpx.HTTPError as e:
             return PlainTextResponse(f"the SuperLink did not answer ({type(e).__name__})\n", status_code=502)
         return Response(reply.content, status_code=reply.status_code,
-                        headers={k: v for k, v in reply.headers.items() if k.lower() not in HOP})
+                        headers={k: v for k, v in reply.headers.items() if k.lower() not in RESPONSE_DROP})
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -80,10 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ssl-keyfile")
     p.add_argument("--ca", help="CA that signed the SuperLink's certificate (checked on the loopback hop)")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     host, _, port = args.listen.rpartition(":")
     server = uvicorn.Server(uvicorn.Config(make_app(args.upstream, ca=args.ca), host=host.strip("[]"),
                                            port=int(port), ssl_certfile=args.ssl_certfile,
-                                           ssl_keyfile=args.ssl_keyfile, log_level="warning", timeout_keep_alive=30))
+                                           ssl_keyfile=args.ssl_keyfile, log_level="warning", timeout_keep_alive=30,
+                                           limit_concurrency=MAX_CONNECTIONS, server_header=False,
+                                           date_header=False))
 
     async def serve() -> None:
         task = asyncio.create_task(server.serve())

@@ -167,6 +167,12 @@ def test_one_example_moves_no_other_examples_clipped_gradient(tiny_cfg, site_dat
     others = torch.arange(n) != i
     assert (a[others] - b[others]).norm() < 1e-5 * a[others].norm()
     assert (a[i] - b[i]).norm() > 0.1  # the changed example itself does move
+    # Its text instead of its label (its tokens rolled by one, the same mask): the same holds.
+    ids = batch.input_ids.clone()
+    ids[i] = torch.where(batch.attention_mask[i].bool(), torch.roll(batch.input_ids[i], 1), batch.input_ids[i])
+    c = _clipped_per_sample(model, Encoded(ids, batch.attention_mask, batch.labels), batch.labels, public)
+    assert (a[others] - c[others]).norm() < 1e-5 * a[others].norm()
+    assert (a[i] - c[i]).norm() > 1e-3
     # The exact counts inside the loss: every other example's clipped gradient moves with them.
     own = _clipped_per_sample(model, batch, batch.labels, prior_from_counts(torch.bincount(batch.labels, minlength=3)))
     own_flipped = _clipped_per_sample(model, batch, flipped, prior_from_counts(torch.bincount(flipped, minlength=3)))

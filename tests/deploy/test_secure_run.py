@@ -15,9 +15,9 @@ pytestmark = pytest.mark.deploy
 
 def test_a_secure_three_site_deployment_survives_intruders_and_broken_files(deployment):
     d = deployment
-    d.certs_for("a", "b", "c", "wrong-columns", "bad-encoding", "intruder", "impostor")
+    d.certs_for("a", "b", "c", "wrong-columns", "bad-encoding", "intruder", "impostor", "pinned")
     d.start_link()
-    for site in ("a", "b", "c", "wrong-columns", "bad-encoding", "impostor"):  # "intruder": a key, not registered
+    for site in ("a", "b", "c", "wrong-columns", "bad-encoding", "impostor", "pinned"):  # "intruder": not registered
         d.register(site)
 
     # Only the Fleet API is public: through the sites' address nobody registers a key or submits a run.
@@ -40,6 +40,8 @@ def test_a_secure_three_site_deployment_survives_intruders_and_broken_files(depl
     intruder = d.start_site("intruder", None, extra=["--max-retries", "0"])
     plaintext = d.start("plaintext", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
                                       f"127.0.0.1:{d.port}", "--max-retries", "0", "--port", str(free_port())])
+    # A site that pinned another app than the one the coordinator sends: it runs none of it.
+    d.start_site("pinned", write_site_csv(d.root / "pinned.csv", seed=7), extra=["--app-digest", "0" * 64])
     # A registered node (its own key, registered as "impostor") that calls itself "a" in every reply.
     d.start("impostor", d.fedlens("site", "a", "--superlink", f"127.0.0.1:{d.port}", "--ca", ca, "--key",
                                   str(d.certs / "sites" / "impostor"), "--port", str(free_port()), "--state-dir",
@@ -51,7 +53,7 @@ def test_a_secure_three_site_deployment_survives_intruders_and_broken_files(depl
     assert "Exit Code: 305" in d.log("intruder") and "Failed to activate SuperNode" in d.log("intruder")
     assert "Exit Code: 305" in d.log("plaintext")
 
-    d.run("secure", rounds=2, **{"server.min-sites": 6, "server.site-registry": str(d.certs / "registry.toml")})
+    d.run("secure", rounds=2, **{"server.min-sites": 7, "server.site-registry": str(d.certs / "registry.toml")})
     assert d.wait_done("secure") == "completed", d.tails()
 
     report = json.loads(subprocess.run([str(BIN / "fedlens"), "report", "--store", str(d.store), "--run", "secure",
@@ -79,6 +81,11 @@ def test_a_secure_three_site_deployment_survives_intruders_and_broken_files(depl
     started = [m for k, m in d.query("SELECT kind, message FROM events WHERE run_id = 'secure'") if k == "site-failed"
                and "failed to start" in m]
     # Named with the file, never with the site's absolute path (it stays in the site's own log).
+    # The pinned site never ran the app, so it never named itself: its error is filed under its node id.
+    assert any(m.startswith("node-") and "is not one this site pinned (00000000" in m for m in started), started
+    assert {r for s, r, phase, status, reason in rows if phase == "train" and "is not one this site pinned" in reason
+            and s.startswith("node-")} == {1, 2}
+    started = [m for m in started if not m.startswith("node-")]
     assert len(started) == 2 and any(m.startswith("wrong-columns failed to start: site wrong-columns: cols.csv") and
                                      "cols.csv has no column(s) review, rating" in m for m in started)
     assert not any(str(d.root) in m for m in started) and not any(str(d.root) in r for r in reasons.values())

@@ -133,7 +133,7 @@ def test_a_sites_own_policy_travels_in_its_node_config_and_flower_parses_it(tmp_
     res = runner.invoke(app, ["site", "a", "--insecure", "--dry-run", "--state-dir", str(tmp_path / "s"),
                               "--epsilon-cap", "4", "--min-noise-multiplier", "0.8", "--allow-non-dp"])
     assert res.exit_code == 0, res.output
-    cmd = next(line for line in res.output.strip().splitlines() if "flower-supernode" in line)
+    cmd = next(line for line in res.output.strip().splitlines() if "fedlens.supernode" in line)
     node_config = cmd[cmd.index("--node-config") + len("--node-config "):cmd.index(" --isolation")]
     parsed = parse_config_args([node_config.strip("'")])
     assert parsed["epsilon-cap"] == 4.0 and parsed["allow-non-dp"] is True
@@ -141,3 +141,27 @@ def test_a_sites_own_policy_travels_in_its_node_config_and_flower_parses_it(tmp_
     assert parsed["delta"] == 0.0 and parsed["min-noise-multiplier"] == 0.8 and parsed["allow-injected-faults"] is False
     policy = load_policy(tmp_path / "s", parsed)
     assert (policy.epsilon_cap, policy.min_noise_multiplier, policy.allow_non_dp) == (4.0, 0.8, True)
+
+
+def test_the_supernode_polls_with_a_backoff(monkeypatch):
+    # Flower's SuperNode sleeps 3 s after every empty pull and 0.5 s between looks for its reply: most of a loopback
+    # round. In fedlens.supernode the first wait after a message is 0.05 s, doubling up to Flower's 3 s.
+    from fedlens import supernode
+
+    slept, now = [], [1000.0]
+    monkeypatch.setattr(supernode._time, "sleep", slept.append)
+    monkeypatch.setattr(supernode._time, "monotonic", lambda: now[0])
+    clock = supernode.BackoffClock()
+    for s in (3, 3, 3, 3, 3, 3, 3, 3):  # idle since start: up to Flower's 3 s
+        clock.sleep(s)
+    assert slept == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.0, 3.0]
+    slept.clear()
+    for s in (0.5, 0.5, 3, 3, 3, 3, 1.25):  # a message handled: 0.05 s, doubling to 0.2 s while a run is on
+        clock.sleep(s)
+    assert slept == [0.02, 0.02, 0.05, 0.1, 0.2, 0.2, 1.25]
+    now[0] += 61  # a minute without a message: idle again
+    slept.clear()
+    for _ in range(3):
+        clock.sleep(3)
+    assert slept == [0.2, 0.4, 0.8]
+    assert clock.time() > 0  # everything else is the time module's

@@ -22,6 +22,7 @@ from fedlens.gate import allowed, make_app
     ("POST", "/v1/fleet/pull-messages/../../control/x", False),
     ("POST", "/v1/fleet/", False),
     ("POST", "/health", False),
+    ("POST", "/v1/fleet/pull-messages\n", False),  # `$` would have let a trailing newline through
 ])
 def test_only_fleet_endpoints_pass(method, path, ok):
     assert allowed(method, path) is ok
@@ -44,3 +45,23 @@ def test_the_gate_forwards_fleet_requests_unchanged_and_refuses_the_rest():
             refused = client.request(method, path)
             assert refused.status_code == 404 and "only Flower's Fleet API" in refused.text
     assert seen == [("POST", "/v1/fleet/push-messages", "sig", b"\x00proto")]  # nothing else reached it
+
+
+def test_a_body_over_the_limit_is_refused_before_it_reaches_the_superlink(monkeypatch, caplog):
+    from fedlens import gate
+
+    seen = []
+
+    async def superlink(request: Request) -> Response:
+        seen.append(await request.body())
+        return Response(b"ok")
+
+    monkeypatch.setattr(gate, "MAX_BODY", 1000)
+    app = gate.make_app("http://superlink", ca=None, transport=httpx.ASGITransport(
+        app=Starlette(routes=[Route("/{p:path}", superlink, methods=["POST"])])))
+    with TestClient(app) as client, caplog.at_level("WARNING", logger="fedlens.gate"):
+        assert client.post("/v1/fleet/push-object", content=b"x" * 1001).status_code == 413
+        assert client.post("/v1/fleet/push-object", content=b"x" * 1000).status_code == 200
+        assert client.post("/v1/control/start-run", content=b"").status_code == 404
+    assert seen == [b"x" * 1000]
+    assert "gate: refused POST /v1/control/start-run from" in caplog.text  # who knocked stays on record
