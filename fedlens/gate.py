@@ -40,14 +40,28 @@ HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", 
        "transfer-encoding", "upgrade", "host", "content-length"}
 RESPONSE_DROP = HOP | {"content-encoding", "date", "server"}
 REFUSED = "not found: this address serves only Flower's Fleet API (sites); operators use the coordinator itself\n"
-MAX_BODY = 64 * 2**20  # bytes: Flower sends weights in objects of at most 5 MiB; anything far larger is refused
+# Requests are buffered whole before the SuperLink checks the node's signature, so what an unauthenticated caller can
+# hold is MAX_BODY × MAX_CONNECTIONS at most (1 GiB), each for BODY_DEADLINE_S at most.
+MAX_BODY = 8 * 2**20  # bytes: Flower sends weights in objects of at most 5 MiB
+BODY_DEADLINE_S = 60.0  # to send a whole request body: a caller trickling one is cut off
 UPSTREAM_TIMEOUT_S = 120.0  # a Fleet call is one short request; a SuperLink that does not answer in time is a 504
-MAX_CONNECTIONS = 512  # open connections the gate serves at once (uvicorn answers 503 beyond)
+MAX_CONNECTIONS = 128  # open connections the gate serves at once (uvicorn answers 503 beyond)
 
 
 def allowed(method: str, path: str) -> bool:
     """Whether a request may pass the gate: a POST to one Fleet endpoint."""
     return method == "POST" and FLEET_PATH.fullmatch(path) is not None
+
+
+async def _read(request: Request) -> bytes | None:
+    """The request's body, counted as it arrives (a chunked body cannot exceed MAX_BODY either); None beyond it."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def make_app(upstream: str, *, ca: str | None, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
@@ -67,17 +81,19 @@ def make_app(upstream: str, *, ca: str | None, transport: httpx.AsyncBaseTranspo
         if not declared.isdigit() or int(declared) > MAX_BODY:
             log.warning("gate: refused a body of %s bytes from %s", declared[:20], peer)
             return PlainTextResponse(f"request body over {MAX_BODY} bytes\n", status_code=413)
-        body = bytearray()
-        async for chunk in request.stream():  # counted as it arrives: a chunked body cannot exceed it either
-            body += chunk
-            if len(body) > MAX_BODY:
-                return PlainTextResponse(f"request body over {MAX_BODY} bytes\n", status_code=413)
+        try:
+            body = await asyncio.wait_for(_read(request), BODY_DEADLINE_S)
+        except TimeoutError:
+            log.warning("gate: %s took over %g s to send its request", peer, BODY_DEADLINE_S)
+            return PlainTextResponse("request body too slow\n", status_code=408)
+        if body is None:
+            return PlainTextResponse(f"request body over {MAX_BODY} bytes\n", status_code=413)
         # Headers named in Connection are hop-by-hop too.
         named = {h.strip().lower() for h in request.headers.get("connection", "").split(",")}
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP | named]
         try:
             reply = await client.request(request.method, request.url.path, params=request.query_params,
-                                         content=bytes(body), headers=headers)
+                                         content=body, headers=headers)
         except httpx.TimeoutException:
             return PlainTextResponse("the SuperLink did not answer in time\n", status_code=504)
         except httpx.HTTPError as e:

@@ -12,10 +12,13 @@ The app comes from the coordinator (Flower's app bundle, a FAB: a zip of the pro
 this process checks the bundle's code digest against the digests the site pinned: by default that of the site's own
 fedlens install (the same code, so the coordinator cannot ship different code), or those given with `fedlens site
 --app-digest`. Any other bundle gets an error reply naming its digest, and none of its code is imported. The code
-digest is the SHA-256 of the bundle's manifest of `.py` and `.toml` files (path and SHA-256 of each): everything
-that can be imported or configures the app, and nothing else, so a README or a benchmark JSON that differs between
-the coordinator's checkout and the site's does not refuse a run. One process runs one app: a module imported for one
-digest is never reused for another.
+digest is the SHA-256 of the bundle's manifest of `.py` and `.toml` files (path and SHA-256 of each), and those
+files are all of the bundle this process ever writes or loads: it unpacks them itself, into a folder of its own
+named by the digest (never Flower's shared app folder, where a bundle's other members, a `.pyc` or an `.so` beside a
+pinned `.py`, would be imported instead of it), refusing names that are not plain relative paths or that collide
+when case is ignored. A README or a benchmark JSON that differs between the coordinator's checkout and the site's
+does not refuse a run, and cannot run either. One process runs one app: a module imported for one digest is never
+reused for another.
 
     python -m fedlens.site_runner --runtime-api-address 127.0.0.1:9094 --secret-file state/runner.secret \
         --app-digest <sha256>
@@ -27,6 +30,9 @@ import argparse
 import hashlib
 import io
 import logging
+import os
+import re
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -63,8 +69,8 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-# The fedlens logger by name, not common.log: nothing of the project is imported before the verified app is, so its
-# modules come from the bundle the site checked.
+# The fedlens logger by name, not common.log: nothing of the project but this module is imported before the verified
+# app is, so the app's modules (client, common) come from the bundle the site checked.
 log = logging.getLogger("fedlens")
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"  # the call the shared secret signs (as Flower's SuperExec does)
 # Between polls for a task: soon after one, doubling to 0.2 s for a minute after it (a run under way), then to
@@ -80,27 +86,66 @@ class UntrustedApp(RuntimeError):
     """An app bundle whose digest the site did not pin."""
 
 
-CODE_SUFFIXES = (".py", ".toml")  # what a bundle's code digest covers (module docstring)
+CODE_SUFFIXES = (".py", ".toml")  # what a bundle's code digest covers, and all this process unpacks
 MAX_BUNDLE_BYTES = 256 * 2**20  # a bundle that unpacks to more than this is refused unread
+SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # one component of a member's path
 
 
-def code_digest(bundle: bytes) -> str:
-    """SHA-256 of an app bundle's manifest of code files: one line `path NUL sha256(content)` per `.py` / `.toml`
-    member, sorted by path.
+def code_files(bundle: bytes) -> dict[str, bytes]:
+    """The `.py` and `.toml` members of an app bundle, by path.
 
     Raises:
-        UntrustedApp: not a zip, or one that unpacks to more than MAX_BUNDLE_BYTES.
+        UntrustedApp: not a zip, one that unpacks to more than MAX_BUNDLE_BYTES, or a code member whose path is not
+            plain (each part letters, digits, '_', '.', '-', not starting with '.' or '-'; no `__pycache__`) or that
+            another one's matches when case is ignored.
     """
     try:
         with zipfile.ZipFile(io.BytesIO(bundle)) as z:
             members = [m for m in z.infolist() if not m.is_dir()]
             if sum(m.file_size for m in members) > MAX_BUNDLE_BYTES:
                 raise UntrustedApp(f"the app bundle unpacks to more than {MAX_BUNDLE_BYTES} bytes: not run")
-            lines = sorted(f"{m.filename}\0{hashlib.sha256(z.read(m)).hexdigest()}\n" for m in members
-                           if m.filename.endswith(CODE_SUFFIXES))
+            out: dict[str, bytes] = {}
+            folded: set[str] = set()
+            for m in members:
+                if not m.filename.endswith(CODE_SUFFIXES):
+                    continue
+                parts = m.filename.split("/")
+                if not all(SAFE_PART.fullmatch(p) for p in parts) or "__pycache__" in parts:
+                    raise UntrustedApp(f"the app bundle holds a code file named {m.filename[:80]!r}: not run")
+                if m.filename.casefold() in folded:
+                    raise UntrustedApp(f"the app bundle holds {m.filename[:80]!r} twice (ignoring case): not run")
+                folded.add(m.filename.casefold())
+                out[m.filename] = z.read(m)
     except (zipfile.BadZipFile, ValueError, OSError) as e:
         raise UntrustedApp(f"the app bundle is not a readable zip ({type(e).__name__}): not run") from None
+    return out
+
+
+def code_digest(bundle: bytes) -> str:
+    """SHA-256 of an app bundle's manifest of code files: one line `path NUL sha256(content)` per `.py` / `.toml`
+    member (code_files), sorted by path.
+
+    Raises:
+        UntrustedApp: as code_files.
+    """
+    lines = sorted(f"{name}\0{hashlib.sha256(data).hexdigest()}\n" for name, data in code_files(bundle).items())
     return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def unpack(bundle: bytes, digest: str, apps: Path) -> Path:
+    """The bundle's code files, written to `apps`/<digest> (once: an existing folder was written by this function
+    for the same digest), and nothing else of it."""
+    dest = apps / digest
+    if not dest.is_dir():
+        tmp = apps / f".{digest}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, data in code_files(bundle).items():
+            path = tmp.joinpath(*name.split("/"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        os.replace(tmp, dest)  # whole, or not at all
+    return dest
 
 
 def app_digest(project: Path) -> str:
@@ -126,10 +171,11 @@ def own_digest() -> str:
 class Runner:
     """Takes the SuperNode's tasks and runs them in this process, keeping each trusted app loaded."""
 
-    def __init__(self, address: str, *, digests: set[str], secret: bytes | None) -> None:
+    def __init__(self, address: str, *, digests: set[str], secret: bytes | None, apps: Path) -> None:
         self.address = address
         self.digests = digests
         self.secret = secret
+        self.apps_dir = apps  # this runner's own unpacked apps (unpack), one folder per digest
         self.apps: dict[str, ClientApp] = {}  # app digest -> its loaded ClientApp (one, by the rule above)
 
     def _client(self, *interceptors: object, retry: RetryInvoker | None = None) -> RuntimeHttpClient:
@@ -148,15 +194,20 @@ class Runner:
         done, wait, busy_at = 0, POLL_FIRST_S, -BUSY_WINDOW_S
         try:
             while max_tasks is None or done < max_tasks:
-                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP],
-                                                            agentapp_fab_hashes=[]))
-                if res.HasField("task") and res.token:
-                    self.run_task(res.token)
-                    done, wait, busy_at = done + 1, POLL_FIRST_S, time.monotonic()
-                else:
-                    time.sleep(wait)
-                    busy = time.monotonic() - busy_at < BUSY_WINDOW_S
-                    wait = min(2 * wait, POLL_BUSY_S if busy else POLL_MAX_S)
+                try:
+                    res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP],
+                                                                agentapp_fab_hashes=[]))
+                    if res.HasField("task") and res.token:
+                        self.run_task(res.token)
+                        done, wait, busy_at = done + 1, POLL_FIRST_S, time.monotonic()
+                        continue
+                except (Exception, RunNotRunningException) as e:  # noqa: BLE001 -- the SuperNode's trouble, not ours
+                    log.warning("site runner: asking the SuperNode for a task failed (%s: %s); trying again",
+                                type(e).__name__, e)
+                    wait = POLL_MAX_S
+                time.sleep(wait)
+                busy = time.monotonic() - busy_at < BUSY_WINDOW_S
+                wait = min(2 * wait, POLL_BUSY_S if busy else POLL_MAX_S)
         finally:
             client.close()
 
@@ -168,7 +219,10 @@ class Runner:
         # goes on to the next task.
         client = self._client(RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                               RuntimeTokenHttpInterceptor(token), retry=_task_retry())
-        heartbeat = HeartbeatSender(_heartbeat(client))
+        # The heartbeat has a client of its own that does not retry: stopping it never waits on a retry.
+        beat_client = self._client(RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                                   RuntimeTokenHttpInterceptor(token), retry=_no_retry())
+        heartbeat = HeartbeatSender(_heartbeat(beat_client))
         heartbeat.start()
         message = context = reply = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
@@ -177,7 +231,7 @@ class Runner:
             app = self._app(run, fab)
             reply = app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
-        except (Exception, RunNotRunningException) as e:  # noqa: BLE001 -- the reply says what went wrong
+        except (Exception, RunNotRunningException, SystemExit) as e:  # noqa: BLE001 -- the reply says why
             log.exception("site runner: the task failed")
             details = str(e) if isinstance(e, UntrustedApp) else f"{type(e)}:<'{e}'>"
             code = (ErrorCode.INVALID_FAB if isinstance(e, UntrustedApp) else ErrorCode.LOAD_CLIENT_APP_EXCEPTION
@@ -198,6 +252,7 @@ class Runner:
                 log.exception("site runner: the task's outcome could not be pushed")
             if heartbeat.is_running:
                 heartbeat.stop()
+            beat_client.close()
             client.close()
 
     def _app(self, run: object, fab: object) -> ClientApp:
@@ -213,10 +268,10 @@ class Runner:
             if self.apps:  # its modules would be the first app's (sys.modules): one app a process
                 raise UntrustedApp(f"this site runner already serves app {next(iter(self.apps))}; restart it "
                                    "(fedlens site) to run another")
-            from flwr.cli.install import install_from_fab
-
-            install_from_fab(fab.content, skip_prompt=True)  # type: ignore[attr-defined]
-            load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+            folder = unpack(fab.content, digest, self.apps_dir)  # type: ignore[attr-defined]
+            # Loaded from that folder, whatever the run record says its id or version is (Flower's shared app
+            # folder is chosen by those and 8 hex digits of the bundle's hash).
+            load = get_load_client_app_fn(default_app_ref="", app_path=str(folder), multi_app=True)
             self.apps[digest] = load(run.fab_id, run.fab_version, fab.hash_str)  # type: ignore[attr-defined]
             log.info("site runner: app %s… loaded; it stays loaded for every message", digest[:16])
         return self.apps[digest]
@@ -233,9 +288,14 @@ def _task_retry() -> RetryInvoker:
                         max_tries=None, max_time=60, should_giveup=giveup)
 
 
+def _no_retry() -> RetryInvoker:
+    return RetryInvoker(lambda: exponential(), (httpx.TransportError, httpx.HTTPStatusError), max_tries=1,
+                        max_time=None)
+
+
 def _heartbeat(client: RuntimeHttpClient):  # noqa: ANN202
     """The task's heartbeat: a missed or refused beat is logged; unlike Flower's, it raises no signal here (the
-    task's own calls then fail and the task ends with its reason)."""
+    task runs on; its own calls fail if the SuperNode has dropped it, and the task ends with that reason)."""
     req = SendTaskHeartbeatRequest()
 
     def beat() -> bool:
@@ -263,7 +323,8 @@ def _pull_task_input(client: RuntimeHttpClient) -> tuple[Message, object, object
     message = pull_and_inflate_object_from_tree(
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, initial_backoff=OBJECT_BACKOFF_S, backoff_cap=OBJECT_BACKOFF_CAP_S)
+        return_type=Message, initial_backoff=OBJECT_BACKOFF_S, backoff_cap=OBJECT_BACKOFF_CAP_S,
+        max_tries_per_object=None)  # bounded by Flower's max_time, as before the shorter waits
     message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message does not carry its own id
     return message, context, run, fab
 
@@ -272,13 +333,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m fedlens.site_runner", description=__doc__.split("\n\n")[0])
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (its --host:--port)")
     p.add_argument("--secret-file", type=Path, help="the secret shared with the SuperNode (signs task requests)")
+    p.add_argument("--apps-dir", type=Path, help="where this runner unpacks the apps it verified (default: beside "
+                   "the secret file, else ~/.fedlens/apps)")
     p.add_argument("--app-digest", action="append", default=[],
                    help="SHA-256 of an app bundle this site runs (repeatable; default: its own install's)")
     args = p.parse_args(argv)
     digests = set(args.app_digest) or {own_digest()}
     secret = args.secret_file.read_bytes() if args.secret_file else None  # as the SuperNode reads it: raw bytes
     print(f"fedlens site runner: serving {args.runtime_api_address}, apps {', '.join(sorted(digests))}", flush=True)
-    Runner(args.runtime_api_address, digests=digests, secret=secret).serve()
+    apps = args.apps_dir or (args.secret_file.parent / "apps" if args.secret_file else
+                             Path.home() / ".fedlens" / "apps")
+    Runner(args.runtime_api_address, digests=digests, secret=secret, apps=apps).serve()
 
 
 if __name__ == "__main__":

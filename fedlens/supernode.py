@@ -7,9 +7,10 @@ was most of a round (9.4 s against 1.8 s in simulation; docs/PERFORMANCE.md). He
 backoff: right after it handled a message it looks again after 0.05 s, doubling while nothing comes, up to 0.2 s
 for a minute after its last message (a run is under way: the next instruction follows within seconds) and then up
 to Flower's 3 s, so an idle site polls as rarely as before and a busy run is not held up; its reply is looked for
-every 0.02 s
-(a check of its own memory, not a request); and a message's objects the link does not have yet are asked for again
-after 0.02 s, not Flower's first 1 s. Nothing else of Flower changes; the arguments are flower-supernode's.
+after 0.02 s, doubling to Flower's 0.5 s (a check of its own memory, not a request); and a message's objects the
+link does not have yet are asked for again after 0.02 s, not Flower's first 1 s (the same total time bounds it).
+Nothing else of Flower changes; the arguments are flower-supernode's. The loop's sleeps are recognised by their
+values, so this runs only on the Flower release it was read on (FLOWER): on another, Flower's own polling is kept.
 
     python -m fedlens.supernode --superlink link.example.org:8000 ...   (as flower-supernode)
 """
@@ -22,8 +23,9 @@ from typing import Any
 IDLE_S = 3.0  # Flower's wait after an empty pull: the backoff's ceiling once idle
 FIRST_S = 0.05  # the first wait after a message was handled
 BUSY_S, BUSY_WINDOW_S = 0.2, 60.0  # the ceiling while the last message is less than a minute old
-REPLY_S = 0.02  # between looks for the ClientApp's reply in the SuperNode's own state (Flower: 0.5 s)
+REPLY_S, REPLY_MAX_S = 0.02, 0.5  # looks for the ClientApp's reply: first after 0.02 s, doubling to Flower's 0.5 s
 OBJECT_BACKOFF_S = 0.02  # first wait for a message's object the link does not have yet (Flower: 1 s)
+FLOWER = ("1.42.0",)  # the releases whose start_client_internal.py this was read on
 
 
 class BackoffClock:
@@ -31,6 +33,7 @@ class BackoffClock:
 
     def __init__(self) -> None:
         self.wait = FIRST_S
+        self.reply_wait = REPLY_S
         self.busy_at = -BUSY_WINDOW_S  # monotonic time of the last message handled
 
     def sleep(self, seconds: float) -> None:
@@ -38,9 +41,11 @@ class BackoffClock:
             _time.sleep(self.wait)
             busy = _time.monotonic() - self.busy_at < BUSY_WINDOW_S
             self.wait = min(2 * self.wait, BUSY_S if busy else IDLE_S)
+            self.reply_wait = REPLY_S
         elif seconds == 0.5:  # a message is being handled: the next pull comes soon
             self.wait, self.busy_at = FIRST_S, _time.monotonic()
-            _time.sleep(REPLY_S)
+            _time.sleep(self.reply_wait)
+            self.reply_wait = min(2 * self.reply_wait, REPLY_MAX_S)
         else:
             _time.sleep(seconds)
 
@@ -50,14 +55,20 @@ class BackoffClock:
 
 def main() -> None:
     import functools
+    import logging
 
+    import flwr
     from flwr.supercore.inflatable.inflatable_utils import pull_objects
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 
-    start_client_internal.time = BackoffClock()  # type: ignore[assignment]
-    start_client_internal.pull_objects = functools.partial(pull_objects, initial_backoff=OBJECT_BACKOFF_S,
-                                                           backoff_cap=1.0)
+    if flwr.__version__ in FLOWER:
+        start_client_internal.time = BackoffClock()  # type: ignore[assignment]
+        start_client_internal.pull_objects = functools.partial(pull_objects, initial_backoff=OBJECT_BACKOFF_S,
+                                                               backoff_cap=1.0, max_tries_per_object=None)
+    else:
+        logging.getLogger("fedlens").warning("flwr %s: the SuperNode keeps Flower's own polling (fedlens.supernode "
+                                             "was read on %s)", flwr.__version__, ", ".join(FLOWER))
     flower_supernode()
 
 

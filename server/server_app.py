@@ -32,7 +32,8 @@ def _fast_object_pulls() -> None:
     from flwr.supercore.inflatable.inflatable_utils import pull_objects
     from flwr.superlink.grid import http_grid
 
-    http_grid.pull_objects = functools.partial(pull_objects, initial_backoff=0.02, backoff_cap=1.0)
+    http_grid.pull_objects = functools.partial(pull_objects, initial_backoff=0.02, backoff_cap=1.0,
+                                               max_tries_per_object=None)  # Flower's max_time still bounds it
 
 
 _fast_object_pulls()

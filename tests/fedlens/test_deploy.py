@@ -156,12 +156,12 @@ def test_the_supernode_polls_with_a_backoff(monkeypatch):
         clock.sleep(s)
     assert slept == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.0, 3.0]
     slept.clear()
-    for s in (0.5, 0.5, 3, 3, 3, 3, 1.25):  # a message handled: 0.05 s, doubling to 0.2 s while a run is on
+    for s in (0.5, 0.5, 0.5, 3, 3, 3, 3, 0.5, 1.25):  # a message handled: 0.05 s, doubling to 0.2 s while a run is on
         clock.sleep(s)
-    assert slept == [0.02, 0.02, 0.05, 0.1, 0.2, 0.2, 1.25]
+    assert slept == [0.02, 0.04, 0.08, 0.05, 0.1, 0.2, 0.2, 0.02, 1.25]  # the reply looked for from 0.02 s again
     now[0] += 61  # a minute without a message: idle again
     slept.clear()
-    for _ in range(3):
+    for _ in range(5):
         clock.sleep(3)
-    assert slept == [0.2, 0.4, 0.8]
+    assert slept == [0.05, 0.1, 0.2, 0.4, 0.8]  # past 0.2 s: idle
     assert clock.time() > 0  # everything else is the time module's

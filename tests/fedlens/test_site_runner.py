@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fedlens.site_runner import Runner, UntrustedApp, code_digest
+from fedlens.site_runner import Runner, UntrustedApp, code_digest, code_files, unpack
 
 
 def bundle(files: dict[str, bytes]) -> bytes:
@@ -33,13 +33,13 @@ def test_the_code_digest_covers_code_and_config_and_nothing_else():
         code_digest(b"not a zip")
 
 
-def test_an_unpinned_or_altered_bundle_is_refused_before_it_is_installed(monkeypatch):
+def test_an_unpinned_or_altered_bundle_is_refused_before_it_is_installed(monkeypatch, tmp_path):
     installed = []
     monkeypatch.setattr("flwr.cli.install.install_from_fab", lambda *a, **k: installed.append(a))
     content = bundle(APP)
     fab = SimpleNamespace(content=content, hash_str=hashlib.sha256(content).hexdigest())
     run = SimpleNamespace(fab_id="fedlens", fab_version="0.1.0")
-    runner = Runner("127.0.0.1:1", digests={"0" * 64}, secret=None)
+    runner = Runner("127.0.0.1:1", digests={"0" * 64}, secret=None, apps=tmp_path)
     with pytest.raises(UntrustedApp, match=f"code digest {code_digest(content)} is not one this site pinned "
                                            f"\\({'0' * 64}\\)"):
         runner._app(run, fab)
@@ -47,4 +47,23 @@ def test_an_unpinned_or_altered_bundle_is_refused_before_it_is_installed(monkeyp
     runner.digests = {code_digest(content)}
     with pytest.raises(UntrustedApp, match="does not match its hash"):
         runner._app(run, altered)
-    assert installed == []
+    assert installed == [] and list(tmp_path.iterdir()) == []
+
+
+def test_only_the_pinned_code_files_are_unpacked(tmp_path):
+    # Found by review: Flower's install extracts every member, so a `.pyc` in __pycache__ (loaded without looking at
+    # the pinned .py beside it) or an `.so` ran code the digest did not cover.
+    import marshal
+
+    pyc = b"\x00" * 16 + marshal.dumps(compile("open('/tmp/pwned', 'w')", "x", "exec"))
+    hostile = bundle({**APP, "client/__pycache__/client_app.cpython-311.pyc": pyc, "client/train.so": b"\x7fELF",
+                      "torch.pyc": pyc})
+    assert code_digest(hostile) == code_digest(bundle(APP))  # the same pinned code...
+    folder = unpack(hostile, code_digest(hostile), tmp_path)
+    written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert written == ["client/client_app.py", "pyproject.toml"]  # ...and nothing else of the bundle on disk
+    for name in ("../evil.py", "client/.hidden.py", "client/__pycache__/x.py", "/abs.py", "a\\b.py"):
+        with pytest.raises(UntrustedApp, match="holds a code file named"):
+            code_files(bundle({**APP, name: b"x = 1\n"}))
+    with pytest.raises(UntrustedApp, match="twice \\(ignoring case\\)"):
+        code_files(bundle({**APP, "client/Client_App.py": b"x = 1\n"}))
