@@ -59,7 +59,7 @@ clinical: install  ## the clinical scenario: 4 DP clinics of drug reviews (~2 mi
 	$(BIN)/fedlens simulate --scenario simulations/clinical.toml --store $(STORE)
 
 bench-diagnosis: install  ## 24 fault and clean runs drawn from ranges, scored against their ground truth (~30 min)
-	$(BIN)/fedlens bench diagnosis --seed 7
+	$(BIN)/fedlens bench diagnosis --seed 8
 
 bench-limits: install  ## detection limits of the statistical findings on synthetic releases (~20 min)
 	$(BIN)/fedlens bench limits

@@ -7,8 +7,9 @@ was most of a round (9.4 s against 1.8 s in simulation; docs/PERFORMANCE.md). He
 backoff: right after it handled a message it looks again after 0.05 s, doubling while nothing comes, up to 0.2 s
 for a minute after its last message (a run is under way: the next instruction follows within seconds) and then up
 to Flower's 3 s, so an idle site polls as rarely as before and a busy run is not held up; its reply is looked for
-after 0.02 s, doubling to Flower's 0.5 s (a check of its own memory, not a request); and a message's objects the
-link does not have yet are asked for again after 0.02 s, not Flower's first 1 s (the same total time bounds it).
+after 0.02 s, doubling to 0.1 s (Flower: every 0.5 s; a check of its own memory, not a request); and a message's
+objects the link does not have yet are asked for again after 0.02 s, not Flower's first 1 s (the same total time
+bounds it).
 Nothing else of Flower changes; the arguments are flower-supernode's. The loop's sleeps are recognised by their
 values, so this runs only on the Flower release it was read on (FLOWER): on another, Flower's own polling is kept.
 
@@ -23,7 +24,7 @@ from typing import Any
 IDLE_S = 3.0  # Flower's wait after an empty pull: the backoff's ceiling once idle
 FIRST_S = 0.05  # the first wait after a message was handled
 BUSY_S, BUSY_WINDOW_S = 0.2, 60.0  # the ceiling while the last message is less than a minute old
-REPLY_S, REPLY_MAX_S = 0.02, 0.5  # looks for the ClientApp's reply: first after 0.02 s, doubling to Flower's 0.5 s
+REPLY_S, REPLY_MAX_S = 0.02, 0.1  # looks for the ClientApp's reply: after 0.02 s, doubling to 0.1 s (Flower: 0.5 s)
 OBJECT_BACKOFF_S = 0.02  # first wait for a message's object the link does not have yet (Flower: 1 s)
 FLOWER = ("1.42.0",)  # the releases whose start_client_internal.py this was read on
 

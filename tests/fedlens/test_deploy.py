@@ -156,9 +156,10 @@ def test_the_supernode_polls_with_a_backoff(monkeypatch):
         clock.sleep(s)
     assert slept == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.0, 3.0]
     slept.clear()
-    for s in (0.5, 0.5, 0.5, 3, 3, 3, 3, 0.5, 1.25):  # a message handled: 0.05 s, doubling to 0.2 s while a run is on
+    for s in (0.5, 0.5, 0.5, 0.5, 3, 3, 3, 3, 0.5, 1.25):  # a message handled: 0.05 s, doubling to 0.2 s in a run
         clock.sleep(s)
-    assert slept == [0.02, 0.04, 0.08, 0.05, 0.1, 0.2, 0.2, 0.02, 1.25]  # the reply looked for from 0.02 s again
+    # Its reply looked for after 0.02 s, doubling to 0.1 s, and from 0.02 s again for the next message.
+    assert slept == [0.02, 0.04, 0.08, 0.1, 0.05, 0.1, 0.2, 0.2, 0.02, 1.25]
     now[0] += 61  # a minute without a message: idle again
     slept.clear()
     for _ in range(5):
