@@ -142,8 +142,11 @@ def train(msg: Message, context: Context) -> Message:
     sent, n_claimed = trainable_state(model), None
     if "bad_update" in site.injected:
         sent, n_claimed = faults.break_reply(site.injected["bad_update"], server_round, sent, site.info().n_train)
-    return answer(sent, sigma=plan.noise_multiplier, q=result.sample_rate, steps=result.steps, seconds=seconds,
-                  health_seconds=result.health.seconds if result.health else 0.0, n_claimed=n_claimed)
+    reply = answer(sent, sigma=plan.noise_multiplier, q=result.sample_rate, steps=result.steps, seconds=seconds,
+                   health_seconds=result.health.seconds if result.health else 0.0, n_claimed=n_claimed)
+    if "bad_update" in site.injected:
+        faults.break_message(site.injected["bad_update"], server_round, reply.content)
+    return reply
 
 
 @app.evaluate()

@@ -116,10 +116,32 @@ def misbehave(injected: dict[str, Fault], server_round: int, received) -> object
     return None
 
 
+# bad_update modes that break the message itself, after it is packed: replies that ended the ServerApp before the
+# server validated every field (issue 17). The others break the weights or the count the reply carries.
+MESSAGE_MODES = ("string-array", "inf-examples", "bad-status")
+
+
+def break_message(fault: Fault, server_round: int, content) -> None:  # noqa: ANN001
+    """An injected bad_update of a MESSAGE_MODES mode: the packed train reply made malformed, in place."""
+    from flwr.app import Array
+
+    from common import records
+
+    if server_round < int(fault["round"]) or fault["mode"] not in MESSAGE_MODES:
+        return
+    if fault["mode"] == "string-array" and records.ARRAYS in content.array_records:
+        weights = content.array_records[records.ARRAYS]
+        weights[next(iter(weights))] = Array(np.array([["not", "a"], ["weight", "!"]]))
+    elif fault["mode"] == "inf-examples":
+        content.metric_records[records.METRICS][records.NUM_EXAMPLES] = float("inf")
+    elif fault["mode"] == "bad-status":
+        content.config_records[records.SITE]["status"] = "hacked"
+
+
 def break_reply(fault: Fault, server_round: int, arrays, num_examples: int):  # noqa: ANN001, ANN201
     """An injected bad_update: the trained weights (and example count) broken the way a buggy or hostile site
     would break them."""
-    if server_round < int(fault["round"]):
+    if server_round < int(fault["round"]) or fault["mode"] in MESSAGE_MODES:
         return arrays, num_examples
     mode = fault["mode"]
     if mode == "examples":

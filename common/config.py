@@ -13,7 +13,8 @@ run's ground truth (run store table `faults`); no diagnosis code reads them. Kin
              another embedded workload, "movies" / "drugreview", its labels mapped by sentiment)
   training   lr_blowup (factor), overfit (epochs, examples)
   behaviour  free_rider (mode: "echo" | "random"), crash (round), straggler (seconds + factor × its training time),
-             bad_update (mode: "nan" | "inf" | "shape" | "scale" | "examples"; from round): a broken or hostile reply
+             bad_update (mode: "nan" | "inf" | "shape" | "scale" | "examples" | "string-array" | "inf-examples" |
+               "bad-status"; from round): a broken or hostile reply
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ KINDS: dict[str, dict[str, Any]] = {  # kind -> parameters with their defaults
     "straggler": {"seconds": 0.0, "factor": 0.0},
     "bad_update": {"mode": "nan", "round": 1},
 }
-BAD_UPDATE_MODES = ("nan", "inf", "shape", "scale", "examples")
+BAD_UPDATE_MODES = ("nan", "inf", "shape", "scale", "examples", "string-array", "inf-examples", "bad-status")
 
 
 @dataclass(frozen=True)

@@ -114,3 +114,26 @@ def test_the_client_app_crashes_free_rides_and_blows_up_as_told(tiny_cfg):
     over = train('"kind": "overfit", "epochs": 20, "examples": 16')
     assert over.site.status == "ok" and over.steps == 20 and 0 < over.epsilon <= 8.0
     assert over.noise_multiplier > normal.noise_multiplier
+
+
+@pytest.mark.parametrize("mode, error", [
+    ("string-array", "declares dtype '<U6'"),
+    ("inf-examples", "'num-examples' = inf, expected a whole number"),
+    ("bad-status", "'status' = 'hacked', expected one of ok, refused, failed"),
+])
+def test_a_hostile_reply_fault_breaks_the_packed_message(mode, error):
+    # The replies that ended the ServerApp before it validated every field, as a real site in a fault drill sends them.
+    from collections import OrderedDict
+
+    from client import faults
+    from common import records
+
+    weights = OrderedDict(w=np.zeros((2, 2), np.float32))
+    content = records.pack_train_reply(records.TrainReply(records.SiteInfo("e", 10, 5), weights, 10, 1.0, 1e-5, 8.0,
+                                                          1.0, 0.5, 2, 0.1))
+    faults.break_message({"mode": mode, "round": 2}, 1, content)  # before its round: untouched
+    records.unpack_train_reply(content, like=weights, num_classes=3)
+    faults.break_message({"mode": mode, "round": 2}, 2, content)
+    with pytest.raises(records.Malformed, match=error):
+        records.unpack_train_reply(content, like=weights, num_classes=3)
+    assert faults.break_reply({"mode": mode, "round": 1}, 2, weights, 10) == (weights, 10)  # weights left alone

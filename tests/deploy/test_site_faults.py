@@ -16,20 +16,23 @@ ROUNDS = 8
 
 def test_a_killed_site_is_recorded_by_name_and_rejoins_and_a_nan_site_is_rejected(deployment):
     d = deployment
-    sites = ("a", "b", "c", "d")
+    sites = ("a", "b", "c", "d", "e")
     d.certs_for(*sites)
     d.start_link()
     data = {}
     for i, site in enumerate(sites):
         d.register(site)
         data[site] = write_site_csv(d.root / f"{site}.csv", seed=i)
-        # Site d is the drill's faulty site: a real site applies a run's injected faults only if its operator said so.
-        d.start_site(site, data[site], extra=["--allow-injected-faults"] if site == "d" else None)
+        # Sites d and e are the drill's faulty sites: a real site applies a run's injected faults only if its operator
+        # said so.
+        d.start_site(site, data[site], extra=["--allow-injected-faults"] if site in ("d", "e") else None)
 
     # Rounds take ~4 s once the sites' runners are warm and a restarted site needs ~10-20 s to be back (its runner
     # checks its own install's digest, its SuperNode reconnects): enough rounds for it to be picked up again.
     d.run("faults", rounds=ROUNDS, **{"server.min-sites": 3, "server.round-timeout": 300.0,
-                                 "faults": json.dumps([{"site": "d", "kind": "bad_update", "mode": "nan"}])})
+                                 "faults": json.dumps([{"site": "d", "kind": "bad_update", "mode": "nan"},
+                                                       # a weight of strings: it ended the ServerApp before
+                                                       {"site": "e", "kind": "bad_update", "mode": "string-array"}])})
     # kill -9 site c's SuperNode (and the ClientApp it started) as soon as its first training message arrives.
     d.wait_for(lambda: "Receiving: train message" in d.log("c"), 180, "site c to receive its first train message")
     d.kill("c")
@@ -48,6 +51,8 @@ def test_a_killed_site_is_recorded_by_name_and_rejoins_and_a_nan_site_is_rejecte
     assert all(by[(s, r)] == ("ok", "") for s in ("a", "b") for r in range(1, ROUNDS + 1))
     for r in range(1, ROUNDS + 1):
         assert by[("d", r)][0] == "failed" and "update rejected" in by[("d", r)][1] and "NaN" in by[("d", r)][1]
+        assert by[("e", r)][0] == "failed" and by[("e", r)][1].startswith("malformed reply: site e: train reply: "
+                                                                          "weight "), by[("e", r)]
     findings = {(s, k) for s, k in d.query("SELECT site, kind FROM findings WHERE run_id = 'faults'")}
     assert ("d", "update_rejected") in findings and ("c", "site_failed") in findings
     final, _ = Checkpoints(d.store, "faults", keep=20).load(ROUNDS)
