@@ -212,8 +212,8 @@ def unpack_site(content: RecordDict, num_classes: int | None = None) -> SiteInfo
     """Who answered. `num_classes`: the run's K, which a census must match (None: not checked).
 
     Raises:
-        Malformed: no site record, or a field of the wrong type or out of range (a name that is empty, too long or
-            holds control characters or '/', a status outside STATUSES, a census of another length).
+        Malformed: no site record, or a field of the wrong type or out of range (a name that is not SITE_NAME or
+            is a node-<id> placeholder, a status outside STATUSES, a census of another length).
     """
     if SITE not in content.config_records:
         raise Malformed(f"reply has no '{SITE}' ConfigRecord (records: {list(content.keys())[:5]})")

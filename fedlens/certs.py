@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,11 @@ def site_names(sites: str) -> list[str]:
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    # A private file is created readable by its owner only from its first byte (no window under the umask); one
+    # that existed keeps its inode, so its mode is set again.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     if private:
         path.chmod(0o600)
 

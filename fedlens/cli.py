@@ -419,7 +419,7 @@ def link(
 ) -> None:
     """Start the coordinator's Flower SuperLink (TLS, SuperNode auth, database) on loopback, its SuperExec, and the
     Fleet gate on --host:--port, the only address the sites need."""
-    from fedlens.deploy import SECRET, DeployError, ensure_secret, link_commands, supervise
+    from fedlens.deploy import DeployError, ensure_secret, link_commands, secret_path, supervise
 
     try:
         commands = link_commands(certs=certs_, host=host, port=port, database=database, log_file=log_file,
@@ -436,7 +436,7 @@ def link(
     if dry_run:
         return
     database.parent.mkdir(parents=True, exist_ok=True)
-    ensure_secret(certs_ / SECRET if certs_ is not None else database.parent / SECRET)
+    ensure_secret(secret_path(certs_, database))
     raise typer.Exit(supervise(commands))
 
 

@@ -64,6 +64,12 @@ def _need(path: Path, what: str) -> str:
 CONTROL_PORT = 9093  # the SuperLink's own port, on loopback: the operators' Control API and the Runtime API
 
 
+def secret_path(certs: Path | None, database: Path) -> Path:
+    """Where the coordinator's SuperExec secret lives: certs/superexec.secret, or beside the database with
+    --insecure."""
+    return (certs / SECRET if certs is not None else database.parent / SECRET).resolve()
+
+
 def ensure_secret(path: Path) -> Path:
     """The SuperLink / SuperExec shared secret at `path`, made (32 random bytes, hex, mode 0600) if missing: the
     Runtime API never runs unauthenticated."""
@@ -92,7 +98,7 @@ def link_commands(*, certs: Path | None, host: str, port: int, database: Path, l
     if port == control_port:
         raise DeployError(f"--port {port} and --control-port {control_port} must differ: the sites' port passes "
                           "only the Fleet API, the control port (loopback) serves the operators and the ServerApp")
-    secret = (secret or (certs / SECRET if certs is not None else database.parent / SECRET)).resolve()
+    secret = secret.resolve() if secret is not None else secret_path(certs, database)
     link = [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(control_port), "--database",
             str(database), "--isolation", "process", "--disable-runtime-dependency-installation",
             "--superexec-auth-secret-file", str(secret)]

@@ -8,6 +8,7 @@ functions, so What-if re-aggregates a round with the rule the run used.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -105,6 +106,23 @@ def _coordinate_wise(updates: Updates, rule, *, cut: int) -> tuple[Arrays, dict[
 
 
 # --- what an update must pass, and what the server reads off the round's updates ------------------------------
+
+MIN_SITES_TO_CAP = 3  # a site's value is judged against the median of at least two others
+
+
+def caps(values: dict[str, float], ratio: float) -> dict[str, float]:
+    """site -> its bound, for each site whose value is beyond `ratio` × the median of the other sites' values
+    (server.max-weight-ratio: a site's FedAvg weight, its label counts in the pooled prior). A site's counts are its
+    own word; uncapped, one claiming 10⁹ would own the average. None with ratio 0 or fewer than MIN_SITES_TO_CAP."""
+    if ratio <= 0 or len(values) < MIN_SITES_TO_CAP:
+        return {}
+    out = {}
+    for site, v in values.items():
+        cap = ratio * statistics.median(o for s, o in values.items() if s != site)
+        if v > cap > 0:
+            out[site] = cap
+    return out
+
 
 def check_update(arrays: Arrays, reference: Arrays) -> str:
     """Why an update cannot be aggregated ("" when it can): keys, shapes and finiteness against the global model."""

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from server.aggregate import caps
+
 EXACT_STD = 1e-6  # a release claiming less noise than this is taken as exact (a run without DP)
-MIN_SITES_TO_CAP = 3  # sites a share cap needs: one site is judged against the median of at least two others
 
 
 class LabelCounts:
@@ -47,12 +48,9 @@ class LabelCounts:
         if not self.weighted:
             return None
         each = {s: self.weighted[s] / self.precision[s] for s in self.weighted}
-        if self.max_ratio > 0 and len(each) >= MIN_SITES_TO_CAP:
-            totals = {s: float(np.clip(v, 0.0, None).sum()) for s, v in each.items()}
-            for s, v in each.items():
-                cap = self.max_ratio * float(np.median([t for o, t in totals.items() if o != s]))
-                if totals[s] > cap > 0:
-                    each[s] = v * (cap / totals[s])
+        totals = {s: float(np.clip(v, 0.0, None).sum()) for s, v in each.items()}
+        for s, cap in caps(totals, self.max_ratio).items():
+            each[s] = each[s] * (cap / totals[s])
         return sum(each.values())
 
     def prior(self) -> list[float] | None:

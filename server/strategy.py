@@ -18,7 +18,16 @@ from common.config import ServerConfig
 from common.log import get_logger
 from common.rounds import LEFT_OUT, Event, LedgerRow, RoundRecord, SiteRoundRow
 from common.run_store import RunWriter
-from server.aggregate import Arrays, Updates, aggregate, check_update, noise_scale, update_geometry, update_norm
+from server.aggregate import (
+    Arrays,
+    Updates,
+    aggregate,
+    caps,
+    check_update,
+    noise_scale,
+    update_geometry,
+    update_norm,
+)
 from server.central_eval import CentralEval, Probe
 from server.findings import Diagnosis, FindingsTracker
 from server.findings.cross_site import cross_site
@@ -444,18 +453,14 @@ class DebugFedAvg:
         the round's other averaged sites' weights. A site's example count is its own word (its census, noised under
         DP): uncapped, one claiming 10⁹ would own the average. The update stays in; the row and an event say so."""
         ratio = self.cfg.max_weight_ratio
-        if ratio <= 0 or len(updates) < MIN_SITES_FOR_MEDIAN:
-            return
-        claimed = {site: n for site, (_, n) in updates.items()}
-        for site, n in claimed.items():
-            cap = ratio * statistics.median(v for s, v in claimed.items() if s != site)
-            if n > cap:
-                updates[site] = (updates[site][0], cap)
-                why = (f"its weight {n:.4g} was capped at {cap:.4g}, {ratio:g}× the other sites' median "
-                       "(server.max-weight-ratio)")
-                row = next(r for r in rec.sites if r.phase == "train" and r.site == site)
-                row.reason = f"{row.reason}; {why}" if row.reason else why
-                rec.events.append(Event("weight-capped", f"{site}: {why}", site))
+        for site, cap in caps({site: n for site, (_, n) in updates.items()}, ratio).items():
+            arrays, n = updates[site]
+            updates[site] = (arrays, cap)
+            why = (f"its weight {n:.4g} was capped at {cap:.4g}, {ratio:g}× the other sites' median "
+                   "(server.max-weight-ratio)")
+            row = next(r for r in rec.sites if r.phase == "train" and r.site == site)
+            row.reason = f"{row.reason}; {why}" if row.reason else why
+            rec.events.append(Event("weight-capped", f"{site}: {why}", site))
 
     def _check_weight(self, tr: records.TrainReply) -> str:
         """Why the example count a site claims cannot weight its update ("" when it can): it must be positive and
