@@ -38,6 +38,7 @@ SOURCES = ("drugreview", "movies", "debates", "files")  # data.source: the embed
 # Each embedded workload's own label set, which data.labels = "" takes (own files must name theirs).
 SOURCE_LABELS = {"drugreview": ("negative", "neutral", "positive"), "movies": ("rotten", "fresh"),
                  "debates": ("TRUMP", "CLINTON", "PENCE", "KAINE", "HOLT", "QUIJANO", "RADDATZ", "COOPER", "WALLACE")}
+EXPORT_TARGETS = ("mlflow", "tensorboard")  # store.export / fedlens export --to (common/export.py)
 # server.central-eval names for the embedded workloads' held-out sets, with the workload they belong to.
 EMBEDDED_TEST_SETS = {"drugreview-test": "drugreview", "movies-test": "movies", "debates-test": "debates"}
 # What a site trains (common/model.build_model); head-then-lora is LP-FT: the head alone on frozen features for
@@ -332,6 +333,21 @@ class StoreConfig:
     run_id: str
     replay_from: str
     replay_round: int
+    export: str  # "", "mlflow", "tensorboard" or both, comma-separated: copied after every round (common/export.py)
+    export_dir: str  # "" = beside the store (runs/mlflow, runs/tensorboard); else <export-dir>/<target>
+
+    def export_targets(self) -> tuple[str, ...]:
+        """store.export "mlflow, tensorboard" -> ("mlflow", "tensorboard").
+
+        Raises:
+            ValueError: a name that is not one of EXPORT_TARGETS.
+        """
+        names = tuple(dict.fromkeys(t.strip().lower() for t in self.export.split(",") if t.strip()))
+        bad = [t for t in names if t not in EXPORT_TARGETS]
+        if bad:
+            raise ValueError(f"store.export: unknown export target(s) {', '.join(map(repr, bad))}; expected a "
+                             f"comma-separated list of {', '.join(EXPORT_TARGETS)}, or \"\" for none")
+        return names
 
 
 @dataclass(frozen=True)
@@ -580,4 +596,8 @@ class AppConfig:
         num("simulation.client-cpus", self.simulation.client_cpus, 0.0, 1024, lo_open=True)
         num("simulation.client-gpus", self.simulation.client_gpus, 0.0, 64)
         check(bool(self.store.path), "store.path", self.store.path, "a file path")
+        try:
+            self.store.export_targets()
+        except ValueError as e:
+            p.append(str(e))
         return p

@@ -10,6 +10,7 @@ Run as:  fedlens simulate --scenario simulations/smoke.toml
          fedlens bench accuracy --workload movies --seeds 3 --json
          fedlens audit privacy --json           # one-run empirical ε lower bound of the site's DP-SGD
          fedlens dashboard --port 8501
+         fedlens export --to mlflow             # every stored run into MLflow (runs/mlflow); or --to tensorboard
          fedlens certs --out certs --sites hospital-a,hospital-b --host link.example.org
          fedlens link --certs certs --host 0.0.0.0 --port 8000
          fedlens site hospital-a --data a.csv --superlink link.example.org:8000 --certs certs
@@ -358,6 +359,45 @@ def audit_privacy(
     typer.echo(json.dumps(out, indent=2) if json_ else audit.format_text(out))
     if out["verdict"] == "violated":
         raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    to: Annotated[str, typer.Option(help="mlflow or tensorboard")],
+    store: StoreOption = Path(DEFAULT_STORE),
+    run: Annotated[list[str] | None, typer.Option(help="run id (repeat for several; default: every run)")] = None,
+    out: Annotated[str | None, typer.Option(help="folder (MLflow: or a tracking URI); default: beside the store")]
+    = None,
+    json_: JsonOption = False,
+) -> None:
+    """Copy stored runs (config, global and per-site metrics and ε by round, findings, events) into MLflow or
+    TensorBoard; rounds the target already holds are not written again, so it can be run as often as wanted."""
+    import json
+
+    from common.config import EXPORT_TARGETS
+    from common.export import ExportError, default_location, export_run
+    from common.run_store import list_runs
+
+    if to not in EXPORT_TARGETS:
+        _fail(f"--to must be one of {', '.join(EXPORT_TARGETS)}, got {to!r}", 2)
+    if not store.exists():
+        _fail(f"run store {store} does not exist")
+    location = out or default_location(store, to)
+    done = []
+    try:
+        for run_id in run or [r["run_id"] for r in reversed(list_runs(store))]:
+            done.append(export_run(store, run_id, to, location))
+    except (LookupError, ExportError) as e:
+        _fail(str(e))
+    if json_:
+        typer.echo(json.dumps({"target": to, "location": str(location), "runs": done}, indent=2))
+        return
+    for d in done:
+        typer.echo(f"{d['run_id']}: {d['rounds_written']} new round(s), {d['last_round']} in all")
+    view = (f"mlflow ui --backend-store-uri sqlite:///{Path(location).resolve() / 'mlflow.db'}"
+            if to == "mlflow" and "://" not in str(location) else
+            f"tensorboard --logdir {Path(location).resolve()}" if to == "tensorboard" else str(location))
+    typer.echo(f"{len(done)} run(s) in {to} at {location}; to view: {view}", err=True)
 
 
 @app.command()

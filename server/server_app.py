@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.checkpoints import Checkpoints
 from common.config import AppConfig
+from common.export import LiveExport
 from common.log import get_logger
 from common.model import build_model, load_tokenizer, load_trainable_state, save_final_model, trainable_state
 from common.rounds import Event
@@ -93,7 +94,9 @@ def main(grid: Grid, context: Context) -> None:
                      config=cfg.raw, parent=parent)
         writer.record_faults([(f.site, f.kind, f.params) for f in cfg.injected])
     log.info("fedlens run %s -> %s", run_id, Path(cfg.store.path).resolve())
+    export = LiveExport(cfg.store.path, run_id, cfg.store.export_targets(), cfg.store.export_dir)
     try:
+        export.check()  # a missing library fails the run here, before any site spends ε
         tokenizer = load_tokenizer(cfg.model)
         model = build_model(cfg.model, cfg.data.labels, seed=cfg.train.seed)
         test = server_split(cfg, model, tokenizer)
@@ -120,7 +123,8 @@ def main(grid: Grid, context: Context) -> None:
                              state.get("label_counts"),
                              load_round_records(cfg.store.path, run_id) if resumed is not None else None)
             start = last + 1
-        final = strategy.run(grid, initial, cfg.num_server_rounds, start_round=start)
+        final = strategy.run(grid, initial, cfg.num_server_rounds, start_round=start,
+                             on_round=lambda rnd, _: _export(export, writer, rnd))
         model_path = None
         if cfg.server.save_model:
             load_trainable_state(model, final)
@@ -128,10 +132,20 @@ def main(grid: Grid, context: Context) -> None:
             model_path = str(out.resolve())
             log.info("final model saved to %s", model_path)
         writer.finish("completed", model_path=model_path)
+        _export(export, writer, None)
     except BaseException as e:
         # The rounds already committed stay; the run is marked failed with the reason.
         writer.event(Event("run-failed", f"{type(e).__name__}: {e}"))
         writer.finish("failed", error=f"{type(e).__name__}: {e}")
+        _export(export, writer, None)
         raise
     finally:
+        export.close()
         writer.close()
+
+
+def _export(export: LiveExport, writer: RunWriter, rnd: int | None) -> None:
+    """Bring the live export targets up to date; a target that fails is an event of the round, never the run's end."""
+    for problem in export.sync():
+        log.warning("export failed (tried again after the next round): %s", problem)
+        writer.event(Event("export-failed", problem), rnd)

@@ -25,8 +25,10 @@ def smoke_run(tmp_path_factory):
     # The simulated sites keep their ledgers next to the store, as `fedlens simulate` puts them by default.
     env = {**_without_site_state(os.environ), "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "FEDLENS_AUDIT_DIR": str(audit)}
+    # ... and the server copies each round, live, to MLflow and TensorBoard beside the store.
     proc = subprocess.run([sys.executable, "-m", "fedlens.cli", "simulate", "--scenario", "simulations/smoke.toml",
-                           "--store", str(store)], capture_output=True, text=True, env=env, timeout=900)
+                           "--store", str(store), "--set", "store.export=mlflow,tensorboard"],
+                          capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return store, audit
 
@@ -85,6 +87,28 @@ def _dp_accounting_lifetime(ledger, delta):
     acc.compose(_events(ledger))
     orders = np.asarray(LIFETIME_ORDERS)
     return float(np.min(np.asarray(acc._rdp) + np.log(len(orders) / delta) / (orders - 1)))
+
+
+def test_the_run_was_followed_live_in_mlflow_and_tensorboard(smoke_store):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from common.run_store import load_run
+
+    run = load_run(smoke_store)
+    client = MlflowClient(tracking_uri=f"sqlite:///{smoke_store.parent / 'mlflow' / 'mlflow.db'}")
+    (found,) = client.search_runs([client.get_experiment_by_name("fedlens").experiment_id])
+    assert found.data.tags["fedlens.run_id"] == run["run_id"] and found.info.status == "FINISHED"
+    acc = EventAccumulator(str(smoke_store.parent / "tensorboard" / run["run_id"]), size_guidance={"scalars": 0})
+    acc.Reload()
+    for s in ("site-0", "site-1", "site-2"):
+        eps = [(r["round"], r["epsilon"]) for r in run["site_rounds"] if r["site"] == s and r["phase"] == "evaluate"]
+        assert len(eps) == 2
+        key = f"site/{s}/evaluate/epsilon"
+        assert [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, key)] == eps
+        assert [e.step for e in acc.Scalars(key)] == [1, 2]
+        assert [e.value for e in acc.Scalars(key)] == pytest.approx([v for _, v in eps], rel=1e-6)
+    assert not [e for e in run["events"] if e["kind"] == "export-failed"]
 
 
 def test_smoke_run_report(smoke_store):
