@@ -9,6 +9,8 @@ Benchmarks (run all, or a subset with --only):
   bytes_per_round   bytes a site sends per round, LoRA vs full fine-tuning
   max_sites         the largest simulated federation that completes 2 rounds here, with peak memory
   dashboard_render  slowest page render on a synthetic run store of 100 sites × 100 rounds
+  deploy_round      a loopback deployment's round / the same run's simulated round
+  export            seconds a live export (store.export) adds to a round of the 100 × 100 synthetic store, per target
 The JSON keys are a stable contract (docs/PERFORMANCE.md). Never used as timed assertions in tests.
 """
 
@@ -33,11 +35,11 @@ import torch
 from common.config import PROJECT_ROOT, AppConfig, resolve_run_config
 
 BENCHES = ("dp_overhead", "head_round", "round_overhead", "diagnostics_share", "bytes_per_round", "max_sites", "dashboard_render",
-           "deploy_round")
+           "deploy_round", "export")
 # Keys are only ever added, at the end (docs/PERFORMANCE.md "The JSON contract").
 KEYS = ("dp_overhead_lora", "dp_overhead_full", "round_overhead_3", "round_overhead_10", "round_overhead_30",
         "startup_s", "diagnostics_share", "bytes_ratio_lora", "max_sites", "max_sites_peak_gb", "dashboard_render_s",
-        "head_round_ratio", "deploy_round_ratio")
+        "head_round_ratio", "deploy_round_ratio", "export_round_s")
 ROUND_SITES = (3, 10, 30)
 MAX_SITES_LADDER = (100, 300, 1000, 2000)
 MAX_SITES_MEMORY_GB = 8.0
@@ -302,7 +304,32 @@ def deploy_round(rounds: int = 4, sites: int = 3, rows: int = 60) -> dict[str, A
     return out
 
 
-SINGLE_RUN = {"bytes_per_round": bytes_per_round, "max_sites": max_sites, "dashboard_render": dashboard_render}
+def export(sites: int = 100, rounds: int = 100) -> dict[str, Any]:
+    """What a live export adds to a round: a whole run exported once, per round, plus one sync that finds nothing new
+    (what every round pays to read the run and ask the target what it holds)."""
+    from common.export import LiveExport, export_run
+    from dashboard.bench import make_store
+
+    out: dict[str, Any] = {"config": {"sites": sites, "rounds": rounds}}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = make_store(Path(tmp) / "bench.db", sites=sites, rounds=rounds)
+        for target in ("mlflow", "tensorboard"):
+            t0 = time.perf_counter()
+            export_run(store, None, target, Path(tmp) / target)
+            whole = time.perf_counter() - t0
+            live = LiveExport(store, "synthetic", (target,), str(Path(tmp) / "live"))
+            live.sync()
+            t0 = time.perf_counter()
+            live.sync()
+            idle = time.perf_counter() - t0
+            live.close()
+            out[target] = {"whole_run_s": whole, "idle_sync_s": idle, "round_s": whole / rounds + idle}
+    out["export_round_s"] = max(out[t]["round_s"] for t in ("mlflow", "tensorboard"))
+    return out
+
+
+SINGLE_RUN = {"bytes_per_round": bytes_per_round, "max_sites": max_sites, "dashboard_render": dashboard_render,
+              "export": export}
 
 
 # --- the harness -------------------------------------------------------------------------------------------------
@@ -342,7 +369,7 @@ def run(only: list[str] | None = None, *, progress=print) -> dict[str, Any]:  # 
         out["startup_s"], out["diagnostics_share"] = r["startup_s"], r["diagnostics_share"]
         out["details"]["round_overhead"] = r
     for name, keys in (("bytes_per_round", ("bytes_ratio_lora",)), ("max_sites", ("max_sites", "max_sites_peak_gb")),
-                       ("dashboard_render", ("dashboard_render_s",))):
+                       ("dashboard_render", ("dashboard_render_s",)), ("export", ("export_round_s",))):
         if name in names:
             progress(f"{name}…")
             r = SINGLE_RUN[name]()

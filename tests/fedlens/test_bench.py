@@ -28,7 +28,8 @@ def test_round_overhead_is_the_share_of_the_round_when_no_site_was_computing():
 def test_the_contract_keys_and_a_clear_error_for_unknown_benchmarks():
     assert bench.KEYS == ("dp_overhead_lora", "dp_overhead_full", "round_overhead_3", "round_overhead_10",
                           "round_overhead_30", "startup_s", "diagnostics_share", "bytes_ratio_lora", "max_sites",
-                          "max_sites_peak_gb", "dashboard_render_s", "head_round_ratio", "deploy_round_ratio")
+                          "max_sites_peak_gb", "dashboard_render_s", "head_round_ratio", "deploy_round_ratio",
+                          "export_round_s")
     with pytest.raises(ValueError, match="unknown benchmark\\(s\\) nope; choose from dp_overhead"):
         bench.run(["nope"])
 
