@@ -185,4 +185,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         return answer(summary=exact, diag_seconds=exact.seconds)
     t1 = time.perf_counter()
     noised = release(exact, noise_multiplier=sigma)
-    return answer(summary=noised, sigma=sigma, diag_seconds=exact.seconds + time.perf_counter() - t1)
+    reply = answer(summary=noised, sigma=sigma, diag_seconds=exact.seconds + time.perf_counter() - t1)
+    if "bad_update" in site.injected:
+        faults.break_message(site.injected["bad_update"], server_round, reply.content, "evaluate")
+    return reply

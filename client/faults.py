@@ -117,33 +117,56 @@ def misbehave(injected: dict[str, Fault], server_round: int, received) -> object
 
 
 # bad_update modes that break the message itself, after it is packed: replies that ended the ServerApp before the
-# server validated every field (issue 17). The others break the weights or the count the reply carries.
-MESSAGE_MODES = ("string-array", "inf-examples", "bad-status")
+# server validated every field (issue 17). The train reply's: a weight of strings, an infinite example count, an
+# unknown status, an Array with no bytes, an Array declaring 10⁹ values; the evaluate reply's: a summary over one
+# class too many, a summary cell of 1e200. The other modes break the weights or the count the reply carries.
+MESSAGE_MODES = {"train": ("string-array", "inf-examples", "bad-status", "empty-array", "huge-array"),
+                 "evaluate": ("summary-classes", "summary-overflow")}
 
 
-def break_message(fault: Fault, server_round: int, content) -> None:  # noqa: ANN001
-    """An injected bad_update of a MESSAGE_MODES mode: the packed train reply made malformed, in place."""
+def bad_update_mode(fault: Fault, server_round: int) -> str | None:
+    """The bad_update mode of this round: None before its round; a list of modes is taken in turn, one a round."""
+    start = int(fault["round"])
+    if server_round < start:
+        return None
+    modes = fault["mode"]
+    return modes if isinstance(modes, str) else modes[(server_round - start) % len(modes)]
+
+
+def break_message(fault: Fault, server_round: int, content, phase: str = "train") -> None:  # noqa: ANN001
+    """An injected bad_update of one of the phase's MESSAGE_MODES: the packed reply made malformed, in place."""
     from flwr.app import Array
 
     from common import records
 
-    if server_round < int(fault["round"]) or fault["mode"] not in MESSAGE_MODES:
+    mode = bad_update_mode(fault, server_round)
+    if mode not in MESSAGE_MODES[phase]:
         return
-    if fault["mode"] == "string-array" and records.ARRAYS in content.array_records:
+    if mode in ("string-array", "empty-array", "huge-array") and records.ARRAYS in content.array_records:
         weights = content.array_records[records.ARRAYS]
-        weights[next(iter(weights))] = Array(np.array([["not", "a"], ["weight", "!"]]))
-    elif fault["mode"] == "inf-examples":
+        weights[next(iter(weights))] = {
+            "string-array": lambda: Array(np.array([["not", "a"], ["weight", "!"]])),
+            "empty-array": lambda: Array("float32", (2, 2), "numpy.ndarray", b""),
+            "huge-array": lambda: Array("float32", (10**9,), "numpy.ndarray", np.zeros(4, np.float32).tobytes()),
+        }[mode]()
+    elif mode == "inf-examples":
         content.metric_records[records.METRICS][records.NUM_EXAMPLES] = float("inf")
-    elif fault["mode"] == "bad-status":
+    elif mode == "bad-status":
         content.config_records[records.SITE]["status"] = "hacked"
+    elif mode in ("summary-classes", "summary-overflow") and records.SUMMARY in content.config_records:
+        summary = content.config_records[records.SUMMARY]
+        if mode == "summary-classes":
+            summary["num-classes"] = int(summary["num-classes"]) + 1
+        else:
+            summary["calibration"] = [1e200, *list(summary["calibration"])[1:]]
 
 
 def break_reply(fault: Fault, server_round: int, arrays, num_examples: int):  # noqa: ANN001, ANN201
     """An injected bad_update: the trained weights (and example count) broken the way a buggy or hostile site
     would break them."""
-    if server_round < int(fault["round"]) or fault["mode"] in MESSAGE_MODES:
+    mode = bad_update_mode(fault, server_round)
+    if mode is None or any(mode in modes for modes in MESSAGE_MODES.values()):
         return arrays, num_examples
-    mode = fault["mode"]
     if mode == "examples":
         return arrays, 10**9
     out = OrderedDict(arrays)

@@ -14,7 +14,8 @@ run's ground truth (run store table `faults`); no diagnosis code reads them. Kin
   training   lr_blowup (factor), overfit (epochs, examples)
   behaviour  free_rider (mode: "echo" | "random"), crash (round), straggler (seconds + factor × its training time),
              bad_update (mode: "nan" | "inf" | "shape" | "scale" | "examples" | "string-array" | "inf-examples" |
-               "bad-status"; from round): a broken or hostile reply
+               "bad-status" | "empty-array" | "huge-array" | "summary-classes" | "summary-overflow", or a list of
+               them taken in turn, one a round; from round): a broken or hostile reply
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ KINDS: dict[str, dict[str, Any]] = {  # kind -> parameters with their defaults
     "straggler": {"seconds": 0.0, "factor": 0.0},
     "bad_update": {"mode": "nan", "round": 1},
 }
-BAD_UPDATE_MODES = ("nan", "inf", "shape", "scale", "examples", "string-array", "inf-examples", "bad-status")
+BAD_UPDATE_MODES = ("nan", "inf", "shape", "scale", "examples", "string-array", "inf-examples", "bad-status",
+                    "empty-array", "huge-array", "summary-classes", "summary-overflow")
 
 
 @dataclass(frozen=True)
@@ -198,9 +200,12 @@ def parse_faults(text: str) -> list[Fault]:
         if unknown:
             raise ValueError(f"faults[{i}] ({kind}): unknown parameter(s) {', '.join(unknown)}; "
                              f"{kind} takes {', '.join(KINDS[kind])}")
-        if kind == "bad_update" and params.get("mode", "nan") not in BAD_UPDATE_MODES:
-            raise ValueError(f"faults[{i}] (bad_update): mode must be one of {', '.join(BAD_UPDATE_MODES)}, "
-                             f"got {params['mode']!r}")
+        mode = params.get("mode", "nan")
+        modes = mode if isinstance(mode, list) else [mode]
+        if kind == "bad_update" and (not modes or any(not isinstance(m, str) or m not in BAD_UPDATE_MODES
+                                                      for m in modes)):
+            raise ValueError(f"faults[{i}] (bad_update): mode must be one of {', '.join(BAD_UPDATE_MODES)}, or a "
+                             f"non-empty list of them (taken in turn, one a round), got {mode!r}")
         out.append(Fault(str(item["site"]), kind, params))
     return out
 

@@ -120,6 +120,8 @@ def test_the_client_app_crashes_free_rides_and_blows_up_as_told(tiny_cfg):
     ("string-array", "declares dtype '<U6'"),
     ("inf-examples", "'num-examples' = inf, expected a whole number"),
     ("bad-status", "'status' = 'hacked', expected one of ok, refused, failed"),
+    ("empty-array", "weight 'w'"),
+    ("huge-array", "weight 'w'"),
 ])
 def test_a_hostile_reply_fault_breaks_the_packed_message(mode, error):
     # The replies that ended the ServerApp before it validated every field, as a real site in a fault drill sends them.
@@ -133,7 +135,40 @@ def test_a_hostile_reply_fault_breaks_the_packed_message(mode, error):
                                                           1.0, 0.5, 2, 0.1))
     faults.break_message({"mode": mode, "round": 2}, 1, content)  # before its round: untouched
     records.unpack_train_reply(content, like=weights, num_classes=3)
+    faults.break_message({"mode": mode, "round": 2}, 2, content, "evaluate")  # a train mode leaves evaluate alone
+    records.unpack_train_reply(content, like=weights, num_classes=3)
     faults.break_message({"mode": mode, "round": 2}, 2, content)
     with pytest.raises(records.Malformed, match=error):
         records.unpack_train_reply(content, like=weights, num_classes=3)
     assert faults.break_reply({"mode": mode, "round": 1}, 2, weights, 10) == (weights, 10)  # weights left alone
+
+
+@pytest.mark.parametrize("mode, error", [
+    ("summary-classes", "summary is over 4 classes, expected 3"),
+    ("summary-overflow", "summary"),
+])
+def test_a_hostile_summary_fault_breaks_the_evaluate_reply(mode, error):
+    from client import faults
+    from common import diagnostics, records
+
+    blocks = {b.name: np.zeros(b.shape(3, 0)) for b in diagnostics.BLOCKS}
+    content = records.pack_eval_reply(records.EvalReply(records.SiteInfo("e", 10, 5), 5, 1.0, blocks, 4.0, 2.0, 1))
+    faults.break_message({"mode": mode, "round": 1}, 1, content)  # an evaluate mode leaves the train phase alone
+    records.unpack_eval_reply(content, 3)
+    faults.break_message({"mode": mode, "round": 1}, 1, content, "evaluate")
+    with pytest.raises(records.Malformed, match=error):
+        records.unpack_eval_reply(content, 3)
+
+
+def test_a_list_of_bad_update_modes_is_taken_in_turn_one_a_round():
+    from client import faults
+    from common.config import parse_faults
+
+    (fault,) = parse_faults('[{"site": "e", "kind": "bad_update", "mode": ["nan", "examples", "bad-status"], '
+                            '"round": 2}]')
+    assert [faults.bad_update_mode(fault, r) for r in range(1, 7)] == [None, "nan", "examples", "bad-status", "nan",
+                                                                      "examples"]
+    with pytest.raises(ValueError, match=r"faults\[0\] \(bad_update\): mode must be one of .* got \['nan', 'boom'\]"):
+        parse_faults('[{"site": "e", "kind": "bad_update", "mode": ["nan", "boom"]}]')
+    with pytest.raises(ValueError, match="non-empty list"):
+        parse_faults('[{"site": "e", "kind": "bad_update", "mode": []}]')

@@ -1,6 +1,7 @@
 """The whole server side (SuperLink, SuperExec and the ServerApp) killed with -9 in the middle of round 2 and
 restarted: `flwr run` with the same store.run-id resumes from the last completed round. No round is lost or
-counted twice, and every site's ε is exactly that of a run that was never interrupted."""
+counted twice, every site's ε is exactly that of a run that was never interrupted, and the diagnosis goes on from
+the stored rounds (a finding recorded before the crash is not recorded again after it)."""
 
 import json
 
@@ -11,6 +12,7 @@ from tests.deploy.conftest import write_site_csv
 
 pytestmark = pytest.mark.deploy
 SITES = ("a", "b", "c")
+CONFIG = {"server.min-sites": 3, "faults": json.dumps([{"site": "c", "kind": "bad_update", "mode": "nan"}])}
 
 
 def _site_ledger(d, site):
@@ -27,8 +29,10 @@ def test_a_killed_server_resumes_from_the_last_completed_round_with_exact_epsilo
     d.start_link()
     for i, site in enumerate(SITES):
         d.register(site)
-        d.start_site(site, write_site_csv(d.root / f"{site}.csv", seed=i))
-    d.run("resume", rounds=3, **{"server.min-sites": 3})
+        # Site c sends NaN weights every round (it trains and charges first): a finding from round 1 on.
+        d.start_site(site, write_site_csv(d.root / f"{site}.csv", seed=i),
+                     extra=["--allow-injected-faults"] if site == "c" else None)
+    d.run("resume", rounds=3, **CONFIG)
 
     # Round 1 committed, and every site has trained round 2 and charged it: then the server side goes down.
     d.wait_for(lambda: d.rounds("resume") == [1], 300, "round 1 to complete")
@@ -38,12 +42,16 @@ def test_a_killed_server_resumes_from_the_last_completed_round_with_exact_epsilo
     assert d.rounds("resume") == [1] and d.status("resume") == "running"  # the ServerApp died without a word
 
     d.start_link()  # the same --database: the SuperLink keeps its nodes; the sites reconnect by themselves
-    d.run("resume", rounds=3, **{"server.min-sites": 3})
+    d.run("resume", rounds=3, **CONFIG)
     assert d.wait_done("resume") == "completed", d.tails()
 
     assert d.rounds("resume") == [1, 2, 3]
     rows = d.query("SELECT site, round, status FROM site_rounds WHERE run_id = 'resume' AND phase = 'train'")
-    assert sorted(rows) == [(s, r, "ok") for s in SITES for r in (1, 2, 3)]  # every update of the resumed rounds used
+    # every honest update of the resumed rounds used, c's refused each round
+    assert sorted(rows) == [(s, r, "ok" if s != "c" else "failed") for s in SITES for r in (1, 2, 3)]
+    # The findings tracker was rebuilt from the stored rounds: c's finding stays the one of round 1.
+    assert d.query("SELECT round FROM findings WHERE run_id = 'resume' AND site = 'c' AND kind = 'update_rejected'") \
+        == [(1,)]
     events = d.query("SELECT kind, round, message FROM events WHERE run_id = 'resume' AND kind = 'run-resumed'")
     assert events == [("run-resumed", 1, "resumed after round 1 from its checkpoint")]
     for site in SITES:
