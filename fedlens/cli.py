@@ -525,6 +525,8 @@ def site(
                                                               "default: the bundle of this fedlens install's own "
                                                               "project, so the coordinator cannot ship other "
                                                               "code")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads the site trains and evaluates on (default 0: every "
+                                              "core; give each its share when a machine hosts several sites)")] = 0,
     dry_run: Annotated[bool, typer.Option(help="print the command, start nothing")] = False,
 ) -> None:
     """Start one site's Flower SuperNode (TLS to the SuperLink, authenticated by the site's key) and its runner: one
@@ -542,7 +544,7 @@ def site(
         state = state_dir or Path.home() / ".fedlens" / "sites" / name
         cmd = site_command(name=name, superlink=superlink, data=data, port=port, ca=ca, key=key, insecure=insecure,
                            state_dir=state, max_retries=max_retries, policy=policy)
-        runner = runner_command(port=port, state_dir=state, digests=app_digest)
+        runner = runner_command(port=port, state_dir=state, digests=app_digest, threads=threads)
     except DeployError as e:
         _fail(str(e), 2)
     if insecure:

@@ -168,13 +168,16 @@ def site_command(*, name: str, superlink: str, data: Path | None, state_dir: Pat
 RUNNER_SECRET = "runner.secret"  # in the site's state folder: shared by its SuperNode and its runner
 
 
-def runner_command(*, port: int, state_dir: Path, digests: list[str] | None = None) -> list[str]:
+def runner_command(*, port: int, state_dir: Path, digests: list[str] | None = None, threads: int = 0) -> list[str]:
     """The site's ClientApp runner (fedlens/site_runner.py) beside its SuperNode on `port`: one long-lived process
-    that runs only apps of the pinned `digests` (default: its own install's).
+    that runs only apps of the pinned `digests` (default: its own install's), on `threads` CPU threads (0: torch's
+    default, every core).
 
     Raises:
         DeployError: a digest that is not 64 hex characters.
     """
+    if threads < 0:
+        raise DeployError(f"--threads {threads}: expected 0 (every core) or a positive number of CPU threads")
     bad = [d for d in digests or [] if len(d) != 64 or any(c not in "0123456789abcdef" for c in d)]
     if bad:
         raise DeployError(f"--app-digest {bad[0]!r}: expected the SHA-256 of an app bundle, 64 lowercase hex "
@@ -183,6 +186,8 @@ def runner_command(*, port: int, state_dir: Path, digests: list[str] | None = No
            "--secret-file", str((state_dir / RUNNER_SECRET).resolve())]
     for d in digests or []:
         cmd += ["--app-digest", d]
+    if threads > 0:
+        cmd += ["--threads", str(threads)]
     return cmd
 
 

@@ -341,7 +341,15 @@ def main(argv: list[str] | None = None) -> None:
                    "the secret file, else ~/.fedlens/apps)")
     p.add_argument("--app-digest", action="append", default=[],
                    help="SHA-256 of an app bundle this site runs (repeatable; default: its own install's)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for training and evaluation (default 0: torch's own, every core)")
     args = p.parse_args(argv)
+    if args.threads > 0:
+        # Before the app is loaded: a machine that hosts several sites (or other work) gives each its share, as
+        # the simulation gives each site simulation.client-cpus; more threads than cores only fight for them.
+        import torch
+
+        torch.set_num_threads(args.threads)
     digests = set(args.app_digest) or {own_digest()}
     secret = args.secret_file.read_bytes() if args.secret_file else None  # as the SuperNode reads it: raw bytes
     print(f"fedlens site runner: serving {args.runtime_api_address}, apps {', '.join(sorted(digests))}", flush=True)

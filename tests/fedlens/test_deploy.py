@@ -98,8 +98,11 @@ def test_a_site_dials_with_the_ca_and_its_key_and_names_itself(tmp_path):
     assert runner_command(port=9100, state_dir=tmp_path / "st", digests=["ab" * 32])[1:] == [
         "-m", "fedlens.site_runner", "--runtime-api-address", "127.0.0.1:9100", "--secret-file", secret,
         "--app-digest", "ab" * 32]
+    assert runner_command(port=9100, state_dir=tmp_path / "st", threads=2)[-2:] == ["--threads", "2"]
     with pytest.raises(DeployError, match="--app-digest 'xyz': expected the SHA-256 of an app bundle"):
         runner_command(port=1, state_dir=tmp_path, digests=["xyz"])
+    with pytest.raises(DeployError, match="--threads -1: expected 0"):
+        runner_command(port=1, state_dir=tmp_path, threads=-1)
     with pytest.raises(DeployError, match="site hospital-a: data file .*nope.csv does not exist"):
         site_command(name="hospital-a", superlink="l:1", data=tmp_path / "nope.csv", state_dir=tmp_path, port=1,
                      ca=paths.ca_cert, key=paths.site_keys["hospital-a"][0])
