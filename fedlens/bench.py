@@ -281,8 +281,8 @@ def deploy_round(rounds: int = 4, sites: int = 3, rows: int = 60) -> dict[str, A
         try:
             d.certs_for(*names)
             d.start_link()
+            d.register(*names)
             for n, f in zip(names, files, strict=True):
-                d.register(n)
                 d.start_site(n, f)
             d.run("bench-deploy", rounds=rounds, **{"server.min-sites": sites})
             if d.wait_done("bench-deploy", timeout=900) != "completed":

@@ -27,8 +27,8 @@ def test_a_killed_server_resumes_from_the_last_completed_round_with_exact_epsilo
     d = deployment
     d.certs_for(*SITES)
     d.start_link()
+    d.register(*SITES)
     for i, site in enumerate(SITES):
-        d.register(site)
         # Site c sends NaN weights every round (it trains and charges first): a finding from round 1 on.
         d.start_site(site, write_site_csv(d.root / f"{site}.csv", seed=i),
                      extra=["--allow-injected-faults"] if site == "c" else None)

@@ -17,8 +17,7 @@ def test_a_secure_three_site_deployment_survives_intruders_and_broken_files(depl
     d = deployment
     d.certs_for("a", "b", "c", "wrong-columns", "bad-encoding", "intruder", "impostor", "pinned")
     d.start_link()
-    for site in ("a", "b", "c", "wrong-columns", "bad-encoding", "impostor", "pinned"):  # "intruder": not registered
-        d.register(site)
+    d.register("a", "b", "c", "wrong-columns", "bad-encoding", "impostor", "pinned")  # "intruder": not registered
 
     # Only the Fleet API is public: through the sites' address nobody registers a key or submits a run.
     out = d.flwr("supernode", "register", str(d.certs / "sites" / "intruder.pub"), "public", "--name", "intruder",

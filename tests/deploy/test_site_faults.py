@@ -27,8 +27,8 @@ def test_a_killed_site_is_recorded_by_name_and_rejoins_and_a_nan_site_is_rejecte
     d.certs_for(*sites)
     d.start_link()
     data = {}
+    d.register(*sites)
     for i, site in enumerate(sites):
-        d.register(site)
         data[site] = write_site_csv(d.root / f"{site}.csv", seed=i)
         # Sites d and e are the drill's faulty sites: a real site applies a run's injected faults only if its operator
         # said so.
