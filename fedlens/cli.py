@@ -20,7 +20,6 @@ Progress and logs go to stderr; only data (the report) goes to stdout. Exit code
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -413,7 +412,10 @@ def dashboard(
            "--client.toolbarMode", "viewer",
            "--", "--store", str(store.resolve())]
     typer.echo(f"dashboard on http://{host}:{port}  (store {store.resolve()})", err=True)
-    raise typer.Exit(subprocess.call(cmd))
+    from fedlens.deploy import supervise
+
+    # Streamlit is this command's child: a SIGTERM or Ctrl-C here stops it too, and this command exits with it.
+    raise typer.Exit(supervise([cmd]))
 
 
 @app.command()

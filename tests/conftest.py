@@ -1,10 +1,20 @@
-"""Shared fixtures: a tiny config, a tiny model and one site's data, all offline."""
+"""Shared fixtures: a tiny config, a tiny model and one site's data, all offline; and a check that no process the
+suite started outlives it."""
 
 from __future__ import annotations
 
 import os
+import signal
+import time
+import uuid
+from pathlib import Path
 
 import pytest
+
+# Every process the suite starts inherits this mark (subprocesses, their children, servers that detach from their
+# parent): at the end, any process still carrying it was left behind.
+SESSION_MARK = "FEDLENS_TEST_SESSION"
+os.environ[SESSION_MARK] = uuid.uuid4().hex
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -15,6 +25,41 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 TINY = {"model.tiny": True, "data.max-length": 32, "simulation.num-sites": 3, "num-server-rounds": 2,
         "model.mode": "lora", "train.optimizer": "adamw", "train.head-lr": 0.1,
         "train.batch-size": 32, "train.local-epochs": 1}  # several Poisson batches per epoch
+
+
+def _left_behind(mark: str) -> dict[int, str]:
+    """pid -> command line of every other process of this user whose environment carries `mark`."""
+    found = {}
+    needle = f"{SESSION_MARK}={mark}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """Fails the session if a process it started is still running 30 s after the last test (a dashboard, a
+    SuperNode, a Ray worker); kills what it finds, so the next run starts clean."""
+    yield
+    if not Path("/proc/self/environ").exists():  # not Linux: nothing to read
+        return
+    mark = os.environ[SESSION_MARK]
+    deadline = time.time() + 30
+    while (left := _left_behind(mark)) and time.time() < deadline:
+        time.sleep(1)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert not left, "processes started by the test suite outlived it:\n" + "\n".join(
+        f"  {pid}: {cmd[:200]}" for pid, cmd in sorted(left.items()))
 
 
 @pytest.fixture(autouse=True)
