@@ -182,10 +182,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     if not site.cfg.dp.enabled:
         # No privacy asked for, and the site's policy allows that: the exact summary goes out (the baseline a DP
         # run is compared with).
-        return answer(summary=exact, diag_seconds=exact.seconds)
-    t1 = time.perf_counter()
-    noised = release(exact, noise_multiplier=sigma)
-    reply = answer(summary=noised, sigma=sigma, diag_seconds=exact.seconds + time.perf_counter() - t1)
+        reply = answer(summary=exact, diag_seconds=exact.seconds)
+    else:
+        t1 = time.perf_counter()
+        noised = release(exact, noise_multiplier=sigma)
+        reply = answer(summary=noised, sigma=sigma, diag_seconds=exact.seconds + time.perf_counter() - t1)
     if "bad_update" in site.injected:
         faults.break_message(site.injected["bad_update"], server_round, reply.content, "evaluate")
     return reply

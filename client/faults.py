@@ -1,8 +1,9 @@
-"""Simulation only: a site applies the faults a scenario injects at it, to its rows (step 1), its training (step 2)
-and its reply.
+"""Fault drills: a site applies the faults a scenario injects at it, to its rows (step 1), its training (step 2)
+and its reply, in simulation and in test deployments.
 
 What each kind means, and its parameters, is parsed in common/config.py (`Fault`, `KINDS`). A site applies them
-only when its own policy allows it (allow-injected-faults: simulated sites); client/data.py corrupts the rows,
+only when its own policy allows it (allow-injected-faults: simulated sites, and a deployed site whose operator
+started it with `fedlens site --allow-injected-faults`; never by default); client/data.py corrupts the rows,
 client/client_app.py the rest. σ, the schedule and the budget check follow the training a fault really runs, so no
 fault can make a site overspend.
 """

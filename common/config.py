@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -40,6 +41,8 @@ SOURCES = ("drugreview", "movies", "debates", "files")  # data.source: the embed
 SOURCE_LABELS = {"drugreview": ("negative", "neutral", "positive"), "movies": ("rotten", "fresh"),
                  "debates": ("TRUMP", "CLINTON", "PENCE", "KAINE", "HOLT", "QUIJANO", "RADDATZ", "COOPER", "WALLACE")}
 EXPORT_TARGETS = ("mlflow", "tensorboard")  # store.export / fedlens export --to (common/export.py)
+# A run id names folders (checkpoints, exports) and is quoted in MLflow filters: letters, digits, '.', '_', '-'.
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # server.central-eval names for the embedded workloads' held-out sets, with the workload they belong to.
 EMBEDDED_TEST_SETS = {"drugreview-test": "drugreview", "movies-test": "movies", "debates-test": "debates"}
 # What a site trains (common/model.build_model); head-then-lora is LP-FT: the head alone on frozen features for
@@ -601,8 +604,14 @@ class AppConfig:
         num("simulation.client-cpus", self.simulation.client_cpus, 0.0, 1024, lo_open=True)
         num("simulation.client-gpus", self.simulation.client_gpus, 0.0, 64)
         check(bool(self.store.path), "store.path", self.store.path, "a file path")
+        check(not self.store.run_id or RUN_ID.fullmatch(self.store.run_id) is not None, "store.run-id",
+              self.store.run_id, "empty (a new id) or up to 128 letters, digits, '.', '_' and '-', starting with a "
+              "letter or digit")
         try:
-            self.store.export_targets()
+            targets = self.store.export_targets()
         except ValueError as e:
             p.append(str(e))
+        else:
+            check("://" not in self.store.export_dir or targets == ("mlflow",), "store.export-dir",
+                  self.store.export_dir, "a folder (an MLflow tracking URI only when store.export = \"mlflow\" alone)")
         return p

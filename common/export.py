@@ -14,18 +14,25 @@ read back from the target itself (the `round/seconds` series, written last in ea
   `<folder>/artifacts`: MLflow 3 keeps its plain-file store for old users only); any other MLflow tracking URI is
   used as it is. Metrics are steps = rounds; findings and events are `findings.json` / `events.json` artifacts.
 - TensorBoard: one log directory per fedlens run (`<folder>/<run id>`), scalars by round, findings and events as
-  text by round. A round half-written when a process died is purged when it is written again (`purge_step`).
+  text by round (an event stored for a round after that round was exported, e.g. a later export failure, is not
+  added to it: the store and MLflow's `events.json` have them all). A round half-written when a process died is
+  purged when it is written again (`purge_step`).
+
+The live export runs beside the round loop, in one background thread: a slow or unreachable target (a remote
+MLflow server retrying) delays the copy, never the next round; a round that finds the previous copy still busy
+leaves it to the next sync, which writes every round the target lacks.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from common.config import EXPORT_TARGETS
+from common.config import EXPORT_TARGETS, RUN_ID
 from common.run_store import ROUND_METRICS, load_run
 
 EXPERIMENT = "fedlens"
@@ -124,7 +131,7 @@ class MlflowTarget:
                 tags["fedlens.parent"] = f"{run['parent_run']} round {run['parent_round']}"
             self.mlflow_run = self.client.create_run(exp_id, start_time=int(run["started_at"] * 1000), tags=tags,
                                                      run_name=run["run_id"]).info.run_id
-            self._params(run["config"])
+        self._params(run["config"])  # every time: a first export cut short after the run was created has none
 
     def _params(self, config: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -172,16 +179,22 @@ class TensorBoardTarget:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise ExportError("exporting to TensorBoard needs tensorboard: pip install 'fedlens[export]'") from e
-        self.logdir = Path(location).resolve() / run["run_id"]
-        self._last = 0
-        if self.logdir.exists():
-            acc = EventAccumulator(str(self.logdir), size_guidance={"scalars": 0})
+        base = Path(location).resolve()
+        self.logdir = (base / run["run_id"]).resolve()
+        if self.logdir.parent != base:  # a run id is one folder name (common.config.RUN_ID): never a path
+            raise ExportError(f"run id {run['run_id']!r} cannot name a folder in {base}")
+        self._last, has_config, existed = 0, False, self.logdir.exists()
+        if existed:
+            acc = EventAccumulator(str(self.logdir), size_guidance={"scalars": 0, "tensors": 0})
             acc.Reload()
-            if LAST in acc.Tags()["scalars"]:
+            tags = acc.Tags()
+            if LAST in tags["scalars"]:
                 self._last = max(e.step for e in acc.Scalars(LAST))
-        # Anything at a step after the last whole round (a round cut short) is dropped when it is written again.
-        self.writer = SummaryWriter(str(self.logdir), purge_step=self._last + 1 if self._last else None)
-        if not self._last:
+            has_config = "config/text_summary" in tags["tensors"]
+        # Anything at a step after the last whole round (a round cut short, round 1 included) is dropped when it is
+        # written again.
+        self.writer = SummaryWriter(str(self.logdir), purge_step=self._last + 1 if existed else None)
+        if not has_config:
             self.writer.add_text("config", "```json\n" + json.dumps(run["config"], indent=1, sort_keys=True) + "\n```",
                                  0)
 
@@ -219,13 +232,21 @@ def export_run(store: str | Path, run_id: str | None, target: str, location: str
 
     Returns what was done: {"run_id", "target", "location", "rounds_written", "last_round"}."""
     run = load_run(store, run_id)
-    t = open_target(target, location, run)
+    if RUN_ID.fullmatch(run["run_id"]) is None:
+        raise ExportError(f"run {run['run_id']!r}: its id is not a plain name (letters, digits, '.', '_', '-'), so "
+                          "it cannot name an export; export the others with --run")
     try:
-        have = t.last_round()
-        todo = [r["round"] for r in run["rounds"] if r["round"] > have]
-        t.write(run, todo)
-    finally:
-        t.close()
+        t = open_target(target, location, run)
+        try:
+            have = t.last_round()
+            todo = [r["round"] for r in run["rounds"] if r["round"] > have]
+            t.write(run, todo)
+        finally:
+            t.close()
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the library's own error (a locked database, a refused URI), named
+        raise ExportError(f"run {run['run_id']}: {target} at {location}: {type(e).__name__}: {e}") from e
     return {"run_id": run["run_id"], "target": target, "location": str(location), "rounds_written": len(todo),
             "last_round": max([have, *todo])}
 
@@ -239,8 +260,13 @@ class LiveExport:
 
     def __init__(self, store: str | Path, run_id: str, targets: tuple[str, ...], folder: str = "") -> None:
         self.store, self.run_id = store, run_id
-        self.locations = {t: (Path(folder) / t if folder else default_location(store, t)) for t in targets}
+        # An MLflow tracking URI in store.export-dir is used as it is (the config allows it for MLflow alone).
+        self.locations = {t: (folder if "://" in folder else Path(folder) / t) if folder else default_location(store, t)
+                          for t in targets}
         self._open: dict[str, Target] = {}
+        self._worker: threading.Thread | None = None
+        self._problems: list[str] = []
+        self._lock = threading.Lock()
 
     def check(self) -> None:
         """Raise ExportError now if a target's library is missing (before any round is trained)."""
@@ -282,7 +308,43 @@ class LiveExport:
                 failed.append(f"{target} ({location}): {type(e).__name__}: {e}")
         return failed
 
+    def submit(self) -> list[str]:
+        """After a committed round: start a sync in the background unless the last one is still busy; returns the
+        failures of syncs that ended since the last call (the caller records them; this thread never writes the
+        store)."""
+        if self.locations and (self._worker is None or not self._worker.is_alive()):
+            self._worker = threading.Thread(target=self._sync_in_background, name="fedlens-export", daemon=True)
+            self._worker.start()
+        with self._lock:
+            problems, self._problems = self._problems, []
+        return problems
+
+    def _sync_in_background(self) -> None:
+        problems = self.sync()
+        with self._lock:
+            self._problems.extend(problems)
+
+    def finish(self, timeout: float = 60.0) -> list[str]:
+        """At the run's end: wait for a busy sync, then run the last one (the run's final status), each for at most
+        `timeout` seconds; returns every failure not yet returned."""
+        if self.locations:
+            if self._worker is not None:
+                self._worker.join(timeout)
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._sync_in_background, name="fedlens-export", daemon=True)
+                self._worker.start()
+                self._worker.join(timeout)
+            if self._worker.is_alive():
+                with self._lock:
+                    self._problems.append(f"still writing after {timeout:g} s at the run's end: the targets may lack "
+                                          "its last rounds (`fedlens export` brings them up to date)")
+        with self._lock:
+            problems, self._problems = self._problems, []
+        return problems
+
     def close(self) -> None:
+        if self._worker is not None and self._worker.is_alive():
+            return  # a sync still writing: the daemon thread ends with the process
         for t in self._open.values():
             try:
                 t.close()

@@ -529,6 +529,9 @@ def site(
                                                               "code")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads the site trains and evaluates on (default 0: every "
                                               "core; give each its share when a machine hosts several sites)")] = 0,
+    heartbeat: Annotated[int, typer.Option(help="seconds between the heartbeats the site declares to the link "
+                                                "(10..1800, Flower's 30): a crashed site is noticed after 2 of them")]
+    = 30,
     dry_run: Annotated[bool, typer.Option(help="print the command, start nothing")] = False,
 ) -> None:
     """Start one site's Flower SuperNode (TLS to the SuperLink, authenticated by the site's key) and its runner: one
@@ -545,7 +548,7 @@ def site(
         policy = _site_policy(state_dir or Path.home() / ".fedlens" / "sites" / name, chosen)
         state = state_dir or Path.home() / ".fedlens" / "sites" / name
         cmd = site_command(name=name, superlink=superlink, data=data, port=port, ca=ca, key=key, insecure=insecure,
-                           state_dir=state, max_retries=max_retries, policy=policy)
+                           state_dir=state, max_retries=max_retries, policy=policy, heartbeat=heartbeat)
         runner = runner_command(port=port, state_dir=state, digests=app_digest, threads=threads)
     except DeployError as e:
         _fail(str(e), 2)

@@ -123,19 +123,25 @@ def link_commands(*, certs: Path | None, host: str, port: int, database: Path, l
     execd += ["--root-certificates", ca]
     gate += ["--upstream", f"https://127.0.0.1:{control_port}", "--ssl-certfile", cert, "--ssl-keyfile", key,
              "--ca", ca]
+    if (certs / "registry.toml").is_file():  # fedlens certs writes it: only its sites' signed requests are read
+        gate += ["--registry", str((certs / "registry.toml").resolve())]
     return [link, execd, gate]
 
 
 def site_command(*, name: str, superlink: str, data: Path | None, state_dir: Path, port: int,
                  ca: Path | None = None, key: Path | None = None, insecure: bool = False,
-                 max_retries: int | None = None, policy: dict[str, float | bool] | None = None) -> list[str]:
+                 max_retries: int | None = None, policy: dict[str, float | bool] | None = None,
+                 heartbeat: int = 30) -> list[str]:
     """flower-supernode ... (run as fedlens.supernode) for one site: TLS to the link, its auth key, and its name,
     data, state and privacy policy (client/policy.py keys: epsilon-cap, delta, min-noise-multiplier, allow-non-dp)
-    as node config.
+    as node config; `heartbeat`: the interval it declares to the link (fedlens/supernode.py).
 
     Raises:
-        DeployError: a bad site name, a data file that does not exist, or missing key material without --insecure.
+        DeployError: a bad site name, a data file that does not exist, missing key material without --insecure, or
+            a heartbeat outside Flower's 10..1800 s.
     """
+    if not 10 <= heartbeat <= 1800:
+        raise DeployError(f"--heartbeat {heartbeat}: expected 10 to 1800 seconds (the interval the SuperLink accepts)")
     if not SITE_NAME.match(name):
         raise DeployError(f"site name {name!r}: expected letters, digits, '.', '_' or '-' (at most 63)")
     config = [f'site-name="{name}"', f'state-dir="{state_dir.resolve()}"']
@@ -154,6 +160,8 @@ def site_command(*, name: str, superlink: str, data: Path | None, state_dir: Pat
     cmd = [sys.executable, "-m", "fedlens.supernode", "--superlink", superlink, "--port", str(port),
            "--node-config", " ".join(config), "--isolation", "process",
            "--superexec-auth-secret-file", str((state_dir / RUNNER_SECRET).resolve())]
+    if heartbeat != 30:
+        cmd += ["--heartbeat-interval", str(heartbeat)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     if insecure:

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from client.faults import MESSAGE_MODES
 from common.rounds import FindingKind as K
 from fedlens.bench import PROJECT_ROOT
 
@@ -65,6 +66,11 @@ def expected(fault: dict[str, Any], num_classes: int) -> set[str]:
     """The finding kinds that name an injected fault. On a two-class task class-conditional noise and a partial
     flip are one fault (part of one class relabelled as the other), and either name is right for both."""
     kinds = set(EXPECTED.get(fault["kind"], {fault["kind"]}))
+    if fault["kind"] == "bad_update":  # a broken message is refused as malformed: the site fails, nothing is rejected
+        modes = fault.get("mode", "nan")
+        if any(m in MESSAGE_MODES[phase] for m in ([modes] if isinstance(modes, str) else modes)
+               for phase in MESSAGE_MODES):
+            kinds.add(K.SITE_FAILED)
     if num_classes == 2 and fault["kind"] == "label_noise" and fault.get("classes"):
         kinds.add(K.LABEL_FLIP)
     if num_classes == 2 and fault["kind"] == "label_flip" and float(fault.get("share", 1.0)) < 1.0:

@@ -10,6 +10,12 @@ TLS with the SuperLink's own certificate, forwards `POST /v1/fleet/<endpoint>` t
 authentication signs a timestamp in the headers, so it passes through), and answers everything else with 404
 without reaching Flower. Operators use the Control API on the coordinator itself (`127.0.0.1:<control port>`).
 
+With the coordinator's site registry (`--registry`, certs/registry.toml from `fedlens certs`) the gate also checks,
+from the headers alone and before it reads a byte of the body, that the request is signed by a registered site's
+key (Flower's node authentication: the node's public key, a timestamp and the key's signature of it, checked with
+Flower's own window): a caller without a registered key is answered 401 and holds no buffer at the gate. The
+SuperLink checks the same again, and that the key is the node's. The registry is read again when its file changes.
+
     python -m fedlens.gate --listen 0.0.0.0:8000 --upstream https://127.0.0.1:9093 --ssl-certfile server.crt \
         --ssl-keyfile server.key --ca ca.crt
 """
@@ -18,11 +24,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import contextlib
+import datetime
 import logging
+import os
 import re
 import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
@@ -48,6 +59,61 @@ UPSTREAM_TIMEOUT_S = 120.0  # a Fleet call is one short request; a SuperLink tha
 MAX_CONNECTIONS = 128  # open connections the gate serves at once (uvicorn answers 503 beyond)
 
 
+# Flower's node-authentication headers and their window (flwr.superlink.routers.fleet.node_auth): a signature is
+# good from 5 s in the future (clock drift) to 300 + 5 s in the past.
+KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER = "flwr-public-key", "flwr-signature", "flwr-timestamp"
+WINDOW_S = (-5.0, 305.0)
+
+
+class SiteKeys:
+    """The registered sites' public keys (DER SubjectPublicKeyInfo), read from the registry file and read again
+    when it changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.stamp, self.keys = path, None, frozenset()
+        self.current()
+
+    def current(self) -> frozenset[bytes]:
+        from server.identity import load_registry
+
+        stamp = os.stat(self.path).st_mtime_ns
+        if stamp != self.stamp:
+            self.keys, self.stamp = frozenset(load_registry(self.path).values()), stamp
+            log.info("gate: %d registered site key(s) from %s", len(self.keys), self.path)
+        return self.keys
+
+
+def signed_by_a_site(headers: dict[str, str] | object, keys: frozenset[bytes]) -> str:
+    """Why a request's node-authentication headers do not show a registered site's key ("" when they do)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        pem = base64.b64decode(headers[KEY_HEADER], validate=True)  # type: ignore[index]
+        signature = base64.b64decode(headers[SIGNATURE_HEADER], validate=True)  # type: ignore[index]
+        stamp = headers[TIMESTAMP_HEADER]  # type: ignore[index]
+        key = serialization.load_pem_public_key(pem)
+        der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        signed_at = datetime.datetime.fromisoformat(stamp)
+        age = (datetime.datetime.now(datetime.UTC) - signed_at).total_seconds()
+    except KeyError as e:
+        return f"no {e.args[0]} header"
+    except (ValueError, TypeError, UnicodeError, binascii.Error) as e:
+        return f"unreadable node-authentication headers ({type(e).__name__})"
+    if der not in keys:
+        return "a key that is not in the site registry"
+    if not WINDOW_S[0] < age < WINDOW_S[1]:
+        return f"a signature timestamped {age:.0f} s ago"
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return "a key that is not an EC key"
+    try:
+        key.verify(signature, stamp.encode("ascii"), ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, UnicodeError):
+        return "a signature that does not verify"
+    return ""
+
+
 def allowed(method: str, path: str) -> bool:
     """Whether a request may pass the gate: a POST to one Fleet endpoint."""
     return method == "POST" and FLEET_PATH.fullmatch(path) is not None
@@ -64,9 +130,12 @@ async def _read(request: Request) -> bytes | None:
     return b"".join(chunks)
 
 
-def make_app(upstream: str, *, ca: str | None, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+def make_app(upstream: str, *, ca: str | None, registry: Path | None = None,
+             transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The gate as an ASGI app forwarding allowed requests to `upstream` (the SuperLink on loopback; its TLS
-    certificate checked against `ca`, None for a plaintext loopback test). `transport`: tests put an app there."""
+    certificate checked against `ca`, None for a plaintext loopback test), signed by a key of `registry` when one is
+    given. `transport`: tests put an app there."""
+    sites = SiteKeys(registry) if registry is not None else None
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if ca else False
     client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=UPSTREAM_TIMEOUT_S, follow_redirects=False,
                                transport=transport)
@@ -81,6 +150,15 @@ def make_app(upstream: str, *, ca: str | None, transport: httpx.AsyncBaseTranspo
         if not declared.isdigit() or int(declared) > MAX_BODY:
             log.warning("gate: refused a body of %s bytes from %s", declared[:20], peer)
             return PlainTextResponse(f"request body over {MAX_BODY} bytes\n", status_code=413)
+        if sites is not None:
+            try:
+                problem = signed_by_a_site(request.headers, sites.current())
+            except (OSError, ValueError) as e:  # the registry file gone or broken: nobody passes until it is fixed
+                log.error("gate: the site registry cannot be read: %s", e)
+                return PlainTextResponse("the coordinator's site registry cannot be read\n", status_code=503)
+            if problem:
+                log.warning("gate: refused %s from %s: %s", request.url.path, peer, problem)
+                return PlainTextResponse(f"not signed by a registered site: {problem}\n", status_code=401)
         try:
             body = await asyncio.wait_for(_read(request), BODY_DEADLINE_S)
         except TimeoutError:
@@ -119,10 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ssl-certfile")
     p.add_argument("--ssl-keyfile")
     p.add_argument("--ca", help="CA that signed the SuperLink's certificate (checked on the loopback hop)")
+    p.add_argument("--registry", type=Path, help="the site registry (certs/registry.toml): only requests signed by "
+                   "one of its keys are read and forwarded")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     host, _, port = args.listen.rpartition(":")
-    server = uvicorn.Server(uvicorn.Config(make_app(args.upstream, ca=args.ca), host=host.strip("[]"),
+    if args.registry is None:
+        log.warning("gate: no --registry: request bodies are read before the SuperLink checks who sent them")
+    server = uvicorn.Server(uvicorn.Config(make_app(args.upstream, ca=args.ca, registry=args.registry),
+                                           host=host.strip("[]"),
                                            port=int(port), ssl_certfile=args.ssl_certfile,
                                            ssl_keyfile=args.ssl_keyfile, log_level="warning", timeout_keep_alive=30,
                                            limit_concurrency=MAX_CONNECTIONS, server_header=False,

@@ -102,17 +102,26 @@ class Deployment:
                                          str(self.certs / "sites" / f"{site}.pub"), "test", "--name", site],
                                         cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True) for site in sites}
-        for site, proc in procs.items():
-            out = proc.communicate(timeout=120)[0]
-            if "registered successfully" not in out:
-                raise RuntimeError(f"flwr supernode register {site} failed:\n{out}")
+        try:
+            for site, proc in procs.items():
+                out = proc.communicate(timeout=120)[0]
+                if "registered successfully" not in out:
+                    raise RuntimeError(f"flwr supernode register {site} failed:\n{out}")
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
 
     def start_site(self, site: str, data: Path | None, *, extra: list[str] | None = None) -> subprocess.Popen:
         # One CPU thread a site, as the simulation gives each site simulation.client-cpus = 1 (Ray): every site of
         # the deployment shares this machine's cores, and torch's default (a thread per core in each site) had
         # them fight for the cores (a round 3.5-3.9 s against 3.0-3.3 s, docs/PERFORMANCE.md).
+        # A 10 s heartbeat (Flower's least): a killed site is reported after ~20 s, not ~60 s (loopback never drops
+        # a beat).
         args = self.fedlens("site", site, "--superlink", f"127.0.0.1:{self.port}", "--certs", str(self.certs),
-                            "--port", str(free_port()), "--state-dir", str(self.root / "state" / site), "--threads", "1")
+                            "--port", str(free_port()), "--state-dir", str(self.root / "state" / site),
+                            "--threads", "1", "--heartbeat", "10")
         if data is not None:
             args += ["--data", str(data)]
         return self.start(site, args + (extra or []))

@@ -9,9 +9,10 @@ for a minute after its last message (a run is under way: the next instruction fo
 to Flower's 3 s, so an idle site polls as rarely as before and a busy run is not held up; its reply is looked for
 after 0.02 s, doubling to 0.1 s (Flower: every 0.5 s; a check of its own memory, not a request); and a message's
 objects the link does not have yet are asked for again after 0.02 s, not Flower's first 1 s (the same total time
-bounds it). It also beats its heart every ~4 s and tells the link so (a 10 s interval, Flower's least; Flower's
-own is 30 s): the link declares a site that stopped answering offline after 2 intervals, so a crashed site holds its
-round up for ~20 s rather than ~60 s before the ServerApp gets Flower's "unavailable" reply and goes on without it.
+bounds it). With `--heartbeat-interval S` (fedlens site --heartbeat; Flower's is 30 s, its least 10 s) it declares
+and keeps that interval: the link declares a site that stopped answering offline after 2 intervals, so at 10 s a
+crashed site holds its round up for ~20 s rather than ~60 s before the ServerApp gets Flower's "unavailable" reply
+and goes on without it (at the price of a site on a flaky network being dropped from a round sooner).
 Nothing else of Flower changes; the arguments are flower-supernode's. The loop's sleeps are recognised by their
 values, so this runs only on the Flower release it was read on (FLOWER): on another, Flower's own polling is kept.
 
@@ -28,7 +29,6 @@ FIRST_S = 0.05  # the first wait after a message was handled
 BUSY_S, BUSY_WINDOW_S = 0.2, 60.0  # the ceiling while the last message is less than a minute old
 REPLY_S, REPLY_MAX_S = 0.02, 0.1  # looks for the ClientApp's reply: after 0.02 s, doubling to 0.1 s (Flower: 0.5 s)
 OBJECT_BACKOFF_S = 0.02  # first wait for a message's object the link does not have yet (Flower: 1 s)
-HEARTBEAT_S = 10  # the interval the SuperNode declares and beats by (Flower: 30 s; its least accepted: 10 s)
 FLOWER = ("1.42.0",)  # the releases whose start_client_internal.py this was read on
 
 
@@ -60,6 +60,7 @@ class BackoffClock:
 def main() -> None:
     import functools
     import logging
+    import sys
 
     import flwr
     from flwr.supercore import heartbeat
@@ -67,9 +68,15 @@ def main() -> None:
     from flwr.supernode import fleet_http_connection, start_client_internal
     from flwr.supernode.cli import flower_supernode
 
+    interval = None
+    if "--heartbeat-interval" in sys.argv:  # ours, not flower-supernode's: taken out before Flower parses the rest
+        i = sys.argv.index("--heartbeat-interval")
+        interval = int(sys.argv[i + 1])
+        del sys.argv[i:i + 2]
     if flwr.__version__ in FLOWER:
-        fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S  # declared to the link at activation ...
-        heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S  # ... and kept by the sender
+        if interval is not None:
+            fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = interval  # declared to the link at activation ...
+            heartbeat.HEARTBEAT_DEFAULT_INTERVAL = interval  # ... and kept by the sender
         start_client_internal.time = BackoffClock()  # type: ignore[assignment]
         start_client_internal.pull_objects = functools.partial(pull_objects, initial_backoff=OBJECT_BACKOFF_S,
                                                                backoff_cap=1.0, max_tries_per_object=None)

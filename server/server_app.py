@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from pathlib import Path
@@ -41,7 +42,9 @@ _fast_object_pulls()
 
 
 def new_run_id(scenario: str) -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario}-{uuid.uuid4().hex[:6]}"
+    """A fresh run id: time, the scenario's name (as a run id may spell it) and 6 random hex digits."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", scenario).strip("-.")[:80] or "run"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{uuid.uuid4().hex[:6]}"
 
 
 def model_description(cfg: AppConfig) -> str:
@@ -124,7 +127,7 @@ def main(grid: Grid, context: Context) -> None:
                              load_round_records(cfg.store.path, run_id) if resumed is not None else None)
             start = last + 1
         final = strategy.run(grid, initial, cfg.num_server_rounds, start_round=start,
-                             on_round=lambda rnd, _: _export(export, writer, rnd))
+                             on_round=lambda rnd, _: _record(writer, export.submit(), rnd))
         model_path = None
         if cfg.server.save_model:
             load_trainable_state(model, final)
@@ -132,20 +135,20 @@ def main(grid: Grid, context: Context) -> None:
             model_path = str(out.resolve())
             log.info("final model saved to %s", model_path)
         writer.finish("completed", model_path=model_path)
-        _export(export, writer, None)
+        _record(writer, export.finish(), None)
     except BaseException as e:
         # The rounds already committed stay; the run is marked failed with the reason.
         writer.event(Event("run-failed", f"{type(e).__name__}: {e}"))
         writer.finish("failed", error=f"{type(e).__name__}: {e}")
-        _export(export, writer, None)
+        _record(writer, export.finish(), None)
         raise
     finally:
         export.close()
         writer.close()
 
 
-def _export(export: LiveExport, writer: RunWriter, rnd: int | None) -> None:
-    """Bring the live export targets up to date; a target that fails is an event of the round, never the run's end."""
-    for problem in export.sync():
+def _record(writer: RunWriter, problems: list[str], rnd: int | None) -> None:
+    """The live export's failures, as events (of the round they are noticed in); never the run's end."""
+    for problem in problems:
         log.warning("export failed (tried again after the next round): %s", problem)
         writer.event(Event("export-failed", problem), rnd)

@@ -120,8 +120,8 @@ def test_the_client_app_crashes_free_rides_and_blows_up_as_told(tiny_cfg):
     ("string-array", "declares dtype '<U6'"),
     ("inf-examples", "'num-examples' = inf, expected a whole number"),
     ("bad-status", "'status' = 'hacked', expected one of ok, refused, failed"),
-    ("empty-array", "weight 'w'"),
-    ("huge-array", "weight 'w'"),
+    ("empty-array", "weight 'w'.* does not decode"),
+    ("huge-array", r"weight 'w'.* shape \(1000000000,\)"),
 ])
 def test_a_hostile_reply_fault_breaks_the_packed_message(mode, error):
     # The replies that ended the ServerApp before it validated every field, as a real site in a fault drill sends them.
@@ -145,7 +145,7 @@ def test_a_hostile_reply_fault_breaks_the_packed_message(mode, error):
 
 @pytest.mark.parametrize("mode, error", [
     ("summary-classes", "summary is over 4 classes, expected 3"),
-    ("summary-overflow", "summary"),
+    ("summary-overflow", r"summary: 'calibration' .* beyond ±1e\+09"),
 ])
 def test_a_hostile_summary_fault_breaks_the_evaluate_reply(mode, error):
     from client import faults

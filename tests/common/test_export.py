@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common.config import AppConfig
-from common.export import LAST, LiveExport, export_run, round_series
+from common.export import LAST, ExportError, LiveExport, export_run, round_series
 from common.rounds import Event, Finding, FindingKind, RoundRecord, SiteRoundRow
 from common.run_store import RunWriter, load_run
 from dashboard.bench import make_store
@@ -99,7 +99,37 @@ def test_a_round_cut_short_in_tensorboard_is_replaced_not_doubled(store, tmp_pat
         conn.execute("DELETE FROM rounds WHERE round = 5")
         conn.commit()
         conn.close()
-    assert _scalars(_tensorboard(tmp_path, "synthetic"), "global/test_accuracy")[-1] == (5, 0.75)
+    run = load_run(store)
+    _same(_scalars(_tensorboard(tmp_path, "synthetic"), "global/test_accuracy"),
+          [(r["round"], r["test_accuracy"]) for r in run["rounds"]] + [(5, 0.75)])
+
+
+def test_a_first_round_cut_short_in_tensorboard_is_replaced_not_doubled(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    store = tmp_path / "s.db"
+    w = RunWriter(store, "r")
+    w.start(scenario="t", rounds_planned=2, model="m", config={"dp.enabled": True})
+    w.write_round(_round(1, 0.5))
+    early = SummaryWriter(str(tmp_path / "tb" / "r"))  # the server died while writing round 1
+    early.add_text("config", "{}", 0)
+    early.add_scalar("global/test_accuracy", 123.0, 1)
+    early.close()
+    export_run(store, None, "tensorboard", tmp_path / "tb")
+    acc = _tensorboard(tmp_path / "tb", "r")
+    _same(_scalars(acc, "global/test_accuracy"), [(1, 0.5)])
+    assert len(acc.Tensors("config/text_summary")) == 1
+
+
+def test_a_run_id_that_is_not_a_plain_name_is_not_exported(tmp_path):
+    store = tmp_path / "s.db"
+    w = RunWriter(store, "../escaped")  # an old store's id: today's config refuses it (store.run-id)
+    w.start(scenario="t", rounds_planned=1, model="m", config={})
+    w.write_round(_round(1, 0.5))
+    for target in ("tensorboard", "mlflow"):
+        with pytest.raises(ExportError, match="its id is not a plain name"):
+            export_run(store, "../escaped", target, tmp_path / "out" / target)
+    assert not (tmp_path / "out" / "escaped").exists()
 
 
 def _round(rnd: int, acc: float) -> RoundRecord:
@@ -134,7 +164,9 @@ def test_live_export_follows_a_run_through_a_restart_with_one_copy_of_each_round
     assert _history(client, found, "findings/label_noise") == [(2, 1.0)]
 
 
-def test_a_target_that_cannot_be_written_is_reported_and_never_raises(tmp_path):
+def test_a_target_that_cannot_be_written_is_an_event_of_the_round_and_never_raises(tmp_path):
+    from server.server_app import _record
+
     store = tmp_path / "s.db"
     w = RunWriter(store, "r")
     w.start(scenario="t", rounds_planned=1, model="m", config={})
@@ -145,7 +177,12 @@ def test_a_target_that_cannot_be_written_is_reported_and_never_raises(tmp_path):
     problems = live.sync()
     assert [p.split(" ")[0] for p in problems] == ["tensorboard", "mlflow"]
     assert str(blocker) in problems[0]
+    # As the ServerApp uses it: in the background after each round, its failures recorded as the round's events.
+    live.submit()
+    _record(w, live.finish(timeout=60), 1)
     live.close()
+    events = [(e["round"], e["kind"], e["message"].split(" ")[0]) for e in load_run(store)["events"]]
+    assert (1, "export-failed", "tensorboard") in events and (1, "export-failed", "mlflow") in events
 
 
 def test_round_series_leaves_out_what_is_not_a_finite_number():
@@ -155,6 +192,15 @@ def test_round_series_leaves_out_what_is_not_a_finite_number():
            "findings": []}
     assert round_series(run, 1) == {"round/sites_ok": 1.0, "round/sites_failed": 0.0, "site/a/train/ok": 0.0,
                                      "site/a/train/steps": 3.0, "findings/count": 0.0, LAST: 2.0}
+
+
+def test_a_run_id_and_an_export_folder_are_checked_with_the_config():
+    with pytest.raises(ValueError, match=r"store.run-id must be empty \(a new id\) or up to 128 letters"):
+        AppConfig.from_run_config({"store.run-id": "../x"})
+    with pytest.raises(ValueError, match="store.export-dir must be a folder"):
+        AppConfig.from_run_config({"store.export": "tensorboard", "store.export-dir": "http://mlflow:5000"})
+    live = LiveExport("s.db", "r", ("mlflow",), "http://mlflow.example:5000")
+    assert live.locations == {"mlflow": "http://mlflow.example:5000"}  # a tracking server, used as it is
 
 
 def test_an_unknown_export_target_is_refused_by_name():

@@ -19,6 +19,9 @@ ROUNDS = 8
 # of 10⁹ training examples.
 HOSTILE = ("string-array", "inf-examples", "bad-status", "empty-array", "huge-array", "summary-classes",
            "summary-overflow", "examples")
+REFUSED_BY = {"string-array": "declares dtype '<U6'", "inf-examples": "'num-examples' = inf",
+              "bad-status": "'status' = 'hacked'", "empty-array": "does not decode",
+              "huge-array": "shape (1000000000,)"}
 
 
 def test_a_killed_site_is_recorded_by_name_and_rejoins_and_a_nan_site_is_rejected(deployment):
@@ -64,12 +67,15 @@ def test_a_killed_site_is_recorded_by_name_and_rejoins_and_a_nan_site_is_rejecte
         if mode.startswith("summary"):  # trained and averaged; its evaluate reply refused
             assert by[("e", r)] == ("ok", "") and evaluated[r][0] == "failed", (mode, by[("e", r)], evaluated[r])
             assert evaluated[r][1].startswith("malformed reply: site e: summary"), (mode, evaluated[r])
+            assert ("over 4 classes, expected 3" if mode == "summary-classes" else "beyond ±1e+09") \
+                in evaluated[r][1], (mode, evaluated[r])
         elif mode == "examples":  # 10⁹ examples against the ~50 it declared: its update does not own the average
             assert by[("e", r)][0] == "failed", by[("e", r)]
             assert "update rejected: claims 1000000000 training examples" in by[("e", r)][1], by[("e", r)]
-        else:
+        else:  # each refused by its own check, in its own round
             assert by[("e", r)][0] == "failed", (mode, by[("e", r)])
             assert by[("e", r)][1].startswith("malformed reply: site e"), (mode, by[("e", r)])
+            assert REFUSED_BY[mode] in by[("e", r)][1], (mode, by[("e", r)])
     findings = {(s, k) for s, k in d.query("SELECT site, kind FROM findings WHERE run_id = 'faults'")}
     assert ("d", "update_rejected") in findings and ("c", "site_failed") in findings
     final, _ = Checkpoints(d.store, "faults", keep=20).load(ROUNDS)

@@ -51,7 +51,9 @@ def test_the_link_runs_tls_with_node_auth_a_database_and_its_own_superexec(tmp_p
     assert execd[execd.index("--root-certificates") + 1] == str((tmp_path / "c" / "ca.crt").resolve())
     assert gate[1:] == ["-m", "fedlens.gate", "--listen", "0.0.0.0:9000", "--upstream", "https://127.0.0.1:9093",
                         "--ssl-certfile", str((tmp_path / "c" / "server.crt").resolve()), "--ssl-keyfile",
-                        str((tmp_path / "c" / "server.key").resolve()), "--ca", str((tmp_path / "c" / "ca.crt").resolve())]
+                        str((tmp_path / "c" / "server.key").resolve()), "--ca", str((tmp_path / "c" / "ca.crt").resolve()),
+                        # fedlens certs wrote the site registry: the gate reads only bodies its keys signed
+                        "--registry", str((tmp_path / "c" / "registry.toml").resolve())]
     secret = str((tmp_path / "c" / "superexec.secret").resolve())
     assert link[link.index("--superexec-auth-secret-file") + 1] == execd[execd.index(
         "--superexec-auth-secret-file") + 1] == secret
@@ -99,6 +101,13 @@ def test_a_site_dials_with_the_ca_and_its_key_and_names_itself(tmp_path):
         "-m", "fedlens.site_runner", "--runtime-api-address", "127.0.0.1:9100", "--secret-file", secret,
         "--app-digest", "ab" * 32]
     assert runner_command(port=9100, state_dir=tmp_path / "st", threads=2)[-2:] == ["--threads", "2"]
+    assert "--heartbeat-interval" not in cmd  # Flower's own 30 s unless the site asks
+    fast = site_command(name="hospital-a", superlink="l:1", data=None, state_dir=tmp_path / "st", port=1,
+                        insecure=True, heartbeat=10)
+    assert fast[fast.index("--heartbeat-interval") + 1] == "10"
+    with pytest.raises(DeployError, match="--heartbeat 5: expected 10 to 1800 seconds"):
+        site_command(name="hospital-a", superlink="l:1", data=None, state_dir=tmp_path, port=1, insecure=True,
+                     heartbeat=5)
     with pytest.raises(DeployError, match="--app-digest 'xyz': expected the SHA-256 of an app bundle"):
         runner_command(port=1, state_dir=tmp_path, digests=["xyz"])
     with pytest.raises(DeployError, match="--threads -1: expected 0"):

@@ -65,3 +65,66 @@ def test_a_body_over_the_limit_is_refused_before_it_reaches_the_superlink(monkey
         assert client.post("/v1/control/start-run", content=b"").status_code == 404
     assert seen == [b"x" * 1000]
     assert "gate: refused POST /v1/control/start-run from" in caplog.text  # who knocked stays on record
+
+
+def _key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP384R1())
+
+
+def _signed(key, at=None) -> dict[str, str]:
+    """The headers Flower's SuperNode sends (NodeAuthHttpInterceptor), signed with Flower's own primitives."""
+    import base64
+    import datetime
+
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+
+    stamp = (at or datetime.datetime.now(datetime.UTC)).isoformat()
+    return {"flwr-public-key": base64.b64encode(public_key_to_bytes(key.public_key())).decode(),
+            "flwr-timestamp": stamp, "flwr-signature": base64.b64encode(sign_message(key, stamp.encode())).decode()}
+
+
+def _registry(path, **keys) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from server.identity import registry_text
+
+    path.write_text(registry_text({site: k.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode() for site, k in keys.items()}))
+
+
+def test_with_the_registry_only_requests_signed_by_a_registered_site_are_read(tmp_path):
+    import datetime
+    import os
+
+    site, stranger = _key(), _key()
+    _registry(tmp_path / "registry.toml", a=site)
+    seen = []
+
+    async def superlink(request: Request) -> Response:
+        seen.append(await request.body())
+        return Response(b"ok")
+
+    upstream = Starlette(routes=[Route("/{p:path}", superlink, methods=["POST"])])
+    gate = make_app("http://superlink", ca=None, registry=tmp_path / "registry.toml",
+                    transport=httpx.ASGITransport(app=upstream))
+    old = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=400)
+    forged = {**_signed(site), "flwr-signature": _signed(stranger)["flwr-signature"]}
+    with TestClient(gate) as client:
+        assert client.post("/v1/fleet/pull-messages", content=b"mine", headers=_signed(site)).status_code == 200
+        for headers, why in (({}, "no flwr-public-key header"),
+                             (_signed(stranger), "a key that is not in the site registry"),
+                             (_signed(site, at=old), "a signature timestamped 400 s ago"),
+                             (forged, "a signature that does not verify"),
+                             ({**_signed(site), "flwr-public-key": "%%%"}, "unreadable node-authentication headers")):
+            r = client.post("/v1/fleet/pull-messages", content=b"theirs", headers=headers)
+            assert (r.status_code, why in r.text) == (401, True), (why, r.text)
+        # A site added to the registry is let in without restarting the gate.
+        _registry(tmp_path / "registry.toml", a=site, b=stranger)
+        os.utime(tmp_path / "registry.toml", ns=(1, 2))  # a new stamp, whatever the clock's resolution
+        assert client.post("/v1/fleet/pull-messages", content=b"new", headers=_signed(stranger)).status_code == 200
+        (tmp_path / "registry.toml").unlink()
+        r = client.post("/v1/fleet/pull-messages", content=b"x", headers=_signed(site))
+        assert r.status_code == 503 and "site registry cannot be read" in r.text
+    assert seen == [b"mine", b"new"]  # nothing unsigned, stale, forged or unregistered reached the SuperLink
