@@ -121,8 +121,16 @@ def misbehave(injected: dict[str, Fault], server_round: int, received) -> object
 # server validated every field (issue 17). The train reply's: a weight of strings, an infinite example count, an
 # unknown status, an Array with no bytes, an Array declaring 10⁹ values; the evaluate reply's: a summary over one
 # class too many, a summary cell of 1e200. The other modes break the weights or the count the reply carries.
-MESSAGE_MODES = {"train": ("string-array", "inf-examples", "bad-status", "empty-array", "huge-array"),
+MESSAGE_MODES = {"train": ("string-array", "inf-examples", "bad-status", "empty-array", "huge-array", "fuzz"),
                  "evaluate": ("summary-classes", "summary-overflow")}
+# "fuzz": two of these a round, drawn with the round as seed (a drill, not DP: nothing about the data is drawn), of
+# the kinds tests/server/test_hostile_replies.py throws 10,000 of at the round loop. (record, key, value); key None
+# drops the record.
+FUZZ = (("metrics", "epsilon", float("nan")), ("metrics", "num-examples", -1), ("metrics", "sample-rate", 1e308),
+        ("metrics", "steps", 2**63 - 1), ("metrics", "delta", float("-inf")), ("site", "name", ""),
+        ("site", "n-train", -5), ("site", "status", 3), ("site", "reason", "\x00" * 100_000),
+        ("site", "census-labels", [float("nan")]), ("metrics", None, None), ("site", None, None),
+        ("arrays", "shape", None), ("arrays", "dtype", None))
 
 
 def bad_update_mode(fault: Fault, server_round: int) -> str | None:
@@ -150,6 +158,10 @@ def break_message(fault: Fault, server_round: int, content, phase: str = "train"
             "empty-array": lambda: Array("float32", (2, 2), "numpy.ndarray", b""),
             "huge-array": lambda: Array("float32", (10**9,), "numpy.ndarray", np.zeros(4, np.float32).tobytes()),
         }[mode]()
+    elif mode == "fuzz":
+        rng = np.random.default_rng(server_round)
+        for i in sorted(rng.choice(len(FUZZ), size=2, replace=False), reverse=True):
+            _fuzz(content, *FUZZ[i])
     elif mode == "inf-examples":
         content.metric_records[records.METRICS][records.NUM_EXAMPLES] = float("inf")
     elif mode == "bad-status":
@@ -160,6 +172,25 @@ def break_message(fault: Fault, server_round: int, content, phase: str = "train"
             summary["num-classes"] = int(summary["num-classes"]) + 1
         else:
             summary["calibration"] = [1e200, *list(summary["calibration"])[1:]]
+
+
+def _fuzz(content, record: str, key: str | None, value) -> None:  # noqa: ANN001
+    from flwr.app import Array
+
+    from common import records
+
+    name = {"metrics": records.METRICS, "site": records.SITE, "arrays": records.ARRAYS}[record]
+    if name not in content:
+        return
+    if record == "arrays":  # one weight of the wrong shape, or float64
+        weights = content.array_records[name]
+        first = next(iter(weights))
+        shape = weights[first].shape
+        weights[first] = Array(np.ones((*shape, 2), np.float32) if key == "shape" else np.ones(shape, np.float64))
+    elif key is None:
+        del content[name]
+    else:
+        content[name][key] = value
 
 
 def break_reply(fault: Fault, server_round: int, arrays, num_examples: int):  # noqa: ANN001, ANN201

@@ -14,7 +14,7 @@ run's ground truth (run store table `faults`); no diagnosis code reads them. Kin
   training   lr_blowup (factor), overfit (epochs, examples)
   behaviour  free_rider (mode: "echo" | "random"), crash (round), straggler (seconds + factor × its training time),
              bad_update (mode: "nan" | "inf" | "shape" | "scale" | "examples" | "string-array" | "inf-examples" |
-               "bad-status" | "empty-array" | "huge-array" | "summary-classes" | "summary-overflow", or a list of
+               "bad-status" | "empty-array" | "huge-array" | "summary-classes" | "summary-overflow" | "fuzz", or a list of
                them taken in turn, one a round; from round): a broken or hostile reply
 """
 
@@ -164,7 +164,7 @@ KINDS: dict[str, dict[str, Any]] = {  # kind -> parameters with their defaults
     "bad_update": {"mode": "nan", "round": 1},
 }
 BAD_UPDATE_MODES = ("nan", "inf", "shape", "scale", "examples", "string-array", "inf-examples", "bad-status",
-                    "empty-array", "huge-array", "summary-classes", "summary-overflow")
+                    "empty-array", "huge-array", "summary-classes", "summary-overflow", "fuzz")
 
 
 @dataclass(frozen=True)

@@ -172,3 +172,21 @@ def test_a_list_of_bad_update_modes_is_taken_in_turn_one_a_round():
         parse_faults('[{"site": "e", "kind": "bad_update", "mode": ["nan", "boom"]}]')
     with pytest.raises(ValueError, match="non-empty list"):
         parse_faults('[{"site": "e", "kind": "bad_update", "mode": []}]')
+
+
+def test_the_fuzz_drill_sends_a_malformed_train_reply_every_round():
+    from collections import OrderedDict
+
+    from client import faults
+    from common import records
+
+    weights = OrderedDict(w=np.zeros((2, 2), np.float32))
+    drawn = set()
+    for rnd in range(1, 31):
+        content = records.pack_train_reply(records.TrainReply(records.SiteInfo("d", 10, 5), weights, 10, 1.0, 1e-5,
+                                                              8.0, 1.0, 0.5, 2, 0.1))
+        faults.break_message({"mode": "fuzz", "round": 1}, rnd, content)
+        with pytest.raises(records.Malformed):
+            records.unpack_train_reply(content, like=weights, num_classes=3)
+        drawn |= {int(i) for i in np.random.default_rng(rnd).choice(len(faults.FUZZ), size=2, replace=False)}
+    assert len(drawn) > len(faults.FUZZ) // 2  # the rounds draw across the catalogue, not one entry

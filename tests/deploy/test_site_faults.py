@@ -1,6 +1,7 @@
 """Sites failing under a real deployment: a SuperNode killed in the middle of a round (the round completes with the
 others, the failure is filed under the site's name, the site is picked up again when it comes back), a site
-that sends NaN weights (rejected before aggregation; the global model stays finite) and a hostile site sending,
+that sends NaN weights and, every other round, a fuzzed reply (two bad fields; rejected before aggregation, the
+global model stays finite) and a hostile site sending,
 one a round, each reply that used to end the ServerApp, and a claim of 10⁹ examples (each fails that site for the
 round; the run completes)."""
 
@@ -40,7 +41,7 @@ def test_a_killed_site_is_recorded_by_name_and_rejoins_and_a_nan_site_is_rejecte
     # Rounds take ~4 s once the sites' runners are warm and a restarted site needs ~10-20 s to be back (its runner
     # checks its own install's digest, its SuperNode reconnects): enough rounds for it to be picked up again.
     d.run("faults", rounds=ROUNDS, **{"server.min-sites": 3, "server.round-timeout": 300.0,
-                                 "faults": json.dumps([{"site": "d", "kind": "bad_update", "mode": "nan"},
+                                 "faults": json.dumps([{"site": "d", "kind": "bad_update", "mode": ["nan", "fuzz"]},
                                                        {"site": "e", "kind": "bad_update", "mode": list(HOSTILE)}])})
     # kill -9 site c's SuperNode (and the ClientApp it started) as soon as its first training message arrives.
     d.wait_for(lambda: "Receiving: train message" in d.log("c"), 180, "site c to receive its first train message")
@@ -62,7 +63,10 @@ def test_a_killed_site_is_recorded_by_name_and_rejoins_and_a_nan_site_is_rejecte
                  d.query("SELECT site, round, phase, status, reason FROM site_rounds WHERE run_id = 'faults' "
                          "AND phase = 'evaluate' AND site = 'e'")}
     for r in range(1, ROUNDS + 1):
-        assert by[("d", r)][0] == "failed" and "update rejected" in by[("d", r)][1] and "NaN" in by[("d", r)][1]
+        if r % 2:
+            assert by[("d", r)][0] == "failed" and "update rejected" in by[("d", r)][1] and "NaN" in by[("d", r)][1]
+        else:  # fuzzed
+            assert by[("d", r)][0] == "failed" and by[("d", r)][1].startswith("malformed reply"), by[("d", r)]
         mode = HOSTILE[r - 1]
         if mode.startswith("summary"):  # trained and averaged; its evaluate reply refused
             assert by[("e", r)] == ("ok", "") and evaluated[r][0] == "failed", (mode, by[("e", r)], evaluated[r])
