@@ -67,3 +67,29 @@ def test_only_the_pinned_code_files_are_unpacked(tmp_path):
             code_files(bundle({**APP, name: b"x = 1\n"}))
     with pytest.raises(UntrustedApp, match="twice \\(ignoring case\\)"):
         code_files(bundle({**APP, "client/Client_App.py": b"x = 1\n"}))
+
+
+def test_the_projects_own_bundle_holds_the_apps_and_they_load_from_it_alone(tmp_path):
+    # What `flwr run .` ships (fab-include: client/, common/, server/ and the pyproject): both apps import from the
+    # unpacked bundle, every module of theirs from it, none from this checkout (a module left out of the bundle
+    # would be loaded from the site's own install, or be missing at a site without one).
+    import subprocess
+    import sys
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from common.config import PROJECT_ROOT
+
+    content = build_fab_from_disk(PROJECT_ROOT)
+    folder = unpack(content, code_digest(content), tmp_path)
+    assert {name.split("/")[0] for name in code_files(content)} == {"client", "common", "server", "pyproject.toml"}
+    probe = ("import sys, client.client_app, server.server_app\n"
+             "mods = [m for n, m in sys.modules.items() if n.split('.')[0] in ('client', 'common', 'server')]\n"
+             "print('\\n'.join(sorted(getattr(m, '__file__', None) or '?' for m in mods)))\n"
+             "assert not [n for n in sys.modules if n.split('.')[0] in ('fedlens', 'dashboard', 'tests')], 'outside'\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=folder, capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    files = out.stdout.split()
+    assert len(files) > 20 and all(f.startswith(str(folder)) for f in files), [f for f in files
+                                                                                 if not f.startswith(str(folder))]
