@@ -8,7 +8,7 @@ turns the views into a DataFrame.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from common.config import AppConfig
@@ -63,6 +63,9 @@ class SiteView:
     signal_to_noise: float | None
     update_norm: float | None  # train rows, any status
     update_cosine: float | None
+    # The round each of the values above comes from, by field name ("metrics" for the METRICS of one evaluation,
+    # "epsilon" for the round of the most ε, ...); a value that is None has no entry.
+    rounds: dict[str, int] = field(default_factory=dict)
 
 
 def site_views(run: dict[str, Any]) -> list[SiteView]:
@@ -113,6 +116,13 @@ def _view(name: str, joined: dict[str, Any] | None, rows: list[dict[str, Any]],
         signal_to_noise=_newest(evals, "signal_to_noise"),
         update_norm=_newest(train, "update_norm"),
         update_cosine=_newest(train, "update_cosine"),
+        rounds={k: r for k, r in (
+            ("metrics", evals[-1]["round"] if evals else None), ("epsilon", _round_of_most(rows, "epsilon")),
+            ("epsilon_lifetime", _round_of_most(rows, "epsilon_lifetime")),
+            ("noise_multiplier", train[-1]["round"] if train else None),
+            *((k, _newest_round(evals, k)) for k in ("ece", "label_issues", "clip_fraction", "signal_to_noise")),
+            *((k, _newest_round(train, k)) for k in ("update_norm", "update_cosine")),
+            ("status", rows[-1]["round"] if rows else None)) if r is not None},
     )
 
 
@@ -124,3 +134,12 @@ def _most(rows: list[dict[str, Any]], key: str) -> Any:
 
 def _newest(rows: list[dict[str, Any]], key: str) -> Any:
     return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
+
+
+def _newest_round(rows: list[dict[str, Any]], key: str) -> int | None:
+    return next((r["round"] for r in reversed(rows) if r.get(key) is not None), None)
+
+
+def _round_of_most(rows: list[dict[str, Any]], key: str) -> int | None:
+    values = [(r[key], r["round"]) for r in rows if r.get(key) is not None]
+    return max(values)[1] if values else None

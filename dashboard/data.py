@@ -55,8 +55,22 @@ def global_curves(rounds: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["round", "metric", "source", "value"])
 
 
+# The Sites page shows site_table in groups of at most MAX_COLUMNS columns, each readable at 1280 px (the whole row is
+# ~25 columns): an overview first, then one tab per question, each with the round its values come from.
+SITE_OVERVIEW = ("site", "health", "status", "latest round", "train examples", "accuracy", "macro-F1", "ε spent")
+SITE_GROUPS = {
+    "Quality": ("site", "accuracy", "macro-F1", "val loss", "train loss", "metrics round"),
+    "Errors & DP health": ("site", "ECE", "label issues", "clipped", "signal / noise", "summary round"),
+    "Updates": ("site", "update norm", "update cosine", "σ (DP-SGD)", "update round"),
+    "Privacy": ("site", "ε spent", "ε budget", "ε training", "ε diagnostics", "lifetime ε", "lifetime cap"),
+    "Failures": ("site", "status", "latest round", "reason", "failure"),
+}
+MAX_COLUMNS = 8
+
+
 def site_table(snapshot: dict) -> pd.DataFrame:
-    """One row per site: size, status, latest metrics, ε spent vs budget, update norm."""
+    """One row per site: size, status, latest metrics, ε spent vs budget and lifetime, DP health, its update, and
+    the round each group of values comes from (a site's newest summary may be older than its newest round)."""
     cfg = snapshot["cfg"]
     budget = float(cfg.dp.target_epsilon) if cfg.dp.enabled else None
     out = []
@@ -66,22 +80,31 @@ def site_table(snapshot: dict) -> pd.DataFrame:
         out.append({
             "site": v.site,
             "status": v.status,
+            "latest round": v.rounds.get("status"),
             "train examples": int(v.n_train) if v.n_train is not None else None,
             "ε spent": _float(v.epsilon),
             "ε training": _float(v.epsilon_training),
             "ε diagnostics": _float(v.epsilon_diagnostics),
             "ε budget": budget,
+            "lifetime ε": _float(v.epsilon_lifetime),
+            "lifetime cap": _float(v.epsilon_cap),
+            "σ (DP-SGD)": _float(v.noise_multiplier),
             "accuracy": m.get("accuracy"),
             "macro-F1": m.get("macro_f1"),
             "val loss": m.get("loss"),
             "train loss": m.get("train_loss"),
+            "metrics round": v.rounds.get("metrics"),
             "ECE": v.ece,
             "label issues": v.label_issues,
             "clipped": v.clip_fraction,
             "signal / noise": v.signal_to_noise,
+            "summary round": max((v.rounds[k] for k in ("ece", "label_issues", "clip_fraction", "signal_to_noise")
+                                  if k in v.rounds), default=None),
             "update norm": v.update_norm,
             "update cosine": v.update_cosine,
+            "update round": v.rounds.get("update_norm", v.rounds.get("update_cosine")),
             "reason": v.reason,
+            "failure": v.failure,
         })
     return pd.DataFrame(out)
 

@@ -71,10 +71,10 @@ def test_a_failed_site_shows_its_reason_and_a_failed_run_its_error(monkeypatch, 
     assert metrics["Worst site"] == "clinic-b"
     assert "clinic-b (failed: site clinic-b: data file x.csv does not exist)" in _texts(at)
     at.switch_page("views/sites.py").run()
-    sites = at.dataframe[0].value.set_index("site")
+    sites, failures = (at.dataframe[i].value.set_index("site") for i in (0, 5))
     assert list(sites.index) == ["clinic-a", "clinic-b"]
     assert sites.loc["clinic-b", "status"] == "failed" and sites.loc["clinic-b", "health"] == "✗ failed"
-    assert "does not exist" in sites.loc["clinic-b", "reason"]
+    assert "does not exist" in failures.loc["clinic-b", "reason"]
 
 
 def test_a_collapsed_model_is_called_out(monkeypatch, tmp_path):
@@ -98,10 +98,25 @@ def test_every_page_of_a_full_run_shows_its_numbers(monkeypatch, full_store):
     assert metrics["Round"] == "4 / 4" and metrics["Open findings"] == "1" and metrics["Worst site"] == "site-002"
 
     at.switch_page("views/sites.py").run()
-    sites = at.dataframe[0].value.set_index("site")
-    assert len(sites) == 6 and sites.loc["site-002", "health"] == "✗ failed"
-    assert (sites.drop("site-002")["ε training"] > 0).all() and sites["ECE"].notna().sum() == 6
-    assert sites.drop("site-002")["update cosine"].tolist() == [0.004] * 5  # round 4's
+    from dashboard.data import MAX_COLUMNS, SITE_GROUPS, SITE_OVERVIEW
+
+    tables = [d.value for d in at.dataframe]
+    # The overview and one table per group, none wider than what reads at 1280 px, together every column.
+    assert [list(t.columns) for t in tables[:6]] == [list(SITE_OVERVIEW), *map(list, SITE_GROUPS.values())]
+    assert all(len(t.columns) <= MAX_COLUMNS for t in tables)
+    overview, quality, errors, updates, privacy, failures = (t.set_index("site") for t in tables[:6])
+    assert len(overview) == 6 and overview.loc["site-002", "health"] == "✗ failed"
+    assert (overview.drop("site-002")["latest round"] == 4).all() and overview.loc["site-002", "latest round"] == 4
+    assert (privacy.drop("site-002")["ε training"] > 0).all() and errors["ECE"].notna().sum() == 6
+    assert updates.drop("site-002")["update cosine"].tolist() == [0.004] * 5  # round 4's
+    # site-002 failed in round 4: its newest values are round 3's, and each group says so.
+    assert quality.loc["site-002", "metrics round"] == 3 and updates.loc["site-002", "update round"] == 3
+    assert quality.drop("site-002")["metrics round"].tolist() == [4] * 5
+    assert "data file missing" in failures.loc["site-002", "reason"]
+    one = tables[6].set_index("value")  # the detail of the first site
+    assert one.loc["accuracy", "round"] == 4 and one.loc["update cosine", "round"] == 4
+    # Every value of a site is in one of the tables (the detail lists them all).
+    assert set(one.index) <= set().union(*(t.columns for t in tables[:6]))
 
     at.switch_page("views/findings.py").run()
     assert "site-002" in [h.value for h in at.subheader]

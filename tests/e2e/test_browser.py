@@ -73,6 +73,9 @@ def dashboard_url(tmp_path_factory):
 
 
 def test_every_page_renders_its_key_text_in_chromium(dashboard_url):
+    """At 1280 × 800 (a laptop), every page's key text is scrolled to and seen in the viewport, not only present in
+    the page; every table of the Sites page shows all its columns without a horizontal scroll. Screenshots (the first
+    screen and the whole page) go to test-artifacts/dashboard/."""
     from playwright.sync_api import expect, sync_playwright
 
     dashboard_url, _ = dashboard_url
@@ -80,20 +83,50 @@ def test_every_page_renders_its_key_text_in_chromium(dashboard_url):
     ARTIFACTS.mkdir(parents=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 2200})
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         for path, texts in PAGES.items():
             page.goto(f"{dashboard_url}/{path}?run=synthetic", wait_until="networkidle")
             for text in texts:
-                expect(page.get_by_text(text, exact=False).first).to_be_visible(timeout=30_000)
-            # Charts draw after the text: wait for vega canvases or svgs where the page has charts.
+                seen = page.get_by_text(text, exact=False).first
+                expect(seen).to_be_visible(timeout=30_000)
+                seen.scroll_into_view_if_needed()
+                expect(seen).to_be_in_viewport()
+            # Charts draw after the text: give them a moment before the pictures.
             page.wait_for_timeout(1500)
             assert not page.get_by_text("Traceback").count(), f"/{path} shows a traceback"
-            page.screenshot(path=str(ARTIFACTS / f"{path or 'overview'}.png"), full_page=True)
+            name = path or "overview"
+            page.evaluate("window.scrollTo(0, 0)")
+            page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+            page.screenshot(path=str(ARTIFACTS / f"{name}-full.png"), full_page=True)
+            if path == "sites":
+                _every_column_in_view(page, expect)
         browser.close()
     assert errors == []
     assert {p.stem for p in ARTIFACTS.glob("*.png")} >= {p or "overview" for p in PAGES}
+
+
+# The data grids Streamlit draws (glide-data-grid): a grid wider than its frame scrolls sideways and hides columns.
+OVERFLOW = """() => [...document.querySelectorAll('[data-testid="stDataFrame"]')]
+    .filter(f => f.offsetParent !== null)
+    .map(f => { const s = f.querySelector('.dvn-scroller');
+                return s ? [s.scrollWidth, s.clientWidth, f.getBoundingClientRect().right] : null; })"""
+
+
+def _every_column_in_view(page, expect) -> None:  # noqa: ANN001
+    from dashboard.data import SITE_GROUPS
+
+    for tab in [None, *SITE_GROUPS]:
+        if tab is not None:
+            page.get_by_role("tab", name=tab).click()
+            page.wait_for_timeout(500)
+        grids = [g for g in page.evaluate(OVERFLOW) if g is not None]
+        assert grids, f"no table drawn ({tab or 'overview'})"
+        for scroll, client, right in grids:
+            assert scroll <= client + 1, f"the {tab or 'overview'} table scrolls sideways ({scroll} > {client} px)"
+            assert right <= 1280, f"the {tab or 'overview'} table ends at {right} px, past the 1280 px window"
+        page.screenshot(path=str(ARTIFACTS / f"sites-{(tab or 'overview').split()[0].lower()}.png"))
 
 
 def test_a_live_run_shows_its_new_round_without_a_reload(dashboard_url):
