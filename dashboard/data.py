@@ -10,6 +10,7 @@ import streamlit as st
 from common import run_store, run_views
 
 TTL_SECONDS = 2  # a new round shows within a couple of seconds; the store is cheap to read
+SITES_VAL, SITES_TRAIN = "sites' validation (noised)", "sites' train (noised)"  # the global curves' noised sources
 
 
 @st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
@@ -45,14 +46,58 @@ def global_curves(rounds: pd.DataFrame) -> pd.DataFrame:
     for col, metric, source in [("test_accuracy", "accuracy", "server test set"),
                                 ("test_macro_f1", "macro-F1", "server test set"),
                                 ("test_loss", "loss", "server test set"),
-                                ("accuracy", "accuracy", "sites' validation (noised)"),
-                                ("macro_f1", "macro-F1", "sites' validation (noised)"),
-                                ("loss", "loss", "sites' validation (noised)"),
-                                ("train_loss", "loss", "sites' train (noised)")]:
+                                ("accuracy", "accuracy", SITES_VAL),
+                                ("macro_f1", "macro-F1", SITES_VAL),
+                                ("loss", "loss", SITES_VAL),
+                                ("train_loss", "loss", SITES_TRAIN)]:
         if col in rounds and rounds[col].notna().any():
             parts.append(pd.DataFrame({"round": rounds["round"], "metric": metric, "source": source,
                                        "value": rounds[col]}))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["round", "metric", "source", "value"])
+
+
+def noise_bands(snapshot: dict) -> pd.DataFrame:
+    """(round, metric, source, std): the known noise std of the sites' noised global accuracy and losses per round.
+
+    Public: each release's σ (its evaluate row), the block's Δ and weight (common/diagnostics.noise_std) and the
+    sites' released sizes. The global accuracy is Σ diagonal counts / Σ n_val over the sites' summed confusions,
+    so its noise std is √(Σ_sites K·s_conf²) / Σ n_val; the validation loss L·√(Σ s_val_loss²) / Σ n_val; the train
+    loss the same over the train sizes of the sites that released one. First order: the clamping and projection
+    onto public totals in `derive` are left out (they shrink the noise, so the band is a little wide)."""
+    from common import diagnostics as dg
+
+    rows, cfg = snapshot["site_rounds"], snapshot["cfg"]
+    cols = ["round", "metric", "source", "std"]
+    if rows.empty or "noise_multiplier" not in rows or not cfg.dp.enabled:
+        return pd.DataFrame(columns=cols)
+    k, clip = len(cfg.data.labels), float(cfg.dp.loss_clip)
+    sizes = {r["site"]: r["n_train"] for r in snapshot["sites"].to_dict("records")} if not snapshot["sites"].empty \
+        else {}
+    ev = rows[(rows["phase"] == "evaluate") & (rows["status"] == "ok") & (rows["noise_multiplier"] > 0)]
+    out = []
+    for rnd, group in ev.groupby("round"):
+        models = int(((rows["round"] == rnd) & (rows["phase"] == "train") & (rows["status"] == "ok")).sum()) \
+            if cfg.server.cross_site_eval else 0
+        stds = [dg.noise_std(float(sigma), models) for sigma in group["noise_multiplier"]]
+        n_val = float(group["num_examples"].fillna(0).sum())
+        n_train = float(sum(sizes.get(site) or 0 for site in group["site"]))
+        if n_val > 0:
+            out.append((rnd, "accuracy", SITES_VAL, (sum(k * s["confusion"] ** 2 for s in stds)) ** 0.5 / n_val))
+            out.append((rnd, "loss", SITES_VAL, clip * sum(s["val_loss_sum"] ** 2 for s in stds) ** 0.5 / n_val))
+        if n_train > 0:
+            out.append((rnd, "loss", SITES_TRAIN, clip * sum(s["train_loss_sum"] ** 2 for s in stds) ** 0.5 / n_train))
+    return pd.DataFrame(out, columns=cols)
+
+
+def majority_share(summaries_: dict[str, dict]) -> float | None:
+    """The share of the most common class in the sites' validation splits (the rows of their summed, noised
+    confusion matrices): the accuracy of a model that always predicts it. None without summaries."""
+    totals: list[float] | None = None
+    for s in summaries_.values():
+        if s.get("confusion"):
+            rows = [float(sum(r)) for r in s["confusion"]]
+            totals = rows if totals is None else [a + b for a, b in zip(totals, rows, strict=False)]
+    return max(totals) / sum(totals) if totals and sum(totals) > 0 else None
 
 
 # The Sites page shows site_table in groups of at most MAX_COLUMNS columns, each readable at 1280 px (the whole row is

@@ -60,14 +60,63 @@ def body(snap: dict) -> None:
         return
     st.subheader("Global model per round")
     left, right = st.columns(2)
+    bands = data.noise_bands(snap)
+    curves = curves.merge(bands, on=["round", "metric", "source"], how="left")
+    curves["low"], curves["high"] = curves["value"] - 2 * curves["std"], curves["value"] + 2 * curves["std"]
+    # A noised value whose ±2 std spans more than half its range says nothing: not drawn, and the caption says so.
+    span = curves["metric"].map({"accuracy": 1.0, "macro-F1": 1.0}).fillna(float(snap["cfg"].dp.loss_clip))
+    hidden = curves[4 * curves["std"].fillna(0) > span / 2]
+    curves = curves.drop(hidden.index)
+    x = alt.X("round:O")
+    # One colour per series (metric · source), named in the legend as a line; the dash repeats the source. The band
+    # takes the same colour through `fill` (a channel of its own: its legend would otherwise merge with the lines').
+    curves["series"] = curves["metric"] + " · " + curves["source"].str.replace(" (noised)", "", regex=False)
+    tip = ["round", "metric", "source", alt.Tooltip("value", format=".3f"), alt.Tooltip("std", format=".3f",
+                                                                                        title="noise std")]
+
+    def chart(frame: pd.DataFrame, y_title: str, domain: list[float] | None) -> list[alt.Chart]:
+        series = sorted(frame["series"].unique())
+        scale = alt.Scale(domain=series)
+        return [alt.Chart(frame).mark_area(opacity=0.18).encode(
+                    x=x, y="low:Q", y2="high:Q", fill=alt.Fill("series:N", scale=scale, legend=None))
+                .transform_filter("isValid(datum.std)"),
+                alt.Chart(frame).mark_line(point=True).encode(
+                    x=x, y=alt.Y("value:Q", title=y_title, scale=alt.Scale(domain=domain) if domain else alt.Undefined),
+                    color=alt.Color("series:N", scale=scale, legend=alt.Legend(title=None, symbolType="stroke",
+                                                                              symbolStrokeWidth=3, labelLimit=260,
+                                                                              orient="bottom", columns=1)),
+                    strokeDash=alt.StrokeDash("source:N", legend=None), tooltip=tip)]
+
     quality = curves[curves["metric"] != "loss"]
-    left.altair_chart(alt.Chart(quality, title="accuracy and macro-F1").mark_line(point=True).encode(
-        x=alt.X("round:O"), y=alt.Y("value:Q", title="score", scale=alt.Scale(domain=[0, 1])),
-        color="metric:N", strokeDash="source:N",
-        tooltip=["round", "metric", "source", alt.Tooltip("value", format=".3f")]), width="stretch")
-    right.altair_chart(alt.Chart(curves[curves["metric"] == "loss"], title="loss").mark_line(point=True).encode(
-        x=alt.X("round:O"), y=alt.Y("value:Q", title="loss"), color="source:N",
-        tooltip=["round", "source", alt.Tooltip("value", format=".3f")]), width="stretch")
+    majority = data.majority_share(data.summaries(ui.store(), snap["run_id"]))
+    if quality.empty:
+        left.info("No accuracy to draw yet.")
+    else:
+        layers = chart(quality, "score", [0, 1])
+        if majority is not None:
+            layers.append(alt.Chart(pd.DataFrame({"share": [majority], "what": ["majority class"]})).mark_rule(
+                strokeDash=[2, 2], color="gray").encode(y="share:Q", tooltip=[alt.Tooltip("share", format=".3f"),
+                                                                              "what"]))
+        left.altair_chart(alt.layer(*layers, title="accuracy and macro-F1"), width="stretch")
+    loss = curves[curves["metric"] == "loss"]
+    if loss.empty:
+        right.info("No loss recorded yet.")
+    else:
+        right.altair_chart(alt.layer(*chart(loss, "loss", None), title="loss"), width="stretch")
+    notes = []
+    if not bands.empty:
+        notes.append("Shaded: ±2 noise std of the sites' noised global values (known from each release's σ and the "
+                     "sites' sizes); a dip inside the band is noise, not the model.")
+    if majority is not None:
+        notes.append(f"Dotted: a model that always predicts the most common class scores {majority:.3f} on the "
+                     "sites' validation splits (their noised class counts).")
+    if not hidden.empty:
+        notes.append("Too noisy at these sites' sizes and ε to draw: " + "; ".join(
+            f"{m} from {src.split(' (')[0]} (±{2 * g['std'].max():.2f} at 2 std; rounds "
+            f"{', '.join(map(str, sorted(g['round'].astype(int))))})" for (m, src), g in
+            hidden.groupby(["metric", "source"])) + ".")
+    if notes:
+        st.caption(" ".join(notes))
     ui.noised_note(snap)
 
 
