@@ -217,15 +217,20 @@ def calibration_long(summaries_: dict[str, dict]) -> pd.DataFrame:
 
 
 def privacy_frame(site_rounds: pd.DataFrame) -> pd.DataFrame:
-    """(round, site, part, epsilon): cumulative ε per site after each round, total / training / diagnostics."""
-    cols = [c for c in ("epsilon", "epsilon_training", "epsilon_diagnostics") if c in site_rounds]
+    """(round, site, part, epsilon): cumulative ε per site after each round, total / training / diagnostics of this
+    run, and "lifetime" (everything released from the site's data, all runs, at its own δ) with the site's own cap
+    as `cap` on every row of the site (NaN where the store has none)."""
+    cols = [c for c in ("epsilon", "epsilon_training", "epsilon_diagnostics", "epsilon_lifetime") if c in site_rounds]
     if site_rounds.empty or not cols:
-        return pd.DataFrame(columns=["round", "site", "part", "epsilon"])
+        return pd.DataFrame(columns=["round", "site", "part", "epsilon", "cap"])
     per = site_rounds.groupby(["round", "site"])[cols].max().reset_index()
     per = per.rename(columns={"epsilon": "total", "epsilon_training": "training",
-                              "epsilon_diagnostics": "diagnostics"})
-    parts = [c for c in ("total", "training", "diagnostics") if c in per]
-    return per.melt(id_vars=["round", "site"], value_vars=parts, var_name="part", value_name="epsilon").dropna()
+                              "epsilon_diagnostics": "diagnostics", "epsilon_lifetime": "lifetime"})
+    parts = [c for c in ("total", "training", "diagnostics", "lifetime") if c in per]
+    out = per.melt(id_vars=["round", "site"], value_vars=parts, var_name="part", value_name="epsilon").dropna()
+    caps = (site_rounds.dropna(subset=["epsilon_cap"]).sort_values("round").groupby("site")["epsilon_cap"].last()
+            if "epsilon_cap" in site_rounds else pd.Series(dtype=float))
+    return out.assign(cap=out["site"].map(caps))
 
 
 def lifetime_frame(site_rounds: pd.DataFrame) -> pd.DataFrame:

@@ -6,6 +6,8 @@ import streamlit as st
 
 from dashboard import data, ui
 
+SMALL_MULTIPLES = 12  # sites drawn one panel each on the ε chart
+
 
 def body(snap: dict) -> None:
     ui.header(snap, "Privacy")
@@ -31,12 +33,29 @@ def body(snap: dict) -> None:
     cols[2].metric("Sites over 90 % of budget", int((total >= 0.9 * budget).sum()))
 
     st.subheader("ε over rounds (cumulative)")
-    rule = alt.Chart(pd.DataFrame({"budget": [budget]})).mark_rule(color="red", strokeDash=[4, 4]).encode(y="budget:Q")
-    lines = alt.Chart(eps).mark_line(point=True).encode(
-        x=alt.X("round:O"), y=alt.Y("epsilon:Q", title="ε"), color="site:N", strokeDash=alt.StrokeDash("part:N"),
-        tooltip=["round", "site", "part", alt.Tooltip("epsilon", format=".3f")])
-    st.altair_chart(lines + rule, width="stretch")
-    st.caption("total = everything composed (RDP), less than training + diagnostics; the red line is the budget.")
+    # Colour is the part; sites are small multiples, so sites that spent the same do not hide each other (up to
+    # SMALL_MULTIPLES sites; beyond, one panel with every site's lines per part). Dashed: the run's budget (for
+    # total); dotted: the site's own lifetime cap (for lifetime).
+    part = alt.Color("part:N", scale=alt.Scale(domain=["total", "training", "diagnostics", "lifetime"],
+                                               range=["#1f5fa8", "#7fb3e6", "#e07b39", "#7d3c98"]),
+                     legend=alt.Legend(symbolType="stroke", symbolStrokeWidth=3, orient="top", title=None))
+    tip = ["round", "site", "part", alt.Tooltip("epsilon", format=".3f")]
+    lines = alt.Chart().mark_line(point=True).encode(x=alt.X("round:O"), y=alt.Y("epsilon:Q", title="ε"),
+                                                     color=part, detail="site:N", tooltip=tip)
+    rule = alt.Chart().mark_rule(color="#333", strokeDash=[4, 4]).encode(y=alt.datum(budget))
+    cap = alt.Chart().mark_rule(color="#7d3c98", strokeDash=[1, 3]).encode(y="max(cap):Q")
+    layers = [lines, rule] + ([cap] if eps["cap"].notna().any() else [])
+    n_sites = eps["site"].nunique()
+    if n_sites <= SMALL_MULTIPLES:
+        st.altair_chart(alt.layer(*layers, data=eps).properties(width=170, height=120).facet(
+            facet=alt.Facet("site:N", title=None), columns=4), width="content")
+    else:
+        layers[0] = lines.encode(opacity=alt.value(0.35))
+        st.altair_chart(alt.layer(*layers, data=eps), width="stretch")
+    st.caption("total = this run's releases composed (RDP), less than training + diagnostics; lifetime = everything "
+               "ever released from the site's data, at its own δ. Dashed: the run's budget; dotted: the site's own "
+               "lifetime cap" + ("." if n_sites <= SMALL_MULTIPLES else f"; {n_sites} sites drawn over each other: "
+                                 "the table below has each site's numbers."))
 
     lifetime = data.lifetime_frame(snap["site_rounds"])
     if not lifetime.empty:
@@ -66,9 +85,14 @@ def body(snap: dict) -> None:
             x="round:O", y=alt.Y("signal_to_noise:Q", scale=alt.Scale(type="log"), title="‖Σ clipped‖ / (σ·C)"),
             color="site:N", tooltip=["round", "site", alt.Tooltip("signal_to_noise", format=".2f")]) + one,
             width="stretch")
+        missing = len(ev) - int(ev["signal_to_noise"].notna().sum())
+        failed = int(((rows["phase"] == "evaluate") & (rows["status"] != "ok")).sum())
         right.caption("The sum of clipped gradients against the noise along its own direction (std σ·C): below "
                       "the dashed line a step's progress is mostly noise. The rest of the noise moves the weights "
-                      "sideways. Read from each site's noised summary, so it is noisy itself.")
+                      "sideways. Read from each site's noised summary, so it is noisy itself."
+                      + (f" {missing + failed} of {len(ev) + failed} site-rounds have no reading: "
+                         f"{failed} failed or refused their evaluation, {missing} released no DP-health block (the "
+                         "site did not train that round, or its summary was withheld)." if missing + failed else ""))
 
     st.subheader("Per site")
     wide = latest.pivot(index="site", columns="part", values="epsilon")

@@ -48,3 +48,12 @@ def test_no_band_without_dp_and_the_majority_line_from_the_summed_class_counts(t
     two = {"a": {"confusion": [[8, 2, 0], [1, 1, 0], [0, 0, 2]]}, "b": {"confusion": [[4, 0, 0], [0, 6, 0], [0, 1, 0]]}}
     assert data.majority_share(two) == pytest.approx(14 / 25)  # class 0: 10 + 4 of 25
     assert data.majority_share({}) is None
+
+
+def test_the_privacy_frame_has_each_part_and_the_sites_own_cap(tmp_path):
+    snap = _snapshot(make_store(tmp_path / "s.db", sites=2, rounds=3))
+    eps = data.privacy_frame(snap["site_rounds"])
+    assert set(eps["part"]) == {"total", "training", "diagnostics", "lifetime"}
+    last = eps[eps["round"] == 3].set_index(["site", "part"])["epsilon"]
+    assert last[("site-000", "total")] == 8.0 and last[("site-000", "lifetime")] == 9.5  # an earlier run spent 1.5
+    assert (eps["cap"] == 10.0).all()
