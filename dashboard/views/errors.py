@@ -23,24 +23,30 @@ def body(snap: dict) -> None:
                   "clamped at 0 and rescaled to each site's public split size." if std else "Exact values (DP off)."))
 
     st.subheader("Confusion matrices (validation, rows = given label)")
-    conf = data.confusion_long(summaries, labels)
-    st.altair_chart(alt.Chart(conf).mark_rect().encode(
+    conf = _dark(data.confusion_long(summaries, labels), "count")
+    rect = alt.Chart().mark_rect().encode(
         x=alt.X("predicted:N"), y=alt.Y("given:N"), color=alt.Color("count:Q", scale=alt.Scale(scheme="blues")),
-        facet=alt.Facet("site:N", columns=4),
-        tooltip=["site", "given", "predicted", alt.Tooltip("count", format=".1f")]).properties(width=160, height=130))
+        tooltip=["site", "given", "predicted", alt.Tooltip("count", format=".1f")])
+    st.altair_chart(alt.layer(*_annotated(rect, "count", ".0f"), data=conf).properties(width=160, height=130)
+                    .facet(facet=alt.Facet("site:N", title=None), columns=4))
+    if std:
+        st.caption(f"Each cell is a noised count (± {std:.1f} at one std): read differences of a few counts as noise.")
 
     left, right = st.columns(2)
-    f1 = data.per_class_frame(summaries, labels, "f1")
+    f1 = data.per_class_frame(summaries, labels, "f1").assign(dark=False)  # red-yellow-green: black reads on all
     left.subheader("Per-class F1")
-    left.altair_chart(alt.Chart(f1).mark_rect().encode(
+    left.altair_chart(alt.layer(*_annotated(alt.Chart().mark_rect().encode(
         x="class:N", y="site:N", color=alt.Color("value:Q", scale=alt.Scale(domain=[0, 1], scheme="redyellowgreen")),
-        tooltip=["site", "class", alt.Tooltip("value", format=".2f")]), width="stretch")
+        tooltip=["site", "class", alt.Tooltip("value", format=".2f")]), "value", ".2f"), data=f1), width="stretch")
     right.subheader("Label issues (given → confidently)")
     issues = data.confusion_long(summaries, labels, block="label_issues")
-    issues = issues[issues["given"] != issues["predicted"]].assign(pair=lambda d: d["given"] + " → " + d["predicted"])
-    right.altair_chart(alt.Chart(issues).mark_rect().encode(
-        x=alt.X("pair:N", title=None), y="site:N", color=alt.Color("count:Q", scale=alt.Scale(scheme="oranges")),
-        tooltip=["site", "pair", alt.Tooltip("count", format=".1f")]), width="stretch")
+    issues = _dark(issues[issues["given"] != issues["predicted"]].assign(
+        pair=lambda d: d["given"] + " → " + d["predicted"]), "count")
+    right.altair_chart(alt.layer(*_annotated(alt.Chart().mark_rect().encode(
+        x=alt.X("pair:N", title=None, axis=alt.Axis(labelAngle=-40, labelLimit=220)), y="site:N",
+        color=alt.Color("count:Q", scale=alt.Scale(scheme="oranges")),
+        tooltip=["site", "pair", alt.Tooltip("count", format=".1f")]), "count", ".0f"), data=issues),
+        width="stretch")
 
     st.subheader("Labels and predictions across sites (share of each site)")
     hist = data.histograms_long(summaries, labels)
@@ -51,15 +57,41 @@ def body(snap: dict) -> None:
 
     st.subheader("Calibration (reliability: accuracy per confidence bin)")
     cal = data.calibration_long(summaries)
-    diagonal = alt.Chart({"values": [{"x": 0, "y": 0}, {"x": 1, "y": 1}]}).mark_line(color="gray", strokeDash=[4, 4]) \
-        .encode(x="x:Q", y="y:Q")
-    points = alt.Chart(cal).mark_line(point=True).encode(
-        x=alt.X("confidence:Q", scale=alt.Scale(domain=[0, 1])), y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
-        color="site:N", tooltip=["site", alt.Tooltip("confidence", format=".2f"), alt.Tooltip("accuracy", format=".2f"),
-                                 alt.Tooltip("count", format=".1f")])
-    st.altair_chart(diagonal + points, width="stretch")
+    cal_std = (any_summary.get("noise_std") or {}).get("calibration", 0.0)
+    # A bin's accuracy is (noised correct) / (noised count): with fewer than MIN_BIN_NOISE × std examples its ±1 std
+    # spans a quarter of the axis or more, and the line would be a zig-zag of noise. Those bins are not drawn.
+    shown = cal[cal["count"] >= MIN_BIN_NOISE * cal_std] if cal_std else cal
+    diagonal = alt.Chart(alt.Data(values=[{"x": 0, "y": 0}, {"x": 1, "y": 1}])).mark_line(
+        color="gray", strokeDash=[4, 4]).encode(x=alt.X("x:Q", title="confidence"), y=alt.Y("y:Q", title="accuracy"))
+    if shown.empty:
+        st.info("Too noisy at these sites' sizes and ε: no confidence bin holds enough examples to read its accuracy.")
+    else:
+        points = alt.Chart(shown).mark_line(point=True).encode(
+            x=alt.X("confidence:Q", scale=alt.Scale(domain=[0, 1]), title="confidence"),
+            y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy"),
+            color="site:N", tooltip=["site", alt.Tooltip("confidence", format=".2f"),
+                                     alt.Tooltip("accuracy", format=".2f"), alt.Tooltip("count", format=".1f")])
+        st.altair_chart(diagonal + points, width="stretch")
     st.caption("ECE per site: " + ", ".join(f"{s} {ui.fmt(v['calibration']['ece'], '.2f')}"
-                                            for s, v in summaries.items()))
+                                            for s, v in summaries.items())
+               + (f". Bins with fewer than {MIN_BIN_NOISE * cal_std:.0f} noised examples are left out "
+                  f"({len(cal) - len(shown)} of {len(cal)}): their accuracy is noise." if len(shown) < len(cal) else ""))
+
+
+MIN_BIN_NOISE = 4  # a bin is drawn when its count is at least this many noise stds (accuracy ± ≤ 0.25)
+
+
+def _dark(frame, field: str):  # noqa: ANN001, ANN202
+    """`dark`: the cells in the top 40 % of the frame's range, where a black number would not read."""
+    hi = frame[field].max() if not frame.empty else 0.0
+    return frame.assign(dark=frame[field] > 0.6 * hi if hi and hi > 0 else False)
+
+
+def _annotated(rect: alt.Chart, field: str, fmt: str) -> list[alt.Chart]:
+    """A heatmap and the value written on each of its cells (white on the dark ones)."""
+    return [rect, rect.mark_text(fontSize=11).encode(
+        text=alt.Text(f"{field}:Q", format=fmt),
+        color=alt.condition("datum.dark", alt.value("white"), alt.value("black")))]
 
 
 ui.live(body)
