@@ -1,6 +1,7 @@
 """The real dashboard server in Debian's headless Chromium (Playwright): every page shows its key text; screenshots
 go to test-artifacts/dashboard/ for a person to look at."""
 
+import contextlib
 import os
 import shutil
 import socket
@@ -41,17 +42,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def dashboard_url(tmp_path_factory):
+def _need_chromium() -> None:
     if not os.path.exists(CHROMIUM):
         if os.environ.get("FEDLENS_REQUIRE_BROWSER"):
             pytest.fail(f"Debian's chromium is not installed ({CHROMIUM}); .ci/run installs it with apt")
         pytest.skip(f"Debian's chromium is not installed ({CHROMIUM}): apt-get install chromium")
-    store = make_store(tmp_path_factory.mktemp("browser") / "s.db", sites=8, rounds=5, failing=("site-002",))
-    live = RunWriter(store, "live")  # a second run, still going: the liveness test writes its next round
-    live.start(scenario="live", rounds_planned=3, model="m", config={"dp.enabled": False})
-    live.write_round(RoundRecord(1, 1.0, {"test_accuracy": 0.61, "test_macro_f1": 0.3}))
-    live.close()
+
+
+@contextlib.contextmanager
+def _dashboard(store):  # noqa: ANN001, ANN202
+    """`fedlens dashboard` on `store`, as a user starts it; its URL once it answers."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fedlens.cli", "dashboard", "--store", str(store), "--port",
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -66,10 +66,49 @@ def dashboard_url(tmp_path_factory):
                 time.sleep(0.5)
         else:
             pytest.fail(f"the dashboard did not start: {proc.stderr.read() if proc.poll() is not None else ''}")
-        yield url, store
+        yield url
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def dashboard_url(tmp_path_factory):
+    _need_chromium()
+    store = make_store(tmp_path_factory.mktemp("browser") / "s.db", sites=8, rounds=5, failing=("site-002",))
+    live = RunWriter(store, "live")  # a second run, still going: the liveness test writes its next round
+    live.start(scenario="live", rounds_planned=3, model="m", config={"dp.enabled": False})
+    live.write_round(RoundRecord(1, 1.0, {"test_accuracy": 0.61, "test_macro_f1": 0.3}))
+    live.close()
+    with _dashboard(store) as url:
+        yield url, store
+
+
+def test_a_hundred_sites_over_a_hundred_rounds_read_at_1280_px(tmp_path):
+    """The synthetic 100-site × 100-round run: every page renders without a traceback, the Sites tables show every
+    column, and the screenshots go to test-artifacts/dashboard-100x100/."""
+    from playwright.sync_api import expect, sync_playwright
+
+    _need_chromium()
+    store = make_store(tmp_path / "big.db", sites=100, rounds=100, failing=("site-002",))
+    out = ARTIFACTS.parent / "dashboard-100x100"
+    out.mkdir(parents=True, exist_ok=True)
+    with _dashboard(store) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        for path, title in (("", "Overview"), ("sites", "Sites"), ("findings", "Findings"), ("errors", "Errors"),
+                            ("cross_site", "Cross-site"), ("privacy", "Privacy"), ("runs", "Compare runs")):
+            page.goto(f"{url}/{path}?run=synthetic", wait_until="networkidle")
+            expect(page.get_by_text(title, exact=False).first).to_be_in_viewport(timeout=60_000)
+            page.wait_for_timeout(2000)
+            assert not page.get_by_text("Traceback").count(), f"/{path} shows a traceback"
+            page.screenshot(path=str(out / f"{path or 'overview'}.png"))
+            if path == "sites":
+                _every_column_in_view(page, expect, out)
+        browser.close()
+    assert errors == []
 
 
 def test_every_page_renders_its_key_text_in_chromium(dashboard_url):
@@ -114,7 +153,7 @@ OVERFLOW = """() => [...document.querySelectorAll('[data-testid="stDataFrame"]')
                 return s ? [s.scrollWidth, s.clientWidth, f.getBoundingClientRect().right] : null; })"""
 
 
-def _every_column_in_view(page, expect) -> None:  # noqa: ANN001
+def _every_column_in_view(page, expect, out=ARTIFACTS) -> None:  # noqa: ANN001
     from dashboard.data import SITE_GROUPS
 
     for tab in [None, *SITE_GROUPS]:
@@ -126,7 +165,7 @@ def _every_column_in_view(page, expect) -> None:  # noqa: ANN001
         for scroll, client, right in grids:
             assert scroll <= client + 1, f"the {tab or 'overview'} table scrolls sideways ({scroll} > {client} px)"
             assert right <= 1280, f"the {tab or 'overview'} table ends at {right} px, past the 1280 px window"
-        page.screenshot(path=str(ARTIFACTS / f"sites-{(tab or 'overview').split()[0].lower()}.png"))
+        page.screenshot(path=str(out / f"sites-{(tab or 'overview').split()[0].lower()}.png"))
 
 
 def test_a_live_run_shows_its_new_round_without_a_reload(dashboard_url):
