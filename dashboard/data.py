@@ -247,19 +247,28 @@ def lifetime_frame(site_rounds: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def cross_site(site_rounds: pd.DataFrame, rounds: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """(model, data, value): the global model of each round (rows) on each site's validation data (noised) and on
-    the server's test set (exact)."""
+def cross_site(site_rounds: pd.DataFrame, rounds: pd.DataFrame, metric: str, *, num_classes: int = 0,
+               dp: bool = False) -> pd.DataFrame:
+    """(model, round, data, value, std): the global model of each round (rows) on each site's validation data
+    (noised) and on the server's test set (exact, std 0). With DP, a site cell's accuracy carries the noise std
+    √K·s / n_val of its release (s: its confusion cells' noise std; other metrics: NaN, not linear in the counts)."""
+    from common import diagnostics as dg
+
     rows = []
     if not site_rounds.empty and metric in site_rounds:
         ev = site_rounds[(site_rounds["phase"] == "evaluate") & (site_rounds["status"] == "ok")]
-        rows += [{"model": f"round {r.round}", "round": int(r.round), "data": r.site, "value": getattr(r, metric)}
-                 for r in ev.itertuples()]
+        for r in ev.itertuples():
+            sigma, n = getattr(r, "noise_multiplier", None), getattr(r, "num_examples", None)
+            std = (num_classes ** 0.5 * dg.noise_std(float(sigma))["confusion"] / float(n)
+                   if dp and metric == "accuracy" and num_classes and pd.notna(sigma) and sigma and n else None)
+            rows.append({"model": f"round {r.round}", "round": int(r.round), "data": r.site,
+                         "value": getattr(r, metric), "std": std})
     test_col = f"test_{metric}"
     if not rounds.empty and test_col in rounds:
         rows += [{"model": f"round {r.round}", "round": int(r.round), "data": "server test set",
-                  "value": getattr(r, test_col)} for r in rounds.itertuples() if pd.notna(getattr(r, test_col))]
-    return pd.DataFrame(rows, columns=["model", "round", "data", "value"])
+                  "value": getattr(r, test_col), "std": 0.0} for r in rounds.itertuples()
+                 if pd.notna(getattr(r, test_col))]
+    return pd.DataFrame(rows, columns=["model", "round", "data", "value", "std"])
 
 
 def local_cross_site(summaries_: dict[str, dict]) -> tuple[pd.DataFrame, float | None]:

@@ -145,6 +145,9 @@ def test_every_page_of_a_full_run_shows_its_numbers(monkeypatch, full_store):
 
     at.switch_page("views/cross_site.py").run()
     assert "server test set column is exact" in _texts(at)
+    # A collapsed model's accuracy is the majority share: the colour starts there; 6 sites x 4 rounds less the failed
+    # one are 23 site cells, each ± 1.1 at 2 std (30 validation examples, σ 4.8): said, not drawn.
+    assert "Red at or below 0." in _texts(at) and "too noisy at their sites' sizes and ε: 23 site cell(s)" in _texts(at)
 
     at.switch_page("views/runs.py").run()
     assert at.dataframe[0].value["run_id"].tolist() == ["synthetic"]

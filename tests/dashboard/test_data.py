@@ -57,3 +57,13 @@ def test_the_privacy_frame_has_each_part_and_the_sites_own_cap(tmp_path):
     last = eps[eps["round"] == 3].set_index(["site", "part"])["epsilon"]
     assert last[("site-000", "total")] == 8.0 and last[("site-000", "lifetime")] == 9.5  # an earlier run spent 1.5
     assert (eps["cap"] == 10.0).all()
+
+
+def test_a_site_cell_of_the_cross_site_matrix_carries_its_releases_noise(tmp_path):
+    snap = _snapshot(make_store(tmp_path / "s.db", sites=2, rounds=2))
+    frame = data.cross_site(snap["site_rounds"], snap["rounds"], "accuracy", num_classes=3, dp=True)
+    sites = frame[frame["data"] != "server test set"]
+    assert sites["std"].tolist() == pytest.approx([3 ** 0.5 * dg.noise_std(4.8)["confusion"] / 30] * 4)
+    assert (frame[frame["data"] == "server test set"]["std"] == 0).all()
+    f1 = data.cross_site(snap["site_rounds"], snap["rounds"], "macro_f1", num_classes=3, dp=True)
+    assert f1[f1["data"] != "server test set"]["std"].isna().all()  # not linear in the counts: no std claimed
