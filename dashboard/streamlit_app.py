@@ -39,7 +39,9 @@ if not runs.empty:
         st.sidebar.warning(f"Run {wanted!r} (from the address) is not in this store; showing the newest run.")
     if st.session_state.get("run_id") not in labels:
         st.session_state["run_id"] = next(iter(labels))  # the newest
-    st.sidebar.selectbox("Run", list(labels), format_func=labels.get, key="run_id")
+    # The run id alone in the box (the sidebar is ~240 px: a longer label was cut); its state just below.
+    st.sidebar.selectbox("Run", list(labels), key="run_id")
+    st.sidebar.caption(labels[st.session_state["run_id"]].split(" · ", 1)[1])
 st.sidebar.caption(f"store: `{STORE}`")
 
 pages = [

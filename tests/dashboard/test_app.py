@@ -96,6 +96,8 @@ def test_every_page_of_a_full_run_shows_its_numbers(monkeypatch, full_store):
     at = _open(monkeypatch, full_store)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Round"] == "4 / 4" and metrics["Open findings"] == "1" and metrics["Worst site"] == "site-002"
+    assert at.sidebar.selectbox[0].value == "synthetic"  # the run id alone: a longer label was cut at 1280 px
+    assert "completed · 4/4 rounds" in [c.value for c in at.sidebar.caption]
     # 6 sites of 30 validation examples, each release at σ = 4.8: the sites' global accuracy is noise (±0.4 at 2
     # std); it is said, not drawn. The test set's curve is exact and drawn.
     assert "Too noisy at these sites' sizes and ε to draw: accuracy from sites' validation" in _texts(at)
