@@ -4,6 +4,7 @@ import streamlit as st
 
 from common.rounds import FindingKind as K
 from dashboard import ui
+from server.findings import COLLAPSE_SHARE
 from server.findings.limits import sentence
 
 ICON = {"critical": ":red[:material/error:]", "warning": ":orange[:material/warning:]",
@@ -34,6 +35,20 @@ def rules_out(snap: dict) -> None:
                    "docs/PERFORMANCE.md) and confirmed by simulation (`fedlens bench diagnosis`).")
 
 
+def latest(snap: dict, kind: str, recorded: float) -> str:
+    """Where a run-level finding stands at the newest round, when that is later than the round it was recorded in
+    (a finding's sentence keeps the numbers of the round it appeared)."""
+    rounds = snap["rounds"]
+    if kind != K.MAJORITY_COLLAPSE or rounds.empty or "test_max_prediction_share" not in rounds:
+        return ""
+    last = rounds.dropna(subset=["test_max_prediction_share"]).tail(1)
+    if last.empty or int(last["round"].iloc[0]) <= (recorded if recorded == recorded else 0):
+        return ""
+    rnd, share = int(last["round"].iloc[0]), float(last["test_max_prediction_share"].iloc[0])
+    return (f"Now, at round {rnd}: {share:.0%} of the test predictions are one class"
+            + (" (still collapsed)." if share >= COLLAPSE_SHARE else " (below the collapse threshold: cleared)."))
+
+
 def body(snap: dict) -> None:
     ui.header(snap, "Findings")
     findings = snap["findings"]
@@ -53,6 +68,9 @@ def body(snap: dict) -> None:
                             + (f" · confidence {confidence:.2f}" if confidence is not None and confidence == confidence
                                else ""))
                 st.write(f.message)
+                now = latest(snap, f.kind, f.round)
+                if now:
+                    st.caption(now)
                 page = EVIDENCE.get(f.kind)
                 if page:
                     st.page_link(page, label="see the evidence", icon=":material/arrow_forward:")

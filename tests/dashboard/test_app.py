@@ -190,3 +190,16 @@ def test_the_local_models_matrix_shows_when_the_run_evaluated_across_sites(monke
     assert len(frame) == 9 and frame[frame["model"] == "site-002's local model"]["value"].tolist() == [0.1] * 3
     off = _open(monkeypatch, make_store(tmp_path / "y.db", sites=3, rounds=2), "views/cross_site.py")
     assert "Off for this run" in _texts(off)
+
+
+def test_a_collapse_finding_says_where_it_stands_at_the_newest_round(monkeypatch, tmp_path):
+    from common.rounds import Finding, FindingKind
+
+    w = RunWriter(tmp_path / "s.db", "r")
+    w.start(scenario="t", rounds_planned=3, model="m", config={"dp.enabled": False})
+    w.write_round(RoundRecord(1, 1.0, {"test_accuracy": 0.64, "test_max_prediction_share": 1.0}, findings=[
+        Finding(FindingKind.MAJORITY_COLLAPSE, "critical", "predicts one class for 100% of the test set")]))
+    w.write_round(RoundRecord(2, 1.0, {"test_accuracy": 0.66, "test_max_prediction_share": 0.96}))
+    at = _open(monkeypatch, tmp_path / "s.db", "views/findings.py")
+    assert "predicts one class for 100% of the test set" in _texts(at)  # the sentence keeps round 1's numbers
+    assert "Now, at round 2: 96% of the test predictions are one class (still collapsed)." in _texts(at)
