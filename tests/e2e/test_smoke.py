@@ -171,8 +171,10 @@ def test_dashboard_renders_the_real_run(smoke_store, monkeypatch):
     at = AppTest.from_file(str(PROJECT_ROOT / "dashboard" / "streamlit_app.py"), default_timeout=60).run()
     assert not at.exception
     assert at.metric[0].value == "2 / 2"
-    sites = at.switch_page("views/sites.py").run().dataframe[0].value
-    assert len(sites) == 3 and (sites["ε training"] > 0).all() and (sites["ε diagnostics"] > 0).all()
+    tables = [d.value for d in at.switch_page("views/sites.py").run().dataframe]
+    privacy = next(t for t in tables if "ε training" in t.columns)  # the Sites page's Privacy tab
+    assert len(privacy) == 3 and (privacy["ε training"] > 0).all() and (privacy["ε diagnostics"] > 0).all()
+    assert (tables[0]["latest round"] == 2).all()
     for page in ("views/errors.py", "views/privacy.py", "views/cross_site.py", "views/findings.py"):
         at.switch_page(page).run()
         assert not at.exception, (page, at.exception)
