@@ -192,17 +192,23 @@ def confusion_long(summaries_: dict[str, dict], labels: list[str], block: str = 
 
 
 def histograms_long(summaries_: dict[str, dict], labels: list[str]) -> pd.DataFrame:
-    """(site, class, which, share) of validation labels, predictions and train labels, as shares of each site."""
+    """(site, class, which, share, std) of validation labels, predictions and train labels, as shares of each site;
+    `std`: a share's noise std over the site's n public examples (0 without DP): √K·s / n for the validation labels
+    and predictions (a row or column of the confusion: K noised cells of std s), s / n for the train labels (one
+    noised count each, of its block's std)."""
     rows = []
     for site, s in summaries_.items():
-        for which, key in (("validation labels", "label_histogram"), ("predictions", "prediction_histogram"),
-                           ("train labels", "train_label_histogram")):
+        noise = s.get("noise_std") or {}
+        for which, key, block, cells in (("validation labels", "label_histogram", "confusion", True),
+                                         ("predictions", "prediction_histogram", "confusion", True),
+                                         ("train labels", "train_label_histogram", "train_labels", False)):
             counts = s[key]
             total = sum(counts) or 1.0
             names = _class_names(labels, len(counts))
-            rows += [{"site": site, "class": names[i], "which": which, "share": c / total}
+            std = (len(counts) ** 0.5 if cells else 1.0) * float(noise.get(block, 0.0) or 0.0) / total
+            rows += [{"site": site, "class": names[i], "which": which, "share": c / total, "std": std}
                      for i, c in enumerate(counts)]
-    return pd.DataFrame(rows, columns=["site", "class", "which", "share"])
+    return pd.DataFrame(rows, columns=["site", "class", "which", "share", "std"])
 
 
 def calibration_long(summaries_: dict[str, dict]) -> pd.DataFrame:

@@ -53,7 +53,12 @@ def body(snap: dict) -> None:
     st.altair_chart(alt.Chart(hist).mark_bar().encode(
         x=alt.X("class:N", title=None), xOffset="which:N", y=alt.Y("share:Q", axis=alt.Axis(format="%")),
         color="which:N", column=alt.Column("site:N"),
-        tooltip=["site", "which", "class", alt.Tooltip("share", format=".0%")]).properties(width=150, height=160))
+        tooltip=["site", "which", "class", alt.Tooltip("share", format=".0%"),
+                 alt.Tooltip("std", format=".0%", title="noise std")]).properties(width=150, height=160))
+    if hist["std"].max() > 0:
+        st.caption(f"Each share is noised: ±{2 * hist['std'].min():.0%} to ±{2 * hist['std'].max():.0%} at 2 std "
+                   "(the site's size and σ). A site's predicted shares that differ from the test set's (exact, "
+                   "Overview) by less than that differ by noise, not by the model.")
 
     st.subheader("Calibration (reliability: accuracy per confidence bin)")
     cal = data.calibration_long(summaries)

@@ -134,6 +134,9 @@ def test_every_page_of_a_full_run_shows_its_numbers(monkeypatch, full_store):
     assert {"Per-class F1", "Label issues (given → confidently)", "Confusion matrices (validation, rows = given label)"} \
         <= {h.value for h in at.subheader}
     assert "Noised values" in _texts(at) and "Round 4: 5 site(s)" in _texts(at)
+    # A site's shares are noised, and the page says by how much: a validation share √3 · 9.6 / 30 at one std (a
+    # confusion row or column of 3 cells: ±111 % at 2 std), a train share 9.6 / 120 (one count: ±16 %).
+    assert "Each share is noised: ±16% to ±111% at 2 std" in _texts(at)
 
     at.switch_page("views/privacy.py").run()
     metrics = {m.label: m.value for m in at.metric}
