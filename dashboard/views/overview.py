@@ -68,24 +68,24 @@ def body(snap: dict) -> None:
     hidden = curves[4 * curves["std"].fillna(0) > span / 2]
     curves = curves.drop(hidden.index)
     x = alt.X("round:O")
-    # One colour per series (metric · source), named in the legend as a line; the dash repeats the source. The band
-    # takes the same colour through `fill` (a channel of its own: its legend would otherwise merge with the lines').
+    # One colour per series (metric · source), named in the legend as a line; the dash repeats the source; the band
+    # takes the series' colour.
     curves["series"] = curves["metric"] + " · " + curves["source"].str.replace(" (noised)", "", regex=False)
     tip = ["round", "metric", "source", alt.Tooltip("value", format=".3f"), alt.Tooltip("std", format=".3f",
                                                                                         title="noise std")]
 
     def chart(frame: pd.DataFrame, y_title: str, domain: list[float] | None) -> list[alt.Chart]:
         series = sorted(frame["series"].unique())
-        scale = alt.Scale(domain=series)
-        return [alt.Chart(frame).mark_area(opacity=0.18).encode(
-                    x=x, y="low:Q", y2="high:Q", fill=alt.Fill("series:N", scale=scale, legend=None))
+        # The band and the line share one colour scale and one legend (a legend switched off in either layer
+        # would switch off the merged one).
+        color = alt.Color("series:N", scale=alt.Scale(domain=series),
+                          legend=alt.Legend(title=None, symbolType="stroke", symbolStrokeWidth=3, symbolOpacity=1,
+                                            labelLimit=180))
+        return [alt.Chart(frame).mark_area(opacity=0.18).encode(x=x, y="low:Q", y2="high:Q", color=color)
                 .transform_filter("isValid(datum.std)"),
                 alt.Chart(frame).mark_line(point=True).encode(
                     x=x, y=alt.Y("value:Q", title=y_title, scale=alt.Scale(domain=domain) if domain else alt.Undefined),
-                    color=alt.Color("series:N", scale=scale, legend=alt.Legend(title=None, symbolType="stroke",
-                                                                              symbolStrokeWidth=3, labelLimit=260,
-                                                                              orient="bottom", columns=1)),
-                    strokeDash=alt.StrokeDash("source:N", legend=None), tooltip=tip)]
+                    color=color, strokeDash=alt.StrokeDash("source:N", legend=None), tooltip=tip)]
 
     quality = curves[curves["metric"] != "loss"]
     majority = data.majority_share(data.summaries(ui.store(), snap["run_id"]))
