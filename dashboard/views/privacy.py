@@ -44,18 +44,26 @@ def body(snap: dict) -> None:
                                                      color=part, detail="site:N", tooltip=tip)
     rule = alt.Chart().mark_rule(color="#333", strokeDash=[4, 4]).encode(y=alt.datum(budget))
     cap = alt.Chart().mark_rule(color="#7d3c98", strokeDash=[1, 3]).encode(y="max(cap):Q")
-    layers = [lines, rule] + ([cap] if eps["cap"].notna().any() else [])
+    # The cap is drawn when it is near the curves; a cap far above them (simulated sites: 100) would squash them.
+    top = max(float(eps["epsilon"].max()), budget)
+    near = eps["cap"].notna().any() and float(eps["cap"].max()) <= 2 * top
+    layers = [lines, rule] + ([cap] if near else [])
     n_sites = eps["site"].nunique()
     if n_sites <= SMALL_MULTIPLES:
-        st.altair_chart(alt.layer(*layers, data=eps).properties(width=170, height=120).facet(
-            facet=alt.Facet("site:N", title=None), columns=4), width="content")
+        # Up to 5 sites in one row; then rows of 4 (a short last row leaves empty axes under it).
+        columns = n_sites if n_sites <= 5 else 4
+        st.altair_chart(alt.layer(*layers, data=eps).properties(width=min(170, 760 // columns - 45), height=120)
+                        .facet(facet=alt.Facet("site:N", title=None), columns=columns), width="content")
     else:
         layers[0] = lines.encode(opacity=alt.value(0.35))
         st.altair_chart(alt.layer(*layers, data=eps), width="stretch")
     st.caption("total = this run's releases composed (RDP), less than training + diagnostics; lifetime = everything "
-               "ever released from the site's data, at its own δ. Dashed: the run's budget; dotted: the site's own "
-               "lifetime cap" + ("." if n_sites <= SMALL_MULTIPLES else f"; {n_sites} sites drawn over each other: "
-                                 "the table below has each site's numbers."))
+               "ever released from the site's data, at its own δ. Dashed: the run's budget; "
+               + ("dotted: the site's own lifetime cap" if near else
+                  f"the sites' own lifetime caps (up to {float(eps['cap'].max()):g}) are far above, not drawn"
+                  if eps["cap"].notna().any() else "no site reported a lifetime cap")
+               + ("." if n_sites <= SMALL_MULTIPLES else f"; {n_sites} sites drawn over each other: the table below "
+                                                          "has each site's numbers."))
 
     lifetime = data.lifetime_frame(snap["site_rounds"])
     if not lifetime.empty:
