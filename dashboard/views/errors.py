@@ -50,11 +50,13 @@ def body(snap: dict) -> None:
 
     st.subheader("Labels and predictions across sites (share of each site)")
     hist = data.histograms_long(summaries, labels)
+    # Rows of 4 sites (5 panels of 150 px ran past a 1280 px window).
     st.altair_chart(alt.Chart(hist).mark_bar().encode(
         x=alt.X("class:N", title=None), xOffset="which:N", y=alt.Y("share:Q", axis=alt.Axis(format="%")),
-        color="which:N", column=alt.Column("site:N"),
+        color=alt.Color("which:N", legend=alt.Legend(orient="top", title=None)),
         tooltip=["site", "which", "class", alt.Tooltip("share", format=".0%"),
-                 alt.Tooltip("std", format=".0%", title="noise std")]).properties(width=150, height=160))
+                 alt.Tooltip("std", format=".0%", title="noise std")]).properties(width=150, height=140)
+        .facet(facet=alt.Facet("site:N", title=None), columns=4))
     if hist["std"].max() > 0:
         st.caption(f"Each share is noised: ±{2 * hist['std'].min():.0%} to ±{2 * hist['std'].max():.0%} at 2 std "
                    "(the site's size and σ). A site's predicted shares that differ from the test set's (exact, "
