@@ -3,9 +3,13 @@ suite started outlives it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -25,6 +29,33 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 TINY = {"model.tiny": True, "data.max-length": 32, "simulation.num-sites": 3, "num-server-rounds": 2,
         "model.mode": "lora", "train.optimizer": "adamw", "train.head-lr": 0.1,
         "train.batch-size": 32, "train.local-epochs": 1}  # several Poisson batches per epoch
+
+
+@contextlib.contextmanager
+def running_dashboard(store: str | Path):  # noqa: ANN201
+    """`fedlens dashboard` on `store`, started as a user starts it: (its process, its URL) once it answers; stopped
+    (SIGTERM) on the way out if it still runs."""
+    from fedlens.loopback import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fedlens.cli", "dashboard", "--store", str(store), "--port",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"the dashboard did not start: {proc.stderr.read() if proc.poll() is not None else ''}")
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=20)
 
 
 def _left_behind(mark: str) -> dict[int, str]:

@@ -1,14 +1,8 @@
 """The real dashboard server in Debian's headless Chromium (Playwright): every page shows its key text; screenshots
 go to test-artifacts/dashboard/ for a person to look at."""
 
-import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
@@ -16,6 +10,7 @@ from common.config import PROJECT_ROOT
 from common.rounds import RoundRecord
 from common.run_store import RunWriter
 from dashboard.bench import make_store
+from tests.conftest import running_dashboard
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
@@ -36,40 +31,11 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _need_chromium() -> None:
     if not os.path.exists(CHROMIUM):
         if os.environ.get("FEDLENS_REQUIRE_BROWSER"):
             pytest.fail(f"Debian's chromium is not installed ({CHROMIUM}); .ci/run installs it with apt")
         pytest.skip(f"Debian's chromium is not installed ({CHROMIUM}): apt-get install chromium")
-
-
-@contextlib.contextmanager
-def _dashboard(store):  # noqa: ANN001, ANN202
-    """`fedlens dashboard` on `store`, as a user starts it; its URL once it answers."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fedlens.cli", "dashboard", "--store", str(store), "--port",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"the dashboard did not start: {proc.stderr.read() if proc.poll() is not None else ''}")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +46,7 @@ def dashboard_url(tmp_path_factory):
     live.start(scenario="live", rounds_planned=3, model="m", config={"dp.enabled": False})
     live.write_round(RoundRecord(1, 1.0, {"test_accuracy": 0.61, "test_macro_f1": 0.3}))
     live.close()
-    with _dashboard(store) as url:
+    with running_dashboard(store) as (_, url):
         yield url, store
 
 
@@ -93,7 +59,7 @@ def test_a_hundred_sites_over_a_hundred_rounds_read_at_1280_px(tmp_path):
     store = make_store(tmp_path / "big.db", sites=100, rounds=100, failing=("site-002",))
     out = ARTIFACTS.parent / "dashboard-100x100"
     out.mkdir(parents=True, exist_ok=True)
-    with _dashboard(store) as url, sync_playwright() as p:
+    with running_dashboard(store) as (_, url), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         errors: list[str] = []
