@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+from cryptography.hazmat.primitives import serialization
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -59,12 +60,6 @@ UPSTREAM_TIMEOUT_S = 120.0  # a Fleet call is one short request; a SuperLink tha
 MAX_CONNECTIONS = 128  # open connections the gate serves at once (uvicorn answers 503 beyond)
 
 
-# Flower's node-authentication headers and their window (flwr.superlink.routers.fleet.node_auth): a signature is
-# good from 5 s in the future (clock drift) to 300 + 5 s in the past.
-KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER = "flwr-public-key", "flwr-signature", "flwr-timestamp"
-WINDOW_S = (-5.0, 305.0)
-
-
 class SiteKeys:
     """The registered sites' public keys (DER SubjectPublicKeyInfo), read from the registry file and read again
     when it changes."""
@@ -84,17 +79,21 @@ class SiteKeys:
 
 
 def signed_by_a_site(headers: dict[str, str] | object, keys: frozenset[bytes]) -> str:
-    """Why a request's node-authentication headers do not show a registered site's key ("" when they do)."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes, serialization
+    """Why a request's node-authentication headers do not show a registered site's key ("" when they do): Flower's
+    own headers, window and signature check (flwr.superlink.routers.fleet.node_auth), against the registry's keys."""
     from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE
+    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+    from flwr.supercore.primitives.asymmetric import verify_signature
+
+    from server.identity import spki_der
 
     try:
-        pem = base64.b64decode(headers[KEY_HEADER], validate=True)  # type: ignore[index]
-        signature = base64.b64decode(headers[SIGNATURE_HEADER], validate=True)  # type: ignore[index]
+        pem = base64.b64decode(headers[FLEET_HTTP_PUBLIC_KEY_HEADER], validate=True)  # type: ignore[index]
+        signature = base64.b64decode(headers[FLEET_HTTP_SIGNATURE_HEADER], validate=True)  # type: ignore[index]
         stamp = headers[TIMESTAMP_HEADER]  # type: ignore[index]
         key = serialization.load_pem_public_key(pem)
-        der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        der = spki_der(key)
         signed_at = datetime.datetime.fromisoformat(stamp)
         age = (datetime.datetime.now(datetime.UTC) - signed_at).total_seconds()
     except KeyError as e:
@@ -103,13 +102,14 @@ def signed_by_a_site(headers: dict[str, str] | object, keys: frozenset[bytes]) -
         return f"unreadable node-authentication headers ({type(e).__name__})"
     if der not in keys:
         return "a key that is not in the site registry"
-    if not WINDOW_S[0] < age < WINDOW_S[1]:
+    if not -SYSTEM_TIME_TOLERANCE < age < TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE:
         return f"a signature timestamped {age:.0f} s ago"
     if not isinstance(key, ec.EllipticCurvePublicKey):
         return "a key that is not an EC key"
     try:
-        key.verify(signature, stamp.encode("ascii"), ec.ECDSA(hashes.SHA256()))
-    except (InvalidSignature, UnicodeError):
+        if not verify_signature(key, stamp.encode("ascii"), signature):
+            return "a signature that does not verify"
+    except UnicodeError:
         return "a signature that does not verify"
     return ""
 

@@ -37,7 +37,9 @@ class Node:
     public_key: bytes = b""
 
 
-def _spki(key: object) -> bytes:
+def spki_der(key: object) -> bytes:
+    """A public key as DER SubjectPublicKeyInfo: how the registry, the link's node records and the Fleet gate compare
+    keys."""
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)  # type: ignore[attr-defined]
 
 
@@ -60,7 +62,7 @@ def load_registry(path: str | Path) -> dict[str, bytes]:
     out = {}
     for site, line in table.items():
         try:
-            out[site] = _spki(serialization.load_ssh_public_key(str(line).encode()))
+            out[site] = spki_der(serialization.load_ssh_public_key(str(line).encode()))
         except (ValueError, TypeError, UnsupportedAlgorithm):
             raise ValueError(f"server.site-registry: {path}: [{REGISTRY_SECTION}] {site} is not an OpenSSH public "
                              "key line (as in certs/sites/<site>.pub)") from None
@@ -124,6 +126,6 @@ class Identities:
 
 def _der(pem: bytes) -> bytes:
     try:
-        return _spki(serialization.load_pem_public_key(pem))
+        return spki_der(serialization.load_pem_public_key(pem))
     except (ValueError, TypeError, UnsupportedAlgorithm):
         return b""
