@@ -49,6 +49,22 @@ class ExportError(RuntimeError):
     """A target cannot be written (its library is missing, or its location is not usable)."""
 
 
+# target -> (the module its export imports, what to install); `fedlens[export]` brings both.
+LIBRARIES = {"mlflow": ("mlflow.tracking", "mlflow (or mlflow-skinny)"),
+             "tensorboard": ("tensorboard", "tensorboard")}
+
+
+def require(target: str) -> None:
+    """Raise ExportError, saying what to install, when `target`'s library is missing."""
+    import importlib
+
+    module, what = LIBRARIES[target]
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ExportError(f"exporting to {target} needs {what}: pip install 'fedlens[export]'") from e
+
+
 def default_location(store: str | Path, target: str) -> Path:
     """Where a target goes when none is given: beside the store (runs/fedlens.db -> runs/mlflow, runs/tensorboard)."""
     return Path(store).resolve().parent / target
@@ -106,10 +122,8 @@ class MlflowTarget:
     """One fedlens run as one MLflow run (created on first use, found again by its tag after that)."""
 
     def __init__(self, location: str | Path, run: dict[str, Any]) -> None:
-        try:
-            from mlflow.tracking import MlflowClient
-        except ImportError as e:
-            raise ExportError("exporting to MLflow needs mlflow (or mlflow-skinny): pip install 'fedlens[export]'") from e
+        require("mlflow")
+        from mlflow.tracking import MlflowClient
         uri = str(location)
         artifacts = None
         if "://" not in uri:  # a folder: MLflow's local database in it
@@ -174,11 +188,9 @@ class TensorBoardTarget:
     """One fedlens run as one TensorBoard log directory, `<folder>/<run id>`."""
 
     def __init__(self, location: str | Path, run: dict[str, Any]) -> None:
-        try:
-            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise ExportError("exporting to TensorBoard needs tensorboard: pip install 'fedlens[export]'") from e
+        require("tensorboard")
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        from torch.utils.tensorboard import SummaryWriter
         base = Path(location).resolve()
         self.logdir = (base / run["run_id"]).resolve()
         if self.logdir.parent != base:  # a run id is one folder name (common.config.RUN_ID): never a path
@@ -271,18 +283,7 @@ class LiveExport:
     def check(self) -> None:
         """Raise ExportError now if a target's library is missing (before any round is trained)."""
         for target in self.locations:
-            if target == "mlflow":
-                try:
-                    import mlflow.tracking  # noqa: F401
-                except ImportError as e:
-                    raise ExportError("store.export = mlflow needs mlflow (or mlflow-skinny): "
-                                      "pip install 'fedlens[export]'") from e
-            else:
-                try:
-                    import tensorboard  # noqa: F401
-                except ImportError as e:
-                    raise ExportError("store.export = tensorboard needs tensorboard: "
-                                      "pip install 'fedlens[export]'") from e
+            require(target)
 
     def sync(self) -> list[str]:
         """Bring every target up to date; returns the failures of this call as 'target: reason' (empty if none)."""
